@@ -1,0 +1,48 @@
+"""The networks of MSF: an encoder (backbone + projection) used online and as the target, and
+the online-only predictor. Dimensions follow the official code: F -> 2F -> F/4."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import ml_collections
+
+from msf_jax.models.heads import MLPHead
+from msf_jax.models.resnet import ResNet, feature_dim
+
+
+class Encoder(nn.Module):
+  """Backbone followed by the projection MLP; `backbone` alone gives evaluation features."""
+  depth: int = 50
+  small_stem: bool = False
+  dtype: Any | None = None
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    dim = feature_dim(self.depth)
+    self.backbone = ResNet(self.depth, self.small_stem, self.dtype, self.param_dtype)
+    self.projector = MLPHead(2 * dim, dim // 4, self.dtype, self.param_dtype)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return self.projector(self.backbone(x, train), train)
+
+  def features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return self.backbone(x, train)
+
+
+def parse_dtype(name: str | None) -> Any:
+  """Maps a config string ('float32', 'bfloat16', 'float64') to a dtype; None stays None."""
+  return None if name in (None, '', 'none') else jnp.dtype(name)
+
+
+def build_networks(model_config: ml_collections.ConfigDict) -> tuple[Encoder, MLPHead]:
+  """The encoder (shared architecture of online and target) and the predictor of a config."""
+  dtype = parse_dtype(model_config.dtype)
+  # float32 compute means "whatever the parameters are": float64 tests then run in float64.
+  compute = None if dtype == jnp.float32 else dtype
+  param_dtype = parse_dtype(model_config.param_dtype)
+  dim = feature_dim(model_config.depth)
+  encoder = Encoder(model_config.depth, model_config.small_stem, compute, param_dtype)
+  predictor = MLPHead(2 * dim, dim // 4, compute, param_dtype)
+  return encoder, predictor

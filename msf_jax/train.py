@@ -1,0 +1,104 @@
+"""The MSF training step: pure, jitted over a data-parallel mesh."""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from msf_jax import mean_shift
+from msf_jax.models import build_networks
+from msf_jax.optim import learning_rate_schedule, make_optimizer
+from msf_jax.sharding import batch_sharded, replicated
+from msf_jax.train_state import MSFState
+
+Batch = dict[str, jax.Array]  # {'online': [B,H,W,3], 'target': [B,H,W,3], 'label': [B] int32}
+Metrics = dict[str, jax.Array]
+
+
+def _as_float(x: jax.Array) -> jax.Array:
+  """At least float32 (bf16 activations are promoted, float64 ones kept)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def make_train_step_fn(config: ml_collections.ConfigDict
+                       ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
+  """The un-jitted step for a config; `make_train_step` jits it over a mesh."""
+  encoder, predictor = build_networks(config.model)
+  optimizer = make_optimizer(config)
+  schedule = learning_rate_schedule(config)
+  ema_momentum = config.msf.ema_momentum
+  topk, chunk_size = config.msf.topk, config.msf.bank_chunk_size
+
+  def train_step(state: MSFState, batch: Batch) -> tuple[MSFState, Metrics]:
+    # 1. Target <- m * target + (1 - m) * online, parameters only (official order: first).
+    target_params = optax.incremental_update(
+        state.online_params, state.target_params, 1.0 - ema_momentum)
+
+    # 2. Target embeddings of the target view (BatchNorm in training mode, no gradient).
+    target_out, target_vars = encoder.apply(
+        {'params': target_params, 'batch_stats': state.target_batch_stats},
+        batch['target'], train=True, mutable=['batch_stats'])
+    targets = jax.lax.stop_gradient(mean_shift.l2_normalize(_as_float(target_out)))
+
+    # 3. Enqueue before the search: each target is its own nearest neighbour.
+    bank = mean_shift.enqueue(state.memory_bank, targets, batch['label'])
+    neighbor_idx = mean_shift.nearest_neighbors(targets, bank.embeddings, topk, chunk_size)
+    neighbors = bank.embeddings[neighbor_idx]  # [B, k, D]
+
+    # 4. Online prediction of the online view, pulled toward the target's neighbours.
+    def loss_fn(trainable):
+      projection, online_vars = encoder.apply(
+          {'params': trainable['online'], 'batch_stats': state.online_batch_stats},
+          batch['online'], train=True, mutable=['batch_stats'])
+      prediction, predictor_vars = predictor.apply(
+          {'params': trainable['predictor'], 'batch_stats': state.predictor_batch_stats},
+          projection, train=True, mutable=['batch_stats'])
+      predictions = mean_shift.l2_normalize(_as_float(prediction))
+      loss = mean_shift.mean_shift_loss(predictions, neighbors.astype(predictions.dtype))
+      return loss, (online_vars['batch_stats'], predictor_vars['batch_stats'])
+
+    (loss, (online_stats, predictor_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.trainable_params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable_params)
+    trainable = optax.apply_updates(state.trainable_params, updates)
+
+    new_state = state.replace(
+        step=state.step + 1,
+        online_params=trainable['online'],
+        online_batch_stats=online_stats,
+        predictor_params=trainable['predictor'],
+        predictor_batch_stats=predictor_stats,
+        target_params=target_params,
+        target_batch_stats=target_vars['batch_stats'],
+        opt_state=opt_state,
+        bank=bank.embeddings,
+        bank_labels=bank.labels,
+        bank_ptr=bank.ptr,
+    )
+    metrics = {
+        'loss': loss,
+        'purity': mean_shift.purity(batch['label'], bank.labels[neighbor_idx]),
+        'lr': jnp.asarray(schedule(state.step), jnp.float32),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, donate: bool = True
+                    ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
+  """`train_step(state, batch) -> (state, metrics)`, jitted over `mesh`.
+
+  The batch is split over the `data` axis; parameters, optimizer state and bank are
+  replicated, so BatchNorm statistics and the bank update cover the global batch and are
+  identical on every device. With `donate`, the input state's buffers are reused.
+  """
+  return jax.jit(
+      make_train_step_fn(config),
+      in_shardings=(replicated(mesh), batch_sharded(mesh)),
+      out_shardings=(replicated(mesh), replicated(mesh)),
+      donate_argnums=(0,) if donate else (),
+  )
