@@ -38,7 +38,7 @@ def enqueue(bank: MemoryBank, embeddings: jax.Array, labels: jax.Array) -> Memor
   if size % batch:
     raise ValueError(f'The bank size ({size}) must be a multiple of the global batch ({batch}).')
   rows = jax.lax.dynamic_update_slice(
-      bank.embeddings, embeddings.astype(bank.embeddings.dtype), (bank.ptr, 0))
+      bank.embeddings, embeddings.astype(bank.embeddings.dtype), (bank.ptr, jnp.zeros_like(bank.ptr)))
   row_labels = jax.lax.dynamic_update_slice(bank.labels, labels.astype(jnp.int32), (bank.ptr,))
   return MemoryBank(rows, row_labels, (bank.ptr + batch) % size)
 

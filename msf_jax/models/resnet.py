@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from msf_jax.models.layers import BatchNorm, conv_kernel_init
+from msf_jax.models.layers import BatchNorm, conv_kernel_init, max_pool_3x3_s2
 
 Dtype = Any
 
@@ -96,7 +96,7 @@ class ResNet(nn.Module):
       x = _conv(64, 7, 2, 'conv1', self.dtype, self.param_dtype)(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='bn1')(x, train))
     if not self.small_stem:
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = max_pool_3x3_s2(x)
     in_planes = 64
     for stage, num_blocks in enumerate(STAGE_SIZES[self.depth]):
       planes = 64 * 2**stage

@@ -1,0 +1,222 @@
+"""Official MSF PyTorch checkpoints <-> MSFState, and torchvision-style backbone export.
+
+Official layout (`torch.load(path)['state_dict']`): `encoder_q.*` online backbone with its
+projection MLP as `fc.0/1/3`, `encoder_t.*` the target, `predict_q.0/1/3.*` the predictor,
+`queue` [K, D], `labels` [K], `queue_ptr` [1]. Under DataParallel each network's keys carry
+`module.` after the network name. Flax names mirror torchvision's (`layer1_0` for `layer1.0`),
+so the mapping below is a renaming plus the kernel layout change.
+"""
+
+import argparse
+import pickle
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from msf_jax.models.resnet import BOTTLENECK_DEPTHS, STAGE_SIZES
+from msf_jax.train_state import MSFState, create_state
+
+ONLINE, TARGET, PREDICTOR = 'encoder_q', 'encoder_t', 'predict_q'
+_LEAF_TO_TORCH = {('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
+                  ('params', 'kernel'): 'weight', ('batch_stats', 'mean'): 'running_mean',
+                  ('batch_stats', 'var'): 'running_var'}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read safely or does not fit the model."""
+
+
+def _import_torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+        'Reading or writing PyTorch checkpoints needs torch, an optional dependency of '
+        'msf_jax.interop: pip install torch') from e
+  return torch
+
+
+def read_torch_file(path: str) -> dict[str, Any]:
+  """Loads a .pth/.pth.tar without running pickled code.
+
+  `weights_only=True` allows tensors and plain containers; official MSF checkpoints also
+  pickle their `argparse.Namespace` options under 'opt', so exactly that class is allowed.
+  """
+  torch = _import_torch()
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise CheckpointError(
+        f'Refusing to load {path}: it pickles objects other than tensors, plain containers '
+        f'and argparse.Namespace, and unpickling them could run code from the file. Re-save '
+        f'its state_dict alone if you trust it. PyTorch said: {str(e).splitlines()[0]}') from e
+
+
+def official_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The numpy `state_dict` of an official checkpoint, with DataParallel's `module.` removed."""
+  state_dict = checkpoint.get('state_dict', checkpoint)
+  if 'queue' not in state_dict and 'module.queue' not in state_dict:
+    raise CheckpointError(
+        'Not an MSF checkpoint: no memory bank (`queue`) in its state_dict. Expected the keys '
+        'encoder_q.*, encoder_t.*, predict_q.*, queue, labels, queue_ptr.')
+  return {re.sub(r'(^|\.)module\.', r'\1', key): value.detach().cpu().numpy()
+          for key, value in state_dict.items()}
+
+
+def infer_model(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Depth, stem and bank size of an official state dict, read from its keys and shapes."""
+  blocks = [len({k.split('.')[2] for k in state_dict if k.startswith(f'{ONLINE}.layer{i}.')})
+            for i in range(1, 5)]
+  bottleneck = f'{ONLINE}.layer1.0.conv3.weight' in state_dict
+  depths = [d for d, sizes in STAGE_SIZES.items()
+            if tuple(blocks) == sizes and (d in BOTTLENECK_DEPTHS) == bottleneck]
+  if not depths:
+    raise CheckpointError(f'Unknown ResNet: blocks per stage {blocks}, bottleneck={bottleneck}.')
+  return {'depth': depths[0],
+          'small_stem': state_dict[f'{ONLINE}.conv1.weight'].shape[-1] == 3,
+          'bank_size': int(state_dict['queue'].shape[0])}
+
+
+def config_for_checkpoint(config: ml_collections.ConfigDict,
+                          state_dict: Mapping[str, np.ndarray]) -> ml_collections.ConfigDict:
+  """A copy of `config` whose architecture and bank size are those of the checkpoint."""
+  model = infer_model(state_dict)
+  config = config.copy_and_resolve_references()
+  config.model.depth, config.model.small_stem = model['depth'], model['small_stem']
+  config.msf.bank_size = model['bank_size']
+  return config
+
+
+def _torch_module_name(name: str) -> str:
+  # 'layer1_0' -> 'layer1.0', 'downsample_1' -> 'downsample.1', 'fc_3' -> '3' (inside `fc`).
+  if re.fullmatch(r'fc_\d+', name):
+    return name[3:]
+  return re.sub(r'^(\w+?)_(\d+)$', r'\1.\2', name)
+
+
+def _torch_key(prefix: str, collection: str, path: tuple[str, ...]) -> str:
+  names = [{'backbone': None, 'projector': 'fc'}.get(n, n) for n in path[:-1]]
+  modules = [_torch_module_name(n) for n in names if n is not None]
+  return '.'.join([prefix, *modules, _LEAF_TO_TORCH[(collection, path[-1])]])
+
+
+def _to_torch_layout(value: np.ndarray) -> np.ndarray:
+  if value.ndim == 4:  # conv kernel [H, W, I, O] -> [O, I, H, W]
+    return value.transpose(3, 2, 0, 1)
+  return value.T if value.ndim == 2 else value  # dense kernel [I, O] -> [O, I]
+
+
+def _from_torch_layout(value: np.ndarray) -> np.ndarray:
+  if value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  return value.T if value.ndim == 2 else value
+
+
+def network_to_torch(prefix: str, params: Any, batch_stats: Any,
+                     num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+  """Torch-named numpy tensors of one network (prefix '' gives bare torchvision names)."""
+  out = {}
+  for collection, tree in (('params', params), ('batch_stats', batch_stats)):
+    for path, value in traverse_util.flatten_dict(jax.device_get(tree)).items():
+      out[_torch_key(prefix, collection, path).lstrip('.')] = _to_torch_layout(np.asarray(value))
+  for key in [k for k in out if k.endswith('.running_mean')]:
+    out[key.replace('.running_mean', '.num_batches_tracked')] = np.asarray(
+        num_batches_tracked, np.int64)
+  return out
+
+
+def network_from_torch(prefix: str, state_dict: Mapping[str, np.ndarray], params: Any,
+                       batch_stats: Any) -> tuple[Any, Any]:
+  """Fills the (params, batch_stats) trees of one network from torch-named tensors.
+
+  Strict: a missing key, a shape mismatch or an unused key of that network is an error.
+  """
+  used = set()
+
+  def fill(collection, tree):
+    flat = {}
+    for path, template in traverse_util.flatten_dict(tree).items():
+      key = _torch_key(prefix, collection, path)
+      if key not in state_dict:
+        raise CheckpointError(f'Missing {key!r} in the checkpoint.')
+      value = _from_torch_layout(state_dict[key])
+      if value.shape != template.shape:
+        raise CheckpointError(f'{key!r} has shape {value.shape}, the model wants '
+                              f'{template.shape}: check the architecture in the config.')
+      flat[path] = jnp.asarray(value, template.dtype)
+      used.add(key)
+    return traverse_util.unflatten_dict(flat)
+
+  filled = fill('params', params), fill('batch_stats', batch_stats)
+  unused = sorted(k for k in state_dict if k.startswith(prefix + '.') and k not in used
+                  and not k.endswith('num_batches_tracked'))
+  if unused:
+    raise CheckpointError(f'Keys of {prefix} the model has no place for: {unused[:8]}')
+  return filled
+
+
+def state_from_official(state_dict: Mapping[str, np.ndarray], template: MSFState) -> MSFState:
+  """`template` with its networks, BN statistics and bank replaced by the checkpoint's.
+
+  The step, optimizer state and rng stay the template's (official checkpoints keep the
+  optimizer in another format; a loaded state starts with fresh momentum buffers).
+  """
+  online = network_from_torch(ONLINE, state_dict, template.online_params,
+                              template.online_batch_stats)
+  target = network_from_torch(TARGET, state_dict, template.target_params,
+                              template.target_batch_stats)
+  predictor = network_from_torch(PREDICTOR, state_dict, template.predictor_params,
+                                 template.predictor_batch_stats)
+  if state_dict['queue'].shape != template.bank.shape:
+    raise CheckpointError(f'The bank is {state_dict["queue"].shape}, the config wants '
+                          f'{template.bank.shape}: set config.msf.bank_size.')
+  return template.replace(
+      online_params=online[0], online_batch_stats=online[1],
+      target_params=target[0], target_batch_stats=target[1],
+      predictor_params=predictor[0], predictor_batch_stats=predictor[1],
+      bank=jnp.asarray(state_dict['queue'], template.bank.dtype),
+      bank_labels=jnp.asarray(state_dict['labels'], jnp.int32),
+      bank_ptr=jnp.asarray(state_dict['queue_ptr'].reshape(()), jnp.int32),
+  )
+
+
+def state_to_official(state: MSFState) -> dict[str, np.ndarray]:
+  """The official state_dict of an MSFState (networks, BN statistics, bank)."""
+  steps = int(state.step)
+  out = {**network_to_torch(ONLINE, state.online_params, state.online_batch_stats, steps),
+         **network_to_torch(TARGET, state.target_params, state.target_batch_stats, steps),
+         **network_to_torch(PREDICTOR, state.predictor_params, state.predictor_batch_stats,
+                            steps)}
+  out['queue'] = np.asarray(state.bank)
+  out['labels'] = np.asarray(state.bank_labels, np.int64)
+  out['queue_ptr'] = np.asarray([state.bank_ptr], np.int64)
+  return out
+
+
+def backbone_to_torchvision(state: MSFState, encoder: str = 'online') -> dict[str, np.ndarray]:
+  """The backbone of the online or target encoder under torchvision's ResNet keys (no `fc`)."""
+  if encoder not in ('online', 'target'):
+    raise ValueError(f"encoder must be 'online' or 'target', got {encoder!r}.")
+  params = getattr(state, f'{encoder}_params')['backbone']
+  stats = getattr(state, f'{encoder}_batch_stats')['backbone']
+  return network_to_torch('', params, stats, int(state.step))
+
+
+def save_torch_file(tensors: Mapping[str, np.ndarray], path: str) -> None:
+  """Saves numpy arrays as a torch state dict of tensors."""
+  torch = _import_torch()
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
+
+
+def load_official_checkpoint(path: str, config: ml_collections.ConfigDict,
+                             rng: jax.Array) -> tuple[MSFState, ml_collections.ConfigDict]:
+  """An MSFState from an official checkpoint file, and `config` adapted to its architecture."""
+  state_dict = official_state_dict(read_torch_file(path))
+  config = config_for_checkpoint(config, state_dict)
+  return state_from_official(state_dict, create_state(config, rng)), config
