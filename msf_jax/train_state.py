@@ -22,9 +22,10 @@ class MSFState:
 
   `online_*` is the online encoder (backbone + projection), `predictor_*` the online-only
   prediction head, `target_*` the EMA encoder. `opt_state` covers the trainable tree
-  `{'online': online_params, 'predictor': predictor_params}`. `rng` is the run's root key:
-  device-side randomness is derived from it with `fold_in(rng, step)`, so that it never
-  needs to be advanced and a resumed run is exact.
+  `{'online': online_params, 'predictor': predictor_params}`. `rng` is the run's root key as
+  raw uint32 key data (it checkpoints like any array; `jax.random.wrap_key_data` restores
+  it): device-side randomness is derived with `fold_in(key, step)`, so that it never needs
+  to be advanced and a resumed run is exact.
   """
   step: jax.Array
   online_params: Params
@@ -73,5 +74,5 @@ def create_state(config: ml_collections.ConfigDict, rng: jax.Array) -> MSFState:
       bank=bank.embeddings,
       bank_labels=bank.labels,
       bank_ptr=bank.ptr,
-      rng=root_rng,
+      rng=jax.random.key_data(root_rng),
   )

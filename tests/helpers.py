@@ -49,3 +49,13 @@ def assert_trees_close(actual, expected, rtol: float) -> None:
             for (path, a), e in zip(flat_a, flat_e)}
   bad = {k: v for k, v in errors.items() if not v <= rtol}
   assert not bad, f'{len(bad)} leaves differ by more than {rtol}: {sorted(bad.items())[:10]}'
+
+
+def relative_tree_error(actual, expected) -> float:
+  """||actual - expected|| / ||expected|| over all leaves of two pytrees (Frobenius norm)."""
+  pairs = zip(jax.tree.leaves(jax.device_get(actual)), jax.tree.leaves(jax.device_get(expected)))
+  diff = total = 0.0
+  for a, e in pairs:
+    diff += float(np.sum((np.asarray(a, np.float64) - np.asarray(e, np.float64))**2))
+    total += float(np.sum(np.asarray(e, np.float64)**2))
+  return (diff / total)**0.5

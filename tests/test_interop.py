@@ -1,0 +1,101 @@
+"""Official-checkpoint loading, safety and torchvision export."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    'torch', reason='interop tests need PyTorch (CPU): pip install torch==2.13.0')
+
+from msf_jax.interop import torch_checkpoint as tc  # noqa: E402
+
+import torch_reference  # noqa: E402
+from helpers import REPO, small_config  # noqa: E402
+
+
+class NotAllowed:
+  """Any class other than argparse.Namespace must be refused by the loader."""
+
+
+@pytest.fixture(scope='module')
+def reference():
+  torch.manual_seed(0)
+  return torch_reference.MeanShift(18, mem_bank_size=32, topk=5)
+
+
+def save(path, state_dict, **extra):
+  torch.save({'state_dict': state_dict, 'epoch': 3, **extra}, path)
+  return str(path)
+
+
+def data_parallel_keys(state_dict):
+  """Keys as the official code saves them after `model.data_parallel()`."""
+  out = {}
+  for key, value in state_dict.items():
+    net, _, rest = key.partition('.')
+    out[f'{net}.module.{rest}' if net in (tc.ONLINE, tc.TARGET, tc.PREDICTOR) else key] = value
+  return out
+
+
+@pytest.mark.parametrize('wrap', [False, True], ids=['plain', 'data_parallel'])
+def test_official_checkpoint_round_trips(tmp_path, reference, wrap):
+  state_dict = reference.state_dict()
+  path = save(tmp_path / 'ckpt.pth.tar',
+              data_parallel_keys(state_dict) if wrap else state_dict,
+              opt=argparse.Namespace(arch='resnet18', topk=5))
+  config = small_config(depth=50, bank_size=8)  # Architecture and bank come from the file.
+  state, config = tc.load_official_checkpoint(path, config, jax.random.key(0))
+  assert (config.model.depth, config.model.small_stem, config.msf.bank_size) == (18, False, 32)
+  back = tc.state_to_official(state)
+  for key, value in state_dict.items():
+    if not key.endswith('num_batches_tracked'):
+      np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+
+
+def test_exported_backbone_loads_into_a_torchvision_resnet(tmp_path, reference):
+  path = save(tmp_path / 'ckpt.pth.tar', reference.state_dict())
+  state, _ = tc.load_official_checkpoint(path, small_config(), jax.random.key(0))
+  out = tmp_path / 'backbone.pth'
+  tc.save_torch_file(tc.backbone_to_torchvision(state, 'target'), str(out))
+  resnet = torch_reference.resnet(18)
+  missing, unexpected = resnet.load_state_dict(torch.load(out, weights_only=True), strict=False)
+  assert not missing and not unexpected
+  for key, value in resnet.state_dict().items():
+    if not key.endswith('num_batches_tracked'):
+      torch.testing.assert_close(value, reference.encoder_t.state_dict()[key], rtol=0, atol=0)
+
+
+def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path, reference):
+  path = save(tmp_path / 'evil.pth.tar', reference.state_dict(), extra=NotAllowed())
+  with pytest.raises(tc.CheckpointError, match='Refusing to load'):
+    tc.read_torch_file(path)
+
+
+def test_missing_and_mismatched_keys_are_clear_errors(tmp_path, reference):
+  state_dict = dict(reference.state_dict())
+  del state_dict['encoder_t.layer2.0.conv1.weight']
+  path = save(tmp_path / 'partial.pth.tar', state_dict)
+  with pytest.raises(tc.CheckpointError, match='encoder_t.layer2.0.conv1.weight'):
+    tc.load_official_checkpoint(path, small_config(), jax.random.key(0))
+  with pytest.raises(tc.CheckpointError, match='Not an MSF checkpoint'):
+    tc.official_state_dict({'state_dict': {'conv1.weight': torch.zeros(1)}})
+
+
+def test_command_line_exports_a_backbone(tmp_path, reference):
+  path = save(tmp_path / 'ckpt.pth.tar', reference.state_dict())
+  out = tmp_path / 'backbone.pth'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  run = lambda *args: subprocess.run([sys.executable, '-m', 'msf_jax.interop', *args],
+                                     capture_output=True, text=True, cwd=REPO, env=env)
+  result = run('export-backbone', path, str(out))
+  assert result.returncode == 0, result.stderr
+  assert 'layer4.1.bn2.running_var' in torch.load(out, weights_only=True)
+  result = run('summary', path)
+  assert 'ResNet-18' in result.stdout and '32 x 128' in result.stdout
+  result = run('summary', str(tmp_path / 'missing.pth'))
+  assert result.returncode == 1 and 'error:' in result.stderr

@@ -1,0 +1,92 @@
+"""The bank, the nearest-neighbour search and the loss, against direct numpy definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msf_jax import mean_shift
+
+
+def unit_rows(rng, n, d):
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_init_bank_is_unit_norm_and_unlabelled():
+  bank = mean_shift.init_bank(jax.random.key(0), 32, 8)
+  np.testing.assert_allclose(np.linalg.norm(bank.embeddings, axis=1), 1.0, rtol=1e-6)
+  assert (np.asarray(bank.labels) == -1).all() and int(bank.ptr) == 0
+
+
+def test_enqueue_writes_at_pointer_and_wraps():
+  rng = np.random.default_rng(0)
+  bank = mean_shift.init_bank(jax.random.key(0), 12, 4)
+  batches = [unit_rows(rng, 4, 4) for _ in range(4)]
+  for i, batch in enumerate(batches):
+    bank = mean_shift.enqueue(bank, jnp.asarray(batch), jnp.full((4,), i))
+  # The fourth batch overwrote rows 0-3; the second and third sit at 4-7 and 8-11.
+  np.testing.assert_array_equal(bank.embeddings[:4], batches[3])
+  np.testing.assert_array_equal(bank.embeddings[4:8], batches[1])
+  np.testing.assert_array_equal(bank.labels, [3] * 4 + [1] * 4 + [2] * 4)
+  assert int(bank.ptr) == 4
+
+
+def test_enqueue_rejects_a_batch_that_does_not_divide_the_bank():
+  bank = mean_shift.init_bank(jax.random.key(0), 10, 4)
+  with pytest.raises(ValueError, match='multiple of the global batch'):
+    mean_shift.enqueue(bank, jnp.zeros((4, 4)), jnp.zeros((4,), jnp.int32))
+
+
+@pytest.mark.parametrize('chunk_size', [None, 64, 256, 1024])
+def test_nearest_neighbors_matches_numpy(chunk_size):
+  rng = np.random.default_rng(1)
+  queries, bank = unit_rows(rng, 16, 32), unit_rows(rng, 1024, 32)
+  got = np.asarray(mean_shift.nearest_neighbors(jnp.asarray(queries), jnp.asarray(bank), 5,
+                                                chunk_size))
+  distances = 2 - 2 * queries @ bank.T
+  expected = np.argsort(distances, axis=1, kind='stable')[:, :5]
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_chunk_size_must_divide_the_bank():
+  with pytest.raises(ValueError, match='must divide'):
+    mean_shift.nearest_neighbors(jnp.zeros((2, 4)), jnp.zeros((10, 4)), 1, chunk_size=3)
+
+
+def test_top1_after_enqueue_is_the_query_itself_and_k1_is_byol_loss():
+  """Enqueue-before-search: with k = 1 MSF is BYOL's asymmetric loss 2 - 2 <v, u>."""
+  rng = np.random.default_rng(2)
+  bank = mean_shift.init_bank(jax.random.key(1), 64, 16)
+  bank = bank._replace(ptr=jnp.asarray(32, jnp.int32))
+  targets, predictions = unit_rows(rng, 16, 16), unit_rows(rng, 16, 16)
+  bank = mean_shift.enqueue(bank, jnp.asarray(targets), jnp.arange(16))
+  idx = mean_shift.nearest_neighbors(jnp.asarray(targets), bank.embeddings, 1)
+  np.testing.assert_array_equal(np.asarray(idx)[:, 0], np.arange(32, 48))
+  loss = mean_shift.mean_shift_loss(jnp.asarray(predictions), bank.embeddings[idx])
+  byol = np.mean(2 - 2 * np.sum(predictions * targets, axis=1))
+  np.testing.assert_allclose(float(loss), byol, rtol=1e-6)
+
+
+def test_loss_and_purity_match_the_official_formulation():
+  """Against the official two-matrix computation: d_q gathered at the top-k of d_t."""
+  rng = np.random.default_rng(3)
+  targets, predictions, bank = unit_rows(rng, 8, 16), unit_rows(rng, 8, 16), unit_rows(rng, 40, 16)
+  bank_labels, labels = rng.integers(0, 3, 40), rng.integers(0, 3, 8)
+  d_t, d_q = 2 - 2 * targets @ bank.T, 2 - 2 * predictions @ bank.T
+  nn_index = np.argsort(d_t, axis=1, kind='stable')[:, :5]
+  expected_loss = np.take_along_axis(d_q, nn_index, 1).mean()
+  expected_purity = (bank_labels[nn_index] == labels[:, None]).mean()
+
+  idx = mean_shift.nearest_neighbors(jnp.asarray(targets), jnp.asarray(bank), 5)
+  loss = mean_shift.mean_shift_loss(jnp.asarray(predictions), jnp.asarray(bank)[idx])
+  purity = mean_shift.purity(jnp.asarray(labels), jnp.asarray(bank_labels)[idx])
+  np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-6)
+  np.testing.assert_allclose(float(purity), expected_purity, rtol=1e-6)
+
+
+def test_loss_gradient_reaches_only_the_predictions():
+  rng = np.random.default_rng(4)
+  predictions, neighbors = unit_rows(rng, 4, 8), unit_rows(rng, 12, 8).reshape(4, 3, 8)
+  grad = jax.grad(mean_shift.mean_shift_loss)(jnp.asarray(predictions), jnp.asarray(neighbors))
+  np.testing.assert_allclose(grad, -2 * neighbors.mean(axis=1) / 4, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,93 @@
+"""The train step: sharding invariance, schedule, metrics, the EMA target."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_replicated
+from msf_jax.optim import learning_rate_schedule
+
+from helpers import assert_trees_close, random_batch, relative_tree_error, small_config
+
+
+def run_steps(config, devices, batches, seed=0):
+  mesh = make_mesh(devices)
+  state = put_replicated(create_state(config, jax.random.key(seed)), mesh)
+  train_step = make_train_step(config, mesh)
+  metrics = []
+  for batch in batches:
+    state, step_metrics = train_step(state, put_batch(batch, mesh))
+    metrics.append(jax.device_get(step_metrics))
+  return jax.device_get(state), metrics
+
+
+def test_eight_devices_equal_one_device_float32():
+  assert jax.device_count() >= 8, 'conftest.py sets 8 fake CPU devices'
+  config = small_config(image_size=96, batch_size=16, bank_size=64)
+  batches = [random_batch(np.random.default_rng(0), config)]
+  one, m1 = run_steps(config, jax.devices()[:1], batches)
+  eight, m8 = run_steps(config, jax.devices()[:8], batches)
+  # Forward quantities tensor by tensor; gradient-derived ones (parameters, momentum) as a
+  # whole: in float32, reductions in another order flip the odd near-zero ReLU input, which
+  # moves single channels (float64, below, is compared tensor by tensor).
+  for field in ('bank', 'bank_labels', 'bank_ptr', 'target_params', 'target_batch_stats',
+                'online_batch_stats', 'predictor_batch_stats'):
+    assert_trees_close(getattr(eight, field), getattr(one, field), rtol=1e-5)
+  for field in ('online_params', 'predictor_params', 'opt_state'):
+    error = relative_tree_error(getattr(eight, field), getattr(one, field))
+    assert error < 1e-3, (field, error)
+  assert m8[0]['loss'] == pytest.approx(m1[0]['loss'], rel=1e-5)
+  assert m8[0]['purity'] == m1[0]['purity']
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device_float64_three_steps():
+  with jax.enable_x64(True):
+    config = small_config(image_size=32, small_stem=True, batch_size=16, bank_size=64,
+                          param_dtype='float64')
+    rng = np.random.default_rng(1)
+    batches = [random_batch(rng, config, dtype=np.float64) for _ in range(3)]
+    one, _ = run_steps(config, jax.devices()[:1], batches)
+    eight, _ = run_steps(config, jax.devices()[:8], batches)
+    assert_trees_close(eight, one, rtol=1e-9)
+
+
+def test_step_updates_bank_pointer_target_and_metrics():
+  config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32)
+  config.msf.bank_chunk_size = 16
+  rng = np.random.default_rng(2)
+  initial = jax.device_get(create_state(config, jax.random.key(0)))
+  state, metrics = run_steps(config, jax.devices()[:1], [random_batch(rng, config)] * 2)
+  assert int(state.step) == 2 and int(state.bank_ptr) == 16
+  assert (state.bank_labels[:16] >= 0).all() and (state.bank_labels[16:] == -1).all()
+  # Target after step 2 = 0.99 * target_1 + 0.01 * online_1, and target_1 = online_0.
+  leaf = lambda tree: tree['backbone']['conv1']['kernel']
+  np.testing.assert_array_equal(leaf(initial.target_params), leaf(initial.online_params))
+  assert not np.allclose(leaf(state.target_params), leaf(initial.target_params))
+  for m in metrics:
+    assert np.isfinite(m['loss']) and 0 <= m['purity'] <= 1
+    assert m['lr'] == pytest.approx(0.05 * 8 / 256)
+
+
+def test_schedules():
+  config = small_config(batch_size=512)
+  config.num_epochs, config.steps_per_epoch = 4, 10
+  per_epoch = learning_rate_schedule(config)
+  for step, epoch in ((0, 1), (9, 1), (10, 2), (39, 4)):
+    expected = 0.1 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / 4))
+    assert float(per_epoch(step)) == pytest.approx(expected)
+  config.optim.schedule = 'cosine_per_step'
+  assert float(learning_rate_schedule(config)(20)) == pytest.approx(0.05)
+  config.optim.schedule = 'linear'
+  with pytest.raises(ValueError, match='config.optim.schedule'):
+    learning_rate_schedule(config)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=16)
+  config.model.dtype = 'bfloat16'
+  state, metrics = run_steps(config, jax.devices()[:2], [random_batch(np.random.default_rng(3), config)])
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.online_params))
+  assert state.bank.dtype == np.float32 and np.isfinite(metrics[0]['loss'])
