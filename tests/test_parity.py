@@ -136,10 +136,13 @@ def test_resnet18_three_steps_float64(tmp_path):
 
 
 @pytest.mark.slow
-def test_resnet50_one_step_float32(tmp_path):
-  config = small_config(depth=50, image_size=96, batch_size=8, bank_size=32, topk=5)
-  compare(*run_both(tmp_path, config, steps=1), rtol=1e-5, bias_atol=1e-7, grad_rtol=5e-5,
-          backbone_rtol=1e-3)
+def test_resnet50_one_step_float64(tmp_path):
+  # Float64: at batch 8 the float32 ReLU flips of the 3x3 last stage move the backbone
+  # gradient by about 1e-2 as a whole, which would hide a real difference.
+  with jax.enable_x64(True):
+    config = small_config(depth=50, image_size=96, batch_size=8, bank_size=32, topk=5,
+                          param_dtype='float64')
+    compare(*run_both(tmp_path, config, steps=1, float64=True), rtol=1e-9, bias_atol=1e-12)
 
 
 def test_small_stem_one_step_float64(tmp_path):
