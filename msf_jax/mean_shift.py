@@ -37,8 +37,9 @@ def enqueue(bank: MemoryBank, embeddings: jax.Array, labels: jax.Array) -> Memor
   size, batch = bank.embeddings.shape[0], embeddings.shape[0]
   if size % batch:
     raise ValueError(f'The bank size ({size}) must be a multiple of the global batch ({batch}).')
+  start = (bank.ptr, jnp.zeros_like(bank.ptr))  # one index dtype, also under jax x64
   rows = jax.lax.dynamic_update_slice(
-      bank.embeddings, embeddings.astype(bank.embeddings.dtype), (bank.ptr, jnp.zeros_like(bank.ptr)))
+      bank.embeddings, embeddings.astype(bank.embeddings.dtype), start)
   row_labels = jax.lax.dynamic_update_slice(bank.labels, labels.astype(jnp.int32), (bank.ptr,))
   return MemoryBank(rows, row_labels, (bank.ptr + batch) % size)
 

@@ -91,3 +91,16 @@ def test_bfloat16_compute_keeps_float32_parameters():
   state, metrics = run_steps(config, jax.devices()[:2], [random_batch(np.random.default_rng(3), config)])
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.online_params))
   assert state.bank.dtype == np.float32 and np.isfinite(metrics[0]['loss'])
+
+
+def test_encoder_features_are_the_pooled_backbone_output():
+  from msf_jax.models import build_networks, feature_dim
+  config = small_config(image_size=32, small_stem=True)
+  encoder, _ = build_networks(config.model)
+  state = create_state(config, jax.random.key(0))
+  images = np.random.default_rng(5).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  variables = {'params': state.online_params, 'batch_stats': state.online_batch_stats}
+  features = encoder.apply(variables, images, method=encoder.features)
+  assert features.shape == (2, feature_dim(18))
+  projection = encoder.apply(variables, images, train=False)
+  assert projection.shape == (2, feature_dim(18) // 4)

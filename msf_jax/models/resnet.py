@@ -5,7 +5,7 @@ that `msf_jax.interop` maps weights one to one.
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,43 +33,29 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype, param_dtype
                  kernel_init=conv_kernel_init, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+  """torchvision's BasicBlock (3x3, 3x3) or, with `bottleneck`, its Bottleneck (1x1, 3x3
+  carrying the stride, 1x1 to 4x the width), plus the projection shortcut when needed."""
   planes: int
   stride: int
   downsample: bool
+  bottleneck: bool
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  expansion = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.relu(norm(name='bn1')(conv(self.planes, 3, self.stride, 'conv1')(x), train))
-    y = norm(name='bn2')(conv(self.planes, 3, 1, 'conv2')(y), train)
+    p, s = self.planes, self.stride
+    layers = ((1, p, 1), (3, p, s), (1, 4 * p, 1)) if self.bottleneck else ((3, p, s), (3, p, 1))
+    y = x
+    for index, (kernel, width, stride) in enumerate(layers, start=1):
+      y = norm(name=f'bn{index}')(conv(width, kernel, stride, f'conv{index}')(y), train)
+      if index < len(layers):
+        y = nn.relu(y)
     if self.downsample:
-      x = conv(self.planes, 1, self.stride, 'downsample_0')(x)
-      x = norm(name='downsample_1')(x, train)
-    return nn.relu(y + x)
-
-
-class Bottleneck(nn.Module):
-  planes: int
-  stride: int
-  downsample: bool
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  expansion = 4
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.relu(norm(name='bn1')(conv(self.planes, 1, 1, 'conv1')(x), train))
-    y = nn.relu(norm(name='bn2')(conv(self.planes, 3, self.stride, 'conv2')(y), train))
-    y = norm(name='bn3')(conv(self.planes * 4, 1, 1, 'conv3')(y), train)
-    if self.downsample:
-      x = conv(self.planes * 4, 1, self.stride, 'downsample_0')(x)
+      x = conv(layers[-1][1], 1, s, 'downsample_0')(x)
       x = norm(name='downsample_1')(x, train)
     return nn.relu(y + x)
 
@@ -88,7 +74,8 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.depth not in STAGE_SIZES:
       raise ValueError(f'ResNet depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}.')
-    block_cls = Bottleneck if self.depth in BOTTLENECK_DEPTHS else BasicBlock
+    bottleneck = self.depth in BOTTLENECK_DEPTHS
+    expansion = 4 if bottleneck else 1
     x = x.astype(self.dtype) if self.dtype else x
     if self.small_stem:
       x = _conv(64, 3, 1, 'conv1', self.dtype, self.param_dtype)(x)
@@ -102,9 +89,9 @@ class ResNet(nn.Module):
       planes = 64 * 2**stage
       for index in range(num_blocks):
         stride = 2 if stage > 0 and index == 0 else 1
-        out_planes = planes * block_cls.expansion
-        x = block_cls(planes, stride, downsample=stride != 1 or in_planes != out_planes,
-                      dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=f'layer{stage + 1}_{index}')(x, train)
+        out_planes = planes * expansion
+        x = ResidualBlock(planes, stride, downsample=stride != 1 or in_planes != out_planes,
+                          bottleneck=bottleneck, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=f'layer{stage + 1}_{index}')(x, train)
         in_planes = out_planes
     return jnp.mean(x, axis=(1, 2))
