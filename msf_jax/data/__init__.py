@@ -1,0 +1,1 @@
+"""Input pipeline: sources, MSF augmentations (TensorFlow, host CPU only) and batching."""
