@@ -179,12 +179,13 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, brightness: float = 0.4,
 _BLUR_PASSES = 3
 
 
-def pil_box_radius(sigma: tf.Tensor) -> tf.Tensor:
+def pil_box_radius(sigma, sqrt=tf.sqrt, floor=tf.floor):
   """The fractional box radius PIL uses for a Gaussian of standard deviation `sigma` over
-  three passes (Gwosdek et al. 2011, as in Pillow's BoxBlur.c)."""
+  three passes (Gwosdek et al. 2011, as in Pillow's BoxBlur.c). With `math.sqrt` and
+  `math.floor` it works on Python floats."""
   sigma2 = sigma * sigma / _BLUR_PASSES
-  length = tf.sqrt(12.0 * sigma2 + 1.0)
-  whole = tf.floor((length - 1.0) / 2.0)
+  length = sqrt(12.0 * sigma2 + 1.0)
+  whole = floor((length - 1.0) / 2.0)
   fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2)
   fraction /= 6 * (sigma2 - (whole + 1) * (whole + 1))
   return whole + fraction
@@ -208,8 +209,7 @@ def _replicate_pad(image: tf.Tensor, pad: int, axis: int) -> tf.Tensor:
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, max_sigma: float = BLUR_SIGMA[1]) -> tf.Tensor:
   """PIL's ImageFilter.GaussianBlur(radius=sigma) on an [H, W, C] float image (edges
   replicated, each pass separately, as Pillow does)."""
-  max_radius = float(pil_box_radius(tf.constant(max_sigma)))
-  half_width = int(math.floor(max_radius)) + 1
+  half_width = math.floor(pil_box_radius(max_sigma, math.sqrt, math.floor)) + 1
   kernel = _box_kernel(pil_box_radius(tf.cast(sigma, tf.float32)), half_width)
   channels = image.shape[-1]
   images = image[None]

@@ -1,0 +1,145 @@
+"""tf.data pipelines: two-view training batches and masked evaluation batches, per host,
+handed to JAX as global arrays sharded over the mesh.
+
+Determinism: epoch e reads its split in the order of shuffle seed (seed, e), and the
+augmentation of the example in slot s of that epoch uses the stateless seed
+fold_in(fold_in(seed, e), s). A run resumed at step t rebuilds the stream from step t with
+no hidden iterator state.
+"""
+
+import jax
+import numpy as np
+import tensorflow as tf
+from jax.sharding import Mesh
+
+from msf_jax.data import augment
+from msf_jax.data.sources import Split
+from msf_jax.sharding import batch_sharded
+
+
+def hide_accelerators_from_tensorflow() -> None:
+  """tf.data runs on the host CPU: TensorFlow must not reserve GPU (or TPU) memory."""
+  tf.config.set_visible_devices([], 'GPU')
+  tf.config.set_visible_devices([], 'TPU')
+
+
+def _per_host(global_batch: int, process_count: int) -> int:
+  if global_batch % process_count:
+    raise ValueError(f'The global batch ({global_batch}) must divide among '
+                     f'{process_count} processes.')
+  return global_batch // process_count
+
+
+def steps_per_epoch(split: Split, global_batch: int) -> int:
+  """Training drops the last incomplete batch of each epoch."""
+  steps = split.num_examples // global_batch
+  if steps == 0:
+    raise ValueError(f'{split.name} has {split.num_examples} examples, fewer than one global '
+                     f'batch of {global_batch}.')
+  return steps
+
+
+class TrainStream:
+  """An iterator of per-host two-view batches that counts the images it could not decode.
+
+  It is one pass over an endless stream: iterating it again continues where it stopped.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, start_slot: int):
+    self.dataset = dataset
+    self.start_slot = start_slot  # stream slot of the first example after resumption
+    self.produced = 0
+    self.skipped = 0
+    self._batches = None
+
+  def __iter__(self) -> 'TrainStream':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._batches is None:
+      self._batches = self.dataset.as_numpy_iterator()
+    batch = next(self._batches)
+    slots = batch.pop('slot')
+    self.produced += len(slots)
+    # Slots are consecutive before decoding; the ones missing were skipped.
+    self.skipped = int(slots[-1]) + 1 - self.start_slot - self.produced
+    return batch
+
+
+def _global_slot_seed(seed: int, epoch: tf.Tensor, slot: tf.Tensor, process_index: int,
+                      process_count: int) -> tf.Tensor:
+  """The augmentation seed of one example: a function of (seed, epoch, global slot)."""
+  epoch_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), epoch)
+  return tf.random.experimental.stateless_fold_in(epoch_seed, slot * process_count + process_index)
+
+
+def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
+                 pairing: str = 'w/s', start_step: int = 0,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> TrainStream:
+  """Endless two-view batches {'online', 'target', 'label'} of this host's share, from
+  `start_step` on. An image that cannot be decoded is dropped and counted in `skipped`."""
+  hide_accelerators_from_tensorflow()
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  host_batch = _per_host(global_batch, process_count)
+  host_per_epoch = steps_per_epoch(split, global_batch) * host_batch
+  start_epoch, start_offset = divmod(start_step * host_batch, host_per_epoch)
+
+  def epoch(e):
+    order_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), e)
+    first = tf.where(e == start_epoch, tf.constant(start_offset, tf.int64), 0)
+    examples = split.read(process_index, process_count, order_seed, first)
+    examples = examples.take(host_per_epoch - first)
+    slots = tf.data.Dataset.range(first, host_per_epoch)
+    return tf.data.Dataset.zip(examples, slots).map(
+        lambda x, slot: {**x, 'slot': e * host_per_epoch + slot,
+                         'seed': _global_slot_seed(seed, e, slot, process_index, process_count)})
+
+  def views(x):
+    return {**augment.two_views(x['image'], x['seed'], image_size, pairing),
+            'label': x['label'], 'slot': x['slot']}
+
+  dataset = (tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
+             .map(views, num_parallel_calls=tf.data.AUTOTUNE)
+             .ignore_errors()
+             .batch(host_batch, drop_remainder=True)
+             .prefetch(tf.data.AUTOTUNE))
+  return TrainStream(dataset, start_slot=start_epoch * host_per_epoch + start_offset)
+
+
+def eval_batches(split: Split, *, global_batch: int, image_size: int,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> tuple[tf.data.Dataset, int]:
+  """Every image of the split exactly once over all hosts: centre-crop views, in order,
+  padded to whole batches with `mask` False (no dropped remainder). Every host yields the
+  same number of batches. Returns (dataset, number of batches); an undecodable image is
+  dropped and replaced by padding, so `mask.sum()` over all batches counts what was read."""
+  hide_accelerators_from_tensorflow()
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  host_batch = _per_host(global_batch, process_count)
+  most_per_host = -(-split.num_examples // process_count)
+  num_batches = -(-most_per_host // host_batch)
+
+  def view(x):
+    return {'image': augment.center_crop_view(x['image'], image_size),
+            'label': x['label'], 'mask': tf.constant(True)}
+
+  padding = tf.data.Dataset.from_tensors(
+      {'image': tf.zeros([image_size, image_size, 3]), 'label': tf.constant(-1, tf.int32),
+       'mask': tf.constant(False)}).repeat()
+  dataset = (split.read(process_index, process_count, None, 0)
+             .map(view, num_parallel_calls=tf.data.AUTOTUNE)
+             .ignore_errors()
+             .concatenate(padding)
+             .take(num_batches * host_batch)
+             .batch(host_batch)
+             .prefetch(tf.data.AUTOTUNE))
+  return dataset, num_batches
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each host's share of a batch into global arrays split over the mesh."""
+  sharding = batch_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,169 @@
+"""Where images come from: TFDS datasets, image folders, and the digits that scikit-learn ships.
+
+A `Split` reads encoded images (bytes) and integer labels for one process of a multi-host
+job, in an order fixed by a seed, so that the pipeline can decode, crop and augment in one
+place whatever the source.
+"""
+
+import dataclasses
+import io
+import os
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+# (process_index, process_count, shuffle seed [2] int64 tensor or None, start position)
+#   -> {'image': bytes, 'label': int32} of this process's share, from `start` on.
+Reader = Callable[[int, int, tf.Tensor | None, tf.Tensor | int], tf.data.Dataset]
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+DIGITS_TRAIN_EXAMPLES = 1437  # of 1,797; the rest (360) is the test split
+DIGITS_SPLIT_SEED = 0
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset or split that is not where the config says, with how to prepare it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  name: str
+  num_examples: int
+  num_classes: int
+  read: Reader
+
+
+def _indexed_reader(num_examples: int, lookup: Callable[[tf.Tensor], dict]) -> Reader:
+  """A reader for random-access sources: a seeded permutation of the indices (or the stored
+  order), of which process p takes every process_count-th, from position p. Starting late
+  skips indices, not reads."""
+  def read(process_index, process_count, shuffle_seed, start=0):
+    indices = tf.range(num_examples, dtype=tf.int64)
+    if shuffle_seed is not None:
+      indices = tf.random.experimental.stateless_shuffle(indices, shuffle_seed)
+    indices = indices[process_index::process_count][start:]
+    return tf.data.Dataset.from_tensor_slices(indices).map(
+        lookup, num_parallel_calls=tf.data.AUTOTUNE)
+  return read
+
+
+# --- scikit-learn digits --------------------------------------------------------------------
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def digits(split: str, image_size: int = 32) -> Split:
+  """The UCI handwritten digits shipped with scikit-learn: 1,797 real 8x8 grey images of 10
+  classes, served as RGB PNGs of `image_size` px (PIL bilinear upsampling). The split is a
+  fixed permutation (seed 0): the first 1,437 images are 'train', the other 360 'test'."""
+  from PIL import Image
+  from sklearn.datasets import load_digits
+  data = load_digits()
+  order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(data.images))
+  chosen = {'train': order[:DIGITS_TRAIN_EXAMPLES], 'test': order[DIGITS_TRAIN_EXAMPLES:]}
+  if split not in chosen:
+    raise DatasetNotFoundError(f"The digits dataset has splits 'train' and 'test', not {split!r}.")
+  encoded, labels = [], []
+  for i in chosen[split]:
+    grey = Image.fromarray(np.round(data.images[i] * 255 / 16).astype(np.uint8))
+    rgb = grey.resize((image_size, image_size), Image.BILINEAR).convert('RGB')
+    encoded.append(_encode_png(np.asarray(rgb)))
+    labels.append(data.target[i])
+  images = tf.constant(encoded)
+  label_table = tf.constant(np.asarray(labels, np.int32))
+  lookup = lambda i: {'image': tf.gather(images, i), 'label': tf.gather(label_table, i)}
+  return Split(f'digits/{split}', len(encoded), 10, _indexed_reader(len(encoded), lookup))
+
+
+# --- Image folders --------------------------------------------------------------------------
+
+
+def image_folder(root: str, split: str) -> Split:
+  """`root/<split>/<class>/<image>` (JPEG or PNG); classes are the sorted folder names."""
+  split_dir = os.path.join(root, split)
+  if not tf.io.gfile.isdir(split_dir):
+    raise DatasetNotFoundError(
+        f'No folder {split_dir}: an image-folder dataset needs {root}/{split}/<class>/<image>.')
+  classes = sorted(d for d in tf.io.gfile.listdir(split_dir)
+                   if tf.io.gfile.isdir(os.path.join(split_dir, d)))
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    for file in sorted(tf.io.gfile.listdir(os.path.join(split_dir, name.rstrip('/')))):
+      if file.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(os.path.join(split_dir, name.rstrip('/'), file))
+        labels.append(label)
+  if not paths:
+    raise DatasetNotFoundError(
+        f'The split {split_dir} has no {"/".join(IMAGE_EXTENSIONS)} images in class folders.')
+  path_table, label_table = tf.constant(paths), tf.constant(np.asarray(labels, np.int32))
+  lookup = lambda i: {'image': tf.io.read_file(tf.gather(path_table, i)),
+                      'label': tf.gather(label_table, i)}
+  return Split(f'{root}/{split}', len(paths), len(classes), _indexed_reader(len(paths), lookup))
+
+
+# --- TFDS -----------------------------------------------------------------------------------
+
+_MANUAL_DOWNLOADS = {
+    'imagenet2012': (
+        'ImageNet needs a manual download. Get ILSVRC2012_img_train.tar and '
+        'ILSVRC2012_img_val.tar from https://image-net.org (an account is required), put them '
+        'in {data_dir}/downloads/manual/, then build the TFDS files once with\n'
+        '  tfds build imagenet2012 --data_dir={data_dir}\n'
+        '(about 150 GB of disk). On a TPU VM, build once and copy {data_dir} to a gs:// '
+        'bucket, then set config.data.data_dir to it.'),
+}
+
+
+def tfds_split(name: str, split: str, data_dir: str | None = None,
+               shuffle_buffer: int = 10_000) -> Split:
+  """A TFDS image-classification split read as encoded bytes (decoding is the pipeline's).
+
+  Never downloads: a dataset that is not prepared under `data_dir` is a DatasetNotFoundError
+  saying how to prepare it.
+  """
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=data_dir)
+  where = data_dir or tfds.core.constants.DATA_DIR
+  try:
+    builder.as_dataset(split=split)  # cheap: opens the file list only
+  except (AssertionError, FileNotFoundError) as e:
+    how = _MANUAL_DOWNLOADS.get(name, 'Prepare it once with\n  tfds build {name} '
+                                      '--data_dir={data_dir}').format(name=name, data_dir=where)
+    raise DatasetNotFoundError(f'TFDS dataset {name!r} is not prepared in {where}. {how}') from e
+  splits = builder.info.splits
+  num_examples = splits[split].num_examples if split in splits else None
+  num_classes = builder.info.features['label'].num_classes
+
+  def read(process_index, process_count, shuffle_seed, start=0):
+    # Files in their stored order (TFDS shuffles examples when it writes them), then a
+    # seeded shuffle buffer: the order is a function of the seed tensor alone.
+    ds = builder.as_dataset(
+        split=tfds.split_for_jax_process(split, process_index=process_index,
+                                         process_count=process_count),
+        shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1),
+        decoders={'image': tfds.decode.SkipDecoding()})
+    if shuffle_seed is not None:
+      ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed[0] % (2**31 - 1))
+    ds = ds.map(lambda x: {'image': x['image'], 'label': tf.cast(x['label'], tf.int32)})
+    return ds.skip(start)
+
+  if num_examples is None:  # TFDS mock data has no split metadata: count once.
+    num_examples = sum(1 for _ in read(0, 1, None))
+  return Split(f'{name}/{split}', num_examples, num_classes, read)
+
+
+def build_split(data_config, split: str) -> Split:
+  """The split named by a config: `source` is 'digits', 'folder' or 'tfds'."""
+  if data_config.source == 'digits':
+    return digits(split, data_config.get('digits_size', 32))
+  if data_config.source == 'folder':
+    return image_folder(data_config.root, split)
+  if data_config.source == 'tfds':
+    return tfds_split(data_config.name, split, data_config.get('data_dir') or None)
+  raise ValueError(f"config.data.source must be 'digits', 'folder' or 'tfds', "
+                   f'got {data_config.source!r}.')

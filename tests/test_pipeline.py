@@ -1,0 +1,166 @@
+"""Sources and tf.data pipelines: determinism, per-host shares, padding, bad data."""
+
+import hashlib
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from msf_jax import make_mesh
+from msf_jax.data import pipeline, sources
+
+
+def write_folder(root, split='train', classes=3, per_class=7, size=(40, 56), corrupt=0):
+  """root/split/class_k/*.jpg|png with distinct images; `corrupt` extra unreadable JPEGs."""
+  rng = np.random.default_rng(0)
+  for k in range(classes):
+    os.makedirs(os.path.join(root, split, f'class_{k}'), exist_ok=True)
+    for i in range(per_class):
+      image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+      fmt = 'PNG' if i % 2 else 'JPEG'
+      Image.fromarray(image).save(os.path.join(root, split, f'class_{k}', f'{i}.{fmt.lower()}'),
+                                  format=fmt)
+  for i in range(corrupt):
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, 'JPEG')
+    with open(os.path.join(root, split, 'class_0', f'broken_{i}.jpg'), 'wb') as f:
+      f.write(buffer.getvalue()[:200])  # a header, then nothing: undecodable
+  return str(root)
+
+
+def take(stream, n):
+  return [batch for _, batch in zip(range(n), stream)]
+
+
+def test_digits_split_is_fixed_and_real():
+  train, test = sources.digits('train', 24), sources.digits('test', 24)
+  assert (train.num_examples, test.num_examples, train.num_classes) == (1437, 360, 10)
+  first = next(iter(test.read(0, 1, None, 0)))
+  image = tf.io.decode_png(first['image']).numpy()
+  assert image.shape == (24, 24, 3) and image.max() > 100  # a real, upsampled digit
+  with pytest.raises(sources.DatasetNotFoundError, match="'train' and 'test'"):
+    sources.digits('validation')
+
+
+def test_same_seed_same_batches_and_resume_is_exact():
+  split = sources.digits('train', 16)
+  make = lambda start=0, seed=3: pipeline.train_stream(
+      split, global_batch=32, image_size=16, seed=seed, start_step=start,
+      process_index=0, process_count=1)
+  first = take(make(), 4)
+  again = take(make(), 4)
+  for a, b in zip(first, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  resumed = take(make(start=2), 2)
+  for a, b in zip(first[2:], resumed):
+    np.testing.assert_array_equal(a['online'], b['online'])
+  other = take(make(seed=4), 1)[0]
+  assert not np.allclose(other['online'], first[0]['online'])
+  batch = first[0]
+  assert batch['online'].shape == batch['target'].shape == (32, 16, 16, 3)
+  assert not np.allclose(batch['online'], batch['target'])  # two independent views
+
+
+def test_an_epoch_reads_every_example_once_across_hosts():
+  split = sources.digits('train', 8)
+  global_batch, hosts = 64, 2
+  steps = pipeline.steps_per_epoch(split, global_batch)
+  seen = []
+  for p in range(hosts):
+    stream = pipeline.train_stream(split, global_batch=global_batch, image_size=8, seed=0,
+                                   process_index=p, process_count=hosts)
+    hashed = stream.dataset.unbatch().map(lambda x: x['slot']).take(steps * 32)
+    seen.append(list(hashed.as_numpy_iterator()))
+  # Each host's slots cover its share once; the shares come from one permutation.
+  assert all(sorted(s) == list(range(steps * 32)) for s in seen)
+  # The hosts' shares of one epoch's permutation are disjoint and cover the split.
+  read = lambda p, count, seed: sorted(
+      x['image'] for x in split.read(p, count, seed, 0).as_numpy_iterator())
+  epoch_seed = tf.constant([0, 1], tf.int64)
+  shares = [read(p, hosts, epoch_seed) for p in range(hosts)]
+  assert sorted(shares[0] + shares[1]) == read(0, 1, None)
+
+
+def image_digest(image: np.ndarray) -> str:
+  return hashlib.sha1(np.round(image, 3).tobytes()).hexdigest()
+
+
+def eval_digests(split, global_batch, process_count):
+  digests, batches = [], set()
+  for p in range(process_count):
+    dataset, num_batches = pipeline.eval_batches(split, global_batch=global_batch,
+                                                 image_size=16, process_index=p,
+                                                 process_count=process_count)
+    count = 0
+    for batch in dataset.as_numpy_iterator():
+      count += 1
+      assert len(batch['mask']) == global_batch // process_count
+      digests += [image_digest(x) for x, m in zip(batch['image'], batch['mask']) if m]
+    assert count == num_batches
+    batches.add(count)
+  assert len(batches) == 1  # every host runs the same number of steps
+  return sorted(digests)
+
+
+def test_eval_counts_each_image_once_over_two_processes_and_eight_devices(tmp_path):
+  split = sources.image_folder(write_folder(tmp_path, 'val', classes=3, per_class=9), 'val')
+  assert split.num_examples == 27  # divides neither the batch nor the processes
+  one_host = eval_digests(split, global_batch=8, process_count=1)
+  two_hosts = eval_digests(split, global_batch=16, process_count=2)
+  assert len(one_host) == 27 and one_host == two_hosts
+  # On one process with 8 devices a batch becomes one global array split over the mesh.
+  mesh = make_mesh(jax.devices()[:8])
+  dataset, _ = pipeline.eval_batches(split, global_batch=16, image_size=16,
+                                     process_index=0, process_count=1)
+  batch = pipeline.to_global(next(dataset.as_numpy_iterator()), mesh)
+  assert batch['image'].shape == (16, 16, 16, 3)
+  assert len(batch['image'].addressable_shards) == 8
+
+
+def test_corrupt_jpeg_is_skipped_and_counted(tmp_path):
+  root = write_folder(tmp_path, classes=2, per_class=6, corrupt=1)
+  split = sources.image_folder(root, 'train')
+  assert split.num_examples == 13
+  stream = pipeline.train_stream(split, global_batch=4, image_size=16, seed=0,
+                                 process_index=0, process_count=1)
+  take(stream, 3)  # one epoch: 12 of 13 slots, in which the broken file is or is not
+  # Over several epochs the broken file is drawn and skipped: counted, never a crash.
+  take(stream, 12)
+  assert stream.skipped >= 1 and stream.produced == 15 * 4
+  dataset, _ = pipeline.eval_batches(split, global_batch=4, image_size=16,
+                                     process_index=0, process_count=1)
+  assert sum(int(b['mask'].sum()) for b in dataset.as_numpy_iterator()) == 12
+
+
+def test_missing_or_empty_splits_are_clear_errors(tmp_path):
+  with pytest.raises(sources.DatasetNotFoundError, match='class'):
+    sources.image_folder(str(tmp_path), 'train')
+  os.makedirs(tmp_path / 'train' / 'cats')
+  with pytest.raises(sources.DatasetNotFoundError, match='no .jpg'):
+    sources.image_folder(str(tmp_path), 'train')
+
+
+def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(sources.DatasetNotFoundError, match='tfds build imagenet2012'):
+    sources.tfds_split('imagenet2012', 'train', data_dir=str(tmp_path))
+
+
+def test_tfds_source_with_mock_data():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=12):
+    split = sources.tfds_split('imagenet2012', 'train')
+    assert (split.num_examples, split.num_classes) == (12, 1000)
+    stream = pipeline.train_stream(split, global_batch=4, image_size=24, seed=0,
+                                   process_index=0, process_count=1)
+    batch = take(stream, 1)[0]
+    assert batch['online'].shape == (4, 24, 24, 3) and batch['label'].dtype == np.int32
+
+
+def test_tensorflow_sees_no_accelerator():
+  pipeline.hide_accelerators_from_tensorflow()
+  assert tf.config.get_visible_devices('GPU') == []
