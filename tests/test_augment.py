@@ -15,6 +15,8 @@ from scipy import stats
 
 from msf_jax.data import augment
 
+from pil_reference import torchvision_crop_params, torchvision_pil_hue
+
 LEVEL = 1 / 255
 
 
@@ -46,26 +48,6 @@ def assert_levels(actual: np.ndarray, expected: np.ndarray, max_levels: float,
 
 
 # --- RandomResizedCrop ----------------------------------------------------------------------
-
-
-def torchvision_crop_params(rng, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-  """torchvision.transforms.RandomResizedCrop.get_params, in numpy."""
-  area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target_area = area * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
-    if 0 < w <= width and 0 < h <= height:
-      return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, round(width / min(ratio))
-  elif in_ratio > max(ratio):
-    h, w = height, round(height * max(ratio))
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
 
 
 def test_crop_windows_follow_torchvision_distribution():
@@ -129,14 +111,6 @@ def test_enhancements_match_pil(name, enhancer, factor):
   op = getattr(augment, f'adjust_{name}')
   # PIL rounds the grey level, then the blend: up to 1.5 levels apart from the exact value.
   assert_levels(ours(op, image, factor), expected, max_levels=1.5, mean_levels=0.5)
-
-
-def torchvision_pil_hue(image: np.ndarray, factor: float) -> np.ndarray:
-  """torchvision.transforms.functional_pil.adjust_hue: uint8 shift of PIL's HSV hue."""
-  h, s, v = Image.fromarray(image).convert('HSV').split()
-  shifted = (np.asarray(h).astype(np.int64) + int(factor * 255)) % 256
-  hsv = Image.merge('HSV', (Image.fromarray(shifted.astype(np.uint8), 'L'), s, v))
-  return np.asarray(hsv.convert('RGB'))
 
 
 @pytest.mark.parametrize('factor', [-0.1, -0.03, 0.05, 0.1])

@@ -97,13 +97,16 @@ def resize(image: tf.Tensor, size: Sequence[int] | tf.Tensor) -> tf.Tensor:
   return tf.clip_by_value(resized, 0.0, 1.0)
 
 
+def _crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+  top, left, height, width = tf.unstack(window)
+  return image[top:top + height, left:left + width]
+
+
 def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int,
                         scale: Sequence[float] = CROP_SCALE) -> tf.Tensor:
-  """RandomResizedCrop(size, scale, ratio=(3/4, 4/3)) of an encoded image, float [0, 1].
-
-  A JPEG is decoded only inside the crop window (fused decode-and-crop, its size read from
-  the header); other formats are decoded whole, then cropped.
-  """
+  """RandomResizedCrop(size, scale, ratio=(3/4, 4/3)) of an encoded image, float [0, 1], for
+  a single view: a JPEG is decoded only inside the crop window (fused decode-and-crop, its
+  size read from the header); other formats are decoded whole, then cropped."""
   def jpeg():
     shape = tf.image.extract_jpeg_shape(encoded)
     window = crop_window(seed, shape[0], shape[1], scale)
@@ -112,23 +115,35 @@ def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int,
 
   def other():
     image = decode(encoded)
-    shape = tf.shape(image)
-    top, left, height, width = tf.unstack(crop_window(seed, shape[0], shape[1], scale))
-    return image[top:top + height, left:left + width]
+    return _crop(image, crop_window(seed, tf.shape(image)[0], tf.shape(image)[1], scale))
 
   crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
   crop.set_shape([None, None, 3])
   return resize(to_float(crop), [size, size])
 
 
+def random_resized_crop_decoded(image: tf.Tensor, seed: tf.Tensor, size: int,
+                                scale: Sequence[float] = CROP_SCALE) -> tf.Tensor:
+  """RandomResizedCrop of an already decoded uint8 image: two views of one image decode it
+  once (on ImageNet-sized JPEGs one full decode costs about what one fused crop-decode does)."""
+  shape = tf.shape(image)
+  return resize(to_float(_crop(image, crop_window(seed, shape[0], shape[1], scale))),
+                [size, size])
+
+
 # ---------------------------------------------------------------------------------------------
 # Colour: PIL's ImageEnhance and torchvision's PIL hue, on float images in [0, 1].
 
 
+def _luma(image: tf.Tensor) -> tf.Tensor:
+  """[H, W, 1] ITU-R 601-2 luma."""
+  red, green, blue = tf.split(image, 3, axis=-1)
+  return LUMA_WEIGHTS[0] * red + LUMA_WEIGHTS[1] * green + LUMA_WEIGHTS[2] * blue
+
+
 def grayscale(image: tf.Tensor) -> tf.Tensor:
   """PIL convert('L') (ITU-R 601-2 luma) back to 3 channels."""
-  luma = tf.tensordot(image, tf.constant(LUMA_WEIGHTS, tf.float32), axes=[[-1], [0]])
-  return tf.repeat(luma[..., None], 3, axis=-1)
+  return tf.tile(_luma(image), [1, 1, 3])
 
 
 def _blend(degenerate, image, factor):
@@ -142,13 +157,14 @@ def adjust_brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
 
 def adjust_contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
   """ImageEnhance.Contrast: blend with the mean grey level, rounded to a uint8 level as PIL."""
-  mean = tf.round(tf.reduce_mean(grayscale(image)[..., 0]) * 255.0) / 255.0
+  mean_rgb = tf.reduce_mean(image, axis=[0, 1])
+  mean = tf.round(tf.reduce_sum(mean_rgb * tf.constant(LUMA_WEIGHTS)) * 255.0) / 255.0
   return _blend(tf.fill(tf.shape(image), mean), image, factor)
 
 
 def adjust_saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
   """ImageEnhance.Color: blend with the grey version."""
-  return _blend(grayscale(image), image, factor)
+  return _blend(_luma(image), image, factor)
 
 
 def adjust_hue(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
@@ -201,24 +217,34 @@ def _box_kernel(radius: tf.Tensor, half_width: int) -> tf.Tensor:
   return tf.where(distance <= whole, inner, tf.where(distance == whole + 1, edge, 0.0))
 
 
-def _replicate_pad(image: tf.Tensor, pad: int, axis: int) -> tf.Tensor:
+def _blur_axis(image: tf.Tensor, kernel: tf.Tensor, half_width: int, axis: int) -> tf.Tensor:
+  """One box pass along `axis` of [H, W, C], edges replicated: a weighted sum of shifted
+  slices (a handful of taps; far cheaper on the CPU than a depthwise convolution)."""
   size = tf.shape(image)[axis]
-  return tf.gather(image, tf.clip_by_value(tf.range(-pad, size + pad), 0, size - 1), axis=axis)
+  first = tf.gather(image, [0], axis=axis)
+  last = tf.gather(image, [size - 1], axis=axis)
+  padded = tf.concat([first] * half_width + [image] + [last] * half_width, axis=axis)
+  taps = 2 * half_width + 1
+  out = 0.0
+  for tap in range(taps):
+    begin = [0, 0, 0]
+    begin[axis] = tap
+    shape = [-1, -1, -1]
+    shape[axis] = size
+    out += kernel[tap] * tf.slice(padded, begin, shape)
+  return out
 
 
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, max_sigma: float = BLUR_SIGMA[1]) -> tf.Tensor:
-  """PIL's ImageFilter.GaussianBlur(radius=sigma) on an [H, W, C] float image (edges
-  replicated, each pass separately, as Pillow does)."""
+  """PIL's ImageFilter.GaussianBlur(radius=sigma) on an [H, W, C] float image: three box
+  passes along the width, then three along the height, each replicating the edges, as
+  Pillow's BoxBlur.c does."""
   half_width = math.floor(pil_box_radius(max_sigma, math.sqrt, math.floor)) + 1
   kernel = _box_kernel(pil_box_radius(tf.cast(sigma, tf.float32)), half_width)
-  channels = image.shape[-1]
-  images = image[None]
-  for axis, kernel_shape in ((2, [1, -1, 1, 1]), (1, [-1, 1, 1, 1])):  # horizontal, vertical
-    depthwise = tf.tile(tf.reshape(kernel, kernel_shape), [1, 1, channels, 1])
+  for axis in (1, 0):
     for _ in range(_BLUR_PASSES):
-      padded = _replicate_pad(images, half_width, axis)
-      images = tf.nn.depthwise_conv2d(padded, depthwise, [1, 1, 1, 1], 'VALID')
-  return images[0]
+      image = _blur_axis(image, kernel, half_width, axis)
+  return image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,16 +264,17 @@ def _maybe(image, seed, probability, op):
   return tf.cond(_coin(seed, probability), lambda: op(image), lambda: image)
 
 
-def weak_view(encoded: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-  """RandomResizedCrop(scale=(0.2, 1)) -> flip -> normalize."""
+def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """RandomResizedCrop(scale=(0.2, 1)) -> flip -> normalize, of a decoded uint8 image."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  return normalize(flip(random_resized_crop(encoded, crop_seed, size), flip_seed))
+  return normalize(flip(random_resized_crop_decoded(image, crop_seed, size), flip_seed))
 
 
-def strong_view(encoded: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-  """RandomResizedCrop -> p0.8 ColorJitter -> p0.2 grayscale -> p0.5 blur -> flip -> normalize."""
+def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """RandomResizedCrop -> p0.8 ColorJitter -> p0.2 grayscale -> p0.5 blur -> flip -> normalize,
+  of a decoded uint8 image."""
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
-  image = random_resized_crop(encoded, seeds[0], size)
+  image = random_resized_crop_decoded(image, seeds[0], size)
   image = _maybe(image, seeds[1], 0.8, lambda x: color_jitter(x, seeds[2]))
   image = _maybe(image, seeds[3], 0.2, grayscale)
   sigma = _uniform(seeds[4], (), *BLUR_SIGMA)
@@ -264,8 +291,9 @@ def two_views(encoded: tf.Tensor, seed: tf.Tensor, size: int, pairing: str = 'w/
   views = {'w': weak_view, 's': strong_view}
   target_seed, online_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   target, online = pairing.split('/')
-  return {'target': views[target](encoded, target_seed, size),
-          'online': views[online](encoded, online_seed, size)}
+  image = decode(encoded)
+  return {'target': views[target](image, target_seed, size),
+          'online': views[online](image, online_seed, size)}
 
 
 def center_crop_view(encoded: tf.Tensor, size: int) -> tf.Tensor:
