@@ -1,6 +1,10 @@
 """Two-view w/s samples per second per CPU core: the msf_jax tf.data pipeline against a PIL
 pipeline of the official torchvision transforms, on the same JPEG files, one core each.
 
+msf_jax's host stage decodes, crops, resizes, flips and samples colour parameters; the colour
+ops run batched on the accelerator (`color.finish_views`). For the record the script also
+times that stage on one CPU core, as it would run on a CPU-only machine.
+
 The files are ImageNet-like photos made from the two photos scikit-learn ships (random
 crops of 427x640 photos resized to about 500x375, JPEG quality 90).
 
@@ -61,6 +65,26 @@ def time_tf(paths: list[str], samples: int, size: int) -> float:
   return samples / (time.perf_counter() - start)
 
 
+def time_device_colors_on_cpu(paths: list[str], samples: int, size: int) -> float:
+  """`color.finish_views` on the CPU (one core), batches of 64 strong/weak pairs."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from msf_jax.data import augment, color
+  import tensorflow as tf
+  batch = 64
+  views = [augment.two_views(tf.constant(open(paths[i % len(paths)], 'rb').read()),
+                             tf.constant([i, 0], tf.int64), size) for i in range(batch)]
+  data = {k: jnp.asarray(np.stack([v[k].numpy() for v in views])) for k in views[0]}
+  data['label'] = jnp.zeros(batch, jnp.int32)
+  jax.block_until_ready(color.finish_views(data, 'w/s'))
+  start = time.perf_counter()
+  rounds = max(1, samples // batch)
+  for _ in range(rounds):
+    jax.block_until_ready(color.finish_views(data, 'w/s'))
+  return rounds * batch / (time.perf_counter() - start)
+
+
 def time_pil(paths: list[str], samples: int, size: int) -> float:
   import numpy as np
   from PIL import Image
@@ -87,26 +111,31 @@ def main() -> None:
   if args.child:
     which, folder = args.child
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    rate = {'tf': time_tf, 'pil': time_pil}[which](paths, args.samples, args.size)
+    rate = {'tf': time_tf, 'pil': time_pil, 'colors_cpu': time_device_colors_on_cpu}[which](
+        paths, args.samples, args.size)
     print(rate)
     return
   folder = tempfile.mkdtemp()
   make_photos(folder, args.images)
-  rates = {'tf': [], 'pil': []}
+  rates = {'tf': [], 'pil': [], 'colors_cpu': []}
   for _ in range(args.runs):  # alternate, each run in a fresh process pinned to one core
     for which in rates:
       out = subprocess.run(['taskset', '-c', '0', sys.executable, __file__, '--child', which,
                             folder, '--samples', str(args.samples), '--size', str(args.size)],
                            capture_output=True, text=True, check=True,
-                           env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
+                           env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'JAX_PLATFORMS': 'cpu'})
       rates[which].append(float(out.stdout.strip().splitlines()[-1]))
   tf_rate, pil_rate = statistics.median(rates['tf']), statistics.median(rates['pil'])
   # This VM's speed drifts between runs: the ratio of each back-to-back pair is steadier.
   ratios = [t / p for t, p in zip(rates['tf'], rates['pil'])]
+  colors = statistics.median(rates['colors_cpu'])
+  both = 1 / (1 / tf_rate + 1 / colors)
   print(f'runs: {rates}')
   print('| pipeline | two-view samples/s on one core (median) |')
   print('|---|---|')
-  print(f'| msf_jax tf.data (w/s, {args.size}px) | {tf_rate:.1f} |')
+  print(f'| msf_jax host stage, tf.data (w/s, {args.size}px) | {tf_rate:.1f} |')
+  print(f'| msf_jax colour stage, JAX on one CPU core | {colors:.1f} |')
+  print(f'| msf_jax both stages on one CPU core | {both:.1f} ({both / pil_rate:.2f}x PIL) |')
   print(f'| PIL, official torchvision transforms | {pil_rate:.1f} |')
   print(f'| ratio of medians | {tf_rate / pil_rate:.2f}x |')
   print(f'| median of paired ratios (min-max) | {statistics.median(ratios):.2f}x '

@@ -1,19 +1,21 @@
-"""The TensorFlow augmentations against PIL and numpy references of torchvision's transforms.
+"""The augmentations (crops in TensorFlow, colour ops in JAX) against PIL and numpy
+references of torchvision's transforms.
 
 Each op is compared for the same sampled parameters. PIL works in uint8 and rounds after
-every step, the TensorFlow ops in float32, so agreement is stated in uint8 levels (1/255).
+every step, our ops in float32, so agreement is stated in uint8 levels (1/255).
 """
 
 import io
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageFilter
 from scipy import stats
 
-from msf_jax.data import augment
+from msf_jax.data import augment, color
 
 from pil_reference import torchvision_crop_params, torchvision_pil_hue
 
@@ -37,6 +39,12 @@ def encode(image: np.ndarray, fmt: str = 'JPEG') -> bytes:
 
 
 def ours(op, image: np.ndarray, *args) -> np.ndarray:
+  """A colour op (JAX, batched) on one uint8 image, in uint8 levels."""
+  batch = jnp.asarray(image[None], jnp.float32) / 255.0
+  return np.asarray(op(batch, *[jnp.asarray([a], jnp.float32) for a in args])[0]) * 255.0
+
+
+def tf_levels(op, image: np.ndarray, *args) -> np.ndarray:
   return op(tf.constant(image, tf.float32) / 255.0, *args).numpy() * 255.0
 
 
@@ -84,7 +92,7 @@ def test_crop_falls_back_to_a_central_crop(height, width, expected):
 def test_resize_matches_pil_bilinear(size):
   image = smooth_image(1)
   expected = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-  assert_levels(ours(augment.resize, image, size), expected, max_levels=1.5, mean_levels=0.3)
+  assert_levels(tf_levels(augment.resize, image, size), expected, max_levels=1.5, mean_levels=0.3)
 
 
 def test_random_resized_crop_decodes_the_same_window_for_jpeg_and_png():
@@ -108,7 +116,7 @@ def test_random_resized_crop_decodes_the_same_window_for_jpeg_and_png():
 def test_enhancements_match_pil(name, enhancer, factor):
   image = smooth_image(3)
   expected = np.asarray(enhancer(Image.fromarray(image)).enhance(factor))
-  op = getattr(augment, f'adjust_{name}')
+  op = getattr(color, f'adjust_{name}')
   # PIL rounds the grey level, then the blend: up to 1.5 levels apart from the exact value.
   assert_levels(ours(op, image, factor), expected, max_levels=1.5, mean_levels=0.5)
 
@@ -119,23 +127,49 @@ def test_hue_matches_torchvision_pil(factor):
   # PIL shifts by int(factor * 255) of its 256 hue steps: compare at that shift. PIL's uint8
   # HSV round trip alone (factor 0) moves pixels by up to 5 levels (mean 0.65) on this image.
   exact_factor = int(factor * 255) / 255
-  assert_levels(ours(augment.adjust_hue, image, exact_factor), torchvision_pil_hue(image, factor),
+  assert_levels(ours(color.adjust_hue, image, exact_factor), torchvision_pil_hue(image, factor),
                 max_levels=10.0, mean_levels=1.0)
 
 
 def test_grayscale_matches_pil():
   image = smooth_image(5)
   expected = np.asarray(Image.fromarray(image).convert('L').convert('RGB'))
-  assert_levels(ours(augment.grayscale, image), expected, max_levels=0.51, mean_levels=0.3)
+  assert_levels(ours(color.grayscale, image), expected, max_levels=0.51, mean_levels=0.3)
 
 
-def test_color_jitter_applies_the_four_ops_in_a_seeded_random_order():
-  image = tf.constant(smooth_image(6), tf.float32) / 255.0
-  results = {augment.color_jitter(image, tf.constant([0, i])).numpy().tobytes()
-             for i in range(6)}
-  assert len(results) == 6  # different seeds, different factors and orders
-  again = augment.color_jitter(image, tf.constant([0, 0])).numpy()
-  np.testing.assert_array_equal(again, augment.color_jitter(image, tf.constant([0, 0])).numpy())
+def test_color_jitter_applies_each_examples_ops_in_its_order():
+  images = jnp.asarray(np.stack([smooth_image(6), smooth_image(7)]), jnp.float32) / 255.0
+  factors = jnp.asarray([[1.3, 0.7, 1.2, 0.05], [0.8, 1.3, 0.6, -0.08]])
+  orders = jnp.asarray([[3, 0, 2, 1], [1, 2, 0, 3]])
+  got = color.color_jitter(images, factors, orders)
+  for b in range(2):
+    expected = images[b:b + 1]
+    for index in np.asarray(orders[b]):
+      expected = color.JITTER_OPS[index](expected, factors[b:b + 1, index])
+    np.testing.assert_allclose(got[b], expected[0], atol=1e-6)
+
+
+def test_strong_color_params_follow_torchvision_sampling():
+  params = np.stack([augment.strong_color_params(tf.constant([5, i], tf.int64)).numpy()
+                     for i in range(2000)])
+  get = lambda name: params[:, color.PARAM_SLICES[name]]
+  assert abs(get('jitter').mean() - 0.8) < 0.03 and abs(get('gray').mean() - 0.2) < 0.03
+  assert abs(get('blur').mean() - 0.5) < 0.04
+  factors = get('factors')
+  assert factors[:, :3].min() >= 0.6 and factors[:, :3].max() <= 1.4
+  assert np.abs(factors[:, 3]).max() <= 0.1
+  assert (np.sort(get('order'), axis=1) == np.arange(4)).all()  # permutations
+  first_ops = np.bincount(get('order')[:, 0].astype(int), minlength=4) / len(params)
+  assert np.abs(first_ops - 0.25).max() < 0.04  # each op first equally often
+  sigma = get('sigma')
+  assert sigma.min() >= 0.1 and sigma.max() <= 2.0
+
+
+def test_weak_params_leave_the_image_unchanged_but_normalized():
+  images = jnp.asarray(smooth_image(8)[None], jnp.float32) / 255.0
+  params = jnp.asarray([augment.WEAK_COLOR_PARAMS], jnp.float32)
+  np.testing.assert_allclose(color.apply_view_colors(images, params),
+                             color.normalize(images), atol=1e-6)
 
 
 # --- Blur -----------------------------------------------------------------------------------
@@ -147,7 +181,7 @@ def test_gaussian_blur_matches_pil(sigma):
   expected = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=sigma)))
   # PIL rounds to uint8 after each of its six box passes; with that rounding emulated, the
   # same kernel reproduces PIL exactly at sigma 0.1 and 0.5 (3 levels at most at 1.0).
-  assert_levels(ours(augment.gaussian_blur, image, sigma), expected, max_levels=3.0,
+  assert_levels(ours(color.gaussian_blur, image, sigma), expected, max_levels=3.0,
                 mean_levels=0.7)
 
 
@@ -158,6 +192,7 @@ def test_views_are_seeded_independent_crops():
   encoded = tf.constant(encode(smooth_image(8)))
   views = augment.two_views(encoded, tf.constant([1, 1]), 32)
   assert views['target'].shape == views['online'].shape == (32, 32, 3)
+  assert views['online_color'].shape == (color.NUM_PARAMS,)
   assert not np.allclose(views['target'], views['online'])
   again = augment.two_views(encoded, tf.constant([1, 1]), 32)
   for key in views:
@@ -171,10 +206,20 @@ def test_views_are_seeded_independent_crops():
 @pytest.mark.parametrize('pairing', augment.PAIRINGS)
 def test_all_pairings_produce_normalized_views(pairing):
   encoded = tf.constant(encode(smooth_image(9)))
-  views = augment.two_views(encoded, tf.constant([2, 3]), 24, pairing=pairing)
-  for view in views.values():
-    assert view.shape == (24, 24, 3) and np.isfinite(view.numpy()).all()
-    assert -2.2 < view.numpy().min() and view.numpy().max() < 2.7  # normalized range
+  views = [augment.two_views(encoded, tf.constant([2, i]), 24, pairing=pairing)
+           for i in range(4)]
+  batch = {k: jnp.stack([v[k].numpy() for v in views]) for k in views[0]}
+  batch['label'] = jnp.zeros(4, jnp.int32)
+  finished = color.finish_views(batch, pairing)
+  for key, kind in zip(('target', 'online'), pairing.split('/')):
+    if kind == 'w':  # weak views only get normalized
+      np.testing.assert_allclose(finished[key], color.normalize(batch[key]), atol=1e-6)
+    else:  # of four strong views, some are jittered, greyed or blurred
+      assert not np.allclose(finished[key], color.normalize(batch[key]))
+  for key in ('online', 'target'):
+    view = np.asarray(finished[key])
+    assert view.shape == (4, 24, 24, 3) and np.isfinite(view).all()
+    assert -2.2 < view.min() and view.max() < 2.7  # normalized range
 
 
 def test_center_crop_view_matches_pil_resize_and_center_crop():
@@ -184,5 +229,5 @@ def test_center_crop_view_matches_pil_resize_and_center_crop():
   pil = Image.fromarray(image).resize((170, 128), Image.BILINEAR)  # shorter side 112*256/224
   left, top = round((170 - 112) / 2), round((128 - 112) / 2)
   expected = np.asarray(pil.crop((left, top, left + 112, top + 112)), np.float32) / 255
-  expected = (expected - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
-  assert np.abs(view - expected).max() < 2 * LEVEL / min(augment.IMAGENET_STD)
+  expected = (expected - color.IMAGENET_MEAN) / color.IMAGENET_STD
+  assert np.abs(view - expected).max() < 2 * LEVEL / min(color.IMAGENET_STD)

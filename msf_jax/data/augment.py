@@ -1,9 +1,11 @@
-"""The MSF augmentations as TensorFlow ops with torchvision's (PIL-image) semantics.
+"""The host half of the MSF augmentations, in TensorFlow, with torchvision's semantics:
+decoding, RandomResizedCrop, flip, and the sampling of the colour ops' parameters, which
+`msf_jax.data.color` applies on the accelerator.
 
 Every random choice is drawn with stateless ops from a per-example seed, so an example's
-views are a function of (seed, epoch, index) alone. Images are float32 in [0, 1] until
-`normalize`. The ops that take sampled parameters (`crop_window`, `adjust_*`, `gaussian_blur`)
-are exposed separately so that tests can compare them with PIL for the same parameters.
+views are a function of (seed, epoch, index) alone. Images are float32 in [0, 1]. The ops
+that take sampled parameters (`crop_window`, `resize`) are exposed separately so that tests
+can compare them with PIL for the same parameters.
 
 Official transforms (MSF_SPEC §3):
   weak:   RandomResizedCrop(scale=(0.2, 1)) -> flip
@@ -16,15 +18,12 @@ from typing import Sequence
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# ITU-R 601-2 luma, as PIL's convert('L').
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+from msf_jax.data import color
+
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10
 PAIRINGS = ('w/s', 'w/w', 's/s', 's/w')  # target view / online view
-BLUR_SIGMA = (0.1, 2.0)
 
 
 def _uniform(seed, shape=(), minval=0.0, maxval=1.0):
@@ -132,119 +131,27 @@ def random_resized_crop_decoded(image: tf.Tensor, seed: tf.Tensor, size: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Colour: PIL's ImageEnhance and torchvision's PIL hue, on float images in [0, 1].
+# Colour parameters: sampled here, applied on the accelerator by `msf_jax.data.color`.
 
 
-def _luma(image: tf.Tensor) -> tf.Tensor:
-  """[H, W, 1] ITU-R 601-2 luma."""
-  red, green, blue = tf.split(image, 3, axis=-1)
-  return LUMA_WEIGHTS[0] * red + LUMA_WEIGHTS[1] * green + LUMA_WEIGHTS[2] * blue
+def strong_color_params(seed: tf.Tensor, brightness: float = 0.4, contrast: float = 0.4,
+                        saturation: float = 0.4, hue: float = 0.1) -> tf.Tensor:
+  """[12] parameters (layout `color.PARAM_SLICES`) of the strong view's colour ops:
+  p=0.8 ColorJitter (factors as torchvision samples them, a uniform random order of the four
+  ops), p=0.2 grayscale, p=0.5 blur with sigma ~ U[0.1, 2]."""
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 9))
+  factors = [_uniform(seeds[1], (), max(0.0, 1 - brightness), 1 + brightness),
+             _uniform(seeds[2], (), max(0.0, 1 - contrast), 1 + contrast),
+             _uniform(seeds[3], (), max(0.0, 1 - saturation), 1 + saturation),
+             _uniform(seeds[4], (), -hue, hue)]
+  order = tf.cast(tf.argsort(_uniform(seeds[5], [4])), tf.float32)  # uniform permutation
+  flag = lambda s, p: tf.cast(_coin(s, p), tf.float32)[None]
+  return tf.concat([flag(seeds[0], 0.8), tf.stack(factors), order, flag(seeds[6], 0.2),
+                    flag(seeds[7], 0.5), _uniform(seeds[8], [1], *color.BLUR_SIGMA)], axis=0)
 
 
-def grayscale(image: tf.Tensor) -> tf.Tensor:
-  """PIL convert('L') (ITU-R 601-2 luma) back to 3 channels."""
-  return tf.tile(_luma(image), [1, 1, 3])
-
-
-def _blend(degenerate, image, factor):
-  return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 1.0)
-
-
-def adjust_brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """ImageEnhance.Brightness: blend with black."""
-  return _blend(tf.zeros_like(image), image, factor)
-
-
-def adjust_contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """ImageEnhance.Contrast: blend with the mean grey level, rounded to a uint8 level as PIL."""
-  mean_rgb = tf.reduce_mean(image, axis=[0, 1])
-  mean = tf.round(tf.reduce_sum(mean_rgb * tf.constant(LUMA_WEIGHTS)) * 255.0) / 255.0
-  return _blend(tf.fill(tf.shape(image), mean), image, factor)
-
-
-def adjust_saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """ImageEnhance.Color: blend with the grey version."""
-  return _blend(_luma(image), image, factor)
-
-
-def adjust_hue(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """torchvision adjust_hue: rotate the hue of HSV by `factor` turns (in [-0.5, 0.5])."""
-  return tf.clip_by_value(tf.image.adjust_hue(image, factor), 0.0, 1.0)
-
-
-def color_jitter(image: tf.Tensor, seed: tf.Tensor, brightness: float = 0.4,
-                 contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1) -> tf.Tensor:
-  """torchvision ColorJitter: the four adjustments with sampled factors, in a random order."""
-  order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 5))
-  factors = [_uniform(b_seed, (), max(0.0, 1 - brightness), 1 + brightness),
-             _uniform(c_seed, (), max(0.0, 1 - contrast), 1 + contrast),
-             _uniform(s_seed, (), max(0.0, 1 - saturation), 1 + saturation),
-             _uniform(h_seed, (), -hue, hue)]
-  ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-  order = tf.argsort(_uniform(order_seed, [4]))  # a uniform random permutation
-  for position in range(4):
-    branches = [lambda op=op, f=f: op(image, f) for op, f in zip(ops, factors)]
-    image = tf.switch_case(order[position], branches)
-  return image
-
-
-# ---------------------------------------------------------------------------------------------
-# PIL's GaussianBlur: three passes of an "extended" box blur per axis.
-
-_BLUR_PASSES = 3
-
-
-def pil_box_radius(sigma, sqrt=tf.sqrt, floor=tf.floor):
-  """The fractional box radius PIL uses for a Gaussian of standard deviation `sigma` over
-  three passes (Gwosdek et al. 2011, as in Pillow's BoxBlur.c). With `math.sqrt` and
-  `math.floor` it works on Python floats."""
-  sigma2 = sigma * sigma / _BLUR_PASSES
-  length = sqrt(12.0 * sigma2 + 1.0)
-  whole = floor((length - 1.0) / 2.0)
-  fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2)
-  fraction /= 6 * (sigma2 - (whole + 1) * (whole + 1))
-  return whole + fraction
-
-
-def _box_kernel(radius: tf.Tensor, half_width: int) -> tf.Tensor:
-  """Weights 1/(2r+1) on the 2*floor(r)+1 central taps and the remainder split between the
-  two next ones; zero-padded to 2 * half_width + 1 taps."""
-  whole = tf.floor(radius)
-  inner = 1.0 / (2.0 * radius + 1.0)
-  edge = (1.0 - (2.0 * whole + 1.0) * inner) / 2.0
-  distance = tf.abs(tf.range(-half_width, half_width + 1, dtype=tf.float32))
-  return tf.where(distance <= whole, inner, tf.where(distance == whole + 1, edge, 0.0))
-
-
-def _blur_axis(image: tf.Tensor, kernel: tf.Tensor, half_width: int, axis: int) -> tf.Tensor:
-  """One box pass along `axis` of [H, W, C], edges replicated: a weighted sum of shifted
-  slices (a handful of taps; far cheaper on the CPU than a depthwise convolution)."""
-  size = tf.shape(image)[axis]
-  first = tf.gather(image, [0], axis=axis)
-  last = tf.gather(image, [size - 1], axis=axis)
-  padded = tf.concat([first] * half_width + [image] + [last] * half_width, axis=axis)
-  taps = 2 * half_width + 1
-  out = 0.0
-  for tap in range(taps):
-    begin = [0, 0, 0]
-    begin[axis] = tap
-    shape = [-1, -1, -1]
-    shape[axis] = size
-    out += kernel[tap] * tf.slice(padded, begin, shape)
-  return out
-
-
-def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, max_sigma: float = BLUR_SIGMA[1]) -> tf.Tensor:
-  """PIL's ImageFilter.GaussianBlur(radius=sigma) on an [H, W, C] float image: three box
-  passes along the width, then three along the height, each replicating the edges, as
-  Pillow's BoxBlur.c does."""
-  half_width = math.floor(pil_box_radius(max_sigma, math.sqrt, math.floor)) + 1
-  kernel = _box_kernel(pil_box_radius(tf.cast(sigma, tf.float32)), half_width)
-  for axis in (1, 0):
-    for _ in range(_BLUR_PASSES):
-      image = _blur_axis(image, kernel, half_width, axis)
-  return image
+# The weak view's: every colour op off.
+WEAK_COLOR_PARAMS = (0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, color.BLUR_SIGMA[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,43 +164,42 @@ def flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
-  return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+  return (image - tf.constant(color.IMAGENET_MEAN)) / tf.constant(color.IMAGENET_STD)
 
 
-def _maybe(image, seed, probability, op):
-  return tf.cond(_coin(seed, probability), lambda: op(image), lambda: image)
-
-
-def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-  """RandomResizedCrop(scale=(0.2, 1)) -> flip -> normalize, of a decoded uint8 image."""
+def _cropped_flipped(image, seed, size):
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  return normalize(flip(random_resized_crop_decoded(image, crop_seed, size), flip_seed))
+  return flip(random_resized_crop_decoded(image, crop_seed, size), flip_seed)
 
 
-def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-  """RandomResizedCrop -> p0.8 ColorJitter -> p0.2 grayscale -> p0.5 blur -> flip -> normalize,
-  of a decoded uint8 image."""
-  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
-  image = random_resized_crop_decoded(image, seeds[0], size)
-  image = _maybe(image, seeds[1], 0.8, lambda x: color_jitter(x, seeds[2]))
-  image = _maybe(image, seeds[3], 0.2, grayscale)
-  sigma = _uniform(seeds[4], (), *BLUR_SIGMA)
-  image = _maybe(image, seeds[5], 0.5, lambda x: gaussian_blur(x, sigma))
-  return normalize(flip(image, seeds[6]))
+def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """RandomResizedCrop(scale=(0.2, 1)) -> flip, of a decoded uint8 image: ([0, 1] image,
+  colour parameters that switch every colour op off)."""
+  return _cropped_flipped(image, seed, size), tf.constant(WEAK_COLOR_PARAMS, tf.float32)
+
+
+def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """RandomResizedCrop -> flip, and the parameters of the colour ops the accelerator applies
+  after (p0.8 ColorJitter -> p0.2 grayscale -> p0.5 blur)."""
+  crop_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  return _cropped_flipped(image, crop_seed, size), strong_color_params(color_seed)
 
 
 def two_views(encoded: tf.Tensor, seed: tf.Tensor, size: int, pairing: str = 'w/s'
               ) -> dict[str, tf.Tensor]:
-  """{'target': ..., 'online': ...}, two independent crops of one image; `pairing` names the
-  target's and the online view's pipelines ('w/s' is the paper's default)."""
+  """Two independent crops of one image: {'target', 'online'} in [0, 1] and their colour
+  parameters {'target_color', 'online_color'}, to finish with `color.finish_views`.
+  `pairing` names the target's and the online view's pipelines ('w/s': the paper's)."""
   if pairing not in PAIRINGS:
     raise ValueError(f'Unknown augmentation pairing {pairing!r}; use one of {PAIRINGS}.')
   views = {'w': weak_view, 's': strong_view}
   target_seed, online_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   target, online = pairing.split('/')
   image = decode(encoded)
-  return {'target': views[target](image, target_seed, size),
-          'online': views[online](image, online_seed, size)}
+  target_image, target_color = views[target](image, target_seed, size)
+  online_image, online_color = views[online](image, online_seed, size)
+  return {'target': target_image, 'target_color': target_color,
+          'online': online_image, 'online_color': online_color}
 
 
 def center_crop_view(encoded: tf.Tensor, size: int) -> tf.Tensor:

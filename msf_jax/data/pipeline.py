@@ -1,5 +1,6 @@
 """tf.data pipelines: two-view training batches and masked evaluation batches, per host,
-handed to JAX as global arrays sharded over the mesh.
+handed to JAX as global arrays sharded over the mesh. Training batches carry each view's
+colour parameters; `msf_jax.data.color.finish_views` applies them on the accelerator.
 
 Determinism: epoch e reads its split in the order of shuffle seed (seed, e), and the
 augmentation of the example in slot s of that epoch uses the stateless seed
@@ -77,8 +78,9 @@ def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
                  pairing: str = 'w/s', start_step: int = 0,
                  process_index: int | None = None, process_count: int | None = None
                  ) -> TrainStream:
-  """Endless two-view batches {'online', 'target', 'label'} of this host's share, from
-  `start_step` on. An image that cannot be decoded is dropped and counted in `skipped`."""
+  """Endless two-view batches of this host's share, from `start_step` on: {'online',
+  'target'} cropped and flipped in [0, 1], {'online_color', 'target_color'} their colour
+  parameters, 'label'. An image that cannot be decoded is dropped and counted in `skipped`."""
   hide_accelerators_from_tensorflow()
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
