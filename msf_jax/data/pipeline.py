@@ -24,11 +24,16 @@ def hide_accelerators_from_tensorflow() -> None:
   tf.config.set_visible_devices([], 'TPU')
 
 
-def _per_host(global_batch: int, process_count: int) -> int:
+def _this_host(global_batch: int, process_index: int | None, process_count: int | None
+               ) -> tuple[int, int, int]:
+  """(process index, process count, per-host batch), the first two from JAX by default."""
+  hide_accelerators_from_tensorflow()
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
   if global_batch % process_count:
     raise ValueError(f'The global batch ({global_batch}) must divide among '
                      f'{process_count} processes.')
-  return global_batch // process_count
+  return process_index, process_count, global_batch // process_count
 
 
 def steps_per_epoch(split: Split, global_batch: int) -> int:
@@ -81,10 +86,8 @@ def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
   """Endless two-view batches of this host's share, from `start_step` on: {'online',
   'target'} cropped and flipped in [0, 1], {'online_color', 'target_color'} their colour
   parameters, 'label'. An image that cannot be decoded is dropped and counted in `skipped`."""
-  hide_accelerators_from_tensorflow()
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  host_batch = _per_host(global_batch, process_count)
+  process_index, process_count, host_batch = _this_host(global_batch, process_index,
+                                                        process_count)
   host_per_epoch = steps_per_epoch(split, global_batch) * host_batch
   start_epoch, start_offset = divmod(start_step * host_batch, host_per_epoch)
 
@@ -117,10 +120,8 @@ def eval_batches(split: Split, *, global_batch: int, image_size: int,
   padded to whole batches with `mask` False (no dropped remainder). Every host yields the
   same number of batches. Returns (dataset, number of batches); an undecodable image is
   dropped and replaced by padding, so `mask.sum()` over all batches counts what was read."""
-  hide_accelerators_from_tensorflow()
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  host_batch = _per_host(global_batch, process_count)
+  process_index, process_count, host_batch = _this_host(global_batch, process_index,
+                                                        process_count)
   most_per_host = -(-split.num_examples // process_count)
   num_batches = -(-most_per_host // host_batch)
 
