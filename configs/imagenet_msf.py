@@ -1,12 +1,32 @@
 """MSF on ImageNet with the paper's settings: ResNet-50, batch 256, 200 epochs, k = 5,
-a 1,024,000-row bank, target momentum 0.99, weak target view and strong online view."""
+a 1,024,000-row bank, target momentum 0.99, weak target view and strong online view.
+
+The paper's variants through the config argument, comma-separated:
+  aug=w/s|w/w|s/s|s/w   augmentation pairing (target/online)
+  bank=N                memory-bank rows (the paper's "128K" rows use bank=128000)
+  k=N                   neighbours; k=1 is the BYOL-asym baseline
+e.g. --config=configs/imagenet_msf.py:aug=s/s,k=1
+"""
 
 import ml_collections
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
+PAIRINGS = ('w/s', 'w/w', 's/s', 's/w')
 
 
-def get_config() -> ml_collections.ConfigDict:
+def _variant(config: ml_collections.ConfigDict, key: str, value: str) -> None:
+  if key == 'aug' and value in PAIRINGS:
+    config.data.pairing = value
+  elif key == 'bank' and value.isdigit():
+    config.msf.bank_size = int(value)
+  elif key == 'k' and value.isdigit():
+    config.msf.topk = int(value)
+  else:
+    raise ValueError(f'Bad config argument {key}={value}: use aug={"|".join(PAIRINGS)}, '
+                     'bank=N or k=N, comma-separated.')
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.image_size = 224
@@ -31,4 +51,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.momentum = 0.9
   config.optim.weight_decay = 1e-4
   config.optim.schedule = 'cosine_per_epoch'
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'tfds'  # 'tfds', 'folder' or 'digits'
+  config.data.name = 'imagenet2012'
+  config.data.data_dir = ''  # TFDS data_dir: a local path or gs://bucket/path
+  config.data.pairing = 'w/s'
+
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    _variant(config, key.strip(), value.strip())
+  if config.msf.bank_size % config.msf.bank_chunk_size:
+    config.msf.bank_chunk_size = 0  # search the bank in one product
   return config

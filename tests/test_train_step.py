@@ -1,15 +1,17 @@
 """The train step: sharding invariance, schedule, metrics, the EMA target."""
 
 import math
+import os
 
 import jax
 import numpy as np
 import pytest
 
-from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_replicated
+from msf_jax import (create_state, load_config, make_mesh, make_train_step, put_batch,
+                     put_replicated)
 from msf_jax.optim import learning_rate_schedule
 
-from helpers import assert_trees_close, random_batch, relative_tree_error, small_config
+from helpers import REPO, assert_trees_close, random_batch, relative_tree_error, small_config
 
 
 def run_steps(config, devices, batches, seed=0):
@@ -104,3 +106,13 @@ def test_encoder_features_are_the_pooled_backbone_output():
   assert features.shape == (2, feature_dim(18))
   projection = encoder.apply(variables, images, train=False)
   assert projection.shape == (2, feature_dim(18) // 4)
+
+
+def test_paper_variants_through_the_config_argument():
+  path = os.path.join(REPO, 'configs', 'imagenet_msf.py')
+  default = load_config(path)
+  assert (default.data.pairing, default.msf.bank_size, default.msf.topk) == ('w/s', 1_024_000, 5)
+  byol = load_config(path, 'aug=s/s,k=1,bank=128000')
+  assert (byol.data.pairing, byol.msf.bank_size, byol.msf.topk) == ('s/s', 128_000, 1)
+  with pytest.raises(ValueError, match='topk=3'):
+    load_config(path, 'topk=3')
