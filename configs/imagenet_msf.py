@@ -57,6 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.name = 'imagenet2012'
   config.data.data_dir = ''  # TFDS data_dir: a local path or gs://bucket/path
   config.data.pairing = 'w/s'
+  config.data.root = ''  # for source 'folder': root/<split>/<class>/<image>
+
+  config.log_every_steps = 100
+  config.profile = True  # a profiler window early in training, written to the workdir
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1000
+  config.checkpoint.keep = 3
 
   for item in filter(None, (arg or '').split(',')):
     key, _, value = item.partition('=')

@@ -157,10 +157,11 @@ def tfds_split(name: str, split: str, data_dir: str | None = None,
   return Split(f'{name}/{split}', num_examples, num_classes, read)
 
 
-def build_split(data_config, split: str) -> Split:
-  """The split named by a config: `source` is 'digits', 'folder' or 'tfds'."""
+def build_split(data_config, split: str, image_size: int) -> Split:
+  """The split named by a config: `source` is 'digits' (served at `image_size`), 'folder'
+  or 'tfds'."""
   if data_config.source == 'digits':
-    return digits(split, data_config.get('digits_size', 32))
+    return digits(split, image_size)
   if data_config.source == 'folder':
     return image_folder(data_config.root, split)
   if data_config.source == 'tfds':

@@ -1,0 +1,25 @@
+"""MSF on scikit-learn's digits (offline, nothing to download): ResNet-18 with the small
+stem at 24 px, for quick runs and the tests of the training program. Everything else is
+`imagenet_msf.py`'s."""
+
+import os
+
+import ml_collections
+
+from msf_jax.config_utils import load_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = load_config(os.path.join(os.path.dirname(__file__), 'imagenet_msf.py'), arg or '')
+  config.image_size = 24  # 3x3 maps in the last stage: XLA on the CPU is very slow on 2x2 ones
+  config.batch_size = 32
+  config.num_epochs = 1
+  config.model.depth = 18
+  config.model.small_stem = True
+  config.msf.bank_size = 256
+  config.msf.bank_chunk_size = 0
+  config.data.source = 'digits'
+  config.log_every_steps = 5
+  config.profile = False
+  config.checkpoint.every_steps = 10
+  return config

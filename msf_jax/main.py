@@ -1,0 +1,26 @@
+"""python -m msf_jax.main --config=configs/imagenet_msf.py --workdir=DIR [--config.key=value]
+
+Trains MSF, resuming from the latest checkpoint in DIR. A misspelt `--config.` key is an
+error that names it (the config is locked).
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from msf_jax import train_loop
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints and metrics.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.info('Config:\n%s', _CONFIG.value)
+  train_loop.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

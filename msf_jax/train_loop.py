@@ -1,0 +1,123 @@
+"""The training loop: the only place with side effects (data, metrics, checkpoints, signals).
+
+It resumes from the latest checkpoint in `workdir`, saves every `checkpoint.every_steps`
+steps and at the end, saves and exits cleanly on SIGTERM or a preemption notice, and stops
+on a non-finite loss without saving, so that the last good checkpoint is the latest.
+"""
+
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from msf_jax.checkpoint import Checkpointer
+from msf_jax.data import color, pipeline, sources
+from msf_jax.sharding import make_mesh, put_replicated
+from msf_jax.train import make_train_step
+from msf_jax.train_state import MSFState, create_state
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class _StopRequest:
+  """Set by SIGTERM (a preempted VM, a job scheduler); the loop checkpoints and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning('SIGTERM: saving a checkpoint at the current step, then exiting.')
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(step: int, loss: float, params_finite: bool = True) -> None:
+  if not (np.isfinite(loss) and params_finite):
+    what = f'The loss is {loss}' if not np.isfinite(loss) else 'The parameters are not finite'
+    raise NonFiniteLossError(
+        f'{what} at step {step}: training stopped without saving, so the latest checkpoint '
+        'is the last good one. Lower config.optim.base_lr, or check the input data '
+        '(images, normalization).')
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
+  """Trains (or resumes training) to `config.num_epochs`; returns the final state."""
+  mesh = make_mesh()
+  split = sources.build_split(config.data, 'train', config.image_size)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.steps_per_epoch = pipeline.steps_per_epoch(split, config.batch_size)
+  total_steps = config.num_epochs * config.steps_per_epoch
+
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                              max_to_keep=config.checkpoint.keep,
+                              save_interval_steps=config.checkpoint.every_steps)
+  state = checkpointer.restore(config, mesh)
+  if state is None:
+    state = put_replicated(create_state(config, jax.random.key(config.seed)), mesh)
+  start = int(state.step)
+  logging.info('%s at step %d of %d (%d steps an epoch).',
+               'Resuming' if start else 'Starting', start, total_steps, config.steps_per_epoch)
+
+  stream = pipeline.train_stream(split, global_batch=config.batch_size,
+                                 image_size=config.image_size, seed=config.seed,
+                                 pairing=config.data.pairing, start_step=start)
+  train_step = make_train_step(config, mesh)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_secs=None, every_steps=config.log_every_steps)]
+  if config.profile and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+  stop = _StopRequest()
+  window_start, data_wait, pending = time.perf_counter(), 0.0, []
+  try:
+    for step in range(start + 1, total_steps + 1):
+      fetch_start = time.perf_counter()
+      host_batch = next(stream)
+      data_wait += time.perf_counter() - fetch_start
+      batch = color.finish_views(pipeline.to_global(host_batch, mesh), config.data.pairing)
+      state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      for hook in hooks:
+        hook(step)
+      preempted = stop.requested or multihost_utils.reached_preemption_sync_point(step)
+      if step % config.log_every_steps == 0 or step == total_steps or preempted:
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                   for k in pending[0]}
+        _check_finite(step, summary['loss'])
+        elapsed = time.perf_counter() - window_start
+        summary.update(images_per_sec=len(pending) * config.batch_size / elapsed,
+                       data_wait_fraction=data_wait / elapsed,
+                       skipped_images=stream.skipped)
+        writer.write_scalars(step, summary)
+        window_start, data_wait, pending = time.perf_counter(), 0.0, []
+      if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
+        # Never save a non-finite state: the latest checkpoint stays the last good one.
+        last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0
+        _check_finite(step, last_loss, bool(_all_finite(state.trainable_params)))
+        checkpointer.save(state, force=True)
+      if preempted:
+        logging.warning('Stopping at step %d; the run resumes from here.', step)
+        break
+  finally:
+    stop.restore()
+    checkpointer.wait()
+    writer.flush()
+  return state
