@@ -37,7 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.depth = 50
   config.model.small_stem = False
-  config.model.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU and TPU.
+  config.model.width = 64  # channels of the first stage (torchvision's 64)
+  config.model.dtype = 'auto'  # compute: bfloat16 on GPU and TPU, float32 on the CPU
   config.model.param_dtype = 'float32'
 
   config.msf = ml_collections.ConfigDict()

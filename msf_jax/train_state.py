@@ -57,7 +57,7 @@ def create_state(config: ml_collections.ConfigDict, rng: jax.Array) -> MSFState:
   encoder_rng, predictor_rng, bank_rng, root_rng = jax.random.split(rng, 4)
   images = jnp.zeros((1, config.image_size, config.image_size, 3), param_dtype)
   online = encoder.init(encoder_rng, images, train=False)
-  proj_dim = feature_dim(config.model.depth) // 4
+  proj_dim = feature_dim(config.model.depth, config.model.width) // 4
   heads = predictor.init(predictor_rng, jnp.zeros((1, proj_dim), param_dtype), train=False)
   bank = mean_shift.init_bank(bank_rng, config.msf.bank_size, proj_dim, param_dtype)
   trainable = {'online': online['params'], 'predictor': heads['params']}

@@ -4,6 +4,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -116,3 +117,31 @@ def test_paper_variants_through_the_config_argument():
   assert (byol.data.pairing, byol.msf.bank_size, byol.msf.topk) == ('s/s', 128_000, 1)
   with pytest.raises(ValueError, match='topk=3'):
     load_config(path, 'topk=3')
+
+
+@pytest.mark.parametrize('backend, expected', [('cpu', None), ('gpu', jnp.bfloat16),
+                                               ('tpu', jnp.bfloat16)])
+def test_auto_compute_dtype_is_bfloat16_on_accelerators_only(monkeypatch, backend, expected):
+  from msf_jax.models import build_networks
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  config = small_config()
+  assert config.model.dtype == 'auto'
+  encoder, predictor = build_networks(config.model)
+  assert encoder.dtype == expected and predictor.dtype == expected
+  assert encoder.param_dtype == jnp.float32
+
+
+def test_width_scales_every_stage_and_the_heads():
+  from msf_jax.models import build_networks, feature_dim
+  config = small_config(image_size=32, small_stem=True)
+  config.model.width = 16
+  state = create_state(config, jax.random.key(0))
+  encoder, _ = build_networks(config.model)
+  assert feature_dim(18, 16) == 128
+  assert state.online_params['backbone']['conv1']['kernel'].shape == (3, 3, 3, 16)
+  assert state.online_params['backbone']['layer4_1']['conv2']['kernel'].shape == (3, 3, 128, 128)
+  assert state.bank.shape == (config.msf.bank_size, 128 // 4)
+  features = encoder.apply({'params': state.online_params,
+                            'batch_stats': state.online_batch_stats},
+                           np.zeros((2, 32, 32, 3), np.float32), method=encoder.features)
+  assert features.shape == (2, 128)

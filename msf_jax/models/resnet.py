@@ -20,9 +20,10 @@ STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4,
 BOTTLENECK_DEPTHS = frozenset({50, 101, 152})
 
 
-def feature_dim(depth: int) -> int:
-  """Width of the pooled feature: 512 for basic-block ResNets, 2048 for bottleneck ones."""
-  return 2048 if depth in BOTTLENECK_DEPTHS else 512
+def feature_dim(depth: int, width: int = 64) -> int:
+  """Width of the pooled feature: 512 for basic-block ResNets, 2048 for bottleneck ones (at
+  torchvision's base width of 64)."""
+  return width * (32 if depth in BOTTLENECK_DEPTHS else 8)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype, param_dtype) -> nn.Conv:
@@ -64,9 +65,11 @@ class ResNet(nn.Module):
   """ResNet backbone returning globally average-pooled features (no classifier).
 
   `small_stem` swaps the 7x7/2 conv and max-pool for one 3x3/1 conv, for 32-64 px images.
+  `width` is the first stage's channel count (torchvision: 64); narrower nets suit CPU demos.
   """
   depth: int = 50
   small_stem: bool = False
+  width: int = 64
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -78,15 +81,15 @@ class ResNet(nn.Module):
     expansion = 4 if bottleneck else 1
     x = x.astype(self.dtype) if self.dtype else x
     if self.small_stem:
-      x = _conv(64, 3, 1, 'conv1', self.dtype, self.param_dtype)(x)
+      x = _conv(self.width, 3, 1, 'conv1', self.dtype, self.param_dtype)(x)
     else:
-      x = _conv(64, 7, 2, 'conv1', self.dtype, self.param_dtype)(x)
+      x = _conv(self.width, 7, 2, 'conv1', self.dtype, self.param_dtype)(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='bn1')(x, train))
     if not self.small_stem:
       x = max_pool_3x3_s2(x)
-    in_planes = 64
+    in_planes = self.width
     for stage, num_blocks in enumerate(STAGE_SIZES[self.depth]):
-      planes = 64 * 2**stage
+      planes = self.width * 2**stage
       for index in range(num_blocks):
         stride = 2 if stage > 0 and index == 0 else 1
         out_planes = planes * expansion
