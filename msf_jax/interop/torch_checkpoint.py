@@ -69,18 +69,27 @@ def official_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
           for key, value in state_dict.items()}
 
 
-def infer_model(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Depth, stem and bank size of an official state dict, read from its keys and shapes."""
-  blocks = [len({k.split('.')[2] for k in state_dict if k.startswith(f'{ONLINE}.layer{i}.')})
-            for i in range(1, 5)]
-  bottleneck = f'{ONLINE}.layer1.0.conv3.weight' in state_dict
+def infer_backbone(state_dict: Mapping[str, np.ndarray], prefix: str = '') -> dict[str, Any]:
+  """Depth, stem and width (first-stage channels) of the ResNet whose torchvision keys start
+  with `prefix` ('' for a bare torchvision state dict), read from its keys and shapes."""
+  start = f'{prefix}.' if prefix else ''
+  if f'{start}conv1.weight' not in state_dict:
+    raise CheckpointError(f'Not a ResNet state dict: no {start}conv1.weight among its keys '
+                          f'(first keys: {sorted(state_dict)[:4]}).')
+  blocks = [len({k[len(start):].split('.')[1] for k in state_dict
+                 if k.startswith(f'{start}layer{i}.')}) for i in range(1, 5)]
+  bottleneck = f'{start}layer1.0.conv3.weight' in state_dict
   depths = [d for d, sizes in STAGE_SIZES.items()
             if tuple(blocks) == sizes and (d in BOTTLENECK_DEPTHS) == bottleneck]
   if not depths:
     raise CheckpointError(f'Unknown ResNet: blocks per stage {blocks}, bottleneck={bottleneck}.')
-  return {'depth': depths[0],
-          'small_stem': state_dict[f'{ONLINE}.conv1.weight'].shape[-1] == 3,
-          'bank_size': int(state_dict['queue'].shape[0])}
+  conv1 = state_dict[f'{start}conv1.weight']  # [O, I, H, W]
+  return {'depth': depths[0], 'small_stem': conv1.shape[-1] == 3, 'width': int(conv1.shape[0])}
+
+
+def infer_model(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Depth, stem and bank size of an official state dict, read from its keys and shapes."""
+  return {**infer_backbone(state_dict, ONLINE), 'bank_size': int(state_dict['queue'].shape[0])}
 
 
 def config_for_checkpoint(config: ml_collections.ConfigDict,
@@ -103,7 +112,7 @@ def _torch_module_name(name: str) -> str:
 def _torch_key(prefix: str, collection: str, path: tuple[str, ...]) -> str:
   names = [{'backbone': None, 'projector': 'fc'}.get(n, n) for n in path[:-1]]
   modules = [_torch_module_name(n) for n in names if n is not None]
-  return '.'.join([prefix, *modules, _LEAF_TO_TORCH[(collection, path[-1])]])
+  return '.'.join(filter(None, [prefix, *modules, _LEAF_TO_TORCH[(collection, path[-1])]]))
 
 
 def _to_torch_layout(value: np.ndarray) -> np.ndarray:
@@ -124,7 +133,7 @@ def network_to_torch(prefix: str, params: Any, batch_stats: Any,
   out = {}
   for collection, tree in (('params', params), ('batch_stats', batch_stats)):
     for path, value in traverse_util.flatten_dict(jax.device_get(tree)).items():
-      out[_torch_key(prefix, collection, path).lstrip('.')] = _to_torch_layout(np.asarray(value))
+      out[_torch_key(prefix, collection, path)] = _to_torch_layout(np.asarray(value))
   for key in [k for k in out if k.endswith('.running_mean')]:
     out[key.replace('.running_mean', '.num_batches_tracked')] = np.asarray(
         num_batches_tracked, np.int64)
@@ -135,7 +144,8 @@ def network_from_torch(prefix: str, state_dict: Mapping[str, np.ndarray], params
                        batch_stats: Any) -> tuple[Any, Any]:
   """Fills the (params, batch_stats) trees of one network from torch-named tensors.
 
-  Strict: a missing key, a shape mismatch or an unused key of that network is an error.
+  Strict: a missing key, a shape mismatch or an unused key of that network (with prefix '',
+  any unused key) is an error.
   """
   used = set()
 
@@ -154,10 +164,12 @@ def network_from_torch(prefix: str, state_dict: Mapping[str, np.ndarray], params
     return traverse_util.unflatten_dict(flat)
 
   filled = fill('params', params), fill('batch_stats', batch_stats)
-  unused = sorted(k for k in state_dict if k.startswith(prefix + '.') and k not in used
+  start = f'{prefix}.' if prefix else ''
+  unused = sorted(k for k in state_dict if k.startswith(start) and k not in used
                   and not k.endswith('num_batches_tracked'))
   if unused:
-    raise CheckpointError(f'Keys of {prefix} the model has no place for: {unused[:8]}')
+    raise CheckpointError(f'Keys of {prefix or "the network"} the model has no place for: '
+                          f'{unused[:8]}')
   return filled
 
 
