@@ -60,6 +60,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.pairing = 'w/s'
   config.data.root = ''  # for source 'folder': root/<split>/<class>/<image>
 
+  # kNN of the online backbone during training; 0 switches the monitor off.
+  config.monitor = ml_collections.ConfigDict()
+  config.monitor.knn_every_epochs = 10
+  config.monitor.split = 'validation'  # held out: queries never seen in training
+  config.monitor.num_train = 50_000  # the first images of the train split form the kNN bank
+  config.monitor.num_queries = 10_000
+  config.monitor.ks = (20,)
+  config.monitor.batch_size = 256
+
   config.log_every_steps = 100
   config.profile = True  # a profiler window early in training, written to the workdir
   config.checkpoint = ml_collections.ConfigDict()

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from msf_jax.checkpoint import Checkpointer
 from msf_jax.data import color, pipeline, sources
+from msf_jax.evaluate.monitor import knn_monitor
 from msf_jax.sharding import make_mesh, put_replicated
 from msf_jax.train import make_train_step
 from msf_jax.train_state import MSFState, create_state
@@ -85,6 +86,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
                                            every_secs=None, every_steps=config.log_every_steps)]
   if config.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+  monitor_every = config.monitor.knn_every_epochs * config.steps_per_epoch
+  monitor = knn_monitor(config, mesh) if monitor_every else None
   stop = _StopRequest()
   window_start, data_wait, pending = time.perf_counter(), 0.0, []
   try:
@@ -108,6 +111,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
                        skipped_images=stream.skipped)
         writer.write_scalars(step, summary)
         window_start, data_wait, pending = time.perf_counter(), 0.0, []
+      if monitor and (step % monitor_every == 0 or step == total_steps):
+        writer.write_scalars(step, monitor(state))
       if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
         # Never save a non-finite state: the latest checkpoint stays the last good one.
         last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0

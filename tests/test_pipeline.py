@@ -164,3 +164,16 @@ def test_tfds_source_with_mock_data():
 def test_tensorflow_sees_no_accelerator():
   pipeline.hide_accelerators_from_tensorflow()
   assert tf.config.get_visible_devices('GPU') == []
+
+
+def test_take_reads_the_first_examples_once_over_hosts(tmp_path):
+  split = sources.digits('test', 8)
+  subset = sources.take(split, 7)
+  assert subset.num_examples == 7 and subset.name == 'digits/test[:7]'
+  first_seven = sorted(x['image'] for x in split.read(0, 1, None, 0).take(7).as_numpy_iterator())
+  over_three_hosts = sorted(x['image'] for p in range(3)
+                            for x in subset.read(p, 3, None, 0).as_numpy_iterator())
+  assert over_three_hosts == first_seven
+  assert sources.take(split, 10_000) is split
+  resumed = list(subset.read(0, 1, None, 5).as_numpy_iterator())
+  assert len(resumed) == 2

@@ -157,6 +157,21 @@ def tfds_split(name: str, split: str, data_dir: str | None = None,
   return Split(f'{name}/{split}', num_examples, num_classes, read)
 
 
+def take(split: Split, num_examples: int) -> Split:
+  """The first `num_examples` of a split (all of it if smaller), for quick evaluations such as
+  the training's kNN monitor. Every host keeps its share's first examples, so over all hosts
+  exactly `num_examples` are read."""
+  if num_examples >= split.num_examples:
+    return split
+
+  def read(process_index, process_count, shuffle_seed, start=0):
+    share = -(-(num_examples - process_index) // process_count)
+    return split.read(process_index, process_count, shuffle_seed, start).take(
+        tf.maximum(share - tf.cast(start, tf.int64), 0))
+
+  return Split(f'{split.name}[:{num_examples}]', num_examples, split.num_classes, read)
+
+
 def build_split(data_config, split: str, image_size: int) -> Split:
   """The split named by a config: `source` is 'digits' (served at `image_size`), 'folder'
   or 'tfds'."""
