@@ -7,17 +7,23 @@ error that names it (the config is locked).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msf_jax import train_loop
+from msf_jax import distributed, train_loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints and metrics.')
 flags.mark_flags_as_required(['config', 'workdir'])
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process jobs: host:port of process 0. With '
+    '--num_processes and --process_id; all three are detected on Cloud TPU pods and SLURM.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info('Config:\n%s', _CONFIG.value)
   train_loop.train(_CONFIG.value, _WORKDIR.value)
 

@@ -1,0 +1,102 @@
+"""One process of the two-process job of tests/test_distributed.py.
+
+python tests/distributed_worker.py PORT PROCESS_ID NUM_PROCESSES FOLDER OUT_DIR
+
+Joins the job on 127.0.0.1:PORT, runs one train step on its half of a global batch that
+every process builds alike, saves the state with orbax (collectively), and reads two
+epochs of the image folder with its real process index; writes OUT_DIR/process_<id>.npz.
+"""
+
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+STEP_SEED = 0
+EPOCHS_READ = 2
+
+
+def step_config() -> ml_collections.ConfigDict:
+  """The job's model: ResNet-18 with the small stem at 32 px, global batch 8, in float64
+  (needs x64), where other reduction orders across processes stay far below the tolerance
+  instead of flipping near-zero ReLU inputs as in float32."""
+  from helpers import small_config
+  return small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32,
+                      param_dtype='float64')
+
+
+def global_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The same global batch in every process (and in the single-process reference)."""
+  from helpers import random_batch
+  return random_batch(np.random.default_rng(STEP_SEED), config, dtype=np.float64)
+
+
+def host_share(batch: dict[str, np.ndarray], process_index: int, process_count: int
+               ) -> dict[str, np.ndarray]:
+  """This process's contiguous slice of the global batch, as a host's input pipeline gives it."""
+  size = len(batch['label']) // process_count
+  return {k: v[process_index * size:(process_index + 1) * size] for k, v in batch.items()}
+
+
+def local_copy(tree):
+  """Host copies of a replicated pytree of global arrays (its first local shard)."""
+  import jax
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def train_one_step(out_dir: str) -> dict[str, np.ndarray]:
+  import jax
+  from msf_jax import create_state, make_mesh, make_train_step, put_replicated
+  from msf_jax.checkpoint import Checkpointer
+  from msf_jax.data import pipeline
+  config = step_config()
+  mesh = make_mesh()
+  state = put_replicated(create_state(config, jax.random.key(0)), mesh)
+  host = host_share(global_batch(config), jax.process_index(), jax.process_count())
+  state, metrics = make_train_step(config, mesh)(state, pipeline.to_global(host, mesh))
+  checkpointer = Checkpointer(os.path.join(out_dir, 'checkpoints'))
+  checkpointer.save(state, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  leaves = jax.tree.leaves(local_copy(state))
+  return {'loss': local_copy(metrics['loss']),
+          **{f'state_{i}': leaf for i, leaf in enumerate(leaves)}}
+
+
+def read_epochs(folder: str) -> dict[str, np.ndarray]:
+  """The labels (one class per image: its identity) this process reads, epoch by epoch."""
+  from msf_jax.data import pipeline, sources
+  config = step_config()
+  split = sources.image_folder(folder, 'train')
+  steps = pipeline.steps_per_epoch(split, config.batch_size)
+  stream = pipeline.train_stream(split, global_batch=config.batch_size, image_size=16, seed=0)
+  labels = np.stack([np.concatenate([next(stream)['label'] for _ in range(steps)])
+                     for _ in range(EPOCHS_READ)])
+  return {'epoch_labels': labels, 'steps_per_epoch': np.asarray(steps)}
+
+
+def main(port: str, process_id: str, num_processes: str, folder: str, out_dir: str) -> None:
+  import jax
+  from msf_jax import distributed
+  start = time.perf_counter()
+  progress = lambda what: print(f'process {process_id}: {what} after '
+                                f'{time.perf_counter() - start:.0f} s', flush=True)
+  jax.config.update('jax_enable_x64', True)
+  distributed.initialize(f'127.0.0.1:{port}', int(num_processes), int(process_id))
+  results = {'process_index': np.asarray(jax.process_index()),
+             'process_count': np.asarray(jax.process_count()),
+             'device_count': np.asarray(jax.device_count()),
+             'local_device_count': np.asarray(jax.local_device_count())}
+  progress('joined the job')
+  results.update(train_one_step(out_dir))
+  progress('trained one step and saved it')
+  results.update(read_epochs(folder))
+  progress('read the epochs')
+  np.savez(os.path.join(out_dir, f'process_{process_id}.npz'), **results)
+  jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  main(*sys.argv[1:])

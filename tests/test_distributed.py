@@ -1,0 +1,250 @@
+"""Multi-process training: start-up rules of msf_jax.distributed, and a real two-process job
+(jax.distributed on 127.0.0.1, gloo collectives, 2 CPU devices per process) that must take
+the same step as one process with 4 devices, write one orbax checkpoint together, and read
+each epoch's examples at most once between them."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from msf_jax import (create_state, distributed, make_mesh, make_train_step, put_batch,
+                     put_replicated)
+from msf_jax.checkpoint import Checkpointer
+
+from distributed_worker import EPOCHS_READ, global_batch, step_config
+from helpers import REPO, assert_trees_close
+from test_pipeline import write_folder
+
+WORKER = os.path.join(REPO, 'tests', 'distributed_worker.py')
+PROCESSES, DEVICES_PER_PROCESS = 2, 2
+FOLDER_IMAGES = 27  # one image per class, so a label names its image; 27 = 3 x 8 + 3
+JOB_TIMEOUT_S = 600
+CLUSTER_ENV = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+               'SLURM_LOCALID', 'OMPI_MCA_orte_hnp_uri', 'KUBERNETES_SERVICE_HOST')
+
+
+# --- Start-up rules (no second process) -----------------------------------------------------
+
+
+@pytest.fixture
+def joins(monkeypatch):
+  """Records the calls to jax.distributed.initialize instead of joining a job."""
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *args: calls.append(args))
+  for name in CLUSTER_ENV:
+    monkeypatch.delenv(name, raising=False)
+  return calls
+
+
+def test_plain_machine_stays_a_single_process(joins):
+  assert distributed.detected_cluster() is None
+  distributed.initialize()
+  assert joins == []
+
+
+def test_slurm_job_is_detected_and_configures_itself(joins, monkeypatch):
+  for name, value in {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[003-004]',
+                      'SLURM_NTASKS': '2', 'SLURM_PROCID': '1', 'SLURM_LOCALID': '0'}.items():
+    monkeypatch.setenv(name, value)
+  assert distributed.detected_cluster() == 'slurm'
+  distributed.initialize()
+  assert joins == [()]  # jax reads the coordinator, count and index from SLURM itself
+
+
+def test_explicit_values_are_passed_on(joins):
+  distributed.initialize('10.0.0.1:1234', 4, 3)
+  assert joins == [('10.0.0.1:1234', 4, 3)]
+
+
+@pytest.mark.parametrize('args, message', [
+    (('10.0.0.1:1234', None, 0), 'missing: --num_processes'),
+    ((None, 2, None), 'missing: --coordinator_address, --process_id'),
+    (('10.0.0.1:1234', 2, 2), r'process id must be in \[0, num_processes\)'),
+    (('10.0.0.1', 2, 0), 'host:port'),
+])
+def test_bad_or_half_given_values_are_clear_errors(joins, args, message):
+  with pytest.raises(ValueError, match=message):
+    distributed.initialize(*args)
+  assert joins == []
+
+
+def test_main_rejects_half_given_flags_before_training(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'msf_jax.main', f'--config={REPO}/configs/digits_msf.py',
+       f'--workdir={tmp_path}', '--coordinator_address=127.0.0.1:1234'],
+      cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''},
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert 'missing: --num_processes, --process_id' in result.stderr
+  assert not os.listdir(tmp_path)  # nothing trained, nothing written
+
+
+# --- A real two-process job -----------------------------------------------------------------
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start_worker(port: int, process_id: int, folder: str, out_dir) -> subprocess.Popen:
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}'}
+  return subprocess.Popen(
+      [sys.executable, WORKER, str(port), str(process_id), str(PROCESSES), folder, str(out_dir)],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def one_process_reference():
+  """The same step on one process with 4 of conftest's 8 CPU devices."""
+  with jax.enable_x64(True):
+    config = step_config()
+    mesh = make_mesh(jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
+    state = put_replicated(create_state(config, jax.random.key(0)), mesh)
+    state, metrics = make_train_step(config, mesh)(state, put_batch(global_batch(config), mesh))
+    return jax.device_get(state), float(metrics['loss'])
+
+
+def worker_state(results, like):
+  """A worker's saved leaves in the structure of the state `like`."""
+  leaves = jax.tree.leaves(like)
+  return jax.tree.unflatten(jax.tree.structure(like),
+                            [results[f'state_{i}'] for i in range(len(leaves))])
+
+
+@pytest.fixture(scope='module')
+def job(tmp_path_factory):
+  """Runs the two workers (and the reference meanwhile); their results and the reference."""
+  from jax._src.lib import _jax
+  if not hasattr(_jax, 'make_gloo_tcp_collectives'):
+    pytest.skip('This jaxlib has no gloo: multi-process CPU collectives are unavailable.')
+  folder = write_folder(tmp_path_factory.mktemp('images'), 'train', classes=FOLDER_IMAGES,
+                        per_class=1, size=(20, 20))
+  out_dir = tmp_path_factory.mktemp('job')
+  port = free_port()
+  workers = [start_worker(port, p, folder, out_dir) for p in range(PROCESSES)]
+  try:
+    reference = one_process_reference()
+    outputs = [w.communicate(timeout=JOB_TIMEOUT_S)[0] for w in workers]
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        w.kill()
+        w.wait()
+  for p, (w, output) in enumerate(zip(workers, outputs)):
+    assert w.returncode == 0, f'process {p} failed:\n{output[-5000:]}'
+  results = [dict(np.load(out_dir / f'process_{p}.npz')) for p in range(PROCESSES)]
+  return results, reference, out_dir
+
+
+@pytest.mark.slow
+def test_processes_see_the_whole_job(job):
+  results, _, _ = job
+  for p, r in enumerate(results):
+    assert int(r['process_index']) == p and int(r['process_count']) == PROCESSES
+    assert int(r['local_device_count']) == DEVICES_PER_PROCESS
+    assert int(r['device_count']) == PROCESSES * DEVICES_PER_PROCESS
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_step_of_one_process_with_four_devices(job):
+  results, (reference, reference_loss), _ = job
+  for r in results:
+    assert_trees_close(worker_state(r, reference), reference, rtol=1e-5)
+    assert float(r['loss']) == pytest.approx(reference_loss, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_checkpoint_written_by_two_processes_restores_on_one(job):
+  results, (reference, _), out_dir = job
+  with jax.enable_x64(True):
+    restored = Checkpointer(os.path.join(out_dir, 'checkpoints')).restore(
+        step_config(), make_mesh(jax.devices()[:1]))
+  assert int(restored.step) == 1
+  assert_trees_close(restored, worker_state(results[0], reference), rtol=0)
+
+
+@pytest.mark.slow
+def test_each_epoch_reads_every_example_at_most_once_across_processes(job):
+  results, _, _ = job
+  steps = int(results[0]['steps_per_epoch'])
+  batch = step_config().batch_size
+  assert steps == FOLDER_IMAGES // batch == 3
+  for epoch in range(EPOCHS_READ):
+    shares = [r['epoch_labels'][epoch] for r in results]
+    # Each process reads steps x (batch / processes) images of its own share ...
+    assert all(len(share) == steps * batch // PROCESSES for share in shares)
+    union = np.concatenate(shares)
+    # ... and together they read steps x batch distinct images: the remainder of
+    # 27 - 3 x 8 = 3 images (different ones each epoch) is dropped, nothing is read twice.
+    assert len(np.unique(union)) == len(union) == steps * batch
+    assert set(union) <= set(range(FOLDER_IMAGES))
+  orders = [np.concatenate([r['epoch_labels'][e] for r in results]) for e in range(EPOCHS_READ)]
+  assert not np.array_equal(orders[0], orders[1])  # each epoch is shuffled afresh
+
+
+# --- Launch scripts -------------------------------------------------------------------------
+
+LAUNCH = os.path.join(REPO, 'launch')
+LAUNCH_SCRIPTS = sorted(os.path.join(LAUNCH, name) for name in os.listdir(LAUNCH)
+                        if name.endswith(('.sh', '.sbatch')))
+
+
+def run_script(args, **env):
+  return subprocess.run(['bash', *args], cwd=REPO, env={**os.environ, **env},
+                        capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize('script', LAUNCH_SCRIPTS, ids=os.path.basename)
+def test_launch_script_parses_and_passes_shellcheck(script):
+  result = run_script(['-n', script])
+  assert result.returncode == 0, result.stderr
+  if shutil.which('shellcheck'):
+    result = subprocess.run(['shellcheck', script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_tpu_pod_train_starts_main_on_every_worker():
+  result = run_script([os.path.join(LAUNCH, 'tpu_pod.sh'), 'train', '--config.batch_size=1024',
+                       '--config.data.root=/data/with space'],
+                      GCLOUD='echo', PROJECT='proj', ZONE='europe-west4-a', BUCKET='gs://b',
+                      TPU_NAME='pod')
+  assert result.returncode == 0, result.stderr
+  command = result.stdout
+  assert command.startswith('compute tpus tpu-vm ssh pod --worker=all --command=cd msf_jax')
+  assert '--project=proj --zone=europe-west4-a' in command
+  for flag in ('-m msf_jax.main --config=configs/imagenet_msf.py',
+               '--workdir=gs://b/msf_runs/imagenet_msf',
+               '--config.data.data_dir=gs://b/tensorflow_datasets', '--config.batch_size=1024',
+               r'--config.data.root=/data/with\ space'):
+    assert flag in command
+
+
+def test_slurm_job_runs_one_process_per_gpu_with_srun():
+  script = os.path.join(LAUNCH, 'slurm.sbatch')
+  with open(script) as f:
+    directives = dict(line[len('#SBATCH --'):].strip().partition('=')[::2]
+                      for line in f if line.startswith('#SBATCH --'))
+  assert directives['ntasks-per-node'] == directives['gpus-per-node']
+  assert 'gpus-per-task' not in directives
+  result = run_script([script, '--config.msf.topk=1'], SRUN='echo', REPO=REPO,
+                      DATA_DIR='/shared/tfds')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [
+      '--kill-on-bad-exit=1', f'{REPO}/.venv/bin/python', '-m', 'msf_jax.main',
+      '--config=configs/imagenet_msf.py', f'--workdir={REPO}/runs/imagenet_msf',
+      '--config.data.data_dir=/shared/tfds', '--config.msf.topk=1']
+
+
+@pytest.mark.parametrize('script, args', [('install.sh', ['gpu']), ('tpu_pod.sh', []),
+                                          ('tpu_pod.sh', ['start'])])
+def test_launch_scripts_reject_bad_arguments_with_usage(script, args):
+  result = run_script([os.path.join(LAUNCH, script), *args], GCLOUD='false')
+  assert result.returncode == 2 and 'usage' in result.stderr.lower()
