@@ -1,15 +1,27 @@
-"""Backbone features of a whole split, every image once, computed sharded over the mesh."""
+"""Backbone features of a whole split, every image once, computed sharded over the mesh,
+and an on-disk cache of them so that kNN and the linear probes share one forward pass."""
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from msf_jax.data import pipeline
 from msf_jax.data.sources import Split
 from msf_jax.models import build_networks
+from msf_jax.sharding import put_replicated
+
+CACHE_VERSION = 1  # bump when the cached views or the file layout change
 
 
 def extract_features(variables: dict, split: Split, config: ml_collections.ConfigDict,
@@ -19,17 +31,81 @@ def extract_features(variables: dict, split: Split, config: ml_collections.Confi
   Padding from the last batches is dropped with its mask."""
   encoder, _ = build_networks(config.model)
   batch_size = max(batch_size // mesh.devices.size, 1) * mesh.devices.size
-  forward = jax.jit(lambda images: encoder.apply(variables, images, method=encoder.features)
-                    .astype(jnp.float32))
+  # The weights are an argument, not closed over: jit would embed them as constants.
+  forward = jax.jit(lambda variables, images: encoder.apply(
+      variables, images, method=encoder.features).astype(jnp.float32))
+  variables = put_replicated(variables, mesh)
   dataset, _ = pipeline.eval_batches(split, global_batch=batch_size,
                                      image_size=config.image_size)
   features, labels = [], []
   for host_batch in dataset.as_numpy_iterator():
     batch = pipeline.to_global(host_batch, mesh)
     gathered = multihost_utils.process_allgather(
-        {'features': forward(batch['image']), 'label': batch['label'],
+        {'features': forward(variables, batch['image']), 'label': batch['label'],
          'mask': batch['mask']}, tiled=True)
     keep = np.asarray(gathered['mask'])
     features.append(np.asarray(gathered['features'])[keep])
     labels.append(np.asarray(gathered['label'])[keep])
   return np.concatenate(features), np.concatenate(labels)
+
+
+def fingerprint(variables: dict, split: Split, config: ml_collections.ConfigDict) -> str:
+  """A digest of everything the features depend on: every weight, the split (name and size),
+  the image size, the model settings and the backend (which resolves dtype 'auto'). Another
+  checkpoint, split or view never gets another's features."""
+  digest = hashlib.sha256(json.dumps(
+      {'version': CACHE_VERSION, 'split': split.name, 'num_examples': split.num_examples,
+       'image_size': config.image_size, 'model': config.model.to_dict(),
+       'backend': jax.default_backend()}, sort_keys=True, default=str).encode())
+  for path, value in sorted(traverse_util.flatten_dict(jax.device_get(variables)).items()):
+    value = np.ascontiguousarray(value)
+    digest.update(f'{"/".join(path)}:{value.dtype}:{value.shape}'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()[:32]
+
+
+def write_atomically(path: str, payload: bytes) -> None:
+  """Writes a temporary file next to `path`, then renames it: readers see the whole file
+  or none, even if the writer is killed halfway."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  handle, temporary = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
+                                       suffix='.tmp')
+  try:
+    with os.fdopen(handle, 'wb') as f:
+      f.write(payload)
+    os.replace(temporary, path)
+  except BaseException:
+    os.unlink(temporary)
+    raise
+
+
+def _everywhere(found: bool) -> bool:
+  """True if every process found it: extraction is collective, so all must agree to skip it."""
+  if jax.process_count() == 1:
+    return found
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(found))))
+
+
+def cache_path(variables: dict, split: Split, config: ml_collections.ConfigDict,
+               cache_dir: str) -> str:
+  """Where `cached_features` keeps the features of this encoder on this split."""
+  name = re.sub(r'[^\w.-]+', '_', split.name).strip('_')
+  return os.path.join(cache_dir, f'features_{name}_{fingerprint(variables, split, config)}.npz')
+
+
+def cached_features(variables: dict, split: Split, config: ml_collections.ConfigDict,
+                    mesh: Mesh, cache_dir: str, batch_size: int = 256
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """`extract_features`, read from `cache_dir` when this encoder's features of this split
+  are there (no forward pass), else computed and written there by process 0."""
+  path = cache_path(variables, split, config, cache_dir)
+  if _everywhere(os.path.isfile(path)):
+    with np.load(path) as cached:
+      return cached['features'], cached['labels']
+  features, labels = extract_features(variables, split, config, mesh, batch_size)
+  if jax.process_index() == 0:
+    buffer = io.BytesIO()
+    np.savez(buffer, features=features, labels=labels)
+    write_atomically(path, buffer.getvalue())
+  return features, labels

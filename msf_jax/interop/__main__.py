@@ -1,11 +1,13 @@
 """Command line for official MSF checkpoints.
 
   python -m msf_jax.interop summary CHECKPOINT
-  python -m msf_jax.interop export-backbone CHECKPOINT OUT.pth [--encoder online|target]
+  python -m msf_jax.interop export-backbone SRC OUT.pth|OUT.safetensors [--encoder online|target]
 
-`export-backbone` loads the checkpoint into an MSFState (the same loader as training and
-evaluation use) and writes the chosen encoder's ResNet as a torchvision state dict, which
-`torchvision.models.resnet50().load_state_dict(sd, strict=False)` accepts (no `fc`).
+`export-backbone` reads the chosen encoder's ResNet from SRC, an official checkpoint file or
+an msf_jax checkpoint directory (a training workdir; `--step`, else the latest), with the
+loader evaluation uses, and writes it under torchvision's keys, which
+`torchvision.models.resnet50().load_state_dict(sd, strict=False)` accepts (no `fc`): as a
+torch state dict, or as safetensors when OUT ends in .safetensors.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import jax
 import numpy as np
 
 from msf_jax.config_utils import load_config
+from msf_jax.evaluate import encoders
 from msf_jax.interop import torch_checkpoint as tc
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'imagenet_msf.py')
@@ -37,10 +40,13 @@ def summary(args) -> None:
 
 
 def export_backbone(args) -> None:
-  state, _ = _load(args)
-  tensors = tc.backbone_to_torchvision(state, args.encoder)
-  tc.save_torch_file(tensors, args.out)
-  print(f'wrote {len(tensors)} tensors of the {args.encoder} backbone to {args.out}')
+  source_format = 'msf_jax' if os.path.isdir(args.checkpoint) else 'official'
+  tensors = encoders.backbone_state_dict(args.checkpoint, source_format, args.encoder,
+                                         args.step)
+  model = tc.infer_backbone(tensors)
+  tc.save_backbone(tensors, args.out)
+  print(f'wrote {len(tensors)} tensors of the {args.encoder} ResNet-{model["depth"]} backbone '
+        f'(small stem: {model["small_stem"]}) to {args.out}')
 
 
 def main(argv=None) -> int:
@@ -52,10 +58,13 @@ def main(argv=None) -> int:
   p = commands.add_parser('summary', help='architecture, sizes and bank of a checkpoint')
   p.add_argument('checkpoint')
   p.set_defaults(run=summary)
-  p = commands.add_parser('export-backbone', help='write a torchvision-style ResNet .pth')
-  p.add_argument('checkpoint')
-  p.add_argument('out')
-  p.add_argument('--encoder', choices=('online', 'target'), default='online')
+  p = commands.add_parser('export-backbone',
+                          help='write a torchvision-style ResNet .pth or .safetensors')
+  p.add_argument('checkpoint', help='official checkpoint file or msf_jax checkpoint directory')
+  p.add_argument('out', help='.safetensors for safetensors, any other name for torch.save')
+  p.add_argument('--encoder', choices=encoders.ENCODERS, default='online')
+  p.add_argument('--step', type=int, default=None,
+                 help='step of an msf_jax checkpoint (default: the latest)')
   p.set_defaults(run=export_backbone)
   args = parser.parse_args(argv)
   try:

@@ -16,12 +16,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import safetensors.numpy
 from flax import traverse_util
 
 from msf_jax.models.resnet import BOTTLENECK_DEPTHS, STAGE_SIZES
 from msf_jax.train_state import MSFState, create_state
 
 ONLINE, TARGET, PREDICTOR = 'encoder_q', 'encoder_t', 'predict_q'
+SAFETENSORS_EXTENSION = '.safetensors'
 _LEAF_TO_TORCH = {('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
                   ('params', 'kernel'): 'weight', ('batch_stats', 'mean'): 'running_mean',
                   ('batch_stats', 'var'): 'running_var'}
@@ -223,7 +225,17 @@ def backbone_to_torchvision(state: MSFState, encoder: str = 'online') -> dict[st
 def save_torch_file(tensors: Mapping[str, np.ndarray], path: str) -> None:
   """Saves numpy arrays as a torch state dict of tensors."""
   torch = _import_torch()
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
+  # np.array copies: arrays fetched from JAX are read-only, which torch warns about.
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, path)
+
+
+def save_backbone(tensors: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes torchvision-named tensors as safetensors when `path` ends in .safetensors (no
+  torch needed, no pickle), as a torch .pth state dict otherwise."""
+  if path.endswith(SAFETENSORS_EXTENSION):
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+  else:
+    save_torch_file(tensors, path)
 
 
 def load_official_checkpoint(path: str, config: ml_collections.ConfigDict,

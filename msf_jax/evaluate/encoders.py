@@ -1,0 +1,191 @@
+"""A frozen encoder to evaluate, from any of the checkpoint formats msf_jax reads.
+
+Every format goes through one torchvision-named backbone state dict (numpy, no `fc`), so the
+architecture check and the weight layout are the same whatever the file:
+
+  msf_jax      an orbax checkpoint directory of msf_jax.checkpoint.Checkpointer, or the
+               training workdir holding it in checkpoints/ (latest step unless config.step)
+  official     an official MSF PyTorch checkpoint (.pth.tar)
+  torchvision  a torchvision ResNet state dict (.pth): ImageNet weights, or one written by
+               `python -m msf_jax.interop export-backbone`; the classifier fc.* is ignored
+  safetensors  the same torchvision keys in a .safetensors file (no torch, no pickle)
+  random       a randomly initialized encoder from config.seed: the untrained baseline
+
+Variables are the backbone's {'params': {'backbone': ...}, 'batch_stats': {'backbone': ...}}
+of msf_jax.models.Encoder; `Encoder.features` needs nothing else.
+"""
+
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import safetensors.numpy
+
+from msf_jax.checkpoint import STATE_ITEM, Checkpointer
+from msf_jax.interop import torch_checkpoint as tc
+from msf_jax.models import build_networks
+from msf_jax.models.msf import parse_dtype
+
+FORMATS = ('msf_jax', 'official', 'torchvision', 'safetensors', 'random')
+ENCODERS = ('online', 'target')
+_OFFICIAL_PREFIX = {'online': tc.ONLINE, 'target': tc.TARGET}
+_CLASSIFIER = re.compile(r'^fc\.')
+
+
+def checkpoint_directory(path: str) -> str:
+  """The orbax directory of an msf_jax checkpoint given as itself or as its training workdir."""
+  inside = os.path.join(path, 'checkpoints')
+  return inside if os.path.isdir(inside) else path
+
+
+def msf_jax_step(path: str, step: int | None = None) -> int:
+  """The step an msf_jax checkpoint is read at: `step` if it has it, else its latest."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'No msf_jax checkpoint directory at {path!r} (config.checkpoint): '
+                            'give the training workdir or its checkpoints/ folder.')
+  checkpointer = Checkpointer(checkpoint_directory(path))
+  try:
+    steps = checkpointer.all_steps()
+  finally:
+    checkpointer.close()
+  if not steps:
+    raise tc.CheckpointError(f'No msf_jax checkpoint in {path}: expected the step folders that '
+                             'msf_jax.checkpoint.Checkpointer writes (or a training workdir).')
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise tc.CheckpointError(f'{path} has no step {step}; it has steps {sorted(steps)}.')
+  return step
+
+
+def _msf_jax_backbone(path: str, encoder: str, step: int | None) -> dict[str, np.ndarray]:
+  """Restores only the chosen encoder's backbone (not the bank or optimizer) as numpy."""
+  step = msf_jax_step(path, step)
+  checkpointer = Checkpointer(checkpoint_directory(path))
+  try:
+    saved = ocp.PyTreeCheckpointHandler().metadata(
+        checkpointer.manager.directory / str(step) / STATE_ITEM).tree
+    names = (f'{encoder}_params', f'{encoder}_batch_stats')
+    item = {name: {'backbone': saved[name]['backbone']} for name in names}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                           partial_restore=True)}))[STATE_ITEM]
+  finally:
+    checkpointer.close()
+  return tc.network_to_torch('', *(restored[name]['backbone'] for name in names), step)
+
+
+def _official_backbone(path: str, encoder: str) -> dict[str, np.ndarray]:
+  state_dict = tc.official_state_dict(tc.read_torch_file(path))
+  start = _OFFICIAL_PREFIX[encoder] + '.'
+  return {key[len(start):]: value for key, value in state_dict.items()
+          if key.startswith(start) and not _CLASSIFIER.match(key[len(start):])}
+
+
+def _without_classifier(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
+  """numpy arrays of a torchvision state dict, DataParallel's `module.` and `fc.*` removed."""
+  state_dict = state_dict.get('state_dict', state_dict)
+  if any(key.startswith((tc.ONLINE + '.', 'module.' + tc.ONLINE)) for key in state_dict):
+    raise tc.CheckpointError("This is an official MSF checkpoint (encoder_q.* keys), not a "
+                             "torchvision backbone: use checkpoint_format='official'.")
+  out = {}
+  for key, value in state_dict.items():
+    key = re.sub(r'^module\.', '', key)
+    if not _CLASSIFIER.match(key):
+      out[key] = value.detach().cpu().numpy() if hasattr(value, 'detach') else np.asarray(value)
+  return out
+
+
+def backbone_state_dict(path: str, checkpoint_format: str, encoder: str = 'online',
+                        step: int | None = None) -> dict[str, np.ndarray]:
+  """The torchvision-named numpy tensors of a checkpoint's backbone (no classifier)."""
+  if checkpoint_format not in FORMATS[:-1]:
+    raise ValueError(f'checkpoint_format must be one of {FORMATS}, got {checkpoint_format!r} '
+                     "('random' reads no file).")
+  if encoder not in ENCODERS:
+    raise ValueError(f"encoder must be 'online' or 'target', got {encoder!r}.")
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(f'No {checkpoint_format} checkpoint at {path!r} (config.checkpoint).')
+  if checkpoint_format == 'msf_jax':
+    return _msf_jax_backbone(path, encoder, step)
+  if os.path.isdir(path):
+    raise tc.CheckpointError(f'{path} is a directory, not a {checkpoint_format} file: use '
+                             "checkpoint_format='msf_jax' for an msf_jax checkpoint directory.")
+  if checkpoint_format == 'official':
+    return _official_backbone(path, encoder)
+  if checkpoint_format == 'torchvision':
+    return _without_classifier(tc.read_torch_file(path))
+  return _without_classifier(safetensors.numpy.load_file(path))
+
+
+def _describe(model: dict[str, Any]) -> str:
+  return ', '.join(f'{key}={value}' for key, value in model.items())
+
+
+def check_architecture(state_dict: dict[str, np.ndarray], model_config: ml_collections.ConfigDict,
+                       source: str) -> None:
+  """Raises a CheckpointError naming the settings to change when the file's ResNet is not the
+  one `model_config` describes."""
+  found = tc.infer_backbone(state_dict)
+  mismatched = {key: value for key, value in found.items()
+                if key in model_config and model_config[key] != value}
+  if mismatched:
+    flags = ' '.join(f'--config.model.{key}={value}' for key, value in mismatched.items())
+    wanted = {key: model_config[key] for key in mismatched}
+    raise tc.CheckpointError(f'{source} holds a ResNet with {_describe(found)}, but config.model '
+                             f'says {_describe(wanted)}: run with {flags}.')
+
+
+def _encoder_templates(model_config: ml_collections.ConfigDict, image_size: int) -> Any:
+  """Shapes and dtypes of an Encoder's variables, without initializing them."""
+  encoder, _ = build_networks(model_config)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3),
+                                parse_dtype(model_config.param_dtype))
+  return jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), images)
+
+
+def _backbone_only(variables: dict[str, Any]) -> dict[str, Any]:
+  return {collection: {'backbone': variables[collection]['backbone']}
+          for collection in ('params', 'batch_stats')}
+
+
+def encoder_from_torchvision(state_dict: dict[str, np.ndarray],
+                             model_config: ml_collections.ConfigDict, image_size: int,
+                             source: str) -> dict[str, Any]:
+  """Backbone variables of an Encoder from torchvision-named tensors, after checking that the
+  architecture matches `model_config` (a missing or extra key is an error too)."""
+  check_architecture(state_dict, model_config, source)
+  template = _backbone_only(_encoder_templates(model_config, image_size))
+  params, batch_stats = tc.network_from_torch('', state_dict, template['params']['backbone'],
+                                              template['batch_stats']['backbone'])
+  return {'params': {'backbone': params}, 'batch_stats': {'backbone': batch_stats}}
+
+
+def random_encoder(model_config: ml_collections.ConfigDict, image_size: int,
+                   seed: int) -> dict[str, Any]:
+  """Backbone variables of a freshly initialized Encoder (torchvision init) from `seed`."""
+  encoder, _ = build_networks(model_config)
+  images = jnp.zeros((1, image_size, image_size, 3), parse_dtype(model_config.param_dtype))
+  return _backbone_only(encoder.init(jax.random.key(seed), images, train=False))
+
+
+def load_encoder(config: ml_collections.ConfigDict
+                 ) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
+  """(backbone variables, model config) of the encoder `config` names: config.checkpoint in
+  config.checkpoint_format, config.encoder ('online' or 'target') and, for msf_jax
+  checkpoints, config.step (None: the latest). The weights are host numpy/JAX arrays."""
+  model_config = config.model.copy_and_resolve_references()
+  if config.checkpoint_format == 'random':
+    return random_encoder(model_config, config.image_size, config.seed), model_config
+  state_dict = backbone_state_dict(config.checkpoint, config.checkpoint_format,
+                                   config.encoder, config.get('step'))
+  source = f'The {config.checkpoint_format} checkpoint {config.checkpoint}'
+  return (encoder_from_torchvision(state_dict, model_config, config.image_size, source),
+          model_config)
+
