@@ -37,7 +37,7 @@ _OFFICIAL_PREFIX = {'online': tc.ONLINE, 'target': tc.TARGET}
 _CLASSIFIER = re.compile(r'^fc\.')
 
 
-def checkpoint_directory(path: str) -> str:
+def _checkpoint_directory(path: str) -> str:
   """The orbax directory of an msf_jax checkpoint given as itself or as its training workdir."""
   inside = os.path.join(path, 'checkpoints')
   return inside if os.path.isdir(inside) else path
@@ -48,7 +48,7 @@ def msf_jax_step(path: str, step: int | None = None) -> int:
   if not os.path.isdir(path):
     raise FileNotFoundError(f'No msf_jax checkpoint directory at {path!r} (config.checkpoint): '
                             'give the training workdir or its checkpoints/ folder.')
-  checkpointer = Checkpointer(checkpoint_directory(path))
+  checkpointer = Checkpointer(_checkpoint_directory(path))
   try:
     steps = checkpointer.all_steps()
   finally:
@@ -66,7 +66,7 @@ def msf_jax_step(path: str, step: int | None = None) -> int:
 def _msf_jax_backbone(path: str, encoder: str, step: int | None) -> dict[str, np.ndarray]:
   """Restores only the chosen encoder's backbone (not the bank or optimizer) as numpy."""
   step = msf_jax_step(path, step)
-  checkpointer = Checkpointer(checkpoint_directory(path))
+  checkpointer = Checkpointer(_checkpoint_directory(path))
   try:
     saved = ocp.PyTreeCheckpointHandler().metadata(
         checkpointer.manager.directory / str(step) / STATE_ITEM).tree

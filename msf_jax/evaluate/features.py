@@ -6,12 +6,13 @@ import io
 import json
 import os
 import re
-import tempfile
+import uuid
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow as tf
 from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -66,18 +67,16 @@ def fingerprint(variables: dict, split: Split, config: ml_collections.ConfigDict
 
 def write_atomically(path: str, payload: bytes) -> None:
   """Writes a temporary file next to `path`, then renames it: readers see the whole file
-  or none, even if the writer is killed halfway."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
-                                       suffix='.tmp')
+  or none, even if the writer is killed halfway. Local paths and gs:// alike (tf.io.gfile)."""
+  tf.io.gfile.makedirs(os.path.dirname(path) or '.')
+  temporary = f'{path}.tmp-{uuid.uuid4().hex}'
   try:
-    with os.fdopen(handle, 'wb') as f:
+    with tf.io.gfile.GFile(temporary, 'wb') as f:
       f.write(payload)
-    os.replace(temporary, path)
-  except BaseException:
-    os.unlink(temporary)
-    raise
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+  finally:
+    if tf.io.gfile.exists(temporary):
+      tf.io.gfile.remove(temporary)
 
 
 def _everywhere(found: bool) -> bool:
@@ -100,8 +99,8 @@ def cached_features(variables: dict, split: Split, config: ml_collections.Config
   """`extract_features`, read from `cache_dir` when this encoder's features of this split
   are there (no forward pass), else computed and written there by process 0."""
   path = cache_path(variables, split, config, cache_dir)
-  if _everywhere(os.path.isfile(path)):
-    with np.load(path) as cached:
+  if _everywhere(tf.io.gfile.exists(path)):
+    with tf.io.gfile.GFile(path, 'rb') as f, np.load(f) as cached:
       return cached['features'], cached['labels']
   features, labels = extract_features(variables, split, config, mesh, batch_size)
   if jax.process_index() == 0:
