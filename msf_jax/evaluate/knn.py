@@ -2,49 +2,182 @@
 
 `majority`: the official protocol, the most frequent label among the k neighbours, ties
 broken at random. `weighted`: each neighbour votes exp(similarity / T) (T = 0.07), as most
-SSL papers report. Queries are processed in chunks, so memory is bounded by
-chunk x train size, not by the number of queries.
+SSL papers report.
+
+Memory is bounded by the chunk sizes, not by the data: queries are taken `chunk_size` at a
+time, and each query chunk scans the train set `train_chunk_size` rows at a time, keeping a
+running top-k (the chunk's top-k merged with the best so far). ImageNet's 1.28M train
+features against 50,000 queries then need one chunk x train-chunk similarity block at a time.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 VOTES = ('majority', 'weighted')
+DEFAULT_TEMPERATURE = 0.07
 
 
-def _normalize(x):
+def _normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def knn_predict(train_features: np.ndarray, train_labels: np.ndarray,
-                query_features: np.ndarray, k: int, num_classes: int, vote: str = 'majority',
-                temperature: float = 0.07, seed: int = 0, chunk_size: int = 1024) -> np.ndarray:
+def _merge_top_k(best: tuple[jax.Array, jax.Array], candidates: tuple[jax.Array, jax.Array],
+                 k: int) -> tuple[jax.Array, jax.Array]:
+  """The k largest of two (similarity, index) sets. `best` comes first, so that among equal
+  similarities the earlier train row wins, as in a stable sort of the whole train set."""
+  similarity = jnp.concatenate([best[0], candidates[0]], axis=1)
+  index = jnp.concatenate([best[1], candidates[1]], axis=1)
+  similarity, position = jax.lax.top_k(similarity, k)
+  return similarity, jnp.take_along_axis(index, position, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'train_chunk_size'))
+def _chunk_neighbours(queries: jax.Array, train: jax.Array, k: int, train_chunk_size: int
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(similarities, train indices) [Q, k] of the k nearest train rows, best first.
+
+  The train set is scanned in chunks of `train_chunk_size` rows. The last chunk is shifted
+  back to end at the last row (no copy or padding of the train set); the rows it shares with
+  the previous chunk are masked with -inf similarity."""
+  num_train = train.shape[0]
+  chunk = min(train_chunk_size, num_train)
+  queries = _normalize(queries)
+
+  def scan_chunk(best, chunk_index):
+    first = chunk_index * chunk
+    start = jnp.minimum(first, num_train - chunk)
+    rows = _normalize(jax.lax.dynamic_slice_in_dim(train, start, chunk))
+    index = start + jnp.arange(chunk, dtype=jnp.int32)
+    similarity = jnp.where(index >= first, queries @ rows.T, -jnp.inf)
+    chunk_best = jax.lax.top_k(similarity, min(k, chunk))
+    return _merge_top_k(best, (chunk_best[0], index[chunk_best[1]]), k), None
+
+  start = (jnp.full((queries.shape[0], k), -jnp.inf, queries.dtype),
+           jnp.zeros((queries.shape[0], k), jnp.int32))
+  num_chunks = -(-num_train // chunk)
+  (similarity, index), _ = jax.lax.scan(scan_chunk, start, jnp.arange(num_chunks))
+  return similarity, index
+
+
+def _check_positive(**sizes: int) -> None:
+  for name, value in sizes.items():
+    if value < 1:
+      raise ValueError(f'{name} must be at least 1, got {value}.')
+
+
+def nearest_neighbours(train_features, query_features, k: int, *, chunk_size: int = 1024,
+                       train_chunk_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+  """(cosine similarities [Q, k], train indices [Q, k]) of each query's k nearest train
+  features, most similar first (ties: the lower train index first)."""
+  train = jnp.asarray(train_features, jnp.float32)
+  queries = np.asarray(query_features, np.float32)
+  if train.ndim != 2 or queries.ndim != 2 or train.shape[1] != queries.shape[1]:
+    raise ValueError(f'Features must be [N, F] and [Q, F] with the same F; got train '
+                     f'{train.shape} and queries {queries.shape}.')
+  if not 1 <= k <= train.shape[0]:
+    raise ValueError(f'k must be between 1 and the number of train features '
+                     f'({train.shape[0]}), got {k}.')
+  _check_positive(chunk_size=chunk_size, train_chunk_size=train_chunk_size)
+  chunk_size = min(chunk_size, max(len(queries), 1))
+  out = []
+  for start in range(0, len(queries), chunk_size):
+    chunk = queries[start:start + chunk_size]
+    padded = np.pad(chunk, ((0, chunk_size - len(chunk)), (0, 0)))  # one compiled shape
+    out.append(_chunk_neighbours(padded, train, k, train_chunk_size))  # async dispatch
+  if not out:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+  num_queries = len(queries)
+  return (np.concatenate([np.asarray(s) for s, _ in out])[:num_queries],
+          np.concatenate([np.asarray(i) for _, i in out])[:num_queries])
+
+
+@functools.partial(jax.jit, static_argnames=('num_classes', 'vote'))
+def _vote(similarity: jax.Array, neighbour_labels: jax.Array, key: jax.Array, num_classes: int,
+          vote: str, temperature: float) -> jax.Array:
+  """The predicted label of each row of neighbours [Q, k]."""
+  if vote == 'weighted':
+    weights = jnp.exp(similarity / temperature)
+  else:
+    weights = jnp.ones_like(similarity)
+  rows = jnp.arange(similarity.shape[0])[:, None]
+  scores = jnp.zeros((similarity.shape[0], num_classes)).at[rows, neighbour_labels].add(weights)
+  if vote == 'majority':  # random tie-break: a uniform jitter smaller than one vote
+    scores += 0.5 * jax.random.uniform(key, scores.shape)
+  return jnp.argmax(scores, axis=-1)
+
+
+def _votes(similarity: np.ndarray, neighbour_labels: np.ndarray, num_classes: int, vote: str,
+           temperature: float, seed: int, chunk_size: int) -> np.ndarray:
+  """Predictions [Q] from sorted neighbours, `chunk_size` queries at a time (the scores are
+  chunk x num_classes). Query chunk c breaks ties with fold_in(key(seed), c)."""
+  if vote not in VOTES:
+    raise ValueError(f'vote must be one of {VOTES}, got {vote!r}.')
+  key = jax.random.key(seed)
+  chunk_size = min(chunk_size, max(len(similarity), 1))
+  pad = lambda x: np.pad(x, ((0, chunk_size - len(x)), (0, 0)))  # one compiled shape
+  out = [_vote(pad(similarity[start:start + chunk_size]),
+               pad(neighbour_labels[start:start + chunk_size]),
+               jax.random.fold_in(key, start // chunk_size), num_classes, vote, temperature)
+         for start in range(0, len(similarity), chunk_size)]
+  if not out:
+    return np.zeros((0,), np.int32)
+  return np.concatenate([np.asarray(p) for p in out])[:len(similarity)]
+
+
+def _checked_labels(train_labels, num_train: int, num_classes: int) -> np.ndarray:
+  labels = np.asarray(train_labels, np.int32)
+  if labels.shape != (num_train,):
+    raise ValueError(f'train_labels must be [{num_train}], got {labels.shape}.')
+  if num_train and not (labels.min() >= 0 and labels.max() < num_classes):
+    raise ValueError(f'train labels must lie in [0, {num_classes}), got '
+                     f'[{labels.min()}, {labels.max()}].')
+  return labels
+
+
+def knn_predict(train_features, train_labels, query_features, k: int, num_classes: int,
+                vote: str = 'majority', temperature: float = DEFAULT_TEMPERATURE, seed: int = 0,
+                chunk_size: int = 1024, train_chunk_size: int = 16384) -> np.ndarray:
   """Predicted labels [Q] of the queries."""
   if vote not in VOTES:
     raise ValueError(f'vote must be one of {VOTES}, got {vote!r}.')
-  train = _normalize(jnp.asarray(train_features, jnp.float32))
-  labels = jnp.asarray(train_labels, jnp.int32)
-
-  @jax.jit
-  def predict(queries, key):
-    similarity, index = jax.lax.top_k(_normalize(queries) @ train.T, k)
-    weights = jnp.exp(similarity / temperature) if vote == 'weighted' else jnp.ones_like(similarity)
-    scores = jnp.sum(jax.nn.one_hot(labels[index], num_classes) * weights[..., None], axis=1)
-    if vote == 'majority':  # random tie-break: a uniform jitter smaller than one vote
-      scores += 0.5 * jax.random.uniform(key, scores.shape)
-    return jnp.argmax(scores, axis=-1)
-
-  key = jax.random.key(seed)
-  out = []
-  for start in range(0, len(query_features), chunk_size):
-    key, chunk_key = jax.random.split(key)
-    out.append(np.asarray(predict(jnp.asarray(query_features[start:start + chunk_size],
-                                              jnp.float32), chunk_key)))
-  return np.concatenate(out)
+  labels = _checked_labels(train_labels, len(train_features), num_classes)
+  similarity, index = nearest_neighbours(train_features, query_features, k,
+                                         chunk_size=chunk_size,
+                                         train_chunk_size=train_chunk_size)
+  return _votes(similarity, labels[index], num_classes, vote, temperature, seed, chunk_size)
 
 
 def knn_accuracy(train_features, train_labels, query_features, query_labels, k: int,
-                 num_classes: int, vote: str = 'majority') -> float:
-  predictions = knn_predict(train_features, train_labels, query_features, k, num_classes, vote)
+                 num_classes: int, vote: str = 'majority', **options) -> float:
+  """Top-1 accuracy of `knn_predict` (`options`: its keyword arguments)."""
+  predictions = knn_predict(train_features, train_labels, query_features, k, num_classes, vote,
+                            **options)
   return float(np.mean(predictions == np.asarray(query_labels)))
+
+
+def knn_accuracies(train_features, train_labels, query_features, query_labels,
+                   num_classes: int, ks: tuple[int, ...] = (1, 20),
+                   votes: tuple[str, ...] = VOTES, temperature: float = DEFAULT_TEMPERATURE,
+                   seed: int = 0, chunk_size: int = 1024, train_chunk_size: int = 16384
+                   ) -> dict[str, float]:
+  """{'knn/<vote>/k=<k>': top-1 accuracy} for every k and vote, from one search for max(ks):
+  the k nearest are the first k of the max(ks) nearest. Each entry equals `knn_accuracy` with
+  the same arguments."""
+  for vote in votes:
+    if vote not in VOTES:
+      raise ValueError(f'vote must be one of {VOTES}, got {vote!r}.')
+  if not ks:
+    raise ValueError('ks must name at least one k.')
+  labels = _checked_labels(train_labels, len(train_features), num_classes)
+  query_labels = np.asarray(query_labels)
+  similarity, index = nearest_neighbours(train_features, query_features, max(ks),
+                                         chunk_size=chunk_size,
+                                         train_chunk_size=train_chunk_size)
+  neighbour_labels = labels[index]
+  return {f'knn/{vote}/k={k}': float(np.mean(
+      _votes(similarity[:, :k], neighbour_labels[:, :k], num_classes, vote, temperature, seed,
+             chunk_size) == query_labels))
+          for vote in votes for k in ks}
