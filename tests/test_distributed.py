@@ -1,8 +1,10 @@
 """Multi-process training: start-up rules of msf_jax.distributed, and a real two-process job
 (jax.distributed on 127.0.0.1, gloo collectives, 2 CPU devices per process) that must take
 the same step as one process with 4 devices, write one orbax checkpoint together, and read
-each epoch's examples at most once between them."""
+each epoch's examples at most once between them; the training program as two processes;
+the launch scripts."""
 
+import glob
 import os
 import shutil
 import socket
@@ -13,12 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from msf_jax import (create_state, distributed, make_mesh, make_train_step, put_batch,
-                     put_replicated)
+from msf_jax import (create_state, distributed, load_config, make_mesh, make_train_step,
+                     put_batch, put_replicated)
 from msf_jax.checkpoint import Checkpointer
 
 from distributed_worker import EPOCHS_READ, global_batch, step_config
 from helpers import REPO, assert_trees_close
+from test_main import CONFIG as TRAIN_CONFIG, overrides as main_overrides
 from test_pipeline import write_folder
 
 WORKER = os.path.join(REPO, 'tests', 'distributed_worker.py')
@@ -94,12 +97,37 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_worker(port: int, process_id: int, folder: str, out_dir) -> subprocess.Popen:
+def skip_without_cpu_collectives() -> None:
+  from jax._src.lib import _jax
+  if not hasattr(_jax, 'make_gloo_tcp_collectives'):
+    pytest.skip('This jaxlib has no gloo: multi-process CPU collectives are unavailable.')
+
+
+def run_processes(commands: list[list[str]], before_waiting=lambda: None):
+  """Starts one CPU process per command (2 devices each), calls `before_waiting`, then
+  waits for all of them (killing any left after the timeout); returns its result and each
+  process's output, having checked that every process succeeded."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}'}
-  return subprocess.Popen(
-      [sys.executable, WORKER, str(port), str(process_id), str(PROCESSES), folder, str(out_dir)],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for command in commands]
+  try:
+    result = before_waiting()
+    outputs = [process.communicate(timeout=JOB_TIMEOUT_S)[0] for process in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  for p, (process, output) in enumerate(zip(processes, outputs)):
+    assert process.returncode == 0, f'process {p} failed:\n{output[-5000:]}'
+  return result, outputs
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  return write_folder(tmp_path_factory.mktemp('images'), 'train', classes=FOLDER_IMAGES,
+                      per_class=1, size=(20, 20))
 
 
 def one_process_reference():
@@ -120,26 +148,14 @@ def worker_state(results, like):
 
 
 @pytest.fixture(scope='module')
-def job(tmp_path_factory):
+def job(tmp_path_factory, folder):
   """Runs the two workers (and the reference meanwhile); their results and the reference."""
-  from jax._src.lib import _jax
-  if not hasattr(_jax, 'make_gloo_tcp_collectives'):
-    pytest.skip('This jaxlib has no gloo: multi-process CPU collectives are unavailable.')
-  folder = write_folder(tmp_path_factory.mktemp('images'), 'train', classes=FOLDER_IMAGES,
-                        per_class=1, size=(20, 20))
+  skip_without_cpu_collectives()
   out_dir = tmp_path_factory.mktemp('job')
   port = free_port()
-  workers = [start_worker(port, p, folder, out_dir) for p in range(PROCESSES)]
-  try:
-    reference = one_process_reference()
-    outputs = [w.communicate(timeout=JOB_TIMEOUT_S)[0] for w in workers]
-  finally:
-    for w in workers:
-      if w.poll() is None:
-        w.kill()
-        w.wait()
-  for p, (w, output) in enumerate(zip(workers, outputs)):
-    assert w.returncode == 0, f'process {p} failed:\n{output[-5000:]}'
+  reference, _ = run_processes(
+      [[sys.executable, WORKER, str(port), str(p), str(PROCESSES), folder, str(out_dir)]
+       for p in range(PROCESSES)], before_waiting=one_process_reference)
   results = [dict(np.load(out_dir / f'process_{p}.npz')) for p in range(PROCESSES)]
   return results, reference, out_dir
 
@@ -189,6 +205,27 @@ def test_each_epoch_reads_every_example_at_most_once_across_processes(job):
   orders = [np.concatenate([r['epoch_labels'][e] for r in results]) for e in range(EPOCHS_READ)]
   assert not np.array_equal(orders[0], orders[1])  # each epoch is shuffled afresh
 
+
+
+@pytest.mark.slow
+def test_training_program_runs_as_two_processes(tmp_path, folder):
+  # 27 images, batch 8: 3 steps, checkpoints at 2 and 3, written by both processes.
+  skip_without_cpu_collectives()
+  port = free_port()
+  flags = [f'--config={TRAIN_CONFIG}', f'--workdir={tmp_path}',
+           *main_overrides(folder, num_epochs=1, **{'checkpoint.every_steps': 2}),
+           f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={PROCESSES}']
+  _, outputs = run_processes([[sys.executable, '-m', 'msf_jax.main', *flags,
+                               f'--process_id={p}'] for p in range(PROCESSES)])
+  for p, output in enumerate(outputs):
+    assert f'Process {p} of {PROCESSES}: {DEVICES_PER_PROCESS} local devices of 4' in output
+  assert len(glob.glob(str(tmp_path / 'events.out.tfevents.*'))) == 1  # process 0's only
+  checkpointer = Checkpointer(os.path.join(tmp_path, 'checkpoints'))
+  assert checkpointer.all_steps() == [2, 3]
+  config = load_config(TRAIN_CONFIG)
+  config.batch_size, config.msf.bank_size = 8, 32
+  state = checkpointer.restore(config, make_mesh(jax.devices()[:1]))
+  assert int(state.step) == 3 and int(state.bank_ptr) == 3 * 8 % 32
 
 # --- Launch scripts -------------------------------------------------------------------------
 
