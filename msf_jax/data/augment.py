@@ -24,6 +24,7 @@ CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10
 PAIRINGS = ('w/s', 'w/w', 's/s', 's/w')  # target view / online view
+PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's default, the linear probe's train views
 
 
 def _uniform(seed, shape=(), minval=0.0, maxval=1.0):
@@ -200,6 +201,13 @@ def two_views(encoded: tf.Tensor, seed: tf.Tensor, size: int, pairing: str = 'w/
   online_image, online_color = views[online](image, online_seed, size)
   return {'target': target_image, 'target_color': target_color,
           'online': online_image, 'online_color': online_color}
+
+
+def probe_view(encoded: tf.Tensor, seed: tf.Tensor, size: int,
+               scale: Sequence[float] = PROBE_CROP_SCALE) -> tf.Tensor:
+  """The linear probe's train view: RandomResizedCrop(size, scale) -> flip -> normalize."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  return normalize(flip(random_resized_crop(encoded, crop_seed, size, scale), flip_seed))
 
 
 def center_crop_view(encoded: tf.Tensor, size: int) -> tf.Tensor:

@@ -8,6 +8,8 @@ fold_in(fold_in(seed, e), s). A run resumed at step t rebuilds the stream from s
 no hidden iterator state.
 """
 
+from typing import Callable
+
 import jax
 import numpy as np
 import tensorflow as tf
@@ -86,6 +88,30 @@ def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
   """Endless two-view batches of this host's share, from `start_step` on: {'online',
   'target'} cropped and flipped in [0, 1], {'online_color', 'target_color'} their colour
   parameters, 'label'. An image that cannot be decoded is dropped and counted in `skipped`."""
+  return _augmented_stream(
+      split, global_batch, seed, start_step, process_index, process_count,
+      lambda encoded, example_seed: augment.two_views(encoded, example_seed, image_size,
+                                                      pairing))
+
+
+def probe_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
+                 scale: tuple[float, float] = augment.PROBE_CROP_SCALE, start_step: int = 0,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> TrainStream:
+  """Endless single-view batches for the linear probe, with the order and per-example seeds
+  of `train_stream`: {'image': RandomResizedCrop(scale) + flip, normalized; 'label'}."""
+  return _augmented_stream(
+      split, global_batch, seed, start_step, process_index, process_count,
+      lambda encoded, example_seed: {'image': augment.probe_view(encoded, example_seed,
+                                                                 image_size, scale)})
+
+
+def _augmented_stream(split: Split, global_batch: int, seed: int, start_step: int,
+                      process_index: int | None, process_count: int | None,
+                      augment_example: Callable[[tf.Tensor, tf.Tensor], dict]
+                      ) -> TrainStream:
+  """This host's share of `split`, epoch after epoch, each example mapped by
+  `augment_example(encoded image, its seed) -> dict of views`, batched with its label."""
   process_index, process_count, host_batch = _this_host(global_batch, process_index,
                                                         process_count)
   host_per_epoch = steps_per_epoch(split, global_batch) * host_batch
@@ -102,8 +128,7 @@ def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
                          'seed': _global_slot_seed(seed, e, slot, process_index, process_count)})
 
   def views(x):
-    return {**augment.two_views(x['image'], x['seed'], image_size, pairing),
-            'label': x['label'], 'slot': x['slot']}
+    return {**augment_example(x['image'], x['seed']), 'label': x['label'], 'slot': x['slot']}
 
   dataset = (tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
              .map(views, num_parallel_calls=tf.data.AUTOTUNE)
