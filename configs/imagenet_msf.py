@@ -58,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.name = 'imagenet2012'
   config.data.data_dir = ''  # TFDS data_dir: a local path or gs://bucket/path
   config.data.pairing = 'w/s'
+  config.data.crop_scale = (0.2, 1.0)  # RandomResizedCrop's area range, both views
+  config.data.flip = True
   config.data.root = ''  # for source 'folder': root/<split>/<class>/<image>
 
   # kNN of the online backbone during training; 0 switches the monitor off.

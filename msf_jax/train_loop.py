@@ -79,7 +79,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
 
   stream = pipeline.train_stream(split, global_batch=config.batch_size,
                                  image_size=config.image_size, seed=config.seed,
-                                 pairing=config.data.pairing, start_step=start)
+                                 pairing=config.data.pairing, start_step=start,
+                                 crop_scale=tuple(config.data.crop_scale),
+                                 random_flip=config.data.flip)
   train_step = make_train_step(config, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,

@@ -203,6 +203,25 @@ def test_views_are_seeded_independent_crops():
     augment.two_views(encoded, tf.constant([1, 1]), 32, pairing='x/y')
 
 
+def test_crop_scale_and_flip_options_set_both_views_geometry():
+  image = smooth_image(10, 32, 32)
+  encoded = tf.constant(encode(image, 'PNG'))
+  whole, mirrored = image / 255.0, image[:, ::-1] / 255.0
+
+  def views(seed, **options):
+    out = augment.two_views(encoded, tf.constant([3, seed]), 32, 's/s', **options)
+    return [out[key].numpy() for key in ('target', 'online')]
+
+  # Area 1 with a random aspect never fits: the fallback crop is the whole square image.
+  unflipped = [v for s in range(8) for v in views(s, crop_scale=(1.0, 1.0), random_flip=False)]
+  assert all(np.allclose(v, whole, atol=1e-5) for v in unflipped)
+  flipped = [v for s in range(8) for v in views(s, crop_scale=(1.0, 1.0))]
+  assert any(np.allclose(v, mirrored, atol=1e-5) for v in flipped)
+  assert all(np.allclose(v, whole, atol=1e-5) or np.allclose(v, mirrored, atol=1e-5)
+             for v in flipped)
+  assert not any(np.allclose(v, whole, atol=1e-5) for v in views(0))  # the default crops
+
+
 @pytest.mark.parametrize('pairing', augment.PAIRINGS)
 def test_all_pairings_produce_normalized_views(pairing):
   encoded = tf.constant(encode(smooth_image(9)))

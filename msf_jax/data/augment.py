@@ -168,37 +168,47 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   return (image - tf.constant(color.IMAGENET_MEAN)) / tf.constant(color.IMAGENET_STD)
 
 
-def _cropped_flipped(image, seed, size):
+def _cropped_flipped(image, seed, size, crop_scale, random_flip):
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  return flip(random_resized_crop_decoded(image, crop_seed, size), flip_seed)
+  crop = random_resized_crop_decoded(image, crop_seed, size, crop_scale)
+  return flip(crop, flip_seed) if random_flip else crop
 
 
-def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int,
+              crop_scale: Sequence[float] = CROP_SCALE, random_flip: bool = True
+              ) -> tuple[tf.Tensor, tf.Tensor]:
   """RandomResizedCrop(scale=(0.2, 1)) -> flip, of a decoded uint8 image: ([0, 1] image,
   colour parameters that switch every colour op off)."""
-  return _cropped_flipped(image, seed, size), tf.constant(WEAK_COLOR_PARAMS, tf.float32)
+  return (_cropped_flipped(image, seed, size, crop_scale, random_flip),
+          tf.constant(WEAK_COLOR_PARAMS, tf.float32))
 
 
-def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int,
+                crop_scale: Sequence[float] = CROP_SCALE, random_flip: bool = True
+                ) -> tuple[tf.Tensor, tf.Tensor]:
   """RandomResizedCrop -> flip, and the parameters of the colour ops the accelerator applies
   after (p0.8 ColorJitter -> p0.2 grayscale -> p0.5 blur)."""
   crop_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  return _cropped_flipped(image, crop_seed, size), strong_color_params(color_seed)
+  return (_cropped_flipped(image, crop_seed, size, crop_scale, random_flip),
+          strong_color_params(color_seed))
 
 
-def two_views(encoded: tf.Tensor, seed: tf.Tensor, size: int, pairing: str = 'w/s'
+def two_views(encoded: tf.Tensor, seed: tf.Tensor, size: int, pairing: str = 'w/s',
+              crop_scale: Sequence[float] = CROP_SCALE, random_flip: bool = True
               ) -> dict[str, tf.Tensor]:
   """Two independent crops of one image: {'target', 'online'} in [0, 1] and their colour
   parameters {'target_color', 'online_color'}, to finish with `color.finish_views`.
-  `pairing` names the target's and the online view's pipelines ('w/s': the paper's)."""
+  `pairing` names the target's and the online view's pipelines ('w/s': the paper's);
+  `crop_scale` and `random_flip` change both views' geometry for data unlike ImageNet's
+  (the paper's (0.2, 1) and flips by default)."""
   if pairing not in PAIRINGS:
     raise ValueError(f'Unknown augmentation pairing {pairing!r}; use one of {PAIRINGS}.')
   views = {'w': weak_view, 's': strong_view}
   target_seed, online_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   target, online = pairing.split('/')
   image = decode(encoded)
-  target_image, target_color = views[target](image, target_seed, size)
-  online_image, online_color = views[online](image, online_seed, size)
+  target_image, target_color = views[target](image, target_seed, size, crop_scale, random_flip)
+  online_image, online_color = views[online](image, online_seed, size, crop_scale, random_flip)
   return {'target': target_image, 'target_color': target_color,
           'online': online_image, 'online_color': online_color}
 

@@ -83,7 +83,8 @@ def _global_slot_seed(seed: int, epoch: tf.Tensor, slot: tf.Tensor, process_inde
 
 def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
                  pairing: str = 'w/s', start_step: int = 0,
-                 process_index: int | None = None, process_count: int | None = None
+                 process_index: int | None = None, process_count: int | None = None,
+                 crop_scale: tuple[float, float] = augment.CROP_SCALE, random_flip: bool = True
                  ) -> TrainStream:
   """Endless two-view batches of this host's share, from `start_step` on: {'online',
   'target'} cropped and flipped in [0, 1], {'online_color', 'target_color'} their colour
@@ -91,7 +92,7 @@ def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
   return _augmented_stream(
       split, global_batch, seed, start_step, process_index, process_count,
       lambda encoded, example_seed: augment.two_views(encoded, example_seed, image_size,
-                                                      pairing))
+                                                      pairing, crop_scale, random_flip))
 
 
 def probe_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
