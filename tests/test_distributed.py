@@ -172,9 +172,9 @@ def test_processes_see_the_whole_job(job):
 @pytest.mark.slow
 def test_two_processes_take_the_step_of_one_process_with_four_devices(job):
   results, (reference, reference_loss), _ = job
-  for r in results:
-    assert_trees_close(worker_state(r, reference), reference, rtol=1e-5)
-    assert float(r['loss']) == pytest.approx(reference_loss, rel=1e-5)
+  for r in results:  # float64: tensor by tensor, as the 8- against 1-device test in float64
+    assert_trees_close(worker_state(r, reference), reference, rtol=1e-9)
+    assert float(r['loss']) == pytest.approx(reference_loss, rel=1e-9)
 
 
 @pytest.mark.slow
