@@ -1,13 +1,17 @@
 """python -m msf_jax.main --config=configs/imagenet_msf.py --workdir=DIR [--config.key=value]
 
 Trains MSF, resuming from the latest checkpoint in DIR. A misspelt `--config.` key is an
-error that names it (the config is locked).
+error that names it (the config is locked). A config with `mode = 'evaluate'`
+(configs/eval.py) evaluates a frozen encoder instead (msf_jax.evaluate.run).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from msf_jax import distributed, train_loop
+from msf_jax.evaluate import run as evaluation
+
+MODES = {'train': train_loop.train, 'evaluate': evaluation.evaluate}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -24,8 +28,11 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  mode = _CONFIG.value.get('mode', 'train')
+  if mode not in MODES:
+    raise app.UsageError(f'config.mode must be one of {sorted(MODES)}, got {mode!r}.')
   logging.info('Config:\n%s', _CONFIG.value)
-  train_loop.train(_CONFIG.value, _WORKDIR.value)
+  MODES[mode](_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -45,6 +45,9 @@ def _checkpoint_directory(path: str) -> str:
 
 def msf_jax_step(path: str, step: int | None = None) -> int:
   """The step an msf_jax checkpoint is read at: `step` if it has it, else its latest."""
+  if os.path.isfile(path):
+    raise tc.CheckpointError(f'{path} is a file: msf_jax checkpoints are directories (the '
+                             'training workdir or its checkpoints/ folder).')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'No msf_jax checkpoint directory at {path!r} (config.checkpoint): '
                             'give the training workdir or its checkpoints/ folder.')
