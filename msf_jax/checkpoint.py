@@ -14,13 +14,18 @@ from msf_jax.train_state import MSFState, create_state
 STATE_ITEM = 'state'
 
 
+def manager_directory(directory: str) -> str:
+  """Orbax needs an absolute path; a URL such as gs://bucket/run is one already."""
+  return directory if '://' in directory else os.path.abspath(directory)
+
+
 class Checkpointer:
   """A CheckpointManager for one run directory. Saves return at once and finish in the
   background; `wait()` before the process exits."""
 
   def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1):
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        manager_directory(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              save_interval_steps=save_interval_steps),
         item_names=(STATE_ITEM,))

@@ -30,18 +30,26 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopRequest:
-  """Set by SIGTERM (a preempted VM, a job scheduler); the loop checkpoints and exits."""
+  """Set by SIGTERM (a preempted VM, a job scheduler); the loop checkpoints and exits.
+
+  Only for a single process: with several, each would stop at the step its own signal came,
+  leaving the others waiting in the next step's collectives. There JAX's preemption notifier
+  (set up by jax.distributed) catches SIGTERM and `reached_preemption_sync_point` makes every
+  process stop at the same step, so no Python handler may replace it."""
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._installed = jax.process_count() == 1
+    if self._installed:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     logging.warning('SIGTERM: saving a checkpoint at the current step, then exiting.')
     self.requested = True
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _check_finite(step: int, loss: float, params_finite: bool = True) -> None:

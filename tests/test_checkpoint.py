@@ -36,3 +36,10 @@ def test_saved_state_restores_exactly_onto_eight_devices_and_trains_on(tmp_path)
   stepped, metrics = make_train_step(config, eight)(restored, put_batch(random_batch(rng, config),
                                                                         eight))
   assert int(stepped.step) == 4 and np.isfinite(float(metrics['loss']))
+
+
+def test_cloud_storage_directories_stay_urls(tmp_path, monkeypatch):
+  from msf_jax.checkpoint import manager_directory
+  monkeypatch.chdir(tmp_path)
+  assert manager_directory('gs://bucket/runs/msf') == 'gs://bucket/runs/msf'
+  assert manager_directory('runs/msf') == str(tmp_path / 'runs' / 'msf')
