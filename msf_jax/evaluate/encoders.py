@@ -11,8 +11,10 @@ architecture check and the weight layout are the same whatever the file:
   safetensors  the same torchvision keys in a .safetensors file (no torch, no pickle)
   random       a randomly initialized encoder from config.seed: the untrained baseline
 
-Variables are the backbone's {'params': {'backbone': ...}, 'batch_stats': {'backbone': ...}}
-of msf_jax.models.Encoder; `Encoder.features` needs nothing else.
+msf_jax directories and .safetensors files may be gs:// URLs (tf.io.gfile); torch files are
+read from local paths. Variables are the backbone's
+{'params': {'backbone': ...}, 'batch_stats': {'backbone': ...}} of msf_jax.models.Encoder;
+`Encoder.features` needs nothing else.
 """
 
 import os
@@ -25,6 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
+import tensorflow as tf
 
 from msf_jax.checkpoint import STATE_ITEM, Checkpointer
 from msf_jax.interop import torch_checkpoint as tc
@@ -40,15 +43,15 @@ _CLASSIFIER = re.compile(r'^fc\.')
 def _checkpoint_directory(path: str) -> str:
   """The orbax directory of an msf_jax checkpoint given as itself or as its training workdir."""
   inside = os.path.join(path, 'checkpoints')
-  return inside if os.path.isdir(inside) else path
+  return inside if tf.io.gfile.isdir(inside) else path
 
 
 def msf_jax_step(path: str, step: int | None = None) -> int:
   """The step an msf_jax checkpoint is read at: `step` if it has it, else its latest."""
-  if os.path.isfile(path):
+  if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
     raise tc.CheckpointError(f'{path} is a file: msf_jax checkpoints are directories (the '
                              'training workdir or its checkpoints/ folder).')
-  if not os.path.isdir(path):
+  if not tf.io.gfile.isdir(path):
     raise FileNotFoundError(f'No msf_jax checkpoint directory at {path!r} (config.checkpoint): '
                             'give the training workdir or its checkpoints/ folder.')
   checkpointer = Checkpointer(_checkpoint_directory(path))
@@ -113,18 +116,19 @@ def backbone_state_dict(path: str, checkpoint_format: str, encoder: str = 'onlin
                      "('random' reads no file).")
   if encoder not in ENCODERS:
     raise ValueError(f"encoder must be 'online' or 'target', got {encoder!r}.")
-  if not path or not os.path.exists(path):
+  if not path or not tf.io.gfile.exists(path):
     raise FileNotFoundError(f'No {checkpoint_format} checkpoint at {path!r} (config.checkpoint).')
   if checkpoint_format == 'msf_jax':
     return _msf_jax_backbone(path, encoder, step)
-  if os.path.isdir(path):
+  if tf.io.gfile.isdir(path):
     raise tc.CheckpointError(f'{path} is a directory, not a {checkpoint_format} file: use '
                              "checkpoint_format='msf_jax' for an msf_jax checkpoint directory.")
   if checkpoint_format == 'official':
     return _official_backbone(path, encoder)
   if checkpoint_format == 'torchvision':
     return _without_classifier(tc.read_torch_file(path))
-  return _without_classifier(safetensors.numpy.load_file(path))
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    return _without_classifier(safetensors.numpy.load(f.read()))
 
 
 def _describe(model: dict[str, Any]) -> str:
