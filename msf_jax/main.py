@@ -2,16 +2,17 @@
 
 Trains MSF, resuming from the latest checkpoint in DIR. A misspelt `--config.` key is an
 error that names it (the config is locked). A config with `mode = 'evaluate'`
-(configs/eval.py) evaluates a frozen encoder instead (msf_jax.evaluate.run).
+(configs/eval.py) evaluates a frozen encoder instead (msf_jax.evaluate.run); `mode = 'demo'`
+(configs/demo.py) trains, then compares the trained encoder with a random one (msf_jax.demo).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msf_jax import distributed, train_loop
+from msf_jax import demo, distributed, train_loop
 from msf_jax.evaluate import run as evaluation
 
-MODES = {'train': train_loop.train, 'evaluate': evaluation.evaluate}
+MODES = {'train': train_loop.train, 'evaluate': evaluation.evaluate, 'demo': demo.run}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)

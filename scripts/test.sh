@@ -3,11 +3,5 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -r requirements-test.txt
-.venv/bin/python -m pip install --quiet --no-deps -e .
+bash scripts/setup_venv.sh requirements-test.txt
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,53 @@
+"""The offline demo: `python -m msf_jax.main --config=configs/demo.py` trains, evaluates the
+trained and a random encoder the same way and prints both side by side."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from msf_jax import load_config
+from msf_jax.demo import comparison_table
+
+from helpers import REPO
+
+DEMO_CONFIG = os.path.join(REPO, 'configs', 'demo.py')
+
+
+def test_comparison_table_lists_each_metric_for_each_encoder():
+  table = comparison_table({'trained': {'knn/majority/k=1': 0.95, 'transfer/x/regularization': 3},
+                            'random': {'knn/majority/k=1': 0.9, 'transfer/x/regularization': 1}})
+  header, row = table.splitlines()
+  assert header.split() == ['trained', 'random']
+  assert row.split() == ['knn/majority/k=1', '95.0%', '90.0%']
+
+
+def test_demo_config_evaluates_the_model_it_trains():
+  config = load_config(DEMO_CONFIG)
+  assert config.mode == 'demo' and config.data.source == 'digits'
+  assert config.evaluation.model == config.model
+  assert config.evaluation.image_size == config.image_size
+  assert set(config.evaluation.tasks.split(',')) == {'knn', 'linear_fast'}
+
+
+@pytest.mark.slow
+def test_demo_trains_then_compares_with_a_random_encoder(tmp_path):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  result = subprocess.run(
+      [sys.executable, '-m', 'msf_jax.main', f'--config={DEMO_CONFIG}', f'--workdir={tmp_path}',
+       '--config.num_epochs=1', '--config.evaluation.linear.epochs=2'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = result.stdout.split('MSF on digits')[1].splitlines()
+  assert table[1].split() == ['trained', 'random']
+  rows = {line.split()[0]: line.split()[1:] for line in table[2:] if line.strip()}
+  assert set(rows) == {'knn/majority/k=1', 'knn/majority/k=20', 'knn/weighted/k=1',
+                       'knn/weighted/k=20', 'linear_fast/top1', 'linear_fast/top5'}
+  for name, encoder_format in (('trained', 'msf_jax'), ('random', 'random')):
+    with open(tmp_path / f'eval_{name}' / 'eval_results.json') as f:
+      record = json.load(f)
+    assert record['checkpoint_format'] == encoder_format
+    assert record['results']['knn/majority/k=1'] > 0.5  # 10 classes: chance is 0.1
+  assert (tmp_path / 'checkpoints' / '44').is_dir()  # 1,437 images, batch 32: 44 steps
