@@ -29,6 +29,7 @@ from msf_jax.interop.__main__ import main as interop_main
 from msf_jax.models import build_networks
 
 from helpers import REPO, small_config
+from test_distributed import PROCESSES, free_port, run_processes, skip_without_cpu_collectives
 
 EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 WIDTH = 8  # first-stage channels: a ResNet-18 narrow enough for fast CPU tests
@@ -248,16 +249,20 @@ def test_unknown_task_is_named(tmp_path):
 
 
 def main_command(workdir, *settings):
+  """`python -m msf_jax.main` with the digits evaluation config and the narrow model."""
+  return [sys.executable, '-m', 'msf_jax.main', f'--config={EVAL_CONFIG}:digits',
+          f'--workdir={workdir}', f'--config.model.width={WIDTH}', *settings]
+
+
+def run_main(workdir, *settings):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  return subprocess.run(
-      [sys.executable, '-m', 'msf_jax.main', f'--config={EVAL_CONFIG}:digits',
-       f'--workdir={workdir}', f'--config.model.width={WIDTH}', *settings],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(main_command(workdir, *settings), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_main_evaluates_in_evaluate_mode(tmp_path):
-  result = main_command(tmp_path, '--config.checkpoint_format=random', '--config.tasks=knn',
+  result = run_main(tmp_path, '--config.checkpoint_format=random', '--config.tasks=knn',
                         '--config.data.max_examples=64')
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads((tmp_path / run.RESULTS_FILE).read_text())
@@ -265,7 +270,48 @@ def test_main_evaluates_in_evaluate_mode(tmp_path):
 
 
 def test_main_names_a_wrong_format_and_a_misspelt_key(tmp_path):
-  result = main_command(tmp_path, '--config.checkpoint_format=onnx')
+  result = run_main(tmp_path, '--config.checkpoint_format=onnx')
   assert result.returncode != 0 and "got 'onnx'" in result.stderr, result.stderr[-3000:]
-  result = main_command(tmp_path, '--config.knn.kss=1')
+  result = run_main(tmp_path, '--config.knn.kss=1')
   assert result.returncode != 0 and 'kss' in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_as_one_and_reuse_the_cache(tmp_path):
+  skip_without_cpu_collectives()
+  # A random encoder on 45 digits of each split (an odd count: padded batches on every host).
+  settings = ['--config.checkpoint_format=random', '--config.data.max_examples=45',
+              '--config.batch_size=16', '--config.tasks=knn']
+
+  def job():
+    port = free_port()
+    return run_processes([main_command(tmp_path, *settings,
+                                       f'--coordinator_address=127.0.0.1:{port}',
+                                       f'--num_processes={PROCESSES}', f'--process_id={p}')
+                          for p in range(PROCESSES)])
+
+  job()
+  cache = tmp_path / run.CACHE_DIR
+  written = {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
+  results = json.loads((tmp_path / run.RESULTS_FILE).read_text())['results']
+  assert len(list(tmp_path.glob('events.out.tfevents.*'))) == 1  # process 0 writes
+  job()  # every process finds both splits cached: no extraction, no rewrite
+  assert {path.name: path.stat().st_mtime_ns for path in cache.iterdir()} == written
+  assert json.loads((tmp_path / run.RESULTS_FILE).read_text())['results'] == results
+
+  single = tmp_path / 'single'
+  config = eval_config(checkpoint_format='random', tasks='knn', batch_size=16,
+                       **{'data.max_examples': 45})
+  one_process = run.evaluate(config, str(single))
+  # Features agree to float rounding, which may move a neighbour at the edge of k = 20 and
+  # so flip at most one of the 45 queries.
+  assert one_process.keys() == results.keys()
+  assert all(abs(one_process[key] - results[key]) <= 1 / 45 + 1e-9 for key in results)
+  for name in written:  # the same cache key, whatever the number of processes
+    with np.load(cache / name) as two, np.load(single / run.CACHE_DIR / name) as one:
+      # The same rows, in another order: the gather puts each host's share after the other.
+      distance = np.linalg.norm(two['features'][:, None] - one['features'][None], axis=-1)
+      match = distance.argmin(axis=1)
+      assert sorted(match) == list(range(45))
+      np.testing.assert_array_equal(two['labels'], one['labels'][match])
+      np.testing.assert_allclose(two['features'], one['features'][match], rtol=1e-5, atol=1e-6)
