@@ -1,0 +1,72 @@
+"""The Colab demo notebook: a clean nbformat-4 file whose code cells run top to bottom."""
+
+import ast
+import json
+import os
+import re
+import sys
+
+import pytest
+
+from helpers import REPO
+
+NOTEBOOK = os.path.join(REPO, 'notebooks', 'msf_demo.ipynb')
+INSTALL = 'pip install -r requirements.txt && pip install --no-deps -e .'
+EPOCHS_LINE = re.compile(r'^EPOCHS = \d+', re.MULTILINE)
+KNN_METRICS = {'knn/majority/k=1', 'knn/majority/k=20', 'knn/weighted/k=1', 'knn/weighted/k=20'}
+PROBE_METRICS = {'linear_probe/top1', 'linear_probe/top5'}
+
+
+def load_notebook() -> dict:
+  with open(NOTEBOOK, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def code_sources(notebook: dict) -> list[str]:
+  return [''.join(cell['source']) for cell in notebook['cells'] if cell['cell_type'] == 'code']
+
+
+def test_notebook_is_clean_nbformat_4():
+  notebook = load_notebook()
+  assert (notebook['nbformat'], notebook['nbformat_minor']) >= (4, 5)
+  assert notebook['metadata']['kernelspec']['language'] == 'python'
+  cells = notebook['cells']
+  assert len({cell['id'] for cell in cells}) == len(cells)  # nbformat 4.5: unique ids
+  for cell in cells:
+    assert cell['cell_type'] in ('markdown', 'code')
+    assert isinstance(cell['source'], list) and all(isinstance(s, str) for s in cell['source'])
+    if cell['cell_type'] == 'code':  # committed without outputs, so diffs stay readable
+      assert cell['outputs'] == [] and cell['execution_count'] is None
+
+
+def test_code_cells_are_plain_python():
+  """No shell or magic lines: every cell runs in Colab, Jupyter and this test alike."""
+  for source in code_sources(load_notebook()):
+    ast.parse(source)
+    assert not [line for line in source.splitlines() if line.lstrip().startswith(('!', '%'))]
+
+
+def test_first_cell_says_how_to_install(monkeypatch):
+  assert INSTALL in open(os.path.join(REPO, 'README.md'), encoding='utf-8').read()
+  monkeypatch.setitem(sys.modules, 'msf_jax', None)  # makes `import msf_jax` fail
+  with pytest.raises(ImportError, match=re.escape(INSTALL)):
+    exec(code_sources(load_notebook())[0], {})
+
+
+@pytest.mark.slow
+def test_notebook_trains_then_compares_with_a_random_encoder(capsys):
+  sources = code_sources(load_notebook())
+  assert sum(len(EPOCHS_LINE.findall(source)) for source in sources) == 1
+  namespace = {}
+  for source in sources:
+    exec(compile(EPOCHS_LINE.sub('EPOCHS = 1', source), NOTEBOOK, 'exec'), namespace)
+  output = capsys.readouterr().out
+  assert 'epoch   1  loss' in output and 'epoch   2' not in output
+  assert int(namespace['state'].step) == namespace['config'].steps_per_epoch == 44
+  results = namespace['results']
+  assert set(results) == {'trained', 'random'}
+  for accuracies in results.values():
+    assert set(accuracies) == KNN_METRICS | PROBE_METRICS
+    assert all(0 < value <= 1 for value in accuracies.values())
+    assert accuracies['knn/majority/k=1'] > 0.5  # 10 classes: chance is 0.1
+  assert output.rstrip().splitlines()[-7].split() == ['trained', 'random']
