@@ -57,6 +57,21 @@ def test_official_checkpoint_round_trips(tmp_path, reference, wrap):
       np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
+def test_narrow_model_round_trips_with_its_architecture():
+  from msf_jax import create_state
+  config = small_config(image_size=32, small_stem=True, bank_size=16)
+  config.model.width = 8
+  state = create_state(config, jax.random.key(1))
+  official = tc.state_to_official(state)
+  inferred = tc.config_for_checkpoint(small_config(depth=50), official)
+  assert (inferred.model.depth, inferred.model.small_stem, inferred.model.width,
+          inferred.msf.bank_size) == (18, True, 8, 16)
+  template = create_state(inferred, jax.random.key(2))
+  back = tc.state_to_official(tc.state_from_official(official, template))
+  for key, value in official.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
 def test_exported_backbone_loads_into_a_torchvision_resnet(tmp_path, reference):
   path = save(tmp_path / 'ckpt.pth.tar', reference.state_dict())
   state, _ = tc.load_official_checkpoint(path, small_config(), jax.random.key(0))

@@ -90,7 +90,8 @@ def infer_backbone(state_dict: Mapping[str, np.ndarray], prefix: str = '') -> di
 
 
 def infer_model(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Depth, stem and bank size of an official state dict, read from its keys and shapes."""
+  """Depth, stem, width and bank size of an official state dict, read from its keys and
+  shapes."""
   return {**infer_backbone(state_dict, ONLINE), 'bank_size': int(state_dict['queue'].shape[0])}
 
 
@@ -99,7 +100,8 @@ def config_for_checkpoint(config: ml_collections.ConfigDict,
   """A copy of `config` whose architecture and bank size are those of the checkpoint."""
   model = infer_model(state_dict)
   config = config.copy_and_resolve_references()
-  config.model.depth, config.model.small_stem = model['depth'], model['small_stem']
+  for key in ('depth', 'small_stem', 'width'):
+    config.model[key] = model[key]
   config.msf.bank_size = model['bank_size']
   return config
 
