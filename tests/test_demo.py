@@ -51,3 +51,5 @@ def test_demo_trains_then_compares_with_a_random_encoder(tmp_path):
     assert record['checkpoint_format'] == encoder_format
     assert record['results']['knn/majority/k=1'] > 0.5  # 10 classes: chance is 0.1
   assert (tmp_path / 'checkpoints' / '44').is_dir()  # 1,437 images, batch 32: 44 steps
+  # The kNN monitor ran at the last step and wrote its accuracy with the training metrics.
+  assert '[44] monitor/knn_k20=' in result.stderr
