@@ -39,5 +39,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.evaluation = load_config(os.path.join(CONFIGS, 'eval.py'), 'digits')
   config.evaluation.model = config.model
-  config.evaluation.image_size = config.image_size
+  config.evaluation.image_size = config.get_ref('image_size')
   return config

@@ -97,7 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   if config.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
   monitor_every = config.monitor.knn_every_epochs * config.steps_per_epoch
-  monitor = knn_monitor(config, mesh) if monitor_every else None
+  monitor = knn_monitor(config, mesh, split) if monitor_every else None
   stop = _StopRequest()
   window_start, data_wait, pending = time.perf_counter(), 0.0, []
   try:
@@ -122,7 +122,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
         writer.write_scalars(step, summary)
         window_start, data_wait, pending = time.perf_counter(), 0.0, []
       if monitor and (step % monitor_every == 0 or step == total_steps):
+        monitor_start = time.perf_counter()
         writer.write_scalars(step, monitor(state))
+        window_start += time.perf_counter() - monitor_start  # not training time
       if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
         # Never save a non-finite state: the latest checkpoint stays the last good one.
         last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0

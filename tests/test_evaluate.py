@@ -77,7 +77,7 @@ def test_knn_monitor_finds_each_training_image_as_its_own_neighbour():
   config.monitor.split, config.monitor.ks = 'train', (1, 20)
   config.monitor.num_train = config.monitor.num_queries = 40
   state = create_state(config, jax.random.key(0))
-  accuracy = knn_monitor(config, make_mesh(jax.devices()[:8]))(state)
+  accuracy = knn_monitor(config, make_mesh(jax.devices()[:8]), sources.digits('train', 24))(state)
   # Queries are the bank's own images: 1-NN is each image itself, so the labels must line up.
   assert accuracy['monitor/knn_k1'] == 1.0
   assert 0.0 < accuracy['monitor/knn_k20'] < 1.0

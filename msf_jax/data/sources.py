@@ -158,9 +158,11 @@ def tfds_split(name: str, split: str, data_dir: str | None = None,
 
 
 def take(split: Split, num_examples: int) -> Split:
-  """The first `num_examples` of a split (all of it if smaller), for quick evaluations such as
-  the training's kNN monitor. Every host keeps its share's first examples, so over all hosts
-  exactly `num_examples` are read."""
+  """`num_examples` of a split (all of it if smaller), for quick evaluations such as the
+  training's kNN monitor: every host keeps the first examples of its share, so over all hosts
+  exactly `num_examples` are read. On one host, or for sources whose hosts take every
+  process_count-th example (digits, folders), these are the split's first; TFDS gives each
+  host a contiguous block, so there the subset depends on the number of hosts."""
   if num_examples >= split.num_examples:
     return split
 

@@ -52,12 +52,14 @@ def extract_features(variables: dict, split: Split, config: ml_collections.Confi
 
 def fingerprint(variables: dict, split: Split, config: ml_collections.ConfigDict) -> str:
   """A digest of everything the features depend on: every weight, the split (name and size),
-  the image size, the model settings and the backend (which resolves dtype 'auto'). Another
-  checkpoint, split or view never gets another's features."""
+  the image size, the model settings, the backend (which resolves dtype 'auto') and the
+  process count (a `sources.take` subset of TFDS depends on it). Another checkpoint, split
+  or view never gets another's features."""
   digest = hashlib.sha256(json.dumps(
       {'version': CACHE_VERSION, 'split': split.name, 'num_examples': split.num_examples,
        'image_size': config.image_size, 'model': config.model.to_dict(),
-       'backend': jax.default_backend()}, sort_keys=True, default=str).encode())
+       'backend': jax.default_backend(), 'processes': jax.process_count()},
+      sort_keys=True, default=str).encode())
   for path, value in sorted(traverse_util.flatten_dict(jax.device_get(variables)).items()):
     value = np.ascontiguousarray(value)
     digest.update(f'{"/".join(path)}:{value.dtype}:{value.shape}'.encode())

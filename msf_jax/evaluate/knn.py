@@ -16,12 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msf_jax.mean_shift import l2_normalize
+
 VOTES = ('majority', 'weighted')
 DEFAULT_TEMPERATURE = 0.07
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _merge_top_k(best: tuple[jax.Array, jax.Array], candidates: tuple[jax.Array, jax.Array],
@@ -44,12 +42,12 @@ def _chunk_neighbours(queries: jax.Array, train: jax.Array, k: int, train_chunk_
   the previous chunk are masked with -inf similarity."""
   num_train = train.shape[0]
   chunk = min(train_chunk_size, num_train)
-  queries = _normalize(queries)
+  queries = l2_normalize(queries)
 
   def scan_chunk(best, chunk_index):
     first = chunk_index * chunk
     start = jnp.minimum(first, num_train - chunk)
-    rows = _normalize(jax.lax.dynamic_slice_in_dim(train, start, chunk))
+    rows = l2_normalize(jax.lax.dynamic_slice_in_dim(train, start, chunk))
     index = start + jnp.arange(chunk, dtype=jnp.int32)
     similarity = jnp.where(index >= first, queries @ rows.T, -jnp.inf)
     chunk_best = jax.lax.top_k(similarity, min(k, chunk))

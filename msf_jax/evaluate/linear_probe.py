@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from msf_jax.data import pipeline
 from msf_jax.data.sources import Split
 from msf_jax.evaluate.features import extract_features
+from msf_jax.mean_shift import l2_normalize
 from msf_jax.models import build_networks
 from msf_jax.models.layers import TorchDense
 from msf_jax.sharding import batch_sharded, put_replicated, replicated
@@ -30,10 +31,6 @@ from msf_jax.sharding import batch_sharded, put_replicated, replicated
 VARIANCE_EPSILON = 1e-5
 TOP_K = (1, 5)
 Params = Any
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def standardization(train_features: np.ndarray, rows_per_pass: int = 65536
@@ -55,7 +52,7 @@ def standardization(train_features: np.ndarray, rows_per_pass: int = 65536
 
 def _standardize(features: jax.Array, stats: tuple[jax.Array, jax.Array]) -> jax.Array:
   mean, inv_std = stats
-  return (_l2_normalize(features.astype(jnp.float32)) - mean) * inv_std
+  return (l2_normalize(features.astype(jnp.float32)) - mean) * inv_std
 
 
 def _linear(num_classes: int) -> TorchDense:

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from msf_jax.checkpoint import manager_directory
 from msf_jax.data import sources
 from msf_jax.evaluate import encoders
 from msf_jax.evaluate.features import cached_features, write_atomically
@@ -102,7 +103,7 @@ def _report(results: dict[str, float], config: ml_collections.ConfigDict, workdi
   if jax.process_index() == 0:
     record = {
         'results': results,
-        'checkpoint': os.path.abspath(config.checkpoint) if config.checkpoint else '',
+        'checkpoint': manager_directory(config.checkpoint) if config.checkpoint else '',
         'checkpoint_format': config.checkpoint_format, 'encoder': config.encoder,
         'step': config.get('step'), 'dataset': _dataset_name(config.data),
         'splits': [config.data.train_split, config.data.test_split],

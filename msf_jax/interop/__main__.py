@@ -16,6 +16,7 @@ import sys
 
 import jax
 import numpy as np
+import tensorflow as tf
 
 from msf_jax.config_utils import load_config
 from msf_jax.evaluate import encoders
@@ -40,7 +41,7 @@ def summary(args) -> None:
 
 
 def export_backbone(args) -> None:
-  source_format = 'msf_jax' if os.path.isdir(args.checkpoint) else 'official'
+  source_format = 'msf_jax' if tf.io.gfile.isdir(args.checkpoint) else 'official'
   tensors = encoders.backbone_state_dict(args.checkpoint, source_format, args.encoder,
                                          args.step)
   model = tc.infer_backbone(tensors)
