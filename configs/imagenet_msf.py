@@ -45,6 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.msf.topk = 5
   config.msf.bank_size = 1_024_000
   config.msf.ema_momentum = 0.99
+  # k grows linearly from 1 (BYOL's loss) to topk over this many epochs; 0 (the paper):
+  # topk from the first step.
+  config.msf.topk_ramp_epochs = 0
   config.msf.bank_chunk_size = 128_000  # 0 searches the whole bank in one product.
 
   config.optim = ml_collections.ConfigDict()

@@ -78,16 +78,53 @@ def nearest_neighbors(queries: jax.Array, bank: jax.Array, k: int,
   return indices
 
 
-def mean_shift_loss(predictions: jax.Array, neighbors: jax.Array) -> jax.Array:
+def ramped_topk(step: jax.Array, topk: int, ramp_epochs: int, steps_per_epoch: int
+                ) -> jax.Array:
+  """The k of a step under a linear ramp: 1 in the first epoch, growing by epoch to `topk`
+  after `ramp_epochs` epochs (BYOL's loss first, mean shift once the bank has structure)."""
+  epoch = step // steps_per_epoch
+  return jnp.minimum(1 + (topk - 1) * epoch // ramp_epochs, topk).astype(jnp.int32)
+
+
+def active_neighbors(count: jax.Array, k: int) -> jax.Array:
+  """[k] bool: the first `count` of k neighbours (sorted nearest first) take part."""
+  return jnp.arange(k) < count
+
+
+def _mean_over_active(values: jax.Array, active: jax.Array | None) -> jax.Array:
+  """Mean over the batch of the per-row mean over the active neighbours (all when None)."""
+  if active is None:
+    return jnp.mean(values)
+  weights = active.astype(values.dtype)
+  return jnp.mean(jnp.sum(values * weights, axis=1) / jnp.sum(weights))
+
+
+def mean_shift_loss(predictions: jax.Array, neighbors: jax.Array,
+                    active: jax.Array | None = None) -> jax.Array:
   """Mean over the batch and the k neighbours of the squared distance 2 - 2 v.z.
 
-  predictions: [B, D] unit online predictions v; neighbors: [B, k, D] unit bank rows.
+  predictions: [B, D] unit online predictions v; neighbors: [B, k, D] unit bank rows;
+  active: optional [k] mask of the neighbours that count (a k schedule), nearest first.
   """
   similarity = jnp.einsum('bd,bkd->bk', predictions, neighbors,
                           precision=jax.lax.Precision.HIGHEST)
-  return jnp.mean(2.0 - 2.0 * similarity)
+  return _mean_over_active(2.0 - 2.0 * similarity, active)
 
 
-def purity(query_labels: jax.Array, neighbor_labels: jax.Array) -> jax.Array:
-  """Mean fraction of the k neighbours whose stored label equals the query's label."""
-  return jnp.mean((neighbor_labels == query_labels[:, None]).astype(jnp.float32))
+def purity(query_labels: jax.Array, neighbor_labels: jax.Array,
+           active: jax.Array | None = None) -> jax.Array:
+  """Mean fraction of the (active) neighbours whose stored label equals the query's label."""
+  return _mean_over_active(
+      (neighbor_labels == query_labels[:, None]).astype(jnp.float32), active)
+
+
+def drop_own_rows(neighbor_idx: jax.Array, own_rows: jax.Array) -> jax.Array:
+  """[B, n - 1] neighbour indices without each query's own bank row, order kept.
+
+  The official search runs after the enqueue, so each query's nearest row is normally its
+  own embedding, which makes the official purity 1.0 at k = 1 and inflates it at every k.
+  Where the own row is missing (a tie), the farthest of the n is dropped instead.
+  """
+  is_own = neighbor_idx == own_rows[:, None]
+  order = jnp.argsort(is_own, axis=1, stable=True)  # others first, own row last
+  return jnp.take_along_axis(neighbor_idx, order, axis=1)[:, :-1]

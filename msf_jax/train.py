@@ -31,6 +31,9 @@ def make_train_step_fn(config: ml_collections.ConfigDict
   schedule = learning_rate_schedule(config)
   ema_momentum = config.msf.ema_momentum
   topk, chunk_size = config.msf.topk, config.msf.bank_chunk_size
+  # One more row than the loss uses when k = 1, so that `purity_others` has a neighbour.
+  search_k = max(topk, 2)
+  ramp_epochs = config.msf.topk_ramp_epochs
 
   def train_step(state: MSFState, batch: Batch) -> tuple[MSFState, Metrics]:
     # 1. Target <- m * target + (1 - m) * online, parameters only (official order: first).
@@ -44,9 +47,18 @@ def make_train_step_fn(config: ml_collections.ConfigDict
     targets = jax.lax.stop_gradient(mean_shift.l2_normalize(_as_float(target_out)))
 
     # 3. Enqueue before the search: each target is its own nearest neighbour.
+    own_rows = state.bank_ptr + jnp.arange(targets.shape[0], dtype=state.bank_ptr.dtype)
     bank = mean_shift.enqueue(state.memory_bank, targets, batch['label'])
-    neighbor_idx = mean_shift.nearest_neighbors(targets, bank.embeddings, topk, chunk_size)
+    found = mean_shift.nearest_neighbors(targets, bank.embeddings, search_k, chunk_size)
+    neighbor_idx = found[:, :topk]
     neighbors = bank.embeddings[neighbor_idx]  # [B, k, D]
+    others_idx = mean_shift.drop_own_rows(found, own_rows)  # [B, search_k - 1]
+    if ramp_epochs:  # a k schedule: only the nearest k_t of the k neighbours count
+      k_t = mean_shift.ramped_topk(state.step, topk, ramp_epochs, config.steps_per_epoch)
+      active = mean_shift.active_neighbors(k_t, topk)
+      others_active = mean_shift.active_neighbors(jnp.maximum(k_t - 1, 1), search_k - 1)
+    else:  # the paper: all k, and the plain mean (bit-identical to the official loss)
+      k_t, active, others_active = jnp.asarray(topk, jnp.int32), None, None
 
     # 4. Online prediction of the online view, pulled toward the target's neighbours.
     def loss_fn(trainable):
@@ -57,7 +69,7 @@ def make_train_step_fn(config: ml_collections.ConfigDict
           {'params': trainable['predictor'], 'batch_stats': state.predictor_batch_stats},
           projection, train=True, mutable=['batch_stats'])
       predictions = mean_shift.l2_normalize(_as_float(prediction))
-      loss = mean_shift.mean_shift_loss(predictions, neighbors.astype(predictions.dtype))
+      loss = mean_shift.mean_shift_loss(predictions, neighbors.astype(predictions.dtype), active)
       return loss, (online_vars['batch_stats'], predictor_vars['batch_stats'])
 
     (loss, (online_stats, predictor_stats)), grads = jax.value_and_grad(
@@ -80,7 +92,12 @@ def make_train_step_fn(config: ml_collections.ConfigDict
     )
     metrics = {
         'loss': loss,
-        'purity': mean_shift.purity(batch['label'], bank.labels[neighbor_idx]),
+        # The official purity counts the query's own embedding (1.0 at k = 1); the other
+        # one is the purity of the loss's neighbours besides it (at k = 1, the nearest other).
+        'purity': mean_shift.purity(batch['label'], bank.labels[neighbor_idx], active),
+        'purity_others': mean_shift.purity(batch['label'], bank.labels[others_idx],
+                                           others_active),
+        'topk': k_t,
         'lr': jnp.asarray(schedule(state.step), jnp.float32),
     }
     return new_state, metrics

@@ -90,3 +90,49 @@ def test_loss_gradient_reaches_only_the_predictions():
   predictions, neighbors = unit_rows(rng, 4, 8), unit_rows(rng, 12, 8).reshape(4, 3, 8)
   grad = jax.grad(mean_shift.mean_shift_loss)(jnp.asarray(predictions), jnp.asarray(neighbors))
   np.testing.assert_allclose(grad, -2 * neighbors.mean(axis=1) / 4, rtol=1e-5, atol=1e-7)
+
+
+def test_drop_own_rows_keeps_the_other_neighbours_in_order():
+  neighbor_idx = jnp.asarray([[7, 3, 9], [4, 8, 5], [1, 2, 6]])
+  own_rows = jnp.asarray([7, 8, 0])  # first, middle, absent (a tie pushed it out)
+  np.testing.assert_array_equal(mean_shift.drop_own_rows(neighbor_idx, own_rows),
+                                [[3, 9], [4, 5], [1, 2]])
+
+
+def test_purity_of_the_others_excludes_the_query_itself():
+  """After the enqueue the official purity counts each query's own row: 1.0 at k = 1 and
+  at least 1/k at any k. Without it, purity measures the neighbours the loss pulls toward."""
+  rng = np.random.default_rng(5)
+  bank = mean_shift.init_bank(jax.random.key(2), 32, 8)
+  bank = mean_shift.enqueue(bank, jnp.asarray(unit_rows(rng, 16, 8)), jnp.arange(16) % 4)
+  targets = jnp.asarray(unit_rows(rng, 8, 8))
+  labels = jnp.arange(8) % 4
+  own_rows = 16 + jnp.arange(8)
+  bank = mean_shift.enqueue(bank, targets, labels)
+  found = mean_shift.nearest_neighbors(targets, bank.embeddings, 3)
+  np.testing.assert_array_equal(found[:, 0], own_rows)
+  assert float(mean_shift.purity(labels, bank.labels[found[:, :1]])) == 1.0
+  others = np.asarray(mean_shift.drop_own_rows(found, own_rows))
+  stored = np.asarray(bank.labels)
+  expected = np.mean(stored[np.asarray(found)[:, 1:]] == np.asarray(labels)[:, None])
+  assert float(mean_shift.purity(labels, bank.labels[others])) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize('step, expected', [(0, 1), (9, 1), (10, 2), (29, 3), (40, 5),
+                                            (1000, 5)])
+def test_ramped_topk_grows_by_epoch_from_one_to_k(step, expected):
+  # k = 5 over 4 epochs of 10 steps: epochs 0, 1, 2, 3, 4+ use k = 1, 2, 3, 4, 5.
+  assert int(mean_shift.ramped_topk(jnp.asarray(step), 5, 4, 10)) == expected
+
+
+def test_loss_and_purity_with_inactive_neighbours_count_only_the_nearest():
+  rng = np.random.default_rng(6)
+  predictions, neighbors = unit_rows(rng, 4, 8), unit_rows(rng, 20, 8).reshape(4, 5, 8)
+  active = mean_shift.active_neighbors(jnp.asarray(2), 5)
+  np.testing.assert_array_equal(active, [True, True, False, False, False])
+  masked = mean_shift.mean_shift_loss(jnp.asarray(predictions), jnp.asarray(neighbors), active)
+  nearest_two = mean_shift.mean_shift_loss(jnp.asarray(predictions), jnp.asarray(neighbors[:, :2]))
+  np.testing.assert_allclose(float(masked), float(nearest_two), rtol=1e-6)
+  labels, neighbor_labels = jnp.asarray([0, 1, 2, 3]), jnp.asarray(rng.integers(0, 4, (4, 5)))
+  np.testing.assert_allclose(float(mean_shift.purity(labels, neighbor_labels, active)),
+                             float(mean_shift.purity(labels, neighbor_labels[:, :2])), rtol=1e-6)

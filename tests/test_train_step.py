@@ -70,8 +70,30 @@ def test_step_updates_bank_pointer_target_and_metrics():
   np.testing.assert_array_equal(leaf(initial.target_params), leaf(initial.online_params))
   assert not np.allclose(leaf(state.target_params), leaf(initial.target_params))
   for m in metrics:
-    assert np.isfinite(m['loss']) and 0 <= m['purity'] <= 1
-    assert m['lr'] == pytest.approx(0.05 * 8 / 256)
+    assert np.isfinite(m['loss']) and 0 <= m['purity'] <= 1 and 0 <= m['purity_others'] <= 1
+    assert m['lr'] == pytest.approx(0.05 * 8 / 256) and m['topk'] == 5
+  # The batch repeats, so the second step's neighbours include the first step's copies:
+  # purity without the query's own row is then high, but never above the official one.
+  assert metrics[1]['purity_others'] <= metrics[1]['purity']
+
+
+def test_topk_ramp_starts_as_k_equals_one_and_reaches_k():
+  config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32)
+  config.msf.topk_ramp_epochs = 2  # 10 steps an epoch: k = 1, then 3, then 5 from step 20
+  batch = random_batch(np.random.default_rng(4), config)
+  ramped, ramped_metrics = run_steps(config, jax.devices()[:1], [batch])
+  config.msf.topk, config.msf.topk_ramp_epochs = 1, 0
+  byol, byol_metrics = run_steps(config, jax.devices()[:1], [batch])
+  assert ramped_metrics[0]['topk'] == 1 and ramped_metrics[0]['purity'] == 1.0
+  assert ramped_metrics[0]['loss'] == pytest.approx(byol_metrics[0]['loss'], rel=1e-6)
+  # The masked mean rounds differently from the plain one: near-zero BN biases move ~1e-6.
+  assert_trees_close(ramped.online_params, byol.online_params, rtol=1e-4)
+
+  config.msf.topk, config.msf.topk_ramp_epochs = 5, 2
+  mesh = make_mesh(jax.devices()[:1])
+  state = put_replicated(create_state(config, jax.random.key(0)).replace(step=20), mesh)
+  _, metrics = make_train_step(config, mesh)(state, put_batch(batch, mesh))
+  assert int(metrics['topk']) == 5
 
 
 def test_schedules():
