@@ -18,7 +18,8 @@ backbone with the evaluation program (kNN and the linear probe on cached feature
 Resumable: each run writes OUT/runs/<dataset>/<setting>/seed<S>.json when it is done and is
 skipped when that file exists; an interrupted run resumes from its last checkpoint. Runs go
 two at a time, each process pinned to its own core (1.8x the throughput of one process on
-two cores, measured). The report writes OUT/study.md (tables) and OUT/curves_<dataset>.png.
+two cores, measured). The report writes OUT/study.md (tables) and the learning curves as
+benchmarks/small_data_study_<dataset>.png.
 """
 
 import argparse
@@ -76,11 +77,16 @@ FACTORS = {  # the levels tried for each knob; the base's level is among them
 }
 
 
-def one_factor_settings() -> list[Setting]:
+# The factors varied on each data set: all on digits; on textures the two with the clearest
+# effect on digits (bank size, target momentum and the k ramp stay at the base's levels).
+VARIED = {'digits': tuple(FACTORS), 'textures': ('topk', 'base_lr')}
+
+
+def one_factor_settings(factors=tuple(FACTORS)) -> list[Setting]:
   """The base, then every other level of one factor at a time."""
   settings = [BASE]
-  for factor, levels in FACTORS.items():
-    settings += [dataclasses.replace(BASE, **{factor: level}) for level in levels
+  for factor in factors:
+    settings += [dataclasses.replace(BASE, **{factor: level}) for level in FACTORS[factor]
                  if level != getattr(BASE, factor)]
   return settings
 
@@ -262,7 +268,8 @@ def combined_setting(out: str, dataset: str) -> Setting:
   """Every factor at its best-scoring level (a tie keeps the base's level)."""
   records = load_records(out, dataset)
   best = {}
-  for factor, levels in FACTORS.items():
+  for factor in VARIED[dataset]:
+    levels = FACTORS[factor]
     names = {level: dataclasses.replace(BASE, **{factor: level}).name for level in levels}
     scored = [(score(records[names[level]]), level == getattr(BASE, factor), level)
               for level in levels if names[level] in records]  # a failed run is left out
@@ -293,7 +300,7 @@ def run_study(datasets: list[str], out: str, workers: int, epochs: int) -> None:
   """Every one-factor run, then each data set's combination of the best levels as soon as
   that data set's one-factor runs are done (before other data sets' remaining runs), with
   `workers` processes at a time, each pinned to one core."""
-  pending = [(d, s, seed) for d in datasets for s in one_factor_settings()
+  pending = [(d, s, seed) for d in datasets for s in one_factor_settings(VARIED[d])
              for seed in (SEEDS if s == BASE else VARIATION_SEEDS[d])]
   combined: set[str] = set()
   running: set[tuple[str, Setting, int]] = set()
@@ -348,7 +355,8 @@ def _mean_std_min(values: list[float]) -> str:
 def _label(setting: Setting) -> str:
   changed = [f'{f}={getattr(setting, f):g}' for f in FACTORS
              if getattr(setting, f) != getattr(BASE, f)]
-  return ', '.join(changed) or 'base'
+  prefix = 'combination: ' if len(changed) > 1 else ''
+  return prefix + ', '.join(changed) if changed else 'base (k=5, lr 0.3, bank 1x, m 0.99)'
 
 
 def table(out: str, dataset: str) -> str:
@@ -362,7 +370,10 @@ def table(out: str, dataset: str) -> str:
       _mean_std_min([r[key] for r in randoms]) for _, key in METRICS) + ' | | |')
   lines.append('| raw pixels | - | ' + ' | '.join(
       f'{100 * base["raw_pixels"][key]:.1f}' for _, key in METRICS) + ' | | |')
-  for name, records in load_records(out, dataset).items():
+  records_by_name = load_records(out, dataset)
+  order = {s.name: i for i, s in enumerate(one_factor_settings(VARIED[dataset]))}
+  for name in sorted(records_by_name, key=lambda name: order.get(name, len(order))):
+    records = records_by_name[name]
     setting = Setting(**records[0]['setting'])
     margins = [min(100 * (r['results'][key] - random_mean[key]) for r in records)
                for key in ('knn/majority/k=1', 'knn/majority/k=20')]
@@ -373,7 +384,7 @@ def table(out: str, dataset: str) -> str:
   return '\n'.join(lines)
 
 
-def plot(out: str, dataset: str) -> str:
+def plot(out: str, dataset: str, figures: str) -> str:
   """One row per factor: the 20-NN monitor and purity_others over epochs, mean over seeds
   (lines) and the seeds' range (band), the base in black."""
   import matplotlib
@@ -384,8 +395,10 @@ def plot(out: str, dataset: str) -> str:
                         for s in SEEDS])
   panels = (('monitor/knn_k20', '20-NN accuracy (test, kNN monitor)'),
             ('purity_others', 'purity of the other neighbours'))
-  figure, axes = plt.subplots(len(FACTORS), 2, figsize=(11, 3.1 * len(FACTORS)), squeeze=False)
-  for row, (factor, levels) in enumerate(FACTORS.items()):
+  factors = VARIED[dataset]
+  figure, axes = plt.subplots(len(factors), 2, figsize=(11, 3.1 * len(factors)), squeeze=False)
+  for row, factor in enumerate(factors):
+    levels = FACTORS[factor]
     for column, (tag, title) in enumerate(panels):
       axis = axes[row, column]
       for level in levels:
@@ -393,8 +406,10 @@ def plot(out: str, dataset: str) -> str:
         if not runs:
           continue
         per_epoch = runs[0]['steps_per_epoch']
-        steps = [s for s, _ in runs[0]['curves'][tag]]
-        values = np.array([[v for _, v in r['curves'][tag]] for r in runs])
+        # Steps every run logged (a resumed run also logged the step it was stopped at).
+        curves = [dict(r['curves'][tag]) for r in runs]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = np.array([[c[step] for step in steps] for c in curves])
         epochs = np.asarray(steps) / per_epoch
         is_base = level == getattr(BASE, factor)
         line, = axis.plot(epochs, values.mean(0), color='black' if is_base else None,
@@ -407,17 +422,17 @@ def plot(out: str, dataset: str) -> str:
       axis.set_xlabel('epoch', fontsize=8)
       axis.legend(fontsize=7)
   figure.tight_layout()
-  path = os.path.join(out, f'curves_{dataset}.png')
+  path = os.path.join(figures, f'small_data_study_{dataset}.png')
   figure.savefig(path, dpi=80)
   plt.close(figure)
   return path
 
 
-def report(out: str, datasets: list[str]) -> None:
+def report(out: str, datasets: list[str], figures: str) -> None:
   sections = []
   for dataset in datasets:
     sections.append(f'### {dataset}\n\n{table(out, dataset)}\n\n'
-                    f'![{dataset}]({os.path.basename(plot(out, dataset))})\n')
+                    f'![{dataset}]({os.path.basename(plot(out, dataset, figures))})\n')
   with open(os.path.join(out, 'study.md'), 'w') as f:
     f.write('\n'.join(sections))
   print('\n'.join(sections))
@@ -428,6 +443,8 @@ def main() -> None:
   parser.add_argument('--out', default=os.path.join(REPO, 'runs', 'small_data_study'),
                       help='records, logs, run directories, study.md and the plots')
   parser.add_argument('--datasets', nargs='+', default=['digits', 'textures'])
+  parser.add_argument('--figures', default=os.path.dirname(os.path.abspath(__file__)),
+                      help='where the learning-curve PNGs go (next to RESULTS.md)')
   parser.add_argument('--workers', type=int, default=2, help='runs at a time, one core each')
   parser.add_argument('--epochs', type=int, default=40, help="the demo's 40; fewer for a quick look")
   parser.add_argument('--report', action='store_true', help='only tables and plots')
@@ -446,7 +463,7 @@ def main() -> None:
     run_study(args.datasets, args.out, args.workers, args.epochs)
     for dataset in args.datasets:
       baselines(dataset, args.out)
-  report(args.out, args.datasets)
+  report(args.out, args.datasets, args.figures)
 
 
 if __name__ == '__main__':

@@ -1,5 +1,10 @@
 """MSF on scikit-learn's digits (offline, nothing to download): ResNet-18 with the small
-stem at 24 px, for quick runs and the tests of the training program. Everything else is
+stem at 24 px, for quick runs and the tests of the training program.
+
+k = 10, lr 0.3 x batch/256 and a bank of one train set (1,440 rows): the most robust setting
+of the small-data study (benchmarks/small_data_study.py; benchmarks/RESULTS.md): with its
+combination (also k = 10) the only setting whose 3 seeds all beat the random encoder by 5
+points or more at 1-NN and 20-NN; the paper's k = 5 varied most from seed to seed. Everything else is
 `imagenet_msf.py`'s."""
 
 import os
@@ -16,7 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_epochs = 1
   config.model.depth = 18
   config.model.small_stem = True
-  config.msf.bank_size = 256
+  config.optim.base_lr = 0.3  # 0.0375 at batch 32
+  config.msf.topk = 10
+  config.msf.bank_size = 1440  # one train set: 45 batches of 32
   config.msf.bank_chunk_size = 0
   config.data.source = 'digits'
   config.monitor.knn_every_epochs = 0

@@ -23,6 +23,17 @@ def comparison_table(results: dict[str, dict[str, float]]) -> str:
   return '\n'.join(lines)
 
 
+def settings_summary(config: ml_collections.ConfigDict) -> str:
+  """The MSF settings a run trained with, in words, so that its table says what it measured."""
+  msf = config.msf
+  k = f'k = {msf.topk}'
+  if msf.topk_ramp_epochs:
+    k += f' (from k = 1, growing over the first {msf.topk_ramp_epochs} epochs)'
+  return (f'MSF with {k}, a bank of {msf.bank_size:,} rows, lr {config.optim.base_lr:g} x '
+          f'batch/256, target momentum {msf.ema_momentum:g}, {config.num_epochs} '
+          f'epoch{"s" * (config.num_epochs != 1)}.')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
   """Trains (or resumes) in `workdir`, then evaluates the trained encoder and a random one
   with `config.evaluation`; each evaluation writes its JSON to workdir/eval_<name>."""
@@ -34,5 +45,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     eval_config.checkpoint_format = checkpoint_format
     results[name] = evaluation.evaluate(eval_config, os.path.join(workdir, f'eval_{name}'))
   print(f'\nMSF on digits, test split ({config.evaluation.encoder} backbone features):\n'
-        f'{comparison_table(results)}', flush=True)
+        f'{comparison_table(results)}\n{settings_summary(config)}\n{config.get("why", "")}',
+        flush=True)
   return results

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from msf_jax import load_config
-from msf_jax.demo import comparison_table
+from msf_jax.demo import comparison_table, settings_summary
 
 from helpers import REPO
 
@@ -42,7 +42,7 @@ def test_demo_trains_then_compares_with_a_random_encoder(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   table = result.stdout.split('MSF on digits')[1].splitlines()
   assert table[1].split() == ['trained', 'random']
-  rows = {line.split()[0]: line.split()[1:] for line in table[2:] if line.strip()}
+  rows = {line.split()[0]: line.split()[1:] for line in table[2:8]}
   assert set(rows) == {'knn/majority/k=1', 'knn/majority/k=20', 'knn/weighted/k=1',
                        'knn/weighted/k=20', 'linear_fast/top1', 'linear_fast/top5'}
   for name, encoder_format in (('trained', 'msf_jax'), ('random', 'random')):
@@ -50,6 +50,10 @@ def test_demo_trains_then_compares_with_a_random_encoder(tmp_path):
       record = json.load(f)
     assert record['checkpoint_format'] == encoder_format
     assert record['results']['knn/majority/k=1'] > 0.5  # 10 classes: chance is 0.1
+  config = load_config(DEMO_CONFIG)
+  config.num_epochs = 1
+  assert table[8] == settings_summary(config)  # which k, and the rest of the recipe
+  assert table[9] == config.why
   assert (tmp_path / 'checkpoints' / '44').is_dir()  # 1,437 images, batch 32: 44 steps
   # The kNN monitor ran at the last step and wrote its accuracy with the training metrics.
   assert '[44] monitor/knn_k20=' in result.stderr
