@@ -308,14 +308,14 @@ def run_study(datasets: list[str], out: str, workers: int, epochs: int) -> None:
 
   def next_job():
     with lock:
+      pending[:] = [job for job in pending if not _has_record(out, job)]
       for dataset in datasets:
         if dataset not in combined and not any(
             job[0] == dataset for job in pending + list(running)):
           combined.add(dataset)
           best = combined_setting(out, dataset)
-          pending[:0] = [(dataset, best, seed) for seed in SEEDS]
-      while pending and _has_record(out, pending[0]):
-        pending.pop(0)
+          pending[:0] = [job for job in ((dataset, best, seed) for seed in SEEDS)
+                         if not _has_record(out, job)]
       if not pending:
         return None if not running else 'wait'
       job = pending.pop(0)
