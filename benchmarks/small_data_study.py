@@ -325,7 +325,7 @@ def run_study(datasets: list[str], out: str, workers: int, epochs: int) -> None:
   def worker(core: int) -> None:
     while (job := next_job()) is not None:
       if job == 'wait':  # a combination waits for its data set's last runs
-        time.sleep(5)
+        time.sleep(0.5)
         continue
       try:
         _run_job(job, out, epochs, core)
