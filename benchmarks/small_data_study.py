@@ -141,7 +141,9 @@ def data_config(config, dataset: str, out: str) -> None:
 
 
 def train_size(dataset: str) -> int:
-  return {'digits': 1437, 'textures': TRAIN_PATCHES * len(TEXTURE_PHOTOS)}[dataset]
+  from msf_jax.data.sources import DIGITS_TRAIN_EXAMPLES
+  return {'digits': DIGITS_TRAIN_EXAMPLES,
+          'textures': TRAIN_PATCHES * len(TEXTURE_PHOTOS)}[dataset]
 
 
 # --- One run (in its own process) ----------------------------------------------------------

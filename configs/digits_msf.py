@@ -1,11 +1,11 @@
 """MSF on scikit-learn's digits (offline, nothing to download): ResNet-18 with the small
 stem at 24 px, for quick runs and the tests of the training program.
 
-k = 10, lr 0.3 x batch/256 and a bank of one train set (1,440 rows): the most robust setting
-of the small-data study (benchmarks/small_data_study.py; benchmarks/RESULTS.md): with its
-combination (also k = 10) the only setting whose 3 seeds all beat the random encoder by 5
-points or more at 1-NN and 20-NN; the paper's k = 5 varied most from seed to seed. Everything else is
-`imagenet_msf.py`'s."""
+k = 10, lr 0.3 x batch/256 and a bank of one train set (1,440 rows) were the most robust
+setting of the small-data study (benchmarks/small_data_study.py; benchmarks/RESULTS.md).
+With its combination (also k = 10) it was the only setting whose 3 seeds all beat the random
+encoder by 5 points or more at 1-NN and 20-NN; the paper's k = 5 varied most from seed to
+seed. Everything else is `imagenet_msf.py`'s."""
 
 import os
 
