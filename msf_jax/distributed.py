@@ -1,26 +1,77 @@
 """Multi-process start-up: `jax.distributed` on pods and clusters, nothing on one machine.
 
 One process runs per host (per GPU under SLURM); each sees its local devices, the mesh
-spans all of them, and each process reads its own share of the data. On Cloud TPU pod
-slices and SLURM allocations jax finds the coordinator, the process count and this
-process's index by itself; elsewhere all three are given explicitly (or none, to train on
-one machine). Cross-process collectives on the CPU use gloo, jax 0.10's default.
+spans all of them, and each process reads its own share of the data. On Cloud TPU VMs, in
+SLURM allocations and under Open MPI's mpirun jax finds the coordinator, the process count
+and this process's index by itself; elsewhere all three are given explicitly (or none, to
+train on one machine). Cross-process collectives on the CPU use gloo, jax 0.10's default.
 """
+
+import glob
+import os
+import pathlib
+from importlib.util import find_spec
 
 import jax
 from absl import logging
 
+# The variables jax 0.10's own detection (jax.distributed.initialize() with no arguments)
+# reads; a variable counts as soon as it is set, even to ''.
+_OMPI_URI = 'OMPI_MCA_orte_hnp_uri'  # set only under Open MPI's mpirun / mpiexec
+_SLURM_ENV = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+              'SLURM_LOCALID')
+_GKE_TPU_HOSTS_ENV = ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES')
+# jax counts TPU chips on the PCI bus: Google's vendor id (which gVNIC network cards share)
+# with the device id of a TPU chip (v3, plc, v4, v5p, v5e, v6e, 7x).
+_PCI_DEVICES = '/sys/bus/pci/devices'
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+_TPU_PCI_DEVICE_IDS = frozenset({'0x0027', '0x0056', '0x005e', '0x0062', '0x0063', '0x006f',
+                                 '0x0076'})
+
+
+def _is_tpu_chip(pci_device: str) -> bool:
+  """Whether a PCI device folder is a TPU chip: Google's vendor id alone is not enough."""
+  def read(name: str) -> str:
+    return pathlib.Path(pci_device, name).read_text().strip()
+  return read('vendor') == _GOOGLE_PCI_VENDOR and read('device') in _TPU_PCI_DEVICE_IDS
+
+
+def _libtpu_found() -> bool:
+  """libtpu as jax looks for it: a file named by TPU_LIBRARY_PATH, else the libtpu package."""
+  return (os.path.isfile(os.environ.get('TPU_LIBRARY_PATH', ''))
+          or find_spec('libtpu') is not None)
+
+
+def _running_in_cloud_tpu_vm() -> bool:
+  """Whether jax takes this machine for a Cloud TPU VM, the only place its TPU clusters exist:
+  libtpu is found and TPU chips are attached, or JAX_FORCE_TPU_INIT says so regardless."""
+  if 'JAX_FORCE_TPU_INIT' in os.environ:
+    return True
+  return _libtpu_found() and any(
+      _is_tpu_chip(os.path.dirname(vendor)) for vendor in glob.glob(f'{_PCI_DEVICES}/*/vendor'))
+
 
 def detected_cluster() -> str | None:
-  """The cluster environment `jax.distributed.initialize()` would configure itself from
-  ('gcetpu', 'gketpu', 'slurm', 'ompi', ...), or None on a plain machine.
+  """The cluster environment `jax.distributed.initialize()` would configure itself from:
+  'ompi', 'slurm', 'gketpu' or 'gcetpu' (checked in jax's order), or None on a plain machine.
 
-  jax keeps its detection private; opt-in methods (mpi4py) are never picked implicitly,
-  as in `jax.distributed.initialize`."""
-  from jax._src import clusters
-  for cluster in clusters.ClusterEnv._cluster_types:
-    if not cluster.opt_in_only_method and cluster.is_env_present():
-      return cluster.name
+  jax keeps its detection private; its rules are repeated here, read from the environment, so
+  that we join a job exactly when jax can configure itself. On a Cloud TPU VM without GKE's
+  worker list jax also asks the GCE metadata server for this host's worker number; that needs
+  the network, so it is taken as given (every TPU VM has one) unless TPU_SKIP_MDS_QUERY is set.
+  Not detected: Kubernetes jobs (jax detects them only when the kubernetes package is
+  installed) and mpi4py (opt-in in jax, never picked by `jax.distributed.initialize()` alone);
+  there, give the three values explicitly."""
+  if _OMPI_URI in os.environ:
+    return 'ompi'
+  if all(name in os.environ for name in _SLURM_ENV):
+    return 'slurm'
+  if not _running_in_cloud_tpu_vm():
+    return None
+  if any(name in os.environ for name in _GKE_TPU_HOSTS_ENV):
+    return 'gketpu'
+  if 'TPU_SKIP_MDS_QUERY' not in os.environ:
+    return 'gcetpu'
   return None
 
 
@@ -38,8 +89,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """Joins this process to a multi-process job before anything touches the backend.
 
   All three arguments or none: with all three they are passed to `jax.distributed`; with
-  none, a Cloud TPU pod slice or a SLURM job is detected and configures itself, and on a
-  plain machine nothing happens (one process with its local devices).
+  none, a cluster jax knows (`detected_cluster`: a Cloud TPU VM, a SLURM job, an Open MPI
+  launch) configures itself, and on a plain machine nothing happens (one process with its
+  local devices).
   """
   given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
            'process_id': process_id}

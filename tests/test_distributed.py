@@ -28,36 +28,106 @@ WORKER = os.path.join(REPO, 'tests', 'distributed_worker.py')
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 FOLDER_IMAGES = 27  # one image per class, so a label names its image; 27 = 3 x 8 + 3
 JOB_TIMEOUT_S = 600
-CLUSTER_ENV = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
-               'SLURM_LOCALID', 'OMPI_MCA_orte_hnp_uri', 'KUBERNETES_SERVICE_HOST')
+SLURM = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[003-004]', 'SLURM_NTASKS': '2',
+         'SLURM_PROCID': '1', 'SLURM_LOCALID': '0'}
+OMPI = {'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.96.0.1:34911'}
+GKE_HOSTS = ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES')
+CLUSTER_ENV = (*SLURM, *OMPI, *GKE_HOSTS, 'TPU_SKIP_MDS_QUERY', 'JAX_FORCE_TPU_INIT',
+               'TPU_LIBRARY_PATH', 'KUBERNETES_SERVICE_HOST')
 
 
 # --- Start-up rules (no second process) -----------------------------------------------------
 
 
 @pytest.fixture
-def joins(monkeypatch):
-  """Records the calls to jax.distributed.initialize instead of joining a job."""
-  calls = []
-  monkeypatch.setattr(jax.distributed, 'initialize', lambda *args: calls.append(args))
+def clean_env(monkeypatch):
+  """No cluster variables, whatever the machine running the tests has set."""
   for name in CLUSTER_ENV:
     monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def joins(monkeypatch, clean_env):
+  """Records the calls to jax.distributed.initialize instead of joining a job, on a machine
+  that is no Cloud TPU VM until a test says otherwise."""
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *args: calls.append(args))
+  monkeypatch.setattr(distributed, '_running_in_cloud_tpu_vm', lambda: False)
   return calls
 
 
-def test_plain_machine_stays_a_single_process(joins):
+@pytest.mark.parametrize('tpu_vm, env, cluster', [
+    (False, OMPI, 'ompi'),
+    (False, SLURM, 'slurm'),
+    (False, {**SLURM, **OMPI}, 'ompi'),  # jax's order
+    (True, SLURM, 'slurm'),
+    (True, {'TPU_WORKER_HOSTNAMES': 't1v-n-0,t1v-n-1'}, 'gketpu'),
+    (True, {'TPU_PROCESS_ADDRESSES': '10.0.0.2:8476,10.0.0.3:8476'}, 'gketpu'),
+    (True, {'TPU_WORKER_HOSTNAMES': 't1v-n-0', 'TPU_SKIP_MDS_QUERY': '1'}, 'gketpu'),
+    (True, {}, 'gcetpu'),
+], ids=['ompi', 'slurm', 'ompi-before-slurm', 'slurm-on-tpu-vm', 'gke-hostnames',
+        'gke-addresses', 'gke-without-metadata', 'gce'])
+def test_cluster_is_detected_and_configures_itself(joins, monkeypatch, tpu_vm, env, cluster):
+  monkeypatch.setattr(distributed, '_running_in_cloud_tpu_vm', lambda: tpu_vm)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert distributed.detected_cluster() == cluster
+  distributed.initialize()
+  assert joins == [()]  # jax reads the coordinator, count and index from the cluster itself
+
+
+@pytest.mark.parametrize('tpu_vm, env', [
+    (False, {}),
+    *((False, {n: v for n, v in SLURM.items() if n != missing}) for missing in SLURM),
+    (False, {'TPU_WORKER_HOSTNAMES': 't1v-n-0,t1v-n-1'}),  # no TPU VM: no TPU cluster
+    (True, {'TPU_SKIP_MDS_QUERY': '1'}),  # a TPU VM outside GCE's metadata
+    (True, {'TPU_SKIP_MDS_QUERY': ''}),  # set counts, as for jax
+    (False, {'KUBERNETES_SERVICE_HOST': '10.0.0.1'}),  # needs the kubernetes package in jax
+], ids=['plain', *(f'slurm-without-{missing}' for missing in SLURM), 'hostnames-off-tpu-vm',
+        'tpu-vm-skip-mds', 'tpu-vm-skip-mds-empty', 'kubernetes'])
+def test_plain_machine_stays_a_single_process(joins, monkeypatch, tpu_vm, env):
+  monkeypatch.setattr(distributed, '_running_in_cloud_tpu_vm', lambda: tpu_vm)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
   assert distributed.detected_cluster() is None
   distributed.initialize()
   assert joins == []
 
 
-def test_slurm_job_is_detected_and_configures_itself(joins, monkeypatch):
-  for name, value in {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[003-004]',
-                      'SLURM_NTASKS': '2', 'SLURM_PROCID': '1', 'SLURM_LOCALID': '0'}.items():
-    monkeypatch.setenv(name, value)
-  assert distributed.detected_cluster() == 'slurm'
-  distributed.initialize()
-  assert joins == [()]  # jax reads the coordinator, count and index from SLURM itself
+V5E, GVNIC, H100 = ('0x1ae0', '0x0063'), ('0x1ae0', '0x0042'), ('0x10de', '0x2330')
+
+
+@pytest.mark.parametrize('libtpu, pci_devices, tpu_vm', [
+    ('package', [GVNIC, V5E, V5E], True),
+    ('library path', [V5E], True),
+    ('package', [GVNIC, H100], False),  # Google's vendor id, but a network card
+    ('package', [], False),
+    (None, [V5E], False),
+    ('missing library path', [V5E], False),
+])
+def test_cloud_tpu_vm_has_libtpu_and_tpu_chips(clean_env, tmp_path, monkeypatch, libtpu,
+                                               pci_devices, tpu_vm):
+  for i, (vendor, device) in enumerate(pci_devices):
+    folder = tmp_path / 'pci' / f'0000:00:{i + 4:02x}.0'
+    folder.mkdir(parents=True)
+    (folder / 'vendor').write_text(vendor + '\n')
+    (folder / 'device').write_text(device + '\n')
+  monkeypatch.setattr(distributed, '_PCI_DEVICES', str(tmp_path / 'pci'))
+  monkeypatch.setattr(distributed, 'find_spec',
+                      lambda name: object() if libtpu == 'package' and name == 'libtpu' else None)
+  if libtpu == 'library path':
+    (tmp_path / 'libtpu.so').write_bytes(b'')
+  if libtpu in ('library path', 'missing library path'):
+    monkeypatch.setenv('TPU_LIBRARY_PATH', str(tmp_path / 'libtpu.so'))
+  assert distributed._running_in_cloud_tpu_vm() is tpu_vm
+
+
+def test_forced_tpu_init_makes_a_cloud_tpu_vm(clean_env, tmp_path, monkeypatch):
+  monkeypatch.setattr(distributed, '_PCI_DEVICES', str(tmp_path))
+  monkeypatch.setattr(distributed, 'find_spec', lambda name: None)
+  assert not distributed._running_in_cloud_tpu_vm()
+  monkeypatch.setenv('JAX_FORCE_TPU_INIT', '1')
+  assert distributed._running_in_cloud_tpu_vm()
 
 
 def test_explicit_values_are_passed_on(joins):
