@@ -44,38 +44,55 @@ def enqueue(bank: MemoryBank, embeddings: jax.Array, labels: jax.Array) -> Memor
   return MemoryBank(rows, row_labels, (bank.ptr + batch) % size)
 
 
-def _merge_top_k(values_a, indices_a, values_b, indices_b, k):
-  values = jnp.concatenate([values_a, values_b], axis=1)
-  indices = jnp.concatenate([indices_a, indices_b], axis=1)
-  top_values, positions = jax.lax.top_k(values, k)
-  return top_values, jnp.take_along_axis(indices, positions, axis=1)
+def _merge_top_k(best: tuple[jax.Array, jax.Array], candidates: tuple[jax.Array, jax.Array],
+                 k: int) -> tuple[jax.Array, jax.Array]:
+  """The k largest of two (similarity, index) sets. `best` comes first, so that among equal
+  similarities the earlier row wins, as in a stable sort of all rows."""
+  similarity = jnp.concatenate([best[0], candidates[0]], axis=1)
+  index = jnp.concatenate([best[1], candidates[1]], axis=1)
+  similarity, position = jax.lax.top_k(similarity, k)
+  return similarity, jnp.take_along_axis(index, position, axis=1)
+
+
+def top_k_similar(queries: jax.Array, rows: jax.Array, k: int, chunk_size: int | None = None,
+                  normalize_rows: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(similarities [Q, k], row indices [Q, k]) of the k rows with the largest inner product
+  with each query, most similar first; ties go to the lower row, as in a stable sort.
+
+  With `chunk_size` (0 or None: one product), the rows are scanned in chunks and a running
+  top-k is kept, so memory is O(Q * chunk_size) instead of O(Q * N), with the same neighbours
+  (a chunk's product may round a similarity's last bit differently from the whole product).
+  The last chunk is shifted back to end at the last row (no padding or copy of the rows), and
+  the rows it shares with the previous chunk are masked with -inf. `normalize_rows`
+  L2-normalises each chunk inside the scan, so no normalised copy of all rows is made.
+  """
+  prepare = l2_normalize if normalize_rows else lambda x: x
+  num_rows = rows.shape[0]
+  if not chunk_size or chunk_size >= num_rows:
+    return jax.lax.top_k(queries @ prepare(rows).T, k)
+
+  def scan_chunk(best, chunk_index):
+    first = chunk_index * chunk_size
+    start = jnp.minimum(first, num_rows - chunk_size)
+    chunk = prepare(jax.lax.dynamic_slice_in_dim(rows, start, chunk_size))
+    index = start + jnp.arange(chunk_size, dtype=jnp.int32)
+    similarity = jnp.where(index >= first, queries @ chunk.T, -jnp.inf)
+    chunk_best, position = jax.lax.top_k(similarity, min(k, chunk_size))
+    return _merge_top_k(best, (chunk_best, index[position]), k), None
+
+  dtype = jnp.result_type(queries, rows)
+  init = (jnp.full((queries.shape[0], k), -jnp.inf, dtype),
+          jnp.zeros((queries.shape[0], k), jnp.int32))
+  num_chunks = -(-num_rows // chunk_size)
+  best, _ = jax.lax.scan(scan_chunk, init, jnp.arange(num_chunks, dtype=jnp.int32))
+  return best
 
 
 def nearest_neighbors(queries: jax.Array, bank: jax.Array, k: int,
                       chunk_size: int | None = None) -> jax.Array:
-  """Indices [B, k] of the bank rows with the largest cosine similarity to each query.
-
-  Queries and rows are unit vectors, so this is the k smallest of 2 - 2 q.r. With
-  `chunk_size`, the bank is scanned in chunks and a running top-k is kept, so memory is
-  O(B * chunk_size) instead of O(B * K); the result is the same (ties go to the lower index).
-  """
-  size = bank.shape[0]
-  if not chunk_size or chunk_size >= size:
-    return jax.lax.top_k(queries @ bank.T, k)[1]
-  if size % chunk_size:
-    raise ValueError(f'bank_chunk_size ({chunk_size}) must divide the bank size ({size}).')
-  chunks = bank.reshape(size // chunk_size, chunk_size, bank.shape[1])
-
-  def scan_chunk(best, chunk_and_offset):
-    chunk, offset = chunk_and_offset
-    values, indices = jax.lax.top_k(queries @ chunk.T, k)
-    return _merge_top_k(*best, values, indices + offset, k), None
-
-  init = (jnp.full((queries.shape[0], k), -jnp.inf, queries.dtype),
-          jnp.zeros((queries.shape[0], k), jnp.int32))
-  offsets = jnp.arange(0, size, chunk_size, dtype=jnp.int32)
-  (_, indices), _ = jax.lax.scan(scan_chunk, init, (chunks, offsets))
-  return indices
+  """Indices [B, k] of the bank rows nearest to each unit query: the rows of largest cosine
+  similarity, i.e. the k smallest distances 2 - 2 q.r of the official code."""
+  return top_k_similar(queries, bank, k, chunk_size)[1]
 
 
 def ramped_topk(step: jax.Array, topk: int, ramp_epochs: int, steps_per_epoch: int

@@ -76,5 +76,7 @@ def test_bad_arguments_are_named():
     knn_predict(train, labels + 2, train, 1, 2)
   with pytest.raises(ValueError, match='vote must be one of'):
     knn_accuracies(train, labels, train, labels, 2, votes=('median',))
+  with pytest.raises(ValueError, match='vote must be one of'):
+    knn_predict(train, labels, train, 1, 2, vote='median')
   with pytest.raises(ValueError, match='train_chunk_size must be at least 1'):
     knn_predict(train, labels, train, 1, 2, train_chunk_size=0)

@@ -38,7 +38,7 @@ def test_enqueue_rejects_a_batch_that_does_not_divide_the_bank():
     mean_shift.enqueue(bank, jnp.zeros((4, 4)), jnp.zeros((4,), jnp.int32))
 
 
-@pytest.mark.parametrize('chunk_size', [None, 64, 256, 1024])
+@pytest.mark.parametrize('chunk_size', [None, 64, 100, 256, 1024])
 def test_nearest_neighbors_matches_numpy(chunk_size):
   rng = np.random.default_rng(1)
   queries, bank = unit_rows(rng, 16, 32), unit_rows(rng, 1024, 32)
@@ -49,9 +49,49 @@ def test_nearest_neighbors_matches_numpy(chunk_size):
   np.testing.assert_array_equal(got, expected)
 
 
-def test_chunk_size_must_divide_the_bank():
-  with pytest.raises(ValueError, match='must divide'):
-    mean_shift.nearest_neighbors(jnp.zeros((2, 4)), jnp.zeros((10, 4)), 1, chunk_size=3)
+@pytest.mark.parametrize('chunk_size', [3, 4, 7, 9])
+def test_chunks_that_do_not_divide_the_bank_equal_the_unchunked_search(chunk_size):
+  """The last chunk is shifted back over rows already seen; they must not count twice. Chunk 3
+  is smaller than k, and rows 2 and 8 tie across chunks: the lower one comes first."""
+  rng = np.random.default_rng(7)
+  queries, bank = unit_rows(rng, 6, 8), unit_rows(rng, 10, 8)
+  bank[8] = bank[2]
+  queries[0] = bank[2]
+  search = lambda chunk: mean_shift.top_k_similar(jnp.asarray(queries), jnp.asarray(bank), 5,
+                                                  chunk)
+  (similarity, index), (expected_similarity, expected_index) = search(chunk_size), search(None)
+  np.testing.assert_array_equal(index, expected_index)
+  np.testing.assert_allclose(similarity, expected_similarity, rtol=1e-6)
+  assert list(np.asarray(index)[0, :2]) == [2, 8]
+
+
+def test_top_k_similar_with_normalize_rows_ranks_by_cosine():
+  rng = np.random.default_rng(8)
+  queries, rows = unit_rows(rng, 4, 8), rng.standard_normal((30, 8)).astype(np.float32)
+  similarity, index = mean_shift.top_k_similar(jnp.asarray(queries), jnp.asarray(rows), 6, 7,
+                                               normalize_rows=True)
+  cosine = queries @ (rows / np.linalg.norm(rows, axis=1, keepdims=True)).T
+  expected = np.argsort(-cosine, axis=1, kind='stable')[:, :6]
+  np.testing.assert_array_equal(index, expected)
+  np.testing.assert_allclose(similarity, np.take_along_axis(cosine, expected, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype, x64', [('bfloat16', False), ('float32', False),
+                                        ('float64', True)])
+def test_chunked_bank_search_keeps_the_dtype_and_equals_lax_top_k(dtype, x64):
+  """The official parity runs in float64 under x64: the chunked search must run there too."""
+  rng = np.random.default_rng(9)
+  with jax.enable_x64(x64):
+    queries = jnp.asarray(unit_rows(rng, 8, 16), dtype)
+    bank = jnp.asarray(unit_rows(rng, 50, 16), dtype)
+    similarity, index = mean_shift.top_k_similar(queries, bank, 4, 16)
+    assert similarity.dtype == dtype and index.dtype == jnp.int32
+    expected = jax.lax.top_k(queries @ bank.T, 4)
+    np.testing.assert_array_equal(index, expected[1])
+    # A chunk's product may round its last bit differently from the whole product's.
+    np.testing.assert_allclose(np.asarray(similarity, np.float64),
+                               np.asarray(expected[0], np.float64),
+                               rtol=4 * float(jnp.finfo(dtype).eps))
 
 
 def test_top1_after_enqueue_is_the_query_itself_and_k1_is_byol_loss():

@@ -6,7 +6,7 @@ SSL papers report.
 
 Memory is bounded by the chunk sizes, not by the data: queries are taken `chunk_size` at a
 time, and each query chunk scans the train set `train_chunk_size` rows at a time, keeping a
-running top-k (the chunk's top-k merged with the best so far). ImageNet's 1.28M train
+running top-k (`mean_shift.top_k_similar`, the training step's bank search). ImageNet's 1.28M train
 features against 50,000 queries then need one chunk x train-chunk similarity block at a time.
 """
 
@@ -16,48 +16,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msf_jax.mean_shift import l2_normalize
+from msf_jax.mean_shift import l2_normalize, top_k_similar
 
 VOTES = ('majority', 'weighted')
 DEFAULT_TEMPERATURE = 0.07
 
 
-def _merge_top_k(best: tuple[jax.Array, jax.Array], candidates: tuple[jax.Array, jax.Array],
-                 k: int) -> tuple[jax.Array, jax.Array]:
-  """The k largest of two (similarity, index) sets. `best` comes first, so that among equal
-  similarities the earlier train row wins, as in a stable sort of the whole train set."""
-  similarity = jnp.concatenate([best[0], candidates[0]], axis=1)
-  index = jnp.concatenate([best[1], candidates[1]], axis=1)
-  similarity, position = jax.lax.top_k(similarity, k)
-  return similarity, jnp.take_along_axis(index, position, axis=1)
-
-
 @functools.partial(jax.jit, static_argnames=('k', 'train_chunk_size'))
 def _chunk_neighbours(queries: jax.Array, train: jax.Array, k: int, train_chunk_size: int
                       ) -> tuple[jax.Array, jax.Array]:
-  """(similarities, train indices) [Q, k] of the k nearest train rows, best first.
+  """(cosine similarities, train indices) [Q, k] of one query chunk: the shared chunked search,
+  with the train rows normalised chunk by chunk (the raw train set is the only full copy)."""
+  return top_k_similar(l2_normalize(queries), train, k, train_chunk_size, normalize_rows=True)
 
-  The train set is scanned in chunks of `train_chunk_size` rows. The last chunk is shifted
-  back to end at the last row (no copy or padding of the train set); the rows it shares with
-  the previous chunk are masked with -inf similarity."""
-  num_train = train.shape[0]
-  chunk = min(train_chunk_size, num_train)
-  queries = l2_normalize(queries)
 
-  def scan_chunk(best, chunk_index):
-    first = chunk_index * chunk
-    start = jnp.minimum(first, num_train - chunk)
-    rows = l2_normalize(jax.lax.dynamic_slice_in_dim(train, start, chunk))
-    index = start + jnp.arange(chunk, dtype=jnp.int32)
-    similarity = jnp.where(index >= first, queries @ rows.T, -jnp.inf)
-    chunk_best = jax.lax.top_k(similarity, min(k, chunk))
-    return _merge_top_k(best, (chunk_best[0], index[chunk_best[1]]), k), None
-
-  start = (jnp.full((queries.shape[0], k), -jnp.inf, queries.dtype),
-           jnp.zeros((queries.shape[0], k), jnp.int32))
-  num_chunks = -(-num_train // chunk)
-  (similarity, index), _ = jax.lax.scan(scan_chunk, start, jnp.arange(num_chunks))
-  return similarity, index
+def _check_votes(votes: tuple[str, ...]) -> None:
+  """Names a bad vote before the search, not after it."""
+  for vote in votes:
+    if vote not in VOTES:
+      raise ValueError(f'vote must be one of {VOTES}, got {vote!r}.')
 
 
 def _check_positive(**sizes: int) -> None:
@@ -111,8 +88,6 @@ def _votes(similarity: np.ndarray, neighbour_labels: np.ndarray, num_classes: in
            temperature: float, seed: int, chunk_size: int) -> np.ndarray:
   """Predictions [Q] from sorted neighbours, `chunk_size` queries at a time (the scores are
   chunk x num_classes). Query chunk c breaks ties with fold_in(key(seed), c)."""
-  if vote not in VOTES:
-    raise ValueError(f'vote must be one of {VOTES}, got {vote!r}.')
   key = jax.random.key(seed)
   chunk_size = min(chunk_size, max(len(similarity), 1))
   pad = lambda x: np.pad(x, ((0, chunk_size - len(x)), (0, 0)))  # one compiled shape
@@ -139,8 +114,7 @@ def knn_predict(train_features, train_labels, query_features, k: int, num_classe
                 vote: str = 'majority', temperature: float = DEFAULT_TEMPERATURE, seed: int = 0,
                 chunk_size: int = 1024, train_chunk_size: int = 16384) -> np.ndarray:
   """Predicted labels [Q] of the queries."""
-  if vote not in VOTES:
-    raise ValueError(f'vote must be one of {VOTES}, got {vote!r}.')
+  _check_votes((vote,))
   labels = _checked_labels(train_labels, len(train_features), num_classes)
   similarity, index = nearest_neighbours(train_features, query_features, k,
                                          chunk_size=chunk_size,
@@ -164,9 +138,7 @@ def knn_accuracies(train_features, train_labels, query_features, query_labels,
   """{'knn/<vote>/k=<k>': top-1 accuracy} for every k and vote, from one search for max(ks):
   the k nearest are the first k of the max(ks) nearest. Each entry equals `knn_accuracy` with
   the same arguments."""
-  for vote in votes:
-    if vote not in VOTES:
-      raise ValueError(f'vote must be one of {VOTES}, got {vote!r}.')
+  _check_votes(votes)
   if not ks:
     raise ValueError('ks must name at least one k.')
   labels = _checked_labels(train_labels, len(train_features), num_classes)
