@@ -88,8 +88,7 @@ def time_device_colors_on_cpu(paths: list[str], samples: int, size: int) -> floa
 def time_pil(paths: list[str], samples: int, size: int) -> float:
   import numpy as np
   from PIL import Image
-  sys.path.insert(0, os.path.join(REPO, 'tests'))
-  import pil_reference
+  from msf_jax.testing import pil_reference
   rng = np.random.default_rng(0)
   encoded = [open(p, 'rb').read() for p in paths]
   start = time.perf_counter()

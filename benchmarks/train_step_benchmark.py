@@ -20,14 +20,13 @@ SETTINGS = {'96px_imagenet_stem': (96, False), '32px_small_stem': (32, True)}
 def time_msf_jax(image_size, small_stem, batch, bank, runs):
   import jax
   import numpy as np
-  sys.path.insert(0, os.path.join(REPO, 'tests'))
-  from helpers import random_batch, small_config
+  from msf_jax.testing import random_batch, small_config
   from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_replicated
   config = small_config(image_size=image_size, small_stem=small_stem, batch_size=batch,
                         bank_size=bank)
   mesh = make_mesh(jax.devices()[:1])
   state = put_replicated(create_state(config, jax.random.key(0)), mesh)
-  step = make_train_step(config, mesh)
+  step = make_train_step(config, mesh, steps_per_epoch=1)
   batch_data = put_batch(random_batch(np.random.default_rng(0), config), mesh)
   state, _ = jax.block_until_ready(step(state, batch_data))  # compile
   times = []
@@ -40,8 +39,7 @@ def time_msf_jax(image_size, small_stem, batch, bank, runs):
 
 def time_torch(image_size, small_stem, batch, bank, runs):
   import torch
-  sys.path.insert(0, os.path.join(REPO, 'tests'))
-  import torch_reference
+  from msf_jax.testing import torch_reference
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   model = torch_reference.MeanShift(18, mem_bank_size=bank, topk=5, small_stem=small_stem)

@@ -23,15 +23,15 @@ CONFIGS = os.path.dirname(__file__)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = load_config(os.path.join(CONFIGS, 'digits_msf.py'), arg or '')
+  config = load_config(os.path.join(CONFIGS, 'digits_msf.py'), arg or '')  # takes variants
   config.mode = 'demo'  # msf_jax.main trains, then runs msf_jax.demo's comparison
   config.model.width = 8
   config.batch_size = 32
   config.num_epochs = 60
   config.data.crop_scale = (0.3, 1.0)
   config.data.flip = False
-  config.log_every_steps = 44  # one epoch: 1,437 images // 32
-  config.checkpoint.every_steps = 440  # every 10 epochs
+  config.log_every_epochs = 1
+  config.checkpoint.every_epochs = 10
   config.monitor.knn_every_epochs = 10  # monitor/knn_k20 in TensorBoard: the learning curve
   config.why = ('Why: k = 10, lr 0.3 and a bank of one train set were the most robust MSF '
                 'setting of the small-data study (benchmarks/RESULTS.md); in 60 epochs they '

@@ -11,11 +11,12 @@ import os
 
 import ml_collections
 
-from msf_jax.config_utils import load_config
+from msf_jax.config_utils import apply_variants, load_config
+from msf_jax.data.sources import DIGITS_TRAIN_EXAMPLES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = load_config(os.path.join(os.path.dirname(__file__), 'imagenet_msf.py'), arg or '')
+  config = load_config(os.path.join(os.path.dirname(__file__), 'imagenet_msf.py'))
   config.image_size = 24  # 3x3 maps in the last stage: XLA on the CPU is very slow on 2x2 ones
   config.batch_size = 32
   config.num_epochs = 1
@@ -23,13 +24,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.small_stem = True
   config.optim.base_lr = 0.3  # 0.0375 at batch 32
   config.msf.topk = 10
-  config.msf.bank_size = 1440  # one train set: 45 batches of 32
+  config.msf.bank_size = 1440  # one train set (1,437 images), rounded up to batches of 32
   config.msf.bank_chunk_size = 0
   config.data.source = 'digits'
   config.monitor.knn_every_epochs = 0
   config.monitor.split = 'test'
-  config.monitor.num_train, config.monitor.num_queries = 1437, 360
-  config.log_every_steps = 5
+  config.monitor.num_train, config.monitor.num_queries = DIGITS_TRAIN_EXAMPLES, 360
+  config.log_every_epochs = 0.1
   config.profile = False
-  config.checkpoint.every_steps = 10
-  return config
+  config.checkpoint.every_epochs = 0.25
+  return apply_variants(config, arg)

@@ -10,20 +10,7 @@ e.g. --config=configs/imagenet_msf.py:aug=s/s,k=1
 
 import ml_collections
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
-PAIRINGS = ('w/s', 'w/w', 's/s', 's/w')
-
-
-def _variant(config: ml_collections.ConfigDict, key: str, value: str) -> None:
-  if key == 'aug' and value in PAIRINGS:
-    config.data.pairing = value
-  elif key == 'bank' and value.isdigit():
-    config.msf.bank_size = int(value)
-  elif key == 'k' and value.isdigit():
-    config.msf.topk = int(value)
-  else:
-    raise ValueError(f'Bad config argument {key}={value}: use aug={"|".join(PAIRINGS)}, '
-                     'bank=N or k=N, comma-separated.')
+from msf_jax.config_utils import apply_variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -31,8 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.image_size = 224
   config.batch_size = 256  # global; the learning rate scales with batch_size / 256.
-  config.num_epochs = 200
-  config.steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
+  config.num_epochs = 200  # the steps of an epoch follow from the data and batch_size
 
   config.model = ml_collections.ConfigDict()
   config.model.depth = 50
@@ -74,15 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.monitor.ks = (20,)
   config.monitor.batch_size = 256
 
-  config.log_every_steps = 100
+  # Intervals in epochs (fractions allowed), so that they keep their meaning under any
+  # batch size: 0.02 is about 100 steps at batch 256.
+  config.log_every_epochs = 0.02
   config.profile = True  # a profiler window early in training, written to the workdir
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 1000
+  config.checkpoint.every_epochs = 0.2  # about 1,000 steps at batch 256
   config.checkpoint.keep = 3
-
-  for item in filter(None, (arg or '').split(',')):
-    key, _, value = item.partition('=')
-    _variant(config, key.strip(), value.strip())
-  if config.msf.bank_size % config.msf.bank_chunk_size:
-    config.msf.bank_chunk_size = 0  # search the bank in one product
-  return config
+  return apply_variants(config, arg)

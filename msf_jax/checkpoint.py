@@ -1,17 +1,31 @@
-"""Orbax checkpoints of the whole MSFState: asynchronous saves, the last K kept, restore of
-the latest onto any mesh (another number of devices included)."""
+"""Orbax checkpoints of any pytree: asynchronous saves, the last K kept, restore onto any mesh
+given an abstract target (`jax.eval_shape` of the function that builds the tree), and a
+restore of chosen subtrees alone (one encoder without the bank or the optimizer state).
+
+Only this module knows orbax's directory layout; it knows nothing of models or configs.
+"""
 
 import os
+from typing import Any, Sequence
 
 import jax
-import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh
-
-from msf_jax.sharding import replicated
-from msf_jax.train_state import MSFState, create_state
+import tensorflow as tf
 
 STATE_ITEM = 'state'
+CHECKPOINT_FOLDER = 'checkpoints'
+
+KeyPath = tuple[str, ...]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read safely or does not fit what is asked of it."""
+
+
+def checkpoint_directory(workdir: str) -> str:
+  """Where a training run in `workdir` keeps its checkpoints."""
+  return os.path.join(workdir, CHECKPOINT_FOLDER)
 
 
 def manager_directory(directory: str) -> str:
@@ -19,13 +33,58 @@ def manager_directory(directory: str) -> str:
   return directory if '://' in directory else os.path.abspath(directory)
 
 
+def _key_name(key: Any) -> str:
+  for attribute in ('key', 'name', 'idx'):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _leaves_by_path(tree: Any) -> dict[KeyPath, Any]:
+  """{('online', 'params', ...): leaf} of a pytree (dataclass fields and dict keys alike)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(_key_name(key) for key in path): leaf for path, leaf in leaves}
+
+
+def _fields(leaves: dict[KeyPath, Any]) -> str:
+  return ', '.join(sorted({path[0] for path in leaves if path}))
+
+
+def check_structure(saved: Any, target: Any, where: str) -> None:
+  """Raises a CheckpointError naming what differs when the saved tree (orbax metadata) and
+  the target have other leaves, shapes or dtypes: a checkpoint of another layout or another
+  config is never restored by guesswork."""
+  saved_leaves, target_leaves = _leaves_by_path(saved), _leaves_by_path(target)
+  differing = sorted({path[0] for path in set(saved_leaves) ^ set(target_leaves)})
+  if _fields(saved_leaves) != _fields(target_leaves):
+    raise CheckpointError(
+        f'{where} was written by another version of msf_jax: its fields {", ".join(differing)} '
+        f'differ from this version\'s (saved: {_fields(saved_leaves)}; expected: '
+        f'{_fields(target_leaves)}). Evaluate it with the version that wrote it, or export its '
+        'backbone there (python -m msf_jax.interop export-backbone) and read that file here.')
+  if differing:
+    example = '.'.join(min(set(saved_leaves) ^ set(target_leaves)))
+    raise CheckpointError(
+        f'{where} holds other {", ".join(differing)} trees than the config builds (e.g. '
+        f'{example} is only in one of them): run with the config the checkpoint was trained '
+        'with (depth, width, stem).')
+  for path, leaf in target_leaves.items():
+    stored = saved_leaves[path]
+    if tuple(stored.shape) != tuple(leaf.shape) or np.dtype(stored.dtype) != np.dtype(leaf.dtype):
+      raise CheckpointError(
+          f'{where}: {".".join(path)} is {stored.dtype}{list(stored.shape)} there, but the '
+          f'config makes {leaf.dtype}{list(leaf.shape)}: run with the config the checkpoint '
+          'was trained with.')
+
+
 class Checkpointer:
-  """A CheckpointManager for one run directory. Saves return at once and finish in the
+  """A CheckpointManager for one checkpoint directory. Saves return at once and finish in the
   background; `wait()` before the process exits."""
 
   def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1):
+    self.directory = manager_directory(directory)
     self.manager = ocp.CheckpointManager(
-        manager_directory(directory),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              save_interval_steps=save_interval_steps),
         item_names=(STATE_ITEM,))
@@ -34,31 +93,89 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
 
-  def save(self, state: MSFState, force: bool = False) -> bool:
-    """Saves at `state.step` if the interval says so (always with `force`)."""
-    return self.manager.save(int(state.step),
-                             args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}),
-                             force=force)
+  def save(self, step: int, tree: Any, force: bool = False) -> bool:
+    """Saves `tree` at `step` if the interval says so (always with `force`)."""
+    return self.manager.save(step, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardSave(tree)}), force=force)
 
-  def restore(self, config: ml_collections.ConfigDict, mesh: Mesh, step: int | None = None
-              ) -> MSFState | None:
-    """The state saved at `step` (the latest by default) replicated over `mesh`, or None if
-    there is no checkpoint yet. The config gives the structure, shapes and dtypes."""
+  def _saved_tree(self, step: int) -> Any:
+    """The saved tree's structure, shapes and dtypes, read from its metadata alone."""
+    return ocp.PyTreeCheckpointHandler().metadata(
+        self.manager.directory / str(step) / STATE_ITEM).tree
+
+  def restore(self, abstract: Any, step: int | None = None) -> Any | None:
+    """The tree saved at `step` (the latest by default) in the structure, shapes, dtypes and
+    shardings of `abstract` (jax.ShapeDtypeStruct leaves), or None if there is none yet."""
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    shapes = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
-    sharding = replicated(mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            shapes)
+    check_structure(self._saved_tree(step), abstract, f'The checkpoint at step {step} in '
+                    f'{self.directory}')
     restored = self.manager.restore(
         step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))
     return restored[STATE_ITEM]
+
+  def restore_subtrees(self, step: int, paths: Sequence[KeyPath]) -> list[Any]:
+    """The subtrees at `paths` (keys from the root, e.g. ('online', 'params', 'backbone')) of
+    the tree saved at `step`, as host numpy arrays; nothing else is read from storage."""
+    saved = self._saved_tree(step)
+    item: dict = {}
+    for path in paths:
+      node, destination = saved, item
+      for depth, key in enumerate(path):
+        if not isinstance(node, dict) or key not in node:
+          raise CheckpointError(
+              f'The checkpoint at step {step} in {self.directory} has no '
+              f'{".".join(path[:depth + 1])}: it holds '
+              f'{sorted(node) if isinstance(node, dict) else "an array"} there. Was it written '
+              'by another version of msf_jax?')
+        node = node[key]
+        destination = destination.setdefault(key, node if depth == len(path) - 1 else {})
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                           partial_restore=True)}))[STATE_ITEM]
+    out = []
+    for path in paths:
+      node = restored
+      for key in path:
+        node = node[key]
+      out.append(node)
+    return out
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def find_checkpoint_directory(path: str) -> str:
+  """The checkpoint directory of `path`, given as a training workdir or as the directory."""
+  if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
+    raise CheckpointError(f'{path} is a file: msf_jax checkpoints are directories (the '
+                          f'training workdir or its {CHECKPOINT_FOLDER}/ folder).')
+  if not tf.io.gfile.isdir(path):
+    raise FileNotFoundError(f'No msf_jax checkpoint directory at {path!r}: give the training '
+                            f'workdir or its {CHECKPOINT_FOLDER}/ folder.')
+  inside = checkpoint_directory(path)
+  return inside if tf.io.gfile.isdir(inside) else path
+
+
+def resolve_step(directory: str, step: int | None = None) -> int:
+  """`step` if the checkpoint directory has it, else (step None) its latest."""
+  checkpointer = Checkpointer(directory)
+  try:
+    steps = checkpointer.all_steps()
+  finally:
+    checkpointer.close()
+  if not steps:
+    raise CheckpointError(f'No msf_jax checkpoint in {directory}: expected the step folders '
+                          'that msf_jax.checkpoint.Checkpointer writes (or a training workdir).')
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise CheckpointError(f'{directory} has no step {step}; it has steps {steps}.')
+  return step

@@ -10,6 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from msf_jax import demo, distributed, train_loop
+from msf_jax.data import pipeline
 from msf_jax.evaluate import run as evaluation
 
 MODES = {'train': train_loop.train, 'evaluate': evaluation.evaluate, 'demo': demo.run}
@@ -28,6 +29,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # TensorFlow (tf.data on the host CPU) must not reserve accelerator memory JAX needs.
+  pipeline.hide_accelerators_from_tensorflow()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   mode = _CONFIG.value.get('mode', 'train')
   if mode not in MODES:

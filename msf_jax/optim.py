@@ -14,13 +14,15 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.optim.base_lr * config.batch_size / 256
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
+                           ) -> optax.Schedule:
   """The official per-epoch cosine (constant within an epoch), a per-step cosine, or constant.
+  `steps_per_epoch` comes from the data (msf_jax.data.pipeline.steps_per_epoch).
 
   Official: lr(e) = lr0 * 0.5 * (1 + cos(pi * (e - 1) / E)) for epochs e = 1..E.
   """
   peak = peak_learning_rate(config)
-  epochs, steps_per_epoch = config.num_epochs, config.steps_per_epoch
+  epochs = config.num_epochs
   kind = config.optim.schedule
   if kind == 'cosine_per_epoch':
     return lambda step: peak * 0.5 * (1 + jnp.cos(math.pi * (step // steps_per_epoch) / epochs))
@@ -31,9 +33,16 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   raise ValueError(f'config.optim.schedule must be one of {SCHEDULES}, got {kind!r}.')
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
   """torch.optim.SGD(momentum, weight_decay): decay is added to every gradient, BN included."""
   return optax.chain(
       optax.add_decayed_weights(config.optim.weight_decay),
-      optax.sgd(learning_rate_schedule(config), momentum=config.optim.momentum),
+      optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.optim.momentum),
   )
+
+
+def init_optimizer_state(config: ml_collections.ConfigDict, params) -> optax.OptState:
+  """The optimizer's initial state: momentum buffers and a step count. No value of the
+  schedule is stored, so it does not depend on the number of steps per epoch."""
+  return make_optimizer(config, steps_per_epoch=1).init(params)

@@ -23,12 +23,13 @@ def _as_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def make_train_step_fn(config: ml_collections.ConfigDict
+def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int
                        ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
-  """The un-jitted step for a config; `make_train_step` jits it over a mesh."""
+  """The un-jitted step for a config and the data's steps per epoch (the learning-rate
+  schedule and a k ramp count epochs); `make_train_step` jits it over a mesh."""
   encoder, predictor = build_networks(config.model)
-  optimizer = make_optimizer(config)
-  schedule = learning_rate_schedule(config)
+  optimizer = make_optimizer(config, steps_per_epoch)
+  schedule = learning_rate_schedule(config, steps_per_epoch)
   ema_momentum = config.msf.ema_momentum
   topk, chunk_size = config.msf.topk, config.msf.bank_chunk_size
   # One more row than the loss uses when k = 1, so that `purity_others` has a neighbour.
@@ -38,23 +39,23 @@ def make_train_step_fn(config: ml_collections.ConfigDict
   def train_step(state: MSFState, batch: Batch) -> tuple[MSFState, Metrics]:
     # 1. Target <- m * target + (1 - m) * online, parameters only (official order: first).
     target_params = optax.incremental_update(
-        state.online_params, state.target_params, 1.0 - ema_momentum)
+        state.online['params'], state.target['params'], 1.0 - ema_momentum)
 
     # 2. Target embeddings of the target view (BatchNorm in training mode, no gradient).
     target_out, target_vars = encoder.apply(
-        {'params': target_params, 'batch_stats': state.target_batch_stats},
+        {'params': target_params, 'batch_stats': state.target['batch_stats']},
         batch['target'], train=True, mutable=['batch_stats'])
     targets = jax.lax.stop_gradient(mean_shift.l2_normalize(_as_float(target_out)))
 
     # 3. Enqueue before the search: each target is its own nearest neighbour.
-    own_rows = state.bank_ptr + jnp.arange(targets.shape[0], dtype=state.bank_ptr.dtype)
-    bank = mean_shift.enqueue(state.memory_bank, targets, batch['label'])
+    own_rows = state.bank.ptr + jnp.arange(targets.shape[0], dtype=state.bank.ptr.dtype)
+    bank = mean_shift.enqueue(state.bank, targets, batch['label'])
     found = mean_shift.nearest_neighbors(targets, bank.embeddings, search_k, chunk_size)
     neighbor_idx = found[:, :topk]
     neighbors = bank.embeddings[neighbor_idx]  # [B, k, D]
     others_idx = mean_shift.drop_own_rows(found, own_rows)  # [B, search_k - 1]
     if ramp_epochs:  # a k schedule: only the nearest k_t of the k neighbours count
-      k_t = mean_shift.ramped_topk(state.step, topk, ramp_epochs, config.steps_per_epoch)
+      k_t = mean_shift.ramped_topk(state.step, topk, ramp_epochs, steps_per_epoch)
       active = mean_shift.active_neighbors(k_t, topk)
       others_active = mean_shift.active_neighbors(jnp.maximum(k_t - 1, 1), search_k - 1)
     else:  # the paper: all k, and the plain mean (bit-identical to the official loss)
@@ -63,10 +64,10 @@ def make_train_step_fn(config: ml_collections.ConfigDict
     # 4. Online prediction of the online view, pulled toward the target's neighbours.
     def loss_fn(trainable):
       projection, online_vars = encoder.apply(
-          {'params': trainable['online'], 'batch_stats': state.online_batch_stats},
+          {'params': trainable['online'], 'batch_stats': state.online['batch_stats']},
           batch['online'], train=True, mutable=['batch_stats'])
       prediction, predictor_vars = predictor.apply(
-          {'params': trainable['predictor'], 'batch_stats': state.predictor_batch_stats},
+          {'params': trainable['predictor'], 'batch_stats': state.predictor['batch_stats']},
           projection, train=True, mutable=['batch_stats'])
       predictions = mean_shift.l2_normalize(_as_float(prediction))
       loss = mean_shift.mean_shift_loss(predictions, neighbors.astype(predictions.dtype), active)
@@ -79,16 +80,11 @@ def make_train_step_fn(config: ml_collections.ConfigDict
 
     new_state = state.replace(
         step=state.step + 1,
-        online_params=trainable['online'],
-        online_batch_stats=online_stats,
-        predictor_params=trainable['predictor'],
-        predictor_batch_stats=predictor_stats,
-        target_params=target_params,
-        target_batch_stats=target_vars['batch_stats'],
+        online={'params': trainable['online'], 'batch_stats': online_stats},
+        predictor={'params': trainable['predictor'], 'batch_stats': predictor_stats},
+        target={'params': target_params, 'batch_stats': target_vars['batch_stats']},
         opt_state=opt_state,
-        bank=bank.embeddings,
-        bank_labels=bank.labels,
-        bank_ptr=bank.ptr,
+        bank=bank,
     )
     metrics = {
         'loss': loss,
@@ -105,7 +101,8 @@ def make_train_step_fn(config: ml_collections.ConfigDict
   return train_step
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, donate: bool = True
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int,
+                    donate: bool = True
                     ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
   """`train_step(state, batch) -> (state, metrics)`, jitted over `mesh`.
 
@@ -114,7 +111,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, donate: bool 
   identical on every device. With `donate`, the input state's buffers are reused.
   """
   return jax.jit(
-      make_train_step_fn(config),
+      make_train_step_fn(config, steps_per_epoch),
       in_shardings=(replicated(mesh), batch_sharded(mesh)),
       out_shardings=(replicated(mesh), replicated(mesh)),
       donate_argnums=(0,) if donate else (),

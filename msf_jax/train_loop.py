@@ -1,11 +1,10 @@
 """The training loop: the only place with side effects (data, metrics, checkpoints, signals).
 
-It resumes from the latest checkpoint in `workdir`, saves every `checkpoint.every_steps`
-steps and at the end, saves and exits cleanly on SIGTERM or a preemption notice, and stops
+It resumes from the latest checkpoint in `workdir`, saves every `checkpoint.every_epochs`
+epochs and at the end, saves and exits cleanly on SIGTERM or a preemption notice, and stops
 on a non-finite loss without saving, so that the last good checkpoint is the latest.
 """
 
-import os
 import signal
 import time
 
@@ -17,12 +16,12 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from msf_jax.checkpoint import Checkpointer
+from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.data import color, pipeline, sources
 from msf_jax.evaluate.monitor import knn_monitor
-from msf_jax.sharding import make_mesh, put_replicated
+from msf_jax.sharding import make_mesh, put_replicated, replicated
 from msf_jax.train import make_train_step
-from msf_jax.train_state import MSFState, create_state
+from msf_jax.train_state import MSFState, abstract_state, create_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,37 +65,43 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+  """An interval given in epochs, in whole steps (at least one): it keeps its meaning when
+  --config.batch_size changes the number of steps an epoch."""
+  return max(1, round(epochs * steps_per_epoch))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   """Trains (or resumes training) to `config.num_epochs`; returns the final state."""
   mesh = make_mesh()
   split = sources.build_split(config.data, 'train', config.image_size)
   config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.steps_per_epoch = pipeline.steps_per_epoch(split, config.batch_size)
-  total_steps = config.num_epochs * config.steps_per_epoch
+  steps_per_epoch = pipeline.steps_per_epoch(split, config.batch_size)
+  total_steps = config.num_epochs * steps_per_epoch
+  log_every = epochs_to_steps(config.log_every_epochs, steps_per_epoch)
+  checkpoint_every = epochs_to_steps(config.checkpoint.every_epochs, steps_per_epoch)
 
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                              max_to_keep=config.checkpoint.keep,
-                              save_interval_steps=config.checkpoint.every_steps)
-  state = checkpointer.restore(config, mesh)
+  checkpointer = Checkpointer(checkpoint_directory(workdir), max_to_keep=config.checkpoint.keep,
+                              save_interval_steps=checkpoint_every)
+  state = checkpointer.restore(abstract_state(config, replicated(mesh)))
   if state is None:
     state = put_replicated(create_state(config, jax.random.key(config.seed)), mesh)
   start = int(state.step)
   logging.info('%s at step %d of %d (%d steps an epoch).',
-               'Resuming' if start else 'Starting', start, total_steps, config.steps_per_epoch)
+               'Resuming' if start else 'Starting', start, total_steps, steps_per_epoch)
 
   stream = pipeline.train_stream(split, global_batch=config.batch_size,
                                  image_size=config.image_size, seed=config.seed,
                                  pairing=config.data.pairing, start_step=start,
                                  crop_scale=tuple(config.data.crop_scale),
                                  random_flip=config.data.flip)
-  train_step = make_train_step(config, mesh)
+  train_step = make_train_step(config, mesh, steps_per_epoch)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_secs=None, every_steps=config.log_every_steps)]
+                                           every_secs=None, every_steps=log_every)]
   if config.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
-  monitor_every = config.monitor.knn_every_epochs * config.steps_per_epoch
+  monitor_every = config.monitor.knn_every_epochs * steps_per_epoch
   monitor = knn_monitor(config, mesh, split) if monitor_every else None
   stop = _StopRequest()
   window_start, data_wait, pending = time.perf_counter(), 0.0, []
@@ -111,7 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
       for hook in hooks:
         hook(step)
       preempted = stop.requested or multihost_utils.reached_preemption_sync_point(step)
-      if step % config.log_every_steps == 0 or step == total_steps or preempted:
+      if step % log_every == 0 or step == total_steps or preempted:
         summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
                    for k in pending[0]}
         _check_finite(step, summary['loss'])
@@ -123,13 +128,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
         window_start, data_wait, pending = time.perf_counter(), 0.0, []
       if monitor and (step % monitor_every == 0 or step == total_steps):
         monitor_start = time.perf_counter()
-        writer.write_scalars(step, monitor(state))
+        writer.write_scalars(step, monitor(state.online))
         window_start += time.perf_counter() - monitor_start  # not training time
-      if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
+      if step % checkpoint_every == 0 or step == total_steps or preempted:
         # Never save a non-finite state: the latest checkpoint stays the last good one.
         last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0
         _check_finite(step, last_loss, bool(_all_finite(state.trainable_params)))
-        checkpointer.save(state, force=True)
+        checkpointer.save(step, state, force=True)
       if preempted:
         logging.warning('Stopping at step %d; the run resumes from here.', step)
         break

@@ -22,14 +22,14 @@ def step_config() -> ml_collections.ConfigDict:
   """The job's model: ResNet-18 with the small stem at 32 px, global batch 8, in float64
   (needs x64), where other reduction orders across processes stay far below the tolerance
   instead of flipping near-zero ReLU inputs as in float32."""
-  from helpers import small_config
+  from msf_jax.testing import small_config
   return small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32,
                       param_dtype='float64')
 
 
 def global_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """The same global batch in every process (and in the single-process reference)."""
-  from helpers import random_batch
+  from msf_jax.testing import random_batch
   return random_batch(np.random.default_rng(STEP_SEED), config, dtype=np.float64)
 
 
@@ -49,15 +49,16 @@ def local_copy(tree):
 def train_one_step(out_dir: str) -> dict[str, np.ndarray]:
   import jax
   from msf_jax import create_state, make_mesh, make_train_step, put_replicated
-  from msf_jax.checkpoint import Checkpointer
+  from msf_jax.checkpoint import Checkpointer, checkpoint_directory
   from msf_jax.data import pipeline
   config = step_config()
   mesh = make_mesh()
   state = put_replicated(create_state(config, jax.random.key(0)), mesh)
   host = host_share(global_batch(config), jax.process_index(), jax.process_count())
-  state, metrics = make_train_step(config, mesh)(state, pipeline.to_global(host, mesh))
-  checkpointer = Checkpointer(os.path.join(out_dir, 'checkpoints'))
-  checkpointer.save(state, force=True)
+  train_step = make_train_step(config, mesh, steps_per_epoch=1)
+  state, metrics = train_step(state, pipeline.to_global(host, mesh))
+  checkpointer = Checkpointer(checkpoint_directory(out_dir))
+  checkpointer.save(int(state.step), state, force=True)
   checkpointer.wait()
   checkpointer.close()
   leaves = jax.tree.leaves(local_copy(state))

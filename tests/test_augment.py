@@ -17,7 +17,7 @@ from scipy import stats
 
 from msf_jax.data import augment, color
 
-from pil_reference import torchvision_crop_params, torchvision_pil_hue
+from msf_jax.testing.pil_reference import torchvision_crop_params, torchvision_pil_hue
 
 LEVEL = 1 / 255
 

@@ -41,10 +41,8 @@ def test_config_loads(path):
 def test_training_config_builds_its_state_shapes(path):
   config = load_config(path)
   state = jax.eval_shape(lambda: create_state(config, jax.random.key(config.seed)))
-  assert state.bank.shape[0] == state.bank_labels.shape[0] == config.msf.bank_size
+  assert state.bank.embeddings.shape[0] == state.bank.labels.shape[0] == config.msf.bank_size
   assert config.msf.topk <= config.msf.bank_size
-  chunk = config.msf.bank_chunk_size
-  assert chunk == 0 or config.msf.bank_size % chunk == 0
 
 
 @pytest.mark.parametrize('path', training_configs(), ids=os.path.basename)
@@ -68,7 +66,6 @@ def test_imagenet_variants_set_what_they_say():
   assert config.msf.bank_size == 1_024_000 and config.msf.bank_chunk_size == 128_000
   config = load_config(IMAGENET, 'bank=128000')
   assert (config.msf.bank_size, config.msf.bank_chunk_size) == (128_000, 128_000)
-  assert load_config(IMAGENET, 'bank=100000').msf.bank_chunk_size == 0  # 128,000 does not divide
   assert load_config(IMAGENET, 'aug=w/w').data.pairing == 'w/w'
   with pytest.raises(ValueError, match='aug=w/s'):
     load_config(IMAGENET, 'aug=x/y')
@@ -82,13 +79,27 @@ def test_cifar10_is_resnet18_small_stem_at_32px_with_a_bank_under_one_epoch():
   assert (config.data.source, config.data.name, config.monitor.split) == ('tfds', 'cifar10',
                                                                            'test')
   assert (config.batch_size, config.msf.topk, config.num_epochs) == (256, 5, 200)
-  assert config.steps_per_epoch == 50_000 // 256
-  assert learning_rate_schedule(config)(0) == pytest.approx(0.05 * 256 / 256)
+  assert learning_rate_schedule(config, 50_000 // 256)(0) == pytest.approx(0.05 * 256 / 256)
   # Every bank row is a different image: the bank fills in less than one epoch.
-  assert config.msf.bank_size < config.steps_per_epoch * config.batch_size
+  assert config.msf.bank_size < 50_000
 
 
-def test_cifar10_takes_the_imagenet_variants():
-  config = load_config(CIFAR10, 'bank=4096,k=1,aug=s/s')
+@pytest.mark.parametrize('path', [p for p in CONFIG_FILES if 'msf' in load_config(p)],
+                         ids=os.path.basename)
+def test_every_msf_config_takes_the_paper_variants(path):
+  default = load_config(path)
+  config = load_config(path, 'bank=4096,k=1,aug=s/s')
   assert (config.msf.bank_size, config.msf.topk, config.data.pairing) == (4096, 1, 's/s')
-  assert config.image_size == 32 and config.data.name == 'cifar10'
+  assert (config.image_size, config.data.source) == (default.image_size, default.data.source)
+  with pytest.raises(ValueError, match='bank=N or k=N'):
+    load_config(path, 'k=many')
+
+
+def test_intervals_are_in_epochs_so_a_batch_size_change_keeps_them():
+  from msf_jax.train_loop import epochs_to_steps
+  for path in training_configs():
+    config = load_config(path)
+    assert 'steps_per_epoch' not in config  # it follows from the data
+    assert config.log_every_epochs > 0 and config.checkpoint.every_epochs > 0
+  assert epochs_to_steps(0.2, 5004) == 1001 and epochs_to_steps(0.2, 2502) == 500
+  assert epochs_to_steps(0.01, 44) == 1  # never zero: at least every step

@@ -17,7 +17,9 @@ import pytest
 
 from msf_jax import (create_state, distributed, load_config, make_mesh, make_train_step,
                      put_batch, put_replicated)
-from msf_jax.checkpoint import Checkpointer
+from msf_jax.checkpoint import Checkpointer, checkpoint_directory
+from msf_jax.sharding import replicated
+from msf_jax.train_state import abstract_state
 
 from distributed_worker import EPOCHS_READ, global_batch, step_config
 from helpers import REPO, assert_trees_close
@@ -206,7 +208,8 @@ def one_process_reference():
     config = step_config()
     mesh = make_mesh(jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
     state = put_replicated(create_state(config, jax.random.key(0)), mesh)
-    state, metrics = make_train_step(config, mesh)(state, put_batch(global_batch(config), mesh))
+    train_step = make_train_step(config, mesh, steps_per_epoch=1)
+    state, metrics = train_step(state, put_batch(global_batch(config), mesh))
     return jax.device_get(state), float(metrics['loss'])
 
 
@@ -251,8 +254,8 @@ def test_two_processes_take_the_step_of_one_process_with_four_devices(job):
 def test_checkpoint_written_by_two_processes_restores_on_one(job):
   results, (reference, _), out_dir = job
   with jax.enable_x64(True):
-    restored = Checkpointer(os.path.join(out_dir, 'checkpoints')).restore(
-        step_config(), make_mesh(jax.devices()[:1]))
+    restored = Checkpointer(checkpoint_directory(out_dir)).restore(
+        abstract_state(step_config(), replicated(make_mesh(jax.devices()[:1]))))
   assert int(restored.step) == 1
   assert_trees_close(restored, worker_state(results[0], reference), rtol=0)
 
@@ -283,19 +286,19 @@ def test_training_program_runs_as_two_processes(tmp_path, folder):
   skip_without_cpu_collectives()
   port = free_port()
   flags = [f'--config={TRAIN_CONFIG}', f'--workdir={tmp_path}',
-           *main_overrides(folder, num_epochs=1, **{'checkpoint.every_steps': 2}),
+           *main_overrides(folder, num_epochs=1, **{'checkpoint.every_epochs': 2 / 3}),
            f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={PROCESSES}']
   _, outputs = run_processes([[sys.executable, '-m', 'msf_jax.main', *flags,
                                f'--process_id={p}'] for p in range(PROCESSES)])
   for p, output in enumerate(outputs):
     assert f'Process {p} of {PROCESSES}: {DEVICES_PER_PROCESS} local devices of 4' in output
   assert len(glob.glob(str(tmp_path / 'events.out.tfevents.*'))) == 1  # process 0's only
-  checkpointer = Checkpointer(os.path.join(tmp_path, 'checkpoints'))
+  checkpointer = Checkpointer(checkpoint_directory(str(tmp_path)))
   assert checkpointer.all_steps() == [2, 3]
   config = load_config(TRAIN_CONFIG)
   config.batch_size, config.msf.bank_size = 8, 32
-  state = checkpointer.restore(config, make_mesh(jax.devices()[:1]))
-  assert int(state.step) == 3 and int(state.bank_ptr) == 3 * 8 % 32
+  state = checkpointer.restore(abstract_state(config, replicated(make_mesh(jax.devices()[:1]))))
+  assert int(state.step) == 3 and int(state.bank.ptr) == 3 * 8 % 32
 
 # --- Launch scripts -------------------------------------------------------------------------
 

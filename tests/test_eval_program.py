@@ -17,18 +17,19 @@ import safetensors.numpy
 import tensorflow_datasets as tfds
 
 from msf_jax import create_state, load_config, make_mesh
-from msf_jax.checkpoint import Checkpointer
+from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.data import sources
 from msf_jax.evaluate import features as features_module
 from msf_jax.evaluate import run
-from msf_jax.evaluate.encoders import load_encoder, random_encoder
 from msf_jax.evaluate.features import cached_features, write_atomically
 from msf_jax.evaluate.transfer import DEFAULT_REGULARIZATIONS
 from msf_jax.interop import torch_checkpoint as tc
 from msf_jax.interop.__main__ import main as interop_main
-from msf_jax.models import build_networks
+from msf_jax.interop.backbones import load_encoder, random_encoder
+from msf_jax.models import backbone_only, build_networks
 
-from helpers import REPO, small_config
+from msf_jax.testing import small_config
+from helpers import REPO
 from test_distributed import PROCESSES, free_port, run_processes, skip_without_cpu_collectives
 
 EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
@@ -53,8 +54,7 @@ def backbone_features(variables, images):
 
 
 def backbone_of(state, encoder):
-  return {'params': {'backbone': getattr(state, f'{encoder}_params')['backbone']},
-          'batch_stats': {'backbone': getattr(state, f'{encoder}_batch_stats')['backbone']}}
+  return backbone_only(getattr(state, encoder))
 
 
 @pytest.fixture(scope='module')
@@ -64,15 +64,16 @@ def state():
   config.model.width = WIDTH
   state = create_state(config, jax.random.key(0))
   other = create_state(config, jax.random.key(1))
-  return state.replace(step=state.step + 5, target_params=other.online_params)
+  return state.replace(step=state.step + 5,
+                       target={**state.target, 'params': other.online['params']})
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory, state):
   """A training workdir holding `state` at step 5, as msf_jax.main writes it."""
   workdir = tmp_path_factory.mktemp('training')
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'))
-  checkpointer.save(state, force=True)
+  checkpointer = Checkpointer(checkpoint_directory(str(workdir)))
+  checkpointer.save(int(state.step), state, force=True)
   checkpointer.wait()
   checkpointer.close()
   return str(workdir)
@@ -90,7 +91,7 @@ def export(source, out, *options):
 
 def test_official_checkpoint_exports_to_pth_and_safetensors_with_the_same_tensors(tmp_path):
   torch = pytest.importorskip('torch', reason='official checkpoints are PyTorch files')
-  import torch_reference
+  from msf_jax.testing import torch_reference
   torch.manual_seed(0)
   reference = torch_reference.MeanShift(18, mem_bank_size=32, topk=5)
   path = tmp_path / 'msf_resnet18.pth.tar'

@@ -9,7 +9,7 @@ from msf_jax.data import sources
 from msf_jax.evaluate.features import extract_features
 from msf_jax.evaluate.knn import knn_accuracy, knn_predict
 
-from helpers import small_config
+from msf_jax.testing import small_config
 from test_pipeline import write_folder
 
 
@@ -60,7 +60,7 @@ def test_features_of_a_split_once_each_over_eight_devices(tmp_path):
   split = sources.image_folder(write_folder(tmp_path, 'val', classes=3, per_class=7), 'val')
   config = small_config(image_size=24, small_stem=True)
   state = create_state(config, jax.random.key(0))
-  variables = {'params': state.online_params, 'batch_stats': state.online_batch_stats}
+  variables = state.online
   eight, one = make_mesh(jax.devices()[:8]), make_mesh(jax.devices()[:1])
   features, labels = extract_features(variables, split, config, eight, batch_size=16)
   assert features.shape == (21, 512) and sorted(labels) == sorted([0] * 7 + [1] * 7 + [2] * 7)
@@ -77,7 +77,8 @@ def test_knn_monitor_finds_each_training_image_as_its_own_neighbour():
   config.monitor.split, config.monitor.ks = 'train', (1, 20)
   config.monitor.num_train = config.monitor.num_queries = 40
   state = create_state(config, jax.random.key(0))
-  accuracy = knn_monitor(config, make_mesh(jax.devices()[:8]), sources.digits('train', 24))(state)
+  accuracy = knn_monitor(config, make_mesh(jax.devices()[:8]),
+                         sources.digits('train', 24))(state.online)
   # Queries are the bank's own images: 1-NN is each image itself, so the labels must line up.
   assert accuracy['monitor/knn_k1'] == 1.0
   assert 0.0 < accuracy['monitor/knn_k20'] < 1.0

@@ -13,9 +13,7 @@ torch = pytest.importorskip(
     'torch', reason='interop tests need PyTorch (CPU): pip install torch==2.13.0')
 
 from msf_jax.interop import torch_checkpoint as tc  # noqa: E402
-
-import torch_reference  # noqa: E402
-from helpers import REPO, small_config  # noqa: E402
+from msf_jax.testing import small_config, torch_reference  # noqa: E402
 
 
 class NotAllowed:
@@ -105,12 +103,14 @@ def test_command_line_exports_a_backbone(tmp_path, reference):
   path = save(tmp_path / 'ckpt.pth.tar', reference.state_dict())
   out = tmp_path / 'backbone.pth'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  # From outside the checkout: the command line needs no file of the source tree.
   run = lambda *args: subprocess.run([sys.executable, '-m', 'msf_jax.interop', *args],
-                                     capture_output=True, text=True, cwd=REPO, env=env)
+                                     capture_output=True, text=True, cwd=tmp_path, env=env)
   result = run('export-backbone', path, str(out))
   assert result.returncode == 0, result.stderr
   assert 'layer4.1.bn2.running_var' in torch.load(out, weights_only=True)
   result = run('summary', path)
-  assert 'ResNet-18' in result.stdout and '32 x 128' in result.stdout
+  assert 'ResNet-18 (small stem: False, width 64)' in result.stdout, result.stderr
+  assert '32 x 128' in result.stdout
   result = run('summary', str(tmp_path / 'missing.pth'))
   assert result.returncode == 1 and 'error:' in result.stderr

@@ -11,7 +11,7 @@ from msf_jax.data import pipeline, sources
 from msf_jax.evaluate.linear_probe import (linear_probe, linear_probe_on_features,
                                            standardization, top_k_accuracies)
 
-from helpers import small_config
+from msf_jax.testing import small_config
 from test_pipeline import write_folder
 
 
@@ -103,7 +103,7 @@ def test_probe_stream_is_deterministic_resumable_and_normalized():
 def test_official_probe_on_digits_over_eight_devices():
   config = small_config(image_size=24, small_stem=True)
   state = create_state(config, jax.random.key(0))
-  variables = {'params': state.online_params, 'batch_stats': state.online_batch_stats}
+  variables = state.online
   mesh = make_mesh(jax.devices()[:8])
   train_split = sources.digits('train', image_size=24)
   test_split = sources.digits('test', image_size=24)
@@ -118,7 +118,7 @@ def test_official_probe_on_digits_over_eight_devices():
 def test_official_probe_gives_the_same_result_on_one_and_eight_devices(tmp_path):
   config = small_config(image_size=24, small_stem=True)
   state = create_state(config, jax.random.key(1))
-  variables = {'params': state.online_params, 'batch_stats': state.online_batch_stats}
+  variables = state.online
   root = write_folder(tmp_path, 'train', classes=3, per_class=8)
   write_folder(tmp_path, 'test', classes=3, per_class=5)
   train_split, test_split = (sources.image_folder(root, s) for s in ('train', 'test'))

@@ -1,5 +1,6 @@
 """The training program end to end, in subprocesses: resume after SIGKILL, SIGTERM, a
-misspelt config key and a NaN loss. A small image folder keeps each run to seconds."""
+misspelt config key and a NaN loss. A small image folder keeps each run to seconds. And the
+order of start-up in `main`."""
 
 import os
 import signal
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from msf_jax import load_config
-from msf_jax.checkpoint import Checkpointer
-from msf_jax.sharding import make_mesh
+from msf_jax.checkpoint import Checkpointer, checkpoint_directory
+from msf_jax.sharding import make_mesh, replicated
+from msf_jax.train_state import abstract_state
 
 from helpers import REPO, assert_trees_close
 from test_pipeline import write_folder
@@ -29,8 +31,8 @@ def folder(tmp_path_factory):
 
 def overrides(folder, **extra):
   settings = {'data.source': 'folder', 'data.root': folder, 'batch_size': 8,
-              'msf.bank_size': 32, 'num_epochs': 3, 'checkpoint.every_steps': 4,
-              'log_every_steps': 2, **extra}
+              'msf.bank_size': 32, 'num_epochs': 3, 'checkpoint.every_epochs': 4 / 3,
+              'log_every_epochs': 2 / 3, **extra}
   return [f'--config.{k}={v}' for k, v in settings.items()]
 
 
@@ -52,15 +54,17 @@ def final_state(workdir, folder, **extra):
   for key, value in {'batch_size': 8, 'msf.bank_size': 32, **extra}.items():
     section, _, name = key.rpartition('.')
     setattr(config[section] if section else config, name, value)
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'))
-  return checkpointer.latest_step(), checkpointer.restore(config, make_mesh(jax.devices()[:1]))
+  checkpointer = Checkpointer(checkpoint_directory(workdir))
+  abstract = abstract_state(config, replicated(make_mesh(jax.devices()[:1])))
+  return checkpointer.latest_step(), checkpointer.restore(abstract)
 
 
 def wait_for_checkpoint(workdir, process, at_least, timeout=240):
   directory = os.path.join(workdir, 'checkpoints')
   deadline = time.time() + timeout
   while time.time() < deadline and process.poll() is None:
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+    steps = ([int(d) for d in os.listdir(directory) if d.isdigit()]
+             if os.path.isdir(directory) else [])
     if steps and max(steps) >= at_least:
       return max(steps)
     time.sleep(0.2)
@@ -103,8 +107,24 @@ def test_misspelt_config_key_is_named(tmp_path):
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, folder):
   code, output = run(tmp_path, overrides(folder, **{'optim.base_lr': 1e30,
-                                                     'checkpoint.every_steps': 1}))
+                                                     'checkpoint.every_epochs': 1 / 3}))
   assert code != 0 and 'training stopped without saving' in output, output
   step, state = final_state(tmp_path, folder)
   assert step is not None and step >= 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.trainable_params)))
+
+
+def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatch, tmp_path):
+  from absl import flags
+  from msf_jax import main as main_module
+  calls = []
+  monkeypatch.setattr(main_module.pipeline, 'hide_accelerators_from_tensorflow',
+                      lambda: calls.append('hide'))
+  monkeypatch.setattr(main_module.distributed, 'initialize', lambda *args: calls.append('join'))
+  monkeypatch.setitem(main_module.MODES, 'train', lambda config, workdir: calls.append('train'))
+  flags.FLAGS(['main', f'--config={CONFIG}', f'--workdir={tmp_path}'])
+  try:
+    main_module.main(['main'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert calls == ['hide', 'join', 'train']

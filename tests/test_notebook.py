@@ -62,7 +62,7 @@ def test_notebook_trains_then_compares_with_a_random_encoder(capsys):
     exec(compile(EPOCHS_LINE.sub('EPOCHS = 1', source), NOTEBOOK, 'exec'), namespace)
   output = capsys.readouterr().out
   assert 'epoch   1  loss' in output and 'epoch   2' not in output
-  assert int(namespace['state'].step) == namespace['config'].steps_per_epoch == 44
+  assert int(namespace['state'].step) == namespace['steps_per_epoch'] == 44
   results = namespace['results']
   assert set(results) == {'trained', 'random'}
   for accuracies in results.values():

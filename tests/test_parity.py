@@ -27,8 +27,9 @@ from msf_jax import make_mesh, put_batch, put_replicated, make_train_step  # noq
 from msf_jax.interop import torch_checkpoint as tc  # noqa: E402
 from msf_jax.optim import peak_learning_rate  # noqa: E402
 
-import torch_reference  # noqa: E402
-from helpers import max_scaled_error, random_batch, small_config  # noqa: E402
+from msf_jax.testing import torch_reference  # noqa: E402
+from msf_jax.testing import random_batch, small_config  # noqa: E402
+from helpers import max_scaled_error  # noqa: E402
 
 # Biases whose true gradient is exactly zero: each feeds a BatchNorm directly, or (the
 # projection's last bias) through the predictor's first Linear, which BatchNorm follows.
@@ -54,7 +55,7 @@ def run_both(tmp_path, config, steps, seed=0):
   optimizer = torch_reference.make_optimizer(model, peak_learning_rate(config))
   mesh = make_mesh(jax.devices()[:1])
   state = put_replicated(state, mesh)
-  train_step = make_train_step(config, mesh)
+  train_step = make_train_step(config, mesh, steps_per_epoch=10)
 
   rng = np.random.default_rng(seed)
   metrics = []
@@ -91,8 +92,8 @@ def compare(state, model, optimizer, metrics, rtol, bias_atol, grad_rtol=None,
   ref = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   assert sorted(ours) == sorted(ref)
   trace = optax_trace(state)
-  ours_buffers = {**tc.network_to_torch(tc.ONLINE, trace['online'], {}),
-                  **tc.network_to_torch(tc.PREDICTOR, trace['predictor'], {})}
+  ours_buffers = {**tc.network_to_torch(tc.ONLINE, {'params': trace['online']}),
+                  **tc.network_to_torch(tc.PREDICTOR, {'params': trace['predictor']})}
   ref_buffers = torch_reference.momentum_buffers(model, optimizer)
   assert sorted(ours_buffers) == sorted(ref_buffers)
 

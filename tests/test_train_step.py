@@ -12,13 +12,17 @@ from msf_jax import (create_state, load_config, make_mesh, make_train_step, put_
                      put_replicated)
 from msf_jax.optim import learning_rate_schedule
 
-from helpers import REPO, assert_trees_close, random_batch, relative_tree_error, small_config
+from msf_jax.testing import random_batch, small_config
+from helpers import REPO, assert_trees_close, relative_tree_error
+
+
+STEPS_PER_EPOCH = 10
 
 
 def run_steps(config, devices, batches, seed=0):
   mesh = make_mesh(devices)
   state = put_replicated(create_state(config, jax.random.key(seed)), mesh)
-  train_step = make_train_step(config, mesh)
+  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH)
   metrics = []
   for batch in batches:
     state, step_metrics = train_step(state, put_batch(batch, mesh))
@@ -35,11 +39,12 @@ def test_eight_devices_equal_one_device_float32():
   # Forward quantities tensor by tensor; gradient-derived ones (parameters, momentum) as a
   # whole: in float32, reductions in another order flip the odd near-zero ReLU input, which
   # moves single channels (float64, below, is compared tensor by tensor).
-  for field in ('bank', 'bank_labels', 'bank_ptr', 'target_params', 'target_batch_stats',
-                'online_batch_stats', 'predictor_batch_stats'):
-    assert_trees_close(getattr(eight, field), getattr(one, field), rtol=1e-5)
-  for field in ('online_params', 'predictor_params', 'opt_state'):
-    error = relative_tree_error(getattr(eight, field), getattr(one, field))
+  forward = lambda state: (state.bank, state.target, state.online['batch_stats'],
+                           state.predictor['batch_stats'])
+  assert_trees_close(forward(eight), forward(one), rtol=1e-5)
+  trained = lambda state: {'trainable': state.trainable_params, 'opt_state': state.opt_state}
+  for field in ('trainable', 'opt_state'):
+    error = relative_tree_error(trained(eight)[field], trained(one)[field])
     assert error < 1e-3, (field, error)
   assert m8[0]['loss'] == pytest.approx(m1[0]['loss'], rel=1e-5)
   assert m8[0]['purity'] == m1[0]['purity']
@@ -63,12 +68,12 @@ def test_step_updates_bank_pointer_target_and_metrics():
   rng = np.random.default_rng(2)
   initial = jax.device_get(create_state(config, jax.random.key(0)))
   state, metrics = run_steps(config, jax.devices()[:1], [random_batch(rng, config)] * 2)
-  assert int(state.step) == 2 and int(state.bank_ptr) == 16
-  assert (state.bank_labels[:16] >= 0).all() and (state.bank_labels[16:] == -1).all()
+  assert int(state.step) == 2 and int(state.bank.ptr) == 16
+  assert (state.bank.labels[:16] >= 0).all() and (state.bank.labels[16:] == -1).all()
   # Target after step 2 = 0.99 * target_1 + 0.01 * online_1, and target_1 = online_0.
-  leaf = lambda tree: tree['backbone']['conv1']['kernel']
-  np.testing.assert_array_equal(leaf(initial.target_params), leaf(initial.online_params))
-  assert not np.allclose(leaf(state.target_params), leaf(initial.target_params))
+  leaf = lambda variables: variables['params']['backbone']['conv1']['kernel']
+  np.testing.assert_array_equal(leaf(initial.target), leaf(initial.online))
+  assert not np.allclose(leaf(state.target), leaf(initial.target))
   for m in metrics:
     assert np.isfinite(m['loss']) and 0 <= m['purity'] <= 1 and 0 <= m['purity_others'] <= 1
     assert m['lr'] == pytest.approx(0.05 * 8 / 256) and m['topk'] == 5
@@ -85,7 +90,7 @@ def test_topk_ramp_starts_as_k_equals_one_and_reaches_k():
   batch = {**random_batch(np.random.default_rng(4), config), 'label': np.arange(8, dtype=np.int32)}
   mesh = make_mesh(jax.devices()[:1])
   state = create_state(config, jax.random.key(0))
-  train_step = make_train_step(config, mesh, donate=False)
+  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False)
   metrics = [jax.device_get(train_step(put_replicated(state.replace(step=step), mesh),
                                        put_batch(batch, mesh))[1]) for step in (0, 10, 20)]
   assert [int(m['topk']) for m in metrics] == [1, 3, 5]
@@ -95,24 +100,25 @@ def test_topk_ramp_starts_as_k_equals_one_and_reaches_k():
 
 def test_schedules():
   config = small_config(batch_size=512)
-  config.num_epochs, config.steps_per_epoch = 4, 10
-  per_epoch = learning_rate_schedule(config)
+  config.num_epochs = 4
+  per_epoch = learning_rate_schedule(config, steps_per_epoch=10)
   for step, epoch in ((0, 1), (9, 1), (10, 2), (39, 4)):
     expected = 0.1 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / 4))
     assert float(per_epoch(step)) == pytest.approx(expected)
   config.optim.schedule = 'cosine_per_step'
-  assert float(learning_rate_schedule(config)(20)) == pytest.approx(0.05)
+  assert float(learning_rate_schedule(config, steps_per_epoch=10)(20)) == pytest.approx(0.05)
   config.optim.schedule = 'linear'
   with pytest.raises(ValueError, match='config.optim.schedule'):
-    learning_rate_schedule(config)
+    learning_rate_schedule(config, steps_per_epoch=10)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
   config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=16)
   config.model.dtype = 'bfloat16'
-  state, metrics = run_steps(config, jax.devices()[:2], [random_batch(np.random.default_rng(3), config)])
-  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.online_params))
-  assert state.bank.dtype == np.float32 and np.isfinite(metrics[0]['loss'])
+  batch = random_batch(np.random.default_rng(3), config)
+  state, metrics = run_steps(config, jax.devices()[:2], [batch])
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.online))
+  assert state.bank.embeddings.dtype == np.float32 and np.isfinite(metrics[0]['loss'])
 
 
 def test_encoder_features_are_the_pooled_backbone_output():
@@ -121,7 +127,7 @@ def test_encoder_features_are_the_pooled_backbone_output():
   encoder, _ = build_networks(config.model)
   state = create_state(config, jax.random.key(0))
   images = np.random.default_rng(5).standard_normal((2, 32, 32, 3)).astype(np.float32)
-  variables = {'params': state.online_params, 'batch_stats': state.online_batch_stats}
+  variables = state.online
   features = encoder.apply(variables, images, method=encoder.features)
   assert features.shape == (2, feature_dim(18))
   projection = encoder.apply(variables, images, train=False)
@@ -157,10 +163,10 @@ def test_width_scales_every_stage_and_the_heads():
   state = create_state(config, jax.random.key(0))
   encoder, _ = build_networks(config.model)
   assert feature_dim(18, 16) == 128
-  assert state.online_params['backbone']['conv1']['kernel'].shape == (3, 3, 3, 16)
-  assert state.online_params['backbone']['layer4_1']['conv2']['kernel'].shape == (3, 3, 128, 128)
-  assert state.bank.shape == (config.msf.bank_size, 128 // 4)
-  features = encoder.apply({'params': state.online_params,
-                            'batch_stats': state.online_batch_stats},
-                           np.zeros((2, 32, 32, 3), np.float32), method=encoder.features)
+  backbone = state.online['params']['backbone']
+  assert backbone['conv1']['kernel'].shape == (3, 3, 3, 16)
+  assert backbone['layer4_1']['conv2']['kernel'].shape == (3, 3, 128, 128)
+  assert state.bank.embeddings.shape == (config.msf.bank_size, 128 // 4)
+  features = encoder.apply(state.online, np.zeros((2, 32, 32, 3), np.float32),
+                           method=encoder.features)
   assert features.shape == (2, 128)

@@ -21,7 +21,8 @@ from msf_jax.sharding import batch_sharded
 
 
 def hide_accelerators_from_tensorflow() -> None:
-  """tf.data runs on the host CPU: TensorFlow must not reserve GPU (or TPU) memory."""
+  """tf.data runs on the host CPU: TensorFlow must not reserve GPU (or TPU) memory. Programs
+  call this first (msf_jax.main does), before TensorFlow touches a device."""
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
 
@@ -29,7 +30,6 @@ def hide_accelerators_from_tensorflow() -> None:
 def _this_host(global_batch: int, process_index: int | None, process_count: int | None
                ) -> tuple[int, int, int]:
   """(process index, process count, per-host batch), the first two from JAX by default."""
-  hide_accelerators_from_tensorflow()
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch % process_count:

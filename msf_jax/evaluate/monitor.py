@@ -9,21 +9,21 @@ from jax.sharding import Mesh
 from msf_jax.data import sources
 from msf_jax.evaluate.features import extract_features
 from msf_jax.evaluate.knn import knn_accuracies
-from msf_jax.train_state import MSFState
+from msf_jax.models import Variables
 
 
 def knn_monitor(config: ml_collections.ConfigDict, mesh: Mesh, train_split: sources.Split
-                ) -> Callable[[MSFState], dict[str, float]]:
-  """A function of the train state giving `monitor/knn_k{k}`: the majority-vote kNN accuracy
-  of `config.monitor.num_queries` images of the held-out split `config.monitor.split` against
-  the centre-crop features of `config.monitor.num_train` images of `train_split`."""
+                ) -> Callable[[Variables], dict[str, float]]:
+  """A function of the online encoder's variables giving `monitor/knn_k{k}`: the
+  majority-vote kNN accuracy of `config.monitor.num_queries` images of the held-out split
+  `config.monitor.split` against the centre-crop features of `config.monitor.num_train`
+  images of `train_split`."""
   monitor = config.monitor
   train = sources.take(train_split, monitor.num_train)
   held_out = sources.take(sources.build_split(config.data, monitor.split, config.image_size),
                           monitor.num_queries)
 
-  def evaluate(state: MSFState) -> dict[str, float]:
-    variables = {'params': state.online_params, 'batch_stats': state.online_batch_stats}
+  def evaluate(variables: Variables) -> dict[str, float]:
     bank = extract_features(variables, train, config, mesh, monitor.batch_size)
     queries = extract_features(variables, held_out, config, mesh, monitor.batch_size)
     accuracies = knn_accuracies(*bank, *queries, train.num_classes, ks=tuple(monitor.ks),

@@ -1,6 +1,6 @@
 """The evaluation program: a frozen encoder's kNN, linear-probe and transfer accuracies.
 
-`evaluate(config, workdir)` loads the encoder (msf_jax.evaluate.encoders), computes the
+`evaluate(config, workdir)` loads the encoder (msf_jax.interop.backbones), computes the
 centre-crop features of each split once (cached in workdir/features, so that a rerun or
 another task reuses them), runs `config.tasks` and writes every result to TensorBoard (CLU)
 and, from process 0, to workdir/eval_results.json. It runs as it is on one device or on
@@ -21,7 +21,7 @@ from clu import metric_writers
 
 from msf_jax.checkpoint import manager_directory
 from msf_jax.data import sources
-from msf_jax.evaluate import encoders
+from msf_jax.interop import backbones
 from msf_jax.evaluate.features import cached_features, write_atomically
 from msf_jax.evaluate.knn import knn_accuracies
 from msf_jax.evaluate.linear_probe import linear_probe, linear_probe_on_features
@@ -123,8 +123,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
                           'transfer.datasets') if 'transfer' in tasks else ())
   config = config.copy_and_resolve_references()
   if config.checkpoint_format == 'msf_jax':  # read and record one step, even mid-training
-    config.step = encoders.msf_jax_step(config.checkpoint, config.get('step'))
-  variables, model_config = encoders.load_encoder(config)
+    config.step = backbones.msf_jax_step(config.checkpoint, config.get('step'))
+  variables, model_config = backbones.load_encoder(config)
   with config.unlocked():
     config.model = model_config
   # Every split is opened before any compute, so that a missing dataset fails at once.

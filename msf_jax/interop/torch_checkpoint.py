@@ -19,18 +19,19 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
+from msf_jax.checkpoint import CheckpointError
+from msf_jax.mean_shift import MemoryBank
+from msf_jax.models import Variables, backbone_only
 from msf_jax.models.resnet import BOTTLENECK_DEPTHS, STAGE_SIZES
 from msf_jax.train_state import MSFState, create_state
 
 ONLINE, TARGET, PREDICTOR = 'encoder_q', 'encoder_t', 'predict_q'
+# MSFState's networks and their official prefixes.
+OFFICIAL_PREFIXES = {'online': ONLINE, 'target': TARGET, 'predictor': PREDICTOR}
 SAFETENSORS_EXTENSION = '.safetensors'
 _LEAF_TO_TORCH = {('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
                   ('params', 'kernel'): 'weight', ('batch_stats', 'mean'): 'running_mean',
                   ('batch_stats', 'var'): 'running_var'}
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read safely or does not fit the model."""
 
 
 def _import_torch():
@@ -131,11 +132,12 @@ def _from_torch_layout(value: np.ndarray) -> np.ndarray:
   return value.T if value.ndim == 2 else value
 
 
-def network_to_torch(prefix: str, params: Any, batch_stats: Any,
+def network_to_torch(prefix: str, variables: Variables,
                      num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
-  """Torch-named numpy tensors of one network (prefix '' gives bare torchvision names)."""
+  """Torch-named numpy tensors of one network's {'params', 'batch_stats'} (prefix '' gives
+  bare torchvision names)."""
   out = {}
-  for collection, tree in (('params', params), ('batch_stats', batch_stats)):
+  for collection, tree in variables.items():
     for path, value in traverse_util.flatten_dict(jax.device_get(tree)).items():
       out[_torch_key(prefix, collection, path)] = _to_torch_layout(np.asarray(value))
   for key in [k for k in out if k.endswith('.running_mean')]:
@@ -144,9 +146,10 @@ def network_to_torch(prefix: str, params: Any, batch_stats: Any,
   return out
 
 
-def network_from_torch(prefix: str, state_dict: Mapping[str, np.ndarray], params: Any,
-                       batch_stats: Any) -> tuple[Any, Any]:
-  """Fills the (params, batch_stats) trees of one network from torch-named tensors.
+def network_from_torch(prefix: str, state_dict: Mapping[str, np.ndarray],
+                       template: Variables) -> Variables:
+  """One network's {'params', 'batch_stats'} in the shapes and dtypes of `template` (arrays
+  or jax.ShapeDtypeStruct), filled from torch-named tensors.
 
   Strict: a missing key, a shape mismatch or an unused key of that network (with prefix '',
   any unused key) is an error.
@@ -167,7 +170,7 @@ def network_from_torch(prefix: str, state_dict: Mapping[str, np.ndarray], params
       used.add(key)
     return traverse_util.unflatten_dict(flat)
 
-  filled = fill('params', params), fill('batch_stats', batch_stats)
+  filled = {collection: fill(collection, tree) for collection, tree in template.items()}
   start = f'{prefix}.' if prefix else ''
   unused = sorted(k for k in state_dict if k.startswith(start) and k not in used
                   and not k.endswith('num_batches_tracked'))
@@ -177,41 +180,40 @@ def network_from_torch(prefix: str, state_dict: Mapping[str, np.ndarray], params
   return filled
 
 
+def networks_from_official(state_dict: Mapping[str, np.ndarray],
+                           templates: Mapping[str, Variables]) -> dict[str, Variables]:
+  """{'online', 'target', 'predictor'}: each network's variables, strictly checked against
+  its template (a missing, misshapen or unused key is a CheckpointError)."""
+  return {name: network_from_torch(OFFICIAL_PREFIXES[name], state_dict, template)
+          for name, template in templates.items()}
+
+
 def state_from_official(state_dict: Mapping[str, np.ndarray], template: MSFState) -> MSFState:
   """`template` with its networks, BN statistics and bank replaced by the checkpoint's.
 
-  The step, optimizer state and rng stay the template's (official checkpoints keep the
-  optimizer in another format; a loaded state starts with fresh momentum buffers).
+  The step and optimizer state stay the template's (official checkpoints keep the optimizer
+  in another format; a loaded state starts with fresh momentum buffers).
   """
-  online = network_from_torch(ONLINE, state_dict, template.online_params,
-                              template.online_batch_stats)
-  target = network_from_torch(TARGET, state_dict, template.target_params,
-                              template.target_batch_stats)
-  predictor = network_from_torch(PREDICTOR, state_dict, template.predictor_params,
-                                 template.predictor_batch_stats)
-  if state_dict['queue'].shape != template.bank.shape:
+  networks = networks_from_official(
+      state_dict, {name: getattr(template, name) for name in OFFICIAL_PREFIXES})
+  if state_dict['queue'].shape != template.bank.embeddings.shape:
     raise CheckpointError(f'The bank is {state_dict["queue"].shape}, the config wants '
-                          f'{template.bank.shape}: set config.msf.bank_size.')
-  return template.replace(
-      online_params=online[0], online_batch_stats=online[1],
-      target_params=target[0], target_batch_stats=target[1],
-      predictor_params=predictor[0], predictor_batch_stats=predictor[1],
-      bank=jnp.asarray(state_dict['queue'], template.bank.dtype),
-      bank_labels=jnp.asarray(state_dict['labels'], jnp.int32),
-      bank_ptr=jnp.asarray(state_dict['queue_ptr'].reshape(()), jnp.int32),
-  )
+                          f'{template.bank.embeddings.shape}: set config.msf.bank_size.')
+  bank = MemoryBank(jnp.asarray(state_dict['queue'], template.bank.embeddings.dtype),
+                    jnp.asarray(state_dict['labels'], jnp.int32),
+                    jnp.asarray(state_dict['queue_ptr'].reshape(()), jnp.int32))
+  return template.replace(**networks, bank=bank)
 
 
 def state_to_official(state: MSFState) -> dict[str, np.ndarray]:
   """The official state_dict of an MSFState (networks, BN statistics, bank)."""
   steps = int(state.step)
-  out = {**network_to_torch(ONLINE, state.online_params, state.online_batch_stats, steps),
-         **network_to_torch(TARGET, state.target_params, state.target_batch_stats, steps),
-         **network_to_torch(PREDICTOR, state.predictor_params, state.predictor_batch_stats,
-                            steps)}
-  out['queue'] = np.asarray(state.bank)
-  out['labels'] = np.asarray(state.bank_labels, np.int64)
-  out['queue_ptr'] = np.asarray([state.bank_ptr], np.int64)
+  out = {}
+  for name, prefix in OFFICIAL_PREFIXES.items():
+    out.update(network_to_torch(prefix, getattr(state, name), steps))
+  out['queue'] = np.asarray(state.bank.embeddings)
+  out['labels'] = np.asarray(state.bank.labels, np.int64)
+  out['queue_ptr'] = np.asarray([state.bank.ptr], np.int64)
   return out
 
 
@@ -219,9 +221,7 @@ def backbone_to_torchvision(state: MSFState, encoder: str = 'online') -> dict[st
   """The backbone of the online or target encoder under torchvision's ResNet keys (no `fc`)."""
   if encoder not in ('online', 'target'):
     raise ValueError(f"encoder must be 'online' or 'target', got {encoder!r}.")
-  params = getattr(state, f'{encoder}_params')['backbone']
-  stats = getattr(state, f'{encoder}_batch_stats')['backbone']
-  return network_to_torch('', params, stats, int(state.step))
+  return network_to_torch('', backbone_only(getattr(state, encoder)), int(state.step))
 
 
 def save_torch_file(tensors: Mapping[str, np.ndarray], path: str) -> None:

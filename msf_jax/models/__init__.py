@@ -1,5 +1,6 @@
 """Flax networks of MSF."""
 
 from msf_jax.models.heads import MLPHead
-from msf_jax.models.msf import Encoder, build_networks
+from msf_jax.models.msf import (Encoder, Variables, backbone_only, build_networks, init_encoder,
+                                init_predictor, parse_dtype, projection_dim)
 from msf_jax.models.resnet import ResNet, feature_dim

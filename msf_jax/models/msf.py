@@ -11,6 +11,8 @@ import ml_collections
 from msf_jax.models.heads import MLPHead
 from msf_jax.models.resnet import ResNet, feature_dim
 
+Variables = dict[str, Any]  # {'params': ..., 'batch_stats': ...} of one network
+
 
 class Encoder(nn.Module):
   """Backbone followed by the projection MLP; `backbone` alone gives evaluation features."""
@@ -55,3 +57,30 @@ def build_networks(model_config: ml_collections.ConfigDict) -> tuple[Encoder, ML
                     param_dtype)
   predictor = MLPHead(2 * dim, dim // 4, compute, param_dtype)
   return encoder, predictor
+
+
+def projection_dim(model_config: ml_collections.ConfigDict) -> int:
+  """Width of the projections, predictions and bank rows: a quarter of the feature width."""
+  return feature_dim(model_config.depth, model_config.width) // 4
+
+
+def init_encoder(model_config: ml_collections.ConfigDict, image_size: int,
+                 rng: jax.Array) -> Variables:
+  """{'params', 'batch_stats'} of a freshly initialized Encoder (torchvision's init); under
+  `jax.eval_shape`, their shapes and dtypes without any computation."""
+  encoder, _ = build_networks(model_config)
+  images = jnp.zeros((1, image_size, image_size, 3), parse_dtype(model_config.param_dtype))
+  return encoder.init(rng, images, train=False)
+
+
+def init_predictor(model_config: ml_collections.ConfigDict, rng: jax.Array) -> Variables:
+  """{'params', 'batch_stats'} of a freshly initialized predictor."""
+  _, predictor = build_networks(model_config)
+  projections = jnp.zeros((1, projection_dim(model_config)),
+                          parse_dtype(model_config.param_dtype))
+  return predictor.init(rng, projections, train=False)
+
+
+def backbone_only(variables: Variables) -> Variables:
+  """An Encoder's variables without the projection head: all that `Encoder.features` reads."""
+  return {collection: {'backbone': tree['backbone']} for collection, tree in variables.items()}

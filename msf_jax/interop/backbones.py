@@ -17,79 +17,47 @@ read from local paths. Variables are the backbone's
 `Encoder.features` needs nothing else.
 """
 
-import os
 import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 import tensorflow as tf
 
-from msf_jax.checkpoint import STATE_ITEM, Checkpointer
+from msf_jax import checkpoint
 from msf_jax.interop import torch_checkpoint as tc
-from msf_jax.models import build_networks
-from msf_jax.models.msf import parse_dtype
+from msf_jax.models import Variables, backbone_only, init_encoder
 
 FORMATS = ('msf_jax', 'official', 'torchvision', 'safetensors', 'random')
 ENCODERS = ('online', 'target')
-_OFFICIAL_PREFIX = {'online': tc.ONLINE, 'target': tc.TARGET}
 _CLASSIFIER = re.compile(r'^fc\.')
 
 
-def _checkpoint_directory(path: str) -> str:
-  """The orbax directory of an msf_jax checkpoint given as itself or as its training workdir."""
-  inside = os.path.join(path, 'checkpoints')
-  return inside if tf.io.gfile.isdir(inside) else path
-
-
 def msf_jax_step(path: str, step: int | None = None) -> int:
-  """The step an msf_jax checkpoint is read at: `step` if it has it, else its latest."""
-  if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
-    raise tc.CheckpointError(f'{path} is a file: msf_jax checkpoints are directories (the '
-                             'training workdir or its checkpoints/ folder).')
-  if not tf.io.gfile.isdir(path):
-    raise FileNotFoundError(f'No msf_jax checkpoint directory at {path!r} (config.checkpoint): '
-                            'give the training workdir or its checkpoints/ folder.')
-  checkpointer = Checkpointer(_checkpoint_directory(path))
-  try:
-    steps = checkpointer.all_steps()
-  finally:
-    checkpointer.close()
-  if not steps:
-    raise tc.CheckpointError(f'No msf_jax checkpoint in {path}: expected the step folders that '
-                             'msf_jax.checkpoint.Checkpointer writes (or a training workdir).')
-  if step is None:
-    return max(steps)
-  if step not in steps:
-    raise tc.CheckpointError(f'{path} has no step {step}; it has steps {sorted(steps)}.')
-  return step
+  """The step an msf_jax checkpoint (a workdir or its checkpoint directory) is read at:
+  `step` if it has it, else its latest."""
+  return checkpoint.resolve_step(checkpoint.find_checkpoint_directory(path), step)
 
 
 def _msf_jax_backbone(path: str, encoder: str, step: int | None) -> dict[str, np.ndarray]:
   """Restores only the chosen encoder's backbone (not the bank or optimizer) as numpy."""
-  step = msf_jax_step(path, step)
-  checkpointer = Checkpointer(_checkpoint_directory(path))
+  directory = checkpoint.find_checkpoint_directory(path)
+  step = checkpoint.resolve_step(directory, step)
+  checkpointer = checkpoint.Checkpointer(directory)
   try:
-    saved = ocp.PyTreeCheckpointHandler().metadata(
-        checkpointer.manager.directory / str(step) / STATE_ITEM).tree
-    names = (f'{encoder}_params', f'{encoder}_batch_stats')
-    item = {name: {'backbone': saved[name]['backbone']} for name in names}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                           partial_restore=True)}))[STATE_ITEM]
+    params, batch_stats = checkpointer.restore_subtrees(
+        step, [(encoder, collection, 'backbone') for collection in ('params', 'batch_stats')])
   finally:
     checkpointer.close()
-  return tc.network_to_torch('', *(restored[name]['backbone'] for name in names), step)
+  return tc.network_to_torch('', {'params': {'backbone': params},
+                                  'batch_stats': {'backbone': batch_stats}}, step)
 
 
 def _official_backbone(path: str, encoder: str) -> dict[str, np.ndarray]:
   state_dict = tc.official_state_dict(tc.read_torch_file(path))
-  start = _OFFICIAL_PREFIX[encoder] + '.'
+  start = tc.OFFICIAL_PREFIXES[encoder] + '.'
   return {key[len(start):]: value for key, value in state_dict.items()
           if key.startswith(start) and not _CLASSIFIER.match(key[len(start):])}
 
@@ -149,41 +117,24 @@ def check_architecture(state_dict: dict[str, np.ndarray], model_config: ml_colle
                              f'says {_describe(wanted)}: run with {flags}.')
 
 
-def _encoder_templates(model_config: ml_collections.ConfigDict, image_size: int) -> Any:
-  """Shapes and dtypes of an Encoder's variables, without initializing them."""
-  encoder, _ = build_networks(model_config)
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3),
-                                parse_dtype(model_config.param_dtype))
-  return jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), images)
-
-
-def _backbone_only(variables: dict[str, Any]) -> dict[str, Any]:
-  return {collection: {'backbone': variables[collection]['backbone']}
-          for collection in ('params', 'batch_stats')}
-
-
 def encoder_from_torchvision(state_dict: dict[str, np.ndarray],
                              model_config: ml_collections.ConfigDict, image_size: int,
-                             source: str) -> dict[str, Any]:
+                             source: str) -> Variables:
   """Backbone variables of an Encoder from torchvision-named tensors, after checking that the
   architecture matches `model_config` (a missing or extra key is an error too)."""
   check_architecture(state_dict, model_config, source)
-  template = _backbone_only(_encoder_templates(model_config, image_size))
-  params, batch_stats = tc.network_from_torch('', state_dict, template['params']['backbone'],
-                                              template['batch_stats']['backbone'])
-  return {'params': {'backbone': params}, 'batch_stats': {'backbone': batch_stats}}
+  template = jax.eval_shape(lambda: init_encoder(model_config, image_size, jax.random.key(0)))
+  return tc.network_from_torch('', state_dict, backbone_only(template))
 
 
 def random_encoder(model_config: ml_collections.ConfigDict, image_size: int,
-                   seed: int) -> dict[str, Any]:
+                   seed: int) -> Variables:
   """Backbone variables of a freshly initialized Encoder (torchvision init) from `seed`."""
-  encoder, _ = build_networks(model_config)
-  images = jnp.zeros((1, image_size, image_size, 3), parse_dtype(model_config.param_dtype))
-  return _backbone_only(encoder.init(jax.random.key(seed), images, train=False))
+  return backbone_only(init_encoder(model_config, image_size, jax.random.key(seed)))
 
 
 def load_encoder(config: ml_collections.ConfigDict
-                 ) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
+                 ) -> tuple[Variables, ml_collections.ConfigDict]:
   """(backbone variables, model config) of the encoder `config` names: config.checkpoint in
   config.checkpoint_format, config.encoder ('online' or 'target') and, for msf_jax
   checkpoints, config.step (None: the latest). The weights are host numpy/JAX arrays."""
