@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from msf_jax import load_config
+from msf_jax.checkpoint import checkpoint_directory
 from msf_jax.demo import comparison_table, settings_summary
 
 from helpers import REPO
@@ -54,6 +55,7 @@ def test_demo_trains_then_compares_with_a_random_encoder(tmp_path):
   config.num_epochs = 1
   assert table[8] == settings_summary(config)  # which k, and the rest of the recipe
   assert table[9] == config.why
-  assert (tmp_path / 'checkpoints' / '44').is_dir()  # 1,437 images, batch 32: 44 steps
+  # 1,437 images, batch 32: 44 steps
+  assert os.path.isdir(os.path.join(checkpoint_directory(str(tmp_path)), '44'))
   # The kNN monitor ran at the last step and wrote its accuracy with the training metrics.
   assert '[44] monitor/knn_k20=' in result.stderr

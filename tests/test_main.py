@@ -60,7 +60,7 @@ def final_state(workdir, folder, **extra):
 
 
 def wait_for_checkpoint(workdir, process, at_least, timeout=240):
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = checkpoint_directory(str(workdir))
   deadline = time.time() + timeout
   while time.time() < deadline and process.poll() is None:
     steps = ([int(d) for d in os.listdir(directory) if d.isdigit()]
