@@ -6,15 +6,19 @@ Only this module knows orbax's directory layout; it knows nothing of models or c
 """
 
 import os
+import time
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
+from absl import logging
+from jax.experimental import multihost_utils
 
 STATE_ITEM = 'state'
 CHECKPOINT_FOLDER = 'checkpoints'
+DAMAGED_FOLDER = 'damaged_checkpoints'
 
 KeyPath = tuple[str, ...]
 
@@ -26,6 +30,11 @@ class CheckpointError(ValueError):
 def checkpoint_directory(workdir: str) -> str:
   """Where a training run in `workdir` keeps its checkpoints."""
   return os.path.join(workdir, CHECKPOINT_FOLDER)
+
+
+def damaged_directory(workdir: str) -> str:
+  """Where a training run moves checkpoints it cannot read (kept for inspection)."""
+  return os.path.join(workdir, DAMAGED_FOLDER)
 
 
 def manager_directory(directory: str) -> str:
@@ -117,6 +126,42 @@ class Checkpointer:
         step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))
     return restored[STATE_ITEM]
 
+  def restore_newest_readable(self, abstract: Any, aside: str) -> Any | None:
+    """`restore` of the newest checkpoint that can be read, or None if there is none yet.
+
+    A damaged one (a truncated data file, a missing manifest) is reported with its step and
+    the reason and moved into `aside`, never deleted, and the next older one is tried. A
+    checkpoint of another layout or config is not damage: its CheckpointError stops the
+    run. If every checkpoint is damaged, a CheckpointError lists what was tried."""
+    tried = []
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(abstract, step)
+      except CheckpointError:
+        raise
+      except Exception as e:  # TensorStore, orbax and file-system errors alike
+        first_line = (str(e).strip().splitlines() or [''])[0][:300]
+        reason = f'{type(e).__name__}: {first_line}'
+        logging.warning('The checkpoint at step %d in %s cannot be read (%s); moving it to %s '
+                        'and trying the one before.', step, self.directory, reason, aside)
+        tried.append(f'step {step} ({reason})')
+        self._move_aside(step, aside)
+    if tried:
+      raise CheckpointError(f'No checkpoint in {self.directory} can be read; tried '
+                            f'{"; ".join(tried)}. They were moved to {aside}.')
+    return None
+
+  def _move_aside(self, step: int, aside: str) -> None:
+    """Moves a step's folder out of the manager's view (process 0; the others wait)."""
+    if jax.process_index() == 0:
+      source = os.path.join(self.directory, str(step))
+      destination = os.path.join(aside, f'{step}-{int(time.time())}')
+      tf.io.gfile.makedirs(aside)
+      _move_directory(source, destination)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'moved aside checkpoint {step}')
+    self.manager.reload()
+
   def restore_subtrees(self, step: int, paths: Sequence[KeyPath]) -> list[Any]:
     """The subtrees at `paths` (keys from the root, e.g. ('online', 'params', 'backbone')) of
     the tree saved at `step`, as host numpy arrays; nothing else is read from storage."""
@@ -150,6 +195,20 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _move_directory(source: str, destination: str) -> None:
+  """A rename where the file system has one; on object stores (gs://), which rename only
+  files, a copy of every file and then the removal of the source."""
+  if '://' not in source:
+    os.rename(source, destination)
+    return
+  for directory, _, files in tf.io.gfile.walk(source):
+    target = os.path.join(destination, os.path.relpath(directory, source))
+    tf.io.gfile.makedirs(target)
+    for name in files:
+      tf.io.gfile.copy(os.path.join(directory, name), os.path.join(target, name))
+  tf.io.gfile.rmtree(source)
 
 
 def find_checkpoint_directory(path: str) -> str:

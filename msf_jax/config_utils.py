@@ -6,7 +6,9 @@ import os
 
 import ml_collections
 
+from msf_jax.data import sources
 from msf_jax.data.augment import PAIRINGS
+from msf_jax.optim import SCHEDULES
 
 VARIANTS_HELP = f'aug={"|".join(PAIRINGS)}, bank=N or k=N, comma-separated'
 
@@ -40,3 +42,54 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str | None
     key, _, value = item.partition('=')
     _apply_variant(config, key.strip(), value.strip())
   return config
+
+
+def minimum_image_size(model_config: ml_collections.ConfigDict) -> int:
+  """The smallest input the ResNet reduces to at least one pixel: its total stride (the
+  7x7/2 stem and max-pool add 4 to the stages' 8; the small stem adds nothing)."""
+  return 8 if model_config.small_stem else 32
+
+
+def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
+                           process_count: int = 1) -> list[str]:
+  """Every setting of a training config that cannot work, each naming its keys and what
+  would be valid; empty when the config is sound. Checked before anything is built, so that
+  a bad flag fails in a second, not at the first traced step."""
+  errors = []
+  batch, bank, topk = config.batch_size, config.msf.bank_size, config.msf.topk
+  smallest = minimum_image_size(config.model)
+  if config.image_size < smallest:
+    errors.append(f'image_size={config.image_size} is below {smallest}, the smallest input '
+                  f'a ResNet with model.small_stem={config.model.small_stem} reduces to one '
+                  'pixel.')
+  if batch < 1 or batch % device_count or batch % process_count:
+    errors.append(f'batch_size={batch} must be a positive multiple of the {device_count} '
+                  f'devices (and of the {process_count} processes), e.g. '
+                  f'{max(device_count, batch - batch % device_count)}.')
+  if batch >= 1 and (bank < batch or bank % batch):
+    errors.append(f'msf.bank_size={bank} must be a multiple of batch_size={batch} (whole '
+                  f'batches are enqueued), e.g. {max(batch, bank - bank % batch)}.')
+  if not 1 <= topk <= bank:
+    errors.append(f'msf.topk={topk} must be between 1 and msf.bank_size={bank}.')
+  for key in ('num_epochs', 'log_every_epochs', 'checkpoint.every_epochs', 'checkpoint.keep'):
+    section, _, name = key.rpartition('.')
+    value = (config[section] if section else config)[name]
+    if not value > 0:
+      errors.append(f'{key}={value} must be positive.')
+  for key, value, valid in (('data.pairing', config.data.pairing, PAIRINGS),
+                            ('optim.schedule', config.optim.schedule, SCHEDULES),
+                            ('data.source', config.data.source, sources.SOURCES)):
+    if value not in valid:
+      errors.append(f'{key}={value!r} is not one of {", ".join(valid)}.')
+  if config.monitor.knn_every_epochs < 0:
+    errors.append(f'monitor.knn_every_epochs={config.monitor.knn_every_epochs} must be 0 '
+                  '(off) or positive.')
+  return errors
+
+
+def check_training_config(config: ml_collections.ConfigDict, device_count: int,
+                          process_count: int = 1) -> None:
+  """Raises one ValueError listing every error of `training_config_errors`."""
+  errors = training_config_errors(config, device_count, process_count)
+  if errors:
+    raise ValueError('The config cannot train:\n  ' + '\n  '.join(errors))

@@ -16,12 +16,14 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from msf_jax.checkpoint import Checkpointer, checkpoint_directory
+from msf_jax.checkpoint import Checkpointer, checkpoint_directory, damaged_directory
+from msf_jax.config_utils import check_training_config
 from msf_jax.data import color, pipeline, sources
 from msf_jax.evaluate.monitor import knn_monitor
 from msf_jax.sharding import make_mesh, put_replicated, replicated
 from msf_jax.train import make_train_step
 from msf_jax.train_state import MSFState, abstract_state, create_state
+from msf_jax.workdir_lock import WorkdirBusyError, WorkdirLock
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,8 +73,35 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
   return max(1, round(epochs * steps_per_epoch))
 
 
+def _own_workdir(workdir: str) -> WorkdirLock | None:
+  """Process 0 takes the workdir's lock; every process stops if it cannot."""
+  lock, refusal = None, None
+  if jax.process_index() == 0:
+    lock = WorkdirLock(workdir)
+    try:
+      lock.acquire()
+    except WorkdirBusyError as e:
+      lock, refusal = None, e
+  if jax.process_count() > 1 and bool(
+      multihost_utils.broadcast_one_to_all(np.asarray(refusal is not None))) and not refusal:
+    raise WorkdirBusyError(f'Process 0 could not take the lock of {workdir}: see its log.')
+  if refusal:
+    raise refusal
+  return lock
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   """Trains (or resumes training) to `config.num_epochs`; returns the final state."""
+  check_training_config(config, jax.device_count(), jax.process_count())
+  lock = _own_workdir(workdir)
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   mesh = make_mesh()
   split = sources.build_split(config.data, 'train', config.image_size)
   config = config.copy_and_resolve_references()
@@ -83,7 +112,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
 
   checkpointer = Checkpointer(checkpoint_directory(workdir), max_to_keep=config.checkpoint.keep,
                               save_interval_steps=checkpoint_every)
-  state = checkpointer.restore(abstract_state(config, replicated(mesh)))
+  state = checkpointer.restore_newest_readable(abstract_state(config, replicated(mesh)),
+                                               aside=damaged_directory(workdir))
   if state is None:
     state = put_replicated(create_state(config, jax.random.key(config.seed)), mesh)
   start = int(state.step)
@@ -125,6 +155,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
                        data_wait_fraction=data_wait / elapsed,
                        skipped_images=stream.skipped)
         writer.write_scalars(step, summary)
+        if skipped_names := stream.pop_skipped_names():
+          logging.warning('Skipped undecodable images (%d so far): %s', stream.skipped,
+                          ', '.join(skipped_names))
         window_start, data_wait, pending = time.perf_counter(), 0.0, []
       if monitor and (step % monitor_every == 0 or step == total_steps):
         monitor_start = time.perf_counter()

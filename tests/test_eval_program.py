@@ -167,8 +167,8 @@ def test_feature_cache_skips_the_forward_pass_and_misses_for_another_encoder(
   first = cached_features(random_encoder(config.model, 24, 0), split, config, mesh, cache, 16)
   assert first[0].shape == (16, 8 * WIDTH) and len(os.listdir(cache)) == 1
   forward_passes = []
-  extract = features_module.extract_features
-  monkeypatch.setattr(features_module, 'extract_features',
+  extract = features_module.extract_split
+  monkeypatch.setattr(features_module, 'extract_split',
                       lambda *args: forward_passes.append(args) or extract(*args))
   second = cached_features(random_encoder(config.model, 24, 0), split, config, mesh, cache, 16)
   assert not forward_passes

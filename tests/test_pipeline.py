@@ -3,6 +3,7 @@
 import hashlib
 import io
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -131,10 +132,35 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path):
   take(stream, 3)  # one epoch: 12 of 13 slots, in which the broken file is or is not
   # Over several epochs the broken file is drawn and skipped: counted, never a crash.
   take(stream, 12)
-  assert stream.skipped >= 1 and stream.produced == 15 * 4
+  assert stream.skipped >= 1 and stream.next_slot == 15 * 4 + stream.skipped
+  broken = os.path.join(root, 'train', 'class_0', 'broken_0.jpg')
+  assert stream.pop_skipped_names() == [broken] * min(stream.skipped, 5)
+  assert stream.pop_skipped_names() == []  # reported once
   dataset, _ = pipeline.eval_batches(split, global_batch=4, image_size=16,
                                      process_index=0, process_count=1)
-  assert sum(int(b['mask'].sum()) for b in dataset.as_numpy_iterator()) == 12
+  batches = list(dataset.as_numpy_iterator())
+  assert sum(int(b['mask'].sum()) for b in batches) == 12
+  read = {int(p) for b in batches for p in b['position'][b['mask']]}
+  missing, = set(range(13)) - read
+  assert split.name_at(0, 1, None, missing) == broken
+
+
+def test_every_split_of_a_folder_numbers_its_classes_like_the_training_split(tmp_path):
+  root = write_folder(tmp_path, 'train', classes=3, per_class=2)
+  write_folder(tmp_path, 'test', classes=3, per_class=2)
+  shutil.rmtree(os.path.join(root, 'test', 'class_0'))  # the test split lacks a class
+  os.makedirs(os.path.join(root, 'train', 'empty'))  # an empty folder is no class
+  train, test = sources.image_folder(root, 'train'), sources.image_folder(root, 'test')
+  assert train.num_classes == test.num_classes == 3
+  labels = sorted(int(x['label']) for x in test.read(0, 1, None, 0).as_numpy_iterator())
+  assert labels == [1, 1, 2, 2]  # class_1 and class_2 keep the training split's indices
+  assert sources.image_folder(root, 'test', classes=['class_2', 'class_1']).num_classes == 2
+  os.makedirs(os.path.join(root, 'test', 'extra'))
+  write_folder(tmp_path, 'test', classes=1, per_class=1)  # refills class_0
+  Image.new('RGB', (8, 8)).save(os.path.join(root, 'test', 'extra', 'x.png'))
+  with pytest.raises(sources.DatasetNotFoundError, match=r'test/extra is a class that .*/train '
+                     r'does not have'):
+    sources.image_folder(root, 'test')
 
 
 def test_missing_or_empty_splits_are_clear_errors(tmp_path):

@@ -48,16 +48,19 @@ def steps_per_epoch(split: Split, global_batch: int) -> int:
 
 
 class TrainStream:
-  """An iterator of per-host two-view batches that counts the images it could not decode.
+  """An iterator of per-host two-view batches that counts the images it could not decode and
+  names them (`pop_skipped_names`), by file where the source can tell.
 
   It is one pass over an endless stream: iterating it again continues where it stopped.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, start_slot: int):
+  def __init__(self, dataset: tf.data.Dataset, start_slot: int,
+               name_of_slot: Callable[[int], str]):
     self.dataset = dataset
-    self.start_slot = start_slot  # stream slot of the first example after resumption
-    self.produced = 0
+    self.next_slot = start_slot  # stream slot of the next example expected
     self.skipped = 0
+    self._name_of_slot = name_of_slot
+    self._skipped_slots: list[int] = []
     self._batches = None
 
   def __iter__(self) -> 'TrainStream':
@@ -67,11 +70,17 @@ class TrainStream:
     if self._batches is None:
       self._batches = self.dataset.as_numpy_iterator()
     batch = next(self._batches)
-    slots = batch.pop('slot')
-    self.produced += len(slots)
     # Slots are consecutive before decoding; the ones missing were skipped.
-    self.skipped = int(slots[-1]) + 1 - self.start_slot - self.produced
+    for slot in batch.pop('slot').tolist():
+      self._skipped_slots += range(self.next_slot, slot)
+      self.skipped += slot - self.next_slot
+      self.next_slot = slot + 1
     return batch
+
+  def pop_skipped_names(self, limit: int = 5) -> list[str]:
+    """Names of (at most `limit` of) the images skipped since the last call."""
+    slots, self._skipped_slots = self._skipped_slots[:limit], []
+    return [self._name_of_slot(slot) for slot in slots]
 
 
 def _global_slot_seed(seed: int, epoch: tf.Tensor, slot: tf.Tensor, process_index: int,
@@ -118,10 +127,19 @@ def _augmented_stream(split: Split, global_batch: int, seed: int, start_step: in
   host_per_epoch = steps_per_epoch(split, global_batch) * host_batch
   start_epoch, start_offset = divmod(start_step * host_batch, host_per_epoch)
 
+  def order_seed(e):
+    return tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), e)
+
+  def name_of_slot(slot: int) -> str:
+    e, position = divmod(slot, host_per_epoch)
+    if split.name_at is None:
+      return f'{split.name}: example {position} of epoch {e} on process {process_index}'
+    return split.name_at(process_index, process_count, order_seed(tf.constant(e, tf.int64)),
+                         position)
+
   def epoch(e):
-    order_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), e)
     first = tf.where(e == start_epoch, tf.constant(start_offset, tf.int64), 0)
-    examples = split.read(process_index, process_count, order_seed, first)
+    examples = split.read(process_index, process_count, order_seed(e), first)
     examples = examples.take(host_per_epoch - first)
     slots = tf.data.Dataset.range(first, host_per_epoch)
     return tf.data.Dataset.zip(examples, slots).map(
@@ -136,7 +154,7 @@ def _augmented_stream(split: Split, global_batch: int, seed: int, start_step: in
              .ignore_errors()
              .batch(host_batch, drop_remainder=True)
              .prefetch(tf.data.AUTOTUNE))
-  return TrainStream(dataset, start_slot=start_epoch * host_per_epoch + start_offset)
+  return TrainStream(dataset, start_epoch * host_per_epoch + start_offset, name_of_slot)
 
 
 def eval_batches(split: Split, *, global_batch: int, image_size: int,
@@ -145,20 +163,22 @@ def eval_batches(split: Split, *, global_batch: int, image_size: int,
   """Every image of the split exactly once over all hosts: centre-crop views, in order,
   padded to whole batches with `mask` False (no dropped remainder). Every host yields the
   same number of batches. Returns (dataset, number of batches); an undecodable image is
-  dropped and replaced by padding, so `mask.sum()` over all batches counts what was read."""
+  dropped and replaced by padding, so `mask.sum()` over all batches counts what was read, and
+  `position` (the example's place in this host's read, -1 for padding) tells which."""
   process_index, process_count, host_batch = _this_host(global_batch, process_index,
                                                         process_count)
   most_per_host = -(-split.num_examples // process_count)
   num_batches = -(-most_per_host // host_batch)
 
-  def view(x):
+  def view(x, position):
     return {'image': augment.center_crop_view(x['image'], image_size),
-            'label': x['label'], 'mask': tf.constant(True)}
+            'label': x['label'], 'mask': tf.constant(True), 'position': position}
 
   padding = tf.data.Dataset.from_tensors(
       {'image': tf.zeros([image_size, image_size, 3]), 'label': tf.constant(-1, tf.int32),
-       'mask': tf.constant(False)}).repeat()
-  dataset = (split.read(process_index, process_count, None, 0)
+       'mask': tf.constant(False), 'position': tf.constant(-1, tf.int64)}).repeat()
+  examples = split.read(process_index, process_count, None, 0)
+  dataset = (tf.data.Dataset.zip(examples, tf.data.Dataset.range(most_per_host))
              .map(view, num_parallel_calls=tf.data.AUTOTUNE)
              .ignore_errors()
              .concatenate(padding)

@@ -8,17 +8,22 @@ place whatever the source.
 import dataclasses
 import io
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 # (process_index, process_count, shuffle seed [2] int64 tensor or None, start position)
 #   -> {'image': bytes, 'label': int32} of this process's share, from `start` on.
 Reader = Callable[[int, int, tf.Tensor | None, tf.Tensor | int], tf.data.Dataset]
+# (process_index, process_count, shuffle seed or None, position) -> the name (a file path,
+# an index) of the example a read with these arguments yields at `position`.
+Namer = Callable[[int, int, tf.Tensor | None, int], str]
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 DIGITS_TRAIN_EXAMPLES = 1437  # of 1,797; the rest (360) is the test split
 DIGITS_SPLIT_SEED = 0
+SOURCES = ('tfds', 'folder', 'digits')
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -27,24 +32,39 @@ class DatasetNotFoundError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
+  """`name_at`, where a source can tell, names the example at a position of a read, so that
+  an image that cannot be decoded is reported by its file, not only counted."""
   name: str
   num_examples: int
   num_classes: int
   read: Reader
+  name_at: Namer | None = None
+
+
+def _order(num_examples: int, process_index: int, process_count: int,
+           shuffle_seed: tf.Tensor | None) -> tf.Tensor:
+  """The indices a process reads: a seeded permutation (or the stored order), of which
+  process p takes every process_count-th, from position p."""
+  indices = tf.range(num_examples, dtype=tf.int64)
+  if shuffle_seed is not None:
+    indices = tf.random.experimental.stateless_shuffle(indices, shuffle_seed)
+  return indices[process_index::process_count]
 
 
 def _indexed_reader(num_examples: int, lookup: Callable[[tf.Tensor], dict]) -> Reader:
-  """A reader for random-access sources: a seeded permutation of the indices (or the stored
-  order), of which process p takes every process_count-th, from position p. Starting late
-  skips indices, not reads."""
+  """A reader for random-access sources. Starting late skips indices, not reads."""
   def read(process_index, process_count, shuffle_seed, start=0):
-    indices = tf.range(num_examples, dtype=tf.int64)
-    if shuffle_seed is not None:
-      indices = tf.random.experimental.stateless_shuffle(indices, shuffle_seed)
-    indices = indices[process_index::process_count][start:]
+    indices = _order(num_examples, process_index, process_count, shuffle_seed)[start:]
     return tf.data.Dataset.from_tensor_slices(indices).map(
         lookup, num_parallel_calls=tf.data.AUTOTUNE)
   return read
+
+
+def _indexed_namer(names: Sequence[str]) -> Namer:
+  def name_at(process_index, process_count, shuffle_seed, position):
+    order = _order(len(names), process_index, process_count, shuffle_seed)
+    return names[int(order[position])]
+  return name_at
 
 
 # --- scikit-learn digits --------------------------------------------------------------------
@@ -77,33 +97,64 @@ def digits(split: str, image_size: int = 32) -> Split:
   images = tf.constant(encoded)
   label_table = tf.constant(np.asarray(labels, np.int32))
   lookup = lambda i: {'image': tf.gather(images, i), 'label': tf.gather(label_table, i)}
-  return Split(f'digits/{split}', len(encoded), 10, _indexed_reader(len(encoded), lookup))
+  names = [f'digits/{split}[{i}]' for i in range(len(encoded))]
+  return Split(f'digits/{split}', len(encoded), 10, _indexed_reader(len(encoded), lookup),
+               _indexed_namer(names))
 
 
 # --- Image folders --------------------------------------------------------------------------
 
 
-def image_folder(root: str, split: str) -> Split:
-  """`root/<split>/<class>/<image>` (JPEG or PNG); classes are the sorted folder names."""
-  split_dir = os.path.join(root, split)
+def _images_by_class(split_dir: str) -> dict[str, list[str]]:
+  """{class folder: its image paths, sorted}; folders without an image are left out with a
+  warning (an empty folder is no class)."""
   if not tf.io.gfile.isdir(split_dir):
     raise DatasetNotFoundError(
-        f'No folder {split_dir}: an image-folder dataset needs {root}/{split}/<class>/<image>.')
-  classes = sorted(d for d in tf.io.gfile.listdir(split_dir)
-                   if tf.io.gfile.isdir(os.path.join(split_dir, d)))
+        f'No folder {split_dir}: an image-folder dataset needs <root>/<split>/<class>/<image>.')
+  images = {}
+  for name in sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
+                     if tf.io.gfile.isdir(os.path.join(split_dir, d))):
+    files = sorted(f for f in tf.io.gfile.listdir(os.path.join(split_dir, name))
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if files:
+      images[name] = [os.path.join(split_dir, name, f) for f in files]
+    else:
+      logging.warning('Skipping the class folder %s: it holds no %s image.',
+                      os.path.join(split_dir, name), '/'.join(IMAGE_EXTENSIONS))
+  return images
+
+
+def image_folder(root: str, split: str, classes: Sequence[str] | None = None,
+                 class_split: str = 'train') -> Split:
+  """`root/<split>/<class>/<image>` (JPEG or PNG). Labels index `classes`, by default the
+  sorted non-empty class folders of `class_split` (the split's own where there is no such
+  folder), so that every split of a dataset numbers its classes alike, whichever of them it
+  has; a class folder that the list lacks is an error that names it."""
+  split_dir = os.path.join(root, split)
+  images = _images_by_class(split_dir)
+  class_dir = os.path.join(root, class_split)
+  if classes is None:  # a folder without a training split numbers its own classes
+    own = split == class_split or not tf.io.gfile.isdir(class_dir)
+    classes = images if own else _images_by_class(class_dir)
+  classes = list(classes)
+  unknown = sorted(set(images) - set(classes))
+  if unknown:
+    raise DatasetNotFoundError(
+        f'{os.path.join(split_dir, unknown[0])} is a class that {root}/{class_split} does not '
+        f'have ({len(unknown)} such folders: {", ".join(unknown[:5])}): labels would not '
+        'match between splits. Add it to the training split, remove it, or give the class list.')
   paths, labels = [], []
   for label, name in enumerate(classes):
-    for file in sorted(tf.io.gfile.listdir(os.path.join(split_dir, name.rstrip('/')))):
-      if file.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(os.path.join(split_dir, name.rstrip('/'), file))
-        labels.append(label)
+    paths += images.get(name, [])
+    labels += [label] * len(images.get(name, []))
   if not paths:
     raise DatasetNotFoundError(
         f'The split {split_dir} has no {"/".join(IMAGE_EXTENSIONS)} images in class folders.')
   path_table, label_table = tf.constant(paths), tf.constant(np.asarray(labels, np.int32))
   lookup = lambda i: {'image': tf.io.read_file(tf.gather(path_table, i)),
                       'label': tf.gather(label_table, i)}
-  return Split(f'{root}/{split}', len(paths), len(classes), _indexed_reader(len(paths), lookup))
+  return Split(f'{root}/{split}', len(paths), len(classes), _indexed_reader(len(paths), lookup),
+               _indexed_namer(paths))
 
 
 # --- TFDS -----------------------------------------------------------------------------------
@@ -171,7 +222,8 @@ def take(split: Split, num_examples: int) -> Split:
     return split.read(process_index, process_count, shuffle_seed, start).take(
         tf.maximum(share - tf.cast(start, tf.int64), 0))
 
-  return Split(f'{split.name}[:{num_examples}]', num_examples, split.num_classes, read)
+  return Split(f'{split.name}[:{num_examples}]', num_examples, split.num_classes, read,
+               split.name_at)
 
 
 def build_split(data_config, split: str, image_size: int) -> Split:
@@ -180,8 +232,9 @@ def build_split(data_config, split: str, image_size: int) -> Split:
   if data_config.source == 'digits':
     return digits(split, image_size)
   if data_config.source == 'folder':
-    return image_folder(data_config.root, split)
+    return image_folder(data_config.root, split,
+                        class_split=data_config.get('train_split', 'train'))
   if data_config.source == 'tfds':
     return tfds_split(data_config.name, split, data_config.get('data_dir') or None)
-  raise ValueError(f"config.data.source must be 'digits', 'folder' or 'tfds', "
-                   f'got {data_config.source!r}.')
+  raise ValueError(f'config.data.source must be one of {", ".join(SOURCES)}, got '
+                   f'{data_config.source!r}.')

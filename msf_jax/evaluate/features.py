@@ -7,12 +7,14 @@ import json
 import os
 import re
 import uuid
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -22,14 +24,32 @@ from msf_jax.data.sources import Split
 from msf_jax.models import build_networks
 from msf_jax.sharding import put_replicated
 
-CACHE_VERSION = 1  # bump when the cached views or the file layout change
+CACHE_VERSION = 2  # bump when the cached views or the file layout change
+SKIPPED_NAMES_KEPT = 5
 
 
-def extract_features(variables: dict, split: Split, config: ml_collections.ConfigDict,
-                     mesh: Mesh, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-  """(features [N, F] float32, labels [N]) of the encoder `variables` ({'params',
-  'batch_stats'} of an Encoder) on the centre-crop views of `split`; BatchNorm in eval mode.
-  Padding from the last batches is dropped with its mask."""
+class SplitFeatures(NamedTuple):
+  """Features of a split and what could not be read: `skipped` images over all processes
+  (undecodable files), the first few of them named (from this process's share)."""
+  features: np.ndarray  # [N, F] float32
+  labels: np.ndarray  # [N]
+  skipped: int
+  skipped_names: tuple[str, ...]
+
+
+def _names_of_gaps(split: Split, positions: set[int]) -> tuple[str, ...]:
+  """Names of the positions of this process's read that never came out (undecodable)."""
+  if split.name_at is None or not positions:
+    return ()
+  gaps = sorted(set(range(max(positions) + 1)) - positions)[:SKIPPED_NAMES_KEPT]
+  return tuple(split.name_at(jax.process_index(), jax.process_count(), None, p) for p in gaps)
+
+
+def extract_split(variables: dict, split: Split, config: ml_collections.ConfigDict,
+                  mesh: Mesh, batch_size: int = 256) -> SplitFeatures:
+  """Features and labels of the encoder `variables` ({'params', 'batch_stats'} of an
+  Encoder) on the centre-crop views of `split`, BatchNorm in eval mode, and the images that
+  could not be decoded. Padding from the last batches is dropped with its mask."""
   encoder, _ = build_networks(config.model)
   batch_size = max(batch_size // mesh.devices.size, 1) * mesh.devices.size
   # The weights are an argument, not closed over: jit would embed them as constants.
@@ -38,8 +58,9 @@ def extract_features(variables: dict, split: Split, config: ml_collections.Confi
   variables = put_replicated(variables, mesh)
   dataset, _ = pipeline.eval_batches(split, global_batch=batch_size,
                                      image_size=config.image_size)
-  features, labels = [], []
+  features, labels, positions = [], [], set()
   for host_batch in dataset.as_numpy_iterator():
+    positions.update(host_batch.pop('position')[host_batch['mask']].tolist())
     batch = pipeline.to_global(host_batch, mesh)
     gathered = multihost_utils.process_allgather(
         {'features': forward(variables, batch['image']), 'label': batch['label'],
@@ -47,7 +68,19 @@ def extract_features(variables: dict, split: Split, config: ml_collections.Confi
     keep = np.asarray(gathered['mask'])
     features.append(np.asarray(gathered['features'])[keep])
     labels.append(np.asarray(gathered['label'])[keep])
-  return np.concatenate(features), np.concatenate(labels)
+  features, labels = np.concatenate(features), np.concatenate(labels)
+  skipped = split.num_examples - len(labels)
+  names = _names_of_gaps(split, positions) if skipped else ()
+  if skipped:
+    logging.warning('%d images of %s could not be decoded and were left out, e.g. %s.',
+                    skipped, split.name, ', '.join(names) or 'unnamed')
+  return SplitFeatures(features, labels, skipped, names)
+
+
+def extract_features(variables: dict, split: Split, config: ml_collections.ConfigDict,
+                     mesh: Mesh, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """(features [N, F] float32, labels [N]) of `extract_split`."""
+  return extract_split(variables, split, config, mesh, batch_size)[:2]
 
 
 def fingerprint(variables: dict, split: Split, config: ml_collections.ConfigDict) -> str:
@@ -96,17 +129,18 @@ def cache_path(variables: dict, split: Split, config: ml_collections.ConfigDict,
 
 
 def cached_features(variables: dict, split: Split, config: ml_collections.ConfigDict,
-                    mesh: Mesh, cache_dir: str, batch_size: int = 256
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """`extract_features`, read from `cache_dir` when this encoder's features of this split
-  are there (no forward pass), else computed and written there by process 0."""
+                    mesh: Mesh, cache_dir: str, batch_size: int = 256) -> SplitFeatures:
+  """`extract_split`, read from `cache_dir` when this encoder's features of this split are
+  there (no forward pass), else computed and written there by process 0."""
   path = cache_path(variables, split, config, cache_dir)
   if _everywhere(tf.io.gfile.exists(path)):
     with tf.io.gfile.GFile(path, 'rb') as f, np.load(f) as cached:
-      return cached['features'], cached['labels']
-  features, labels = extract_features(variables, split, config, mesh, batch_size)
+      return SplitFeatures(cached['features'], cached['labels'], int(cached['skipped']),
+                           tuple(str(name) for name in cached['skipped_names']))
+  extracted = extract_split(variables, split, config, mesh, batch_size)
   if jax.process_index() == 0:
     buffer = io.BytesIO()
-    np.savez(buffer, features=features, labels=labels)
+    np.savez(buffer, features=extracted.features, labels=extracted.labels,
+             skipped=extracted.skipped, skipped_names=np.asarray(extracted.skipped_names, str))
     write_atomically(path, buffer.getvalue())
-  return features, labels
+  return extracted

@@ -92,10 +92,10 @@ def _dataset_name(data: ml_collections.ConfigDict) -> str:
           }.get(data.source, data.source)
 
 
-def _report(results: dict[str, float], config: ml_collections.ConfigDict, workdir: str
-            ) -> None:
+def _report(results: dict[str, float], config: ml_collections.ConfigDict, workdir: str,
+            undecodable: dict[str, dict]) -> None:
   """TensorBoard scalars at the checkpoint's step (0 if unknown), and the JSON record from
-  process 0."""
+  process 0, with the images of each split that could not be decoded."""
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(config.get('step') or 0, results)
   writer.flush()
@@ -108,7 +108,7 @@ def _report(results: dict[str, float], config: ml_collections.ConfigDict, workdi
         'step': config.get('step'), 'dataset': _dataset_name(config.data),
         'splits': [config.data.train_split, config.data.test_split],
         'max_examples': config.data.max_examples, 'image_size': config.image_size,
-        'model': config.model.to_dict(),
+        'model': config.model.to_dict(), 'undecodable_images': undecodable,
         'timestamp': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
     }
     write_atomically(os.path.join(workdir, RESULTS_FILE),
@@ -136,9 +136,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   mesh = make_mesh()
   cache_dir = os.path.join(workdir, CACHE_DIR)
 
+  undecodable = {}
+
   @functools.cache
   def features(split: sources.Split) -> Features:
-    return cached_features(variables, split, config, mesh, cache_dir, config.batch_size)
+    extracted = cached_features(variables, split, config, mesh, cache_dir, config.batch_size)
+    undecodable[split.name] = {'count': extracted.skipped,
+                               'first': list(extracted.skipped_names)}
+    return extracted.features, extracted.labels
 
   num_classes = train_split.num_classes
   runners: dict[str, Callable[[], dict[str, float]]] = {
@@ -157,7 +162,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   for task in tasks:
     logging.info('Evaluating %s.', task)
     results.update(runners[task]())
-  _report(results, config, workdir)
+  _report(results, config, workdir, undecodable)
   logging.info('Results: %s', results)
   return results
 

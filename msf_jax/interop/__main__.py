@@ -36,7 +36,7 @@ def _networks(state_dict: dict[str, np.ndarray]) -> dict:
 
 
 def summary(args) -> None:
-  state_dict = tc.official_state_dict(tc.read_torch_file(args.checkpoint))
+  state_dict = tc.official_state_dict(tc.read_torch_file(args.checkpoint), args.checkpoint)
   model, networks = tc.infer_model(state_dict), _networks(state_dict)
   count = lambda tree: sum(np.size(x) for x in jax.tree.leaves(tree))
   print(f'ResNet-{model["depth"]} (small stem: {model["small_stem"]}, width {model["width"]})')

@@ -51,29 +51,39 @@ def _msf_jax_backbone(path: str, encoder: str, step: int | None) -> dict[str, np
         step, [(encoder, collection, 'backbone') for collection in ('params', 'batch_stats')])
   finally:
     checkpointer.close()
-  return tc.network_to_torch('', {'params': {'backbone': params},
-                                  'batch_stats': {'backbone': batch_stats}}, step)
+  tensors = tc.network_to_torch('', {'params': {'backbone': params},
+                                     'batch_stats': {'backbone': batch_stats}}, step)
+  return tc.state_dict_arrays(tensors, f'The msf_jax checkpoint {path} at step {step}')
 
 
 def _official_backbone(path: str, encoder: str) -> dict[str, np.ndarray]:
-  state_dict = tc.official_state_dict(tc.read_torch_file(path))
+  state_dict = tc.official_state_dict(tc.read_torch_file(path), path)
   start = tc.OFFICIAL_PREFIXES[encoder] + '.'
   return {key[len(start):]: value for key, value in state_dict.items()
           if key.startswith(start) and not _CLASSIFIER.match(key[len(start):])}
 
 
-def _without_classifier(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
-  """numpy arrays of a torchvision state dict, DataParallel's `module.` and `fc.*` removed."""
+def _without_classifier(state_dict: dict[str, Any], source: str) -> dict[str, np.ndarray]:
+  """Checked numpy arrays of a torchvision state dict, DataParallel's `module.` and `fc.*`
+  removed."""
   state_dict = state_dict.get('state_dict', state_dict)
-  if any(key.startswith((tc.ONLINE + '.', 'module.' + tc.ONLINE)) for key in state_dict):
+  if isinstance(state_dict, dict) and any(
+      key.startswith((tc.ONLINE + '.', 'module.' + tc.ONLINE)) for key in state_dict):
     raise tc.CheckpointError("This is an official MSF checkpoint (encoder_q.* keys), not a "
                              "torchvision backbone: use checkpoint_format='official'.")
-  out = {}
-  for key, value in state_dict.items():
-    key = re.sub(r'^module\.', '', key)
-    if not _CLASSIFIER.match(key):
-      out[key] = value.detach().cpu().numpy() if hasattr(value, 'detach') else np.asarray(value)
-  return out
+  arrays = tc.state_dict_arrays(state_dict, source)
+  return {re.sub(r'^module\.', '', key): value for key, value in arrays.items()
+          if not _CLASSIFIER.match(re.sub(r'^module\.', '', key))}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    payload = f.read()
+  try:
+    return safetensors.numpy.load(payload)
+  except Exception as e:  # SafetensorError derives from Exception only
+    problem = 'is empty' if not payload else f'is not a safetensors file ({e})'
+    raise tc.CheckpointError(f'{path} {problem}.') from e
 
 
 def backbone_state_dict(path: str, checkpoint_format: str, encoder: str = 'online',
@@ -94,9 +104,8 @@ def backbone_state_dict(path: str, checkpoint_format: str, encoder: str = 'onlin
   if checkpoint_format == 'official':
     return _official_backbone(path, encoder)
   if checkpoint_format == 'torchvision':
-    return _without_classifier(tc.read_torch_file(path))
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    return _without_classifier(safetensors.numpy.load(f.read()))
+    return _without_classifier(tc.read_torch_file(path), path)
+  return _without_classifier(_read_safetensors(path), path)
 
 
 def _describe(model: dict[str, Any]) -> str:

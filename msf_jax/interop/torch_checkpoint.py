@@ -44,32 +44,82 @@ def _import_torch():
   return torch
 
 
+# torch.save writes a zip archive; files of torch < 1.6 are a bare pickle (protocol 2+).
+_TORCH_FILE_STARTS = (b'PK\x03\x04', b'\x80')
+
+
+def _check_torch_header(path: str) -> None:
+  with open(path, 'rb') as f:
+    start = f.read(4)
+  if not start:
+    raise CheckpointError(f'{path} is empty: not a checkpoint (an interrupted copy?).')
+  if not start.startswith(_TORCH_FILE_STARTS):
+    raise CheckpointError(f'{path} is not a PyTorch file: it is neither the zip archive that '
+                          'torch.save writes nor a pickle.')
+
+
 def read_torch_file(path: str) -> dict[str, Any]:
-  """Loads a .pth/.pth.tar without running pickled code.
+  """Loads a .pth/.pth.tar without running pickled code; anything that is not a PyTorch file
+  holding a dict is a CheckpointError that says what it is instead.
 
   `weights_only=True` allows tensors and plain containers; official MSF checkpoints also
   pickle their `argparse.Namespace` options under 'opt', so exactly that class is allowed.
   """
   torch = _import_torch()
+  _check_torch_header(path)
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
-      return torch.load(path, map_location='cpu', weights_only=True)
+      loaded = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     raise CheckpointError(
         f'Refusing to load {path}: it pickles objects other than tensors, plain containers '
         f'and argparse.Namespace, and unpickling them could run code from the file. Re-save '
         f'its state_dict alone if you trust it. PyTorch said: {str(e).splitlines()[0]}') from e
+  except (EOFError, RuntimeError, KeyError, ValueError) as e:
+    raise CheckpointError(f'{path} is a damaged PyTorch file ({type(e).__name__}: '
+                          f'{str(e).strip()[:200]}).') from e
+  if not isinstance(loaded, Mapping):
+    raise CheckpointError(f'{path} holds a {type(loaded).__name__}, not a state dict (a dict '
+                          'of tensors).')
+  return loaded
 
 
-def official_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def state_dict_arrays(state_dict: Any, source: str) -> dict[str, np.ndarray]:
+  """numpy arrays of a state dict (torch tensors or arrays), checked: a dict of tensors with
+  finite floating-point values, or a CheckpointError naming the offending keys."""
+  if not isinstance(state_dict, Mapping):
+    raise CheckpointError(f'{source}: the state dict is a {type(state_dict).__name__}, not a '
+                          'dict of tensors.')
+  arrays, not_tensors = {}, []
+  for key, value in state_dict.items():
+    if hasattr(value, 'detach'):
+      arrays[key] = value.detach().cpu().numpy()
+    elif isinstance(value, np.ndarray):
+      arrays[key] = value
+    else:
+      not_tensors.append(f'{key} ({type(value).__name__})')
+  if not_tensors:
+    raise CheckpointError(f'{source}: {len(not_tensors)} entries are not tensors: '
+                          f'{", ".join(not_tensors[:5])}.')
+  not_finite = [key for key, value in arrays.items()
+                if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
+  if not_finite:
+    raise CheckpointError(f'{source} has NaN or infinite weights in {len(not_finite)} tensors '
+                          f'({", ".join(not_finite[:5])}): the training that wrote it diverged.')
+  return arrays
+
+
+def official_state_dict(checkpoint: Mapping[str, Any], source: str = 'The checkpoint'
+                        ) -> dict[str, np.ndarray]:
   """The numpy `state_dict` of an official checkpoint, with DataParallel's `module.` removed."""
   state_dict = checkpoint.get('state_dict', checkpoint)
-  if 'queue' not in state_dict and 'module.queue' not in state_dict:
+  if not isinstance(state_dict, Mapping) or (
+      'queue' not in state_dict and 'module.queue' not in state_dict):
     raise CheckpointError(
         'Not an MSF checkpoint: no memory bank (`queue`) in its state_dict. Expected the keys '
         'encoder_q.*, encoder_t.*, predict_q.*, queue, labels, queue_ptr.')
-  return {re.sub(r'(^|\.)module\.', r'\1', key): value.detach().cpu().numpy()
-          for key, value in state_dict.items()}
+  arrays = state_dict_arrays(state_dict, source)
+  return {re.sub(r'(^|\.)module\.', r'\1', key): value for key, value in arrays.items()}
 
 
 def infer_backbone(state_dict: Mapping[str, np.ndarray], prefix: str = '') -> dict[str, Any]:
@@ -243,6 +293,6 @@ def save_backbone(tensors: Mapping[str, np.ndarray], path: str) -> None:
 def load_official_checkpoint(path: str, config: ml_collections.ConfigDict,
                              rng: jax.Array) -> tuple[MSFState, ml_collections.ConfigDict]:
   """An MSFState from an official checkpoint file, and `config` adapted to its architecture."""
-  state_dict = official_state_dict(read_torch_file(path))
+  state_dict = official_state_dict(read_torch_file(path), path)
   config = config_for_checkpoint(config, state_dict)
   return state_from_official(state_dict, create_state(config, rng)), config
