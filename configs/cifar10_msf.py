@@ -18,8 +18,8 @@ consistent difference.
 
 The config argument takes imagenet_msf.py's variants (aug=, bank=, k=), e.g.
   --config=configs/cifar10_msf.py:k=1 --config.data.data_dir=gs://bucket/tensorflow_datasets
-Prepare the data once with `tfds build cifar10 --data_dir=...` (nothing downloads while
-training).
+Prepare the data once with `python -m msf_jax.data.prepare cifar10 --data_dir=...` (nothing
+downloads while training).
 """
 
 import os

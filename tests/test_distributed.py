@@ -1,12 +1,10 @@
 """Multi-process training: start-up rules of msf_jax.distributed, and a real two-process job
 (jax.distributed on 127.0.0.1, gloo collectives, 2 CPU devices per process) that must take
 the same step as one process with 4 devices, write one orbax checkpoint together, and read
-each epoch's examples at most once between them; the training program as two processes;
-the launch scripts."""
+each epoch's examples at most once between them; the training program as two processes."""
 
 import glob
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -299,62 +297,3 @@ def test_training_program_runs_as_two_processes(tmp_path, folder):
   config.batch_size, config.msf.bank_size = 8, 32
   state = checkpointer.restore(abstract_state(config, replicated(make_mesh(jax.devices()[:1]))))
   assert int(state.step) == 3 and int(state.bank.ptr) == 3 * 8 % 32
-
-# --- Launch scripts -------------------------------------------------------------------------
-
-LAUNCH = os.path.join(REPO, 'launch')
-LAUNCH_SCRIPTS = sorted(os.path.join(LAUNCH, name) for name in os.listdir(LAUNCH)
-                        if name.endswith(('.sh', '.sbatch')))
-
-
-def run_script(args, **env):
-  return subprocess.run(['bash', *args], cwd=REPO, env={**os.environ, **env},
-                        capture_output=True, text=True, timeout=60)
-
-
-@pytest.mark.parametrize('script', LAUNCH_SCRIPTS, ids=os.path.basename)
-def test_launch_script_parses_and_passes_shellcheck(script):
-  result = run_script(['-n', script])
-  assert result.returncode == 0, result.stderr
-  if shutil.which('shellcheck'):
-    result = subprocess.run(['shellcheck', script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
-
-
-def test_tpu_pod_train_starts_main_on_every_worker():
-  result = run_script([os.path.join(LAUNCH, 'tpu_pod.sh'), 'train', '--config.batch_size=1024',
-                       '--config.data.root=/data/with space'],
-                      GCLOUD='echo', PROJECT='proj', ZONE='europe-west4-a', BUCKET='gs://b',
-                      TPU_NAME='pod')
-  assert result.returncode == 0, result.stderr
-  command = result.stdout
-  assert command.startswith('compute tpus tpu-vm ssh pod --worker=all --command=cd msf_jax')
-  assert '--project=proj --zone=europe-west4-a' in command
-  for flag in ('-m msf_jax.main --config=configs/imagenet_msf.py',
-               '--workdir=gs://b/msf_runs/imagenet_msf',
-               '--config.data.data_dir=gs://b/tensorflow_datasets', '--config.batch_size=1024',
-               r'--config.data.root=/data/with\ space'):
-    assert flag in command
-
-
-def test_slurm_job_runs_one_process_per_gpu_with_srun():
-  script = os.path.join(LAUNCH, 'slurm.sbatch')
-  with open(script) as f:
-    directives = dict(line[len('#SBATCH --'):].strip().partition('=')[::2]
-                      for line in f if line.startswith('#SBATCH --'))
-  assert directives['ntasks-per-node'] == directives['gpus-per-node']
-  assert 'gpus-per-task' not in directives
-  result = run_script([script, '--config.msf.topk=1'], SRUN='echo', REPO=REPO,
-                      DATA_DIR='/shared/tfds')
-  assert result.returncode == 0, result.stderr
-  assert result.stdout.split() == [
-      '--kill-on-bad-exit=1', f'{REPO}/.venv/bin/python', '-m', 'msf_jax.main',
-      '--config=configs/imagenet_msf.py', f'--workdir={REPO}/runs/imagenet_msf',
-      '--config.data.data_dir=/shared/tfds', '--config.msf.topk=1']
-
-
-@pytest.mark.parametrize('script, args', [('install.sh', ['gpu']), ('tpu_pod.sh', []),
-                                          ('tpu_pod.sh', ['start'])])
-def test_launch_scripts_reject_bad_arguments_with_usage(script, args):
-  result = run_script([os.path.join(LAUNCH, script), *args], GCLOUD='false')
-  assert result.returncode == 2 and 'usage' in result.stderr.lower()

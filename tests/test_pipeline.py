@@ -172,7 +172,8 @@ def test_missing_or_empty_splits_are_clear_errors(tmp_path):
 
 
 def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
-  with pytest.raises(sources.DatasetNotFoundError, match='tfds build imagenet2012'):
+  with pytest.raises(sources.DatasetNotFoundError,
+                     match='python -m msf_jax.data.prepare imagenet2012 --data_dir='):
     sources.tfds_split('imagenet2012', 'train', data_dir=str(tmp_path))
 
 
@@ -203,3 +204,26 @@ def test_take_reads_the_first_examples_once_over_hosts(tmp_path):
   assert sources.take(split, 10_000) is split
   resumed = list(subset.read(0, 1, None, 5).as_numpy_iterator())
   assert len(resumed) == 2
+
+
+def test_prepare_names_missing_archives_first_and_builds_through_the_tfds_api(
+    tmp_path, monkeypatch, capsys):
+  from msf_jax.data import prepare
+  assert prepare.main(['imagenet2012', f'--data_dir={tmp_path}']) == 1
+  assert 'ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar' in capsys.readouterr().err
+  built = []
+
+  class Builder:
+    info = type('Info', (), {'splits': {'train': type('S', (), {'num_examples': 3})()}})()
+
+    def __init__(self, name, data_dir):
+      built.append((name, data_dir))
+
+    def download_and_prepare(self, download_config):
+      built.append(download_config.manual_dir)
+
+  import tensorflow_datasets as tfds
+  monkeypatch.setattr(tfds, 'builder', Builder)
+  assert prepare.main(['cifar10', f'--data_dir={tmp_path}']) == 0
+  assert built == [('cifar10', str(tmp_path)), str(tmp_path / 'downloads' / 'manual')]
+  assert "cifar10 is in" in capsys.readouterr().out

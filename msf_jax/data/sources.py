@@ -14,6 +14,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from msf_jax.data import prepare
+
 # (process_index, process_count, shuffle seed [2] int64 tensor or None, start position)
 #   -> {'image': bytes, 'label': int32} of this process's share, from `start` on.
 Reader = Callable[[int, int, tf.Tensor | None, tf.Tensor | int], tf.data.Dataset]
@@ -164,7 +166,7 @@ _MANUAL_DOWNLOADS = {
         'ImageNet needs a manual download. Get ILSVRC2012_img_train.tar and '
         'ILSVRC2012_img_val.tar from https://image-net.org (an account is required), put them '
         'in {data_dir}/downloads/manual/, then build the TFDS files once with\n'
-        '  tfds build imagenet2012 --data_dir={data_dir}\n'
+        '  {command}\n'
         '(about 150 GB of disk). On a TPU VM, build once and copy {data_dir} to a gs:// '
         'bucket, then set config.data.data_dir to it.'),
 }
@@ -183,8 +185,8 @@ def tfds_split(name: str, split: str, data_dir: str | None = None,
   try:
     builder.as_dataset(split=split)  # cheap: opens the file list only
   except (AssertionError, FileNotFoundError) as e:
-    how = _MANUAL_DOWNLOADS.get(name, 'Prepare it once with\n  tfds build {name} '
-                                      '--data_dir={data_dir}').format(name=name, data_dir=where)
+    how = _MANUAL_DOWNLOADS.get(name, 'Prepare it once with\n  {command}').format(
+        data_dir=where, command=prepare.command(name, where))
     raise DatasetNotFoundError(f'TFDS dataset {name!r} is not prepared in {where}. {how}') from e
   splits = builder.info.splits
   num_examples = splits[split].num_examples if split in splits else None
