@@ -41,4 +41,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evaluation = load_config(os.path.join(CONFIGS, 'eval.py'), 'digits')
   config.evaluation.model = config.model
   config.evaluation.image_size = config.get_ref('image_size')
+  for key in ('source', 'name', 'data_dir', 'root'):  # evaluate on what training read
+    config.evaluation.data[key] = config.data.get_ref(key)
   return config

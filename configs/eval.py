@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.knn = ml_collections.ConfigDict()
   config.knn.ks = (1, 20)
 
-  config.linear = ml_collections.ConfigDict()  # linear_fast and linear (MSF_SPEC 4)
+  config.linear = ml_collections.ConfigDict()  # linear_fast and linear: the official protocol
   config.linear.epochs = 40
   config.linear.batch_size = 256
   config.linear.lr = 0.01

@@ -17,6 +17,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 STATE_ITEM = 'state'
+METADATA_ITEM = 'metadata'  # JSON beside the tree, e.g. the config that made it
 CHECKPOINT_FOLDER = 'checkpoints'
 DAMAGED_FOLDER = 'damaged_checkpoints'
 
@@ -96,7 +97,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              save_interval_steps=save_interval_steps),
-        item_names=(STATE_ITEM,))
+        item_names=(STATE_ITEM, METADATA_ITEM))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -104,10 +105,21 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, tree: Any, force: bool = False) -> bool:
-    """Saves `tree` at `step` if the interval says so (always with `force`)."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardSave(tree)}), force=force)
+  def save(self, step: int, tree: Any, force: bool = False, metadata: dict | None = None
+           ) -> bool:
+    """Saves `tree` (and the JSON-able `metadata`) at `step` if the interval says so
+    (always with `force`)."""
+    items = {STATE_ITEM: ocp.args.StandardSave(tree)}
+    if metadata is not None:
+      items[METADATA_ITEM] = ocp.args.JsonSave(metadata)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def read_metadata(self, step: int) -> dict | None:
+    """The metadata saved with the checkpoint at `step`, or None if it has none."""
+    if not tf.io.gfile.exists(os.path.join(self.directory, str(step), METADATA_ITEM)):
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(
+        **{METADATA_ITEM: ocp.args.JsonRestore()}))[METADATA_ITEM]
 
   def _saved_tree(self, step: int) -> Any:
     """The saved tree's structure, shapes and dtypes, read from its metadata alone."""

@@ -6,8 +6,7 @@ import os
 
 import ml_collections
 
-from msf_jax.data import sources
-from msf_jax.data.augment import PAIRINGS
+from msf_jax.data import PAIRINGS, SOURCES
 from msf_jax.optim import SCHEDULES
 
 VARIANTS_HELP = f'aug={"|".join(PAIRINGS)}, bank=N or k=N, comma-separated'
@@ -78,7 +77,7 @@ def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
       errors.append(f'{key}={value} must be positive.')
   for key, value, valid in (('data.pairing', config.data.pairing, PAIRINGS),
                             ('optim.schedule', config.optim.schedule, SCHEDULES),
-                            ('data.source', config.data.source, sources.SOURCES)):
+                            ('data.source', config.data.source, SOURCES)):
     if value not in valid:
       errors.append(f'{key}={value!r} is not one of {", ".join(valid)}.')
   if config.monitor.knn_every_epochs < 0:

@@ -44,7 +44,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     eval_config.checkpoint = workdir if checkpoint_format == 'msf_jax' else ''
     eval_config.checkpoint_format = checkpoint_format
     results[name] = evaluation.evaluate(eval_config, os.path.join(workdir, f'eval_{name}'))
-  print(f'\nMSF on digits, test split ({config.evaluation.encoder} backbone features):\n'
+  data = config.evaluation.data
+  print(f'\nMSF on {evaluation.dataset_name(data)}, {data.test_split} split '
+        f'({config.evaluation.encoder} backbone features):\n'
         f'{comparison_table(results)}\n{settings_summary(config)}\n{config.get("why", "")}',
         flush=True)
   return results

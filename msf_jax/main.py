@@ -4,16 +4,29 @@ Trains MSF, resuming from the latest checkpoint in DIR. A misspelt `--config.` k
 error that names it (the config is locked). A config with `mode = 'evaluate'`
 (configs/eval.py) evaluates a frozen encoder instead (msf_jax.evaluate.run); `mode = 'demo'`
 (configs/demo.py) trains, then compares the trained encoder with a random one (msf_jax.demo).
+The console shows msf_jax's own lines and every warning; DIR/msf_jax.log has all of them.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+import os
 
-from msf_jax import demo, distributed, train_loop
-from msf_jax.data import pipeline
-from msf_jax.evaluate import run as evaluation
+# TensorFlow's C++ INFO lines (which CPU instructions it uses) stay off the console; set
+# before TensorFlow is first imported.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from msf_jax import console, demo, distributed, train_loop  # noqa: E402
+from msf_jax.data import pipeline  # noqa: E402
+from msf_jax.evaluate import run as evaluation  # noqa: E402
 
 MODES = {'train': train_loop.train, 'evaluate': evaluation.evaluate, 'demo': demo.run}
+# What each mode leaves in the workdir besides checkpoints, logs and TensorBoard metrics.
+RESULTS = {'train': {}, 'evaluate': {'Results': evaluation.RESULTS_FILE},
+           'demo': {f'Results ({name} encoder)': os.path.join(f'eval_{name}',
+                                                             evaluation.RESULTS_FILE)
+                    for name in demo.ENCODERS}}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -29,14 +42,19 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  console.quiet_console()
   # TensorFlow (tf.data on the host CPU) must not reserve accelerator memory JAX needs.
   pipeline.hide_accelerators_from_tensorflow()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   mode = _CONFIG.value.get('mode', 'train')
   if mode not in MODES:
     raise app.UsageError(f'config.mode must be one of {sorted(MODES)}, got {mode!r}.')
-  logging.info('Config:\n%s', _CONFIG.value)
-  MODES[mode](_CONFIG.value, _WORKDIR.value)
+  workdir = _WORKDIR.value
+  log_path = console.log_to_file(workdir, jax.process_index())
+  MODES[mode](_CONFIG.value, workdir)
+  extra = {name: os.path.join(workdir, path) for name, path in RESULTS[mode].items()}
+  logging.info('Done.\n%s', console.where_results_are(workdir, log_path, extra,
+                                                      checkpoints=mode != 'evaluate'))
 
 
 if __name__ == '__main__':

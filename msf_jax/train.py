@@ -88,6 +88,9 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int
     )
     metrics = {
         'loss': loss,
+        # Collapse indicator: the spread of the unit target embeddings over the batch, 1 for
+        # directions spread evenly over the sphere (std 1/sqrt(d) a dimension), 0 collapsed.
+        'target_std_ratio': jnp.mean(jnp.std(targets, axis=0)) * jnp.sqrt(targets.shape[1]),
         # The official purity counts the query's own embedding (1.0 at k = 1); the other
         # one is the purity of the loss's neighbours besides it (at k = 1, the nearest other).
         'purity': mean_shift.purity(batch['label'], bank.labels[neighbor_idx], active),

@@ -5,6 +5,8 @@ epochs and at the end, saves and exits cleanly on SIGTERM or a preemption notice
 on a non-finite loss without saving, so that the last good checkpoint is the latest.
 """
 
+import json
+import os
 import signal
 import time
 
@@ -16,10 +18,12 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
+from msf_jax import console, visualize
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory, damaged_directory
 from msf_jax.config_utils import check_training_config
 from msf_jax.data import color, pipeline, sources
-from msf_jax.evaluate.monitor import knn_monitor
+from msf_jax.evaluate.features import write_atomically
+from msf_jax.evaluate.monitor import KnnMonitor
 from msf_jax.sharding import make_mesh, put_replicated, replicated
 from msf_jax.train import make_train_step
 from msf_jax.train_state import MSFState, abstract_state, create_state
@@ -101,6 +105,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
       lock.release()
 
 
+CONFIG_FILE = 'config.json'
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: str,
+                   writer: metric_writers.MetricWriter) -> None:
+  """The resolved config as WORKDIR/config.json (evaluation reads the model from it, or from
+  the copy beside each checkpoint) and in TensorBoard as text and hyperparameters."""
+  if jax.process_index() == 0:
+    write_atomically(os.path.join(workdir, CONFIG_FILE),
+                     json.dumps(config.to_dict(), indent=2, sort_keys=True).encode())
+  writer.write_texts(0, {'config': f'```\n{config.to_yaml()}\n```'})
+  flat = {}
+  for key, value in _flatten(config.to_dict()).items():
+    flat[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+  writer.write_hparams(flat)
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   mesh = make_mesh()
   split = sources.build_split(config.data, 'train', config.image_size)
@@ -117,8 +148,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   if state is None:
     state = put_replicated(create_state(config, jax.random.key(config.seed)), mesh)
   start = int(state.step)
-  logging.info('%s at step %d of %d (%d steps an epoch).',
-               'Resuming' if start else 'Starting', start, total_steps, steps_per_epoch)
+  logging.info('%s\n%s at step %d of %d.', console.config_summary(
+      config, steps_per_epoch, split.num_examples), 'Resuming' if start else 'Starting',
+      start, total_steps)
 
   stream = pipeline.train_stream(split, global_batch=config.batch_size,
                                  image_size=config.image_size, seed=config.seed,
@@ -127,14 +159,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
                                  random_flip=config.data.flip)
   train_step = make_train_step(config, mesh, steps_per_epoch)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  _record_config(config, workdir, writer)
+  if start == 0:  # what the two encoders are shown, before the first step
+    visualize.write_pictures({'views': visualize.views_grid_from_config(config, mesh, split)},
+                             workdir, 0, writer)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_secs=None, every_steps=log_every)]
   if config.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
   monitor_every = config.monitor.knn_every_epochs * steps_per_epoch
-  monitor = knn_monitor(config, mesh, split) if monitor_every else None
+  monitor = KnnMonitor(config, mesh, split) if monitor_every else None
   stop = _StopRequest()
   window_start, data_wait, pending = time.perf_counter(), 0.0, []
+  training_seconds = 0.0  # wall time of the steps so far, for the ETA (monitor excluded)
   try:
     for step in range(start + 1, total_steps + 1):
       fetch_start = time.perf_counter()
@@ -151,23 +188,33 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
                    for k in pending[0]}
         _check_finite(step, summary['loss'])
         elapsed = time.perf_counter() - window_start
+        training_seconds += elapsed
         summary.update(images_per_sec=len(pending) * config.batch_size / elapsed,
                        data_wait_fraction=data_wait / elapsed,
                        skipped_images=stream.skipped)
         writer.write_scalars(step, summary)
+        eta = training_seconds / (step - start) * (total_steps - step)
+        logging.info(console.progress_line(step, total_steps, steps_per_epoch, summary, eta))
         if skipped_names := stream.pop_skipped_names():
           logging.warning('Skipped undecodable images (%d so far): %s', stream.skipped,
                           ', '.join(skipped_names))
         window_start, data_wait, pending = time.perf_counter(), 0.0, []
       if monitor and (step % monitor_every == 0 or step == total_steps):
         monitor_start = time.perf_counter()
-        writer.write_scalars(step, monitor(state.online))
+        result = monitor(state.online)
+        writer.write_scalars(step, result.metrics)
+        logging.info('kNN monitor at epoch %d: %s', step // steps_per_epoch, ', '.join(
+            f'{k.split("_")[-1][1:]}-NN {100 * v:.1f}%' for k, v in result.metrics.items()))
+        grid = visualize.retrieval_grid_from_features(
+            monitor.train, result.train, monitor.held_out, result.held_out, config.image_size,
+            mesh, batch_size=config.monitor.batch_size)
+        visualize.write_pictures({'retrieval': grid}, workdir, step, writer)
         window_start += time.perf_counter() - monitor_start  # not training time
       if step % checkpoint_every == 0 or step == total_steps or preempted:
         # Never save a non-finite state: the latest checkpoint stays the last good one.
         last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0
         _check_finite(step, last_loss, bool(_all_finite(state.trainable_params)))
-        checkpointer.save(step, state, force=True)
+        checkpointer.save(step, state, force=True, metadata=config.to_dict())
       if preempted:
         logging.warning('Stopping at step %d; the run resumes from here.', step)
         break

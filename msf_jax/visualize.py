@@ -280,18 +280,24 @@ def _evenly_spaced(total: int, count: int) -> np.ndarray:
   return np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(np.int64))
 
 
-def write_pictures(pictures: dict[str, np.ndarray], workdir: str, step: int) -> dict[str, str]:
-  """`workdir/<name>.png` and TensorBoard images at `step` from process 0; {name: path}."""
+def write_pictures(pictures: dict[str, np.ndarray], workdir: str, step: int,
+                   writer: metric_writers.MetricWriter | None = None) -> dict[str, str]:
+  """`workdir/<name>.png` and TensorBoard images at `step` (through `writer`, e.g. a training
+  run's, else a writer of its own) from process 0; {name: path}."""
   paths = {name: os.path.join(workdir, f'{name}.png') for name in pictures}
   if jax.process_index() == 0:
     for name, picture in pictures.items():
       buffer = io.BytesIO()
       Image.fromarray(picture).save(buffer, format='PNG')
       write_atomically(paths[name], buffer.getvalue())
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  own_writer = writer is None
+  if own_writer:
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
   writer.write_images(step, {name: picture[None] for name, picture in pictures.items()})
-  writer.flush()
-  writer.close()
+  if own_writer:
+    writer.flush()
+    writer.close()
   return paths
 
 

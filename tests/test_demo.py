@@ -11,6 +11,7 @@ import pytest
 from msf_jax import load_config
 from msf_jax.checkpoint import checkpoint_directory
 from msf_jax.demo import comparison_table, settings_summary
+from msf_jax.evaluate import run
 
 from helpers import REPO
 
@@ -57,5 +58,20 @@ def test_demo_trains_then_compares_with_a_random_encoder(tmp_path):
   assert table[9] == config.why
   # 1,437 images, batch 32: 44 steps
   assert os.path.isdir(os.path.join(checkpoint_directory(str(tmp_path)), '44'))
-  # The kNN monitor ran at the last step and wrote its accuracy with the training metrics.
-  assert '[44] monitor/knn_k20=' in result.stderr
+  # The kNN monitor ran at the last step: one console line, the metric in the log file.
+  console = result.stderr.splitlines()
+  assert sum('kNN monitor at epoch 1: 20-NN' in line for line in console) == 1
+  with open(tmp_path / 'msf_jax.log') as f:
+    assert '[44] monitor/knn_k20=' in f.read()  # orbax's and CLU's lines went there
+  assert not any('orbax' in line or 'checkpoint_manager' in line for line in console)
+  # One line an epoch: the 60 epochs of the README's run print under 120 lines in all.
+  progress = [line for line in console if ' step 44/44 ' in line]
+  assert len(progress) == 1 and 'ETA' in progress[0]
+  assert len(console) + len(result.stdout.splitlines()) + 59 + 5 < 120
+  assert (tmp_path / 'views.png').is_file() and (tmp_path / 'retrieval.png').is_file()
+  # The run's config is kept: evaluation needs no --config.model flag (the demo is width 8).
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['model']['width'] == 8
+  evaluation = load_config(os.path.join(REPO, 'configs', 'eval.py'), 'digits')
+  evaluation.checkpoint, evaluation.tasks = str(tmp_path), 'knn'
+  assert run.evaluate(evaluation, str(tmp_path / 'eval_plain'))['knn/majority/k=1'] > 0.5

@@ -133,6 +133,17 @@ def test_every_format_loads_the_same_encoder(tmp_path, state, workdir, images, e
   assert np.abs(backbone_features(backbone_of(state, other), images) - expected).max() > 1e-3
 
 
+def test_an_msf_jax_checkpoint_brings_its_model_settings(tmp_path, state):
+  checkpointer = Checkpointer(checkpoint_directory(str(tmp_path)))
+  checkpointer.save(5, state, force=True, metadata={'model': eval_config().model.to_dict()})
+  checkpointer.wait()
+  config = load_config(EVAL_CONFIG, 'digits')  # width 64: no --config.model flag given
+  config.checkpoint = str(tmp_path)
+  variables, model = load_encoder(config)
+  assert model.width == WIDTH
+  assert variables['params']['backbone']['conv1']['kernel'].shape[-1] == WIDTH
+
+
 def test_bad_checkpoints_are_clear_errors(tmp_path, workdir):
   with pytest.raises(ValueError, match="checkpoint_format.*'onnx'"):
     load_encoder(eval_config(checkpoint=workdir, checkpoint_format='onnx'))
@@ -213,6 +224,13 @@ def test_evaluate_a_random_encoder_on_digits(tmp_path):
   assert datetime.datetime.fromisoformat(record['timestamp']).tzinfo is not None
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
   assert len(os.listdir(tmp_path / run.CACHE_DIR)) == 2  # train and test, computed once
+  # The test features, for TensorBoard's embedding projector.
+  projected = np.loadtxt(tmp_path / run.PROJECTOR_DIR / 'features.tsv', delimiter='\t')
+  assert projected.shape == (96, 8 * WIDTH)
+  labels = (tmp_path / run.PROJECTOR_DIR / 'labels.tsv').read_text().split()
+  assert len(labels) == 96 and set(labels) <= set(map(str, range(10)))
+  assert 'tensor_path: "projector/features.tsv"' in (
+      tmp_path / 'projector_config.pbtxt').read_text()
 
 
 def test_evaluate_records_the_step_of_an_msf_jax_checkpoint(tmp_path, workdir):

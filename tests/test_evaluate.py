@@ -70,15 +70,17 @@ def test_features_of_a_split_once_each_over_eight_devices(tmp_path):
 
 
 def test_knn_monitor_finds_each_training_image_as_its_own_neighbour():
-  from msf_jax.evaluate.monitor import knn_monitor
+  from msf_jax.evaluate.monitor import KnnMonitor
   config = small_config(image_size=24, small_stem=True)
   config.model.width = 8
   config.data.source = 'digits'
   config.monitor.split, config.monitor.ks = 'train', (1, 20)
   config.monitor.num_train = config.monitor.num_queries = 40
   state = create_state(config, jax.random.key(0))
-  accuracy = knn_monitor(config, make_mesh(jax.devices()[:8]),
-                         sources.digits('train', 24))(state.online)
+  result = KnnMonitor(config, make_mesh(jax.devices()[:8]),
+                      sources.digits('train', 24))(state.online)
+  accuracy = result.metrics
+  assert result.train[0].shape == result.held_out[0].shape == (40, 8 * 8)
   # Queries are the bank's own images: 1-NN is each image itself, so the labels must line up.
   assert accuracy['monitor/knn_k1'] == 1.0
   assert 0.0 < accuracy['monitor/knn_k20'] < 1.0

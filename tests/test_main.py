@@ -121,10 +121,12 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
   monkeypatch.setattr(main_module.pipeline, 'hide_accelerators_from_tensorflow',
                       lambda: calls.append('hide'))
   monkeypatch.setattr(main_module.distributed, 'initialize', lambda *args: calls.append('join'))
+  monkeypatch.setattr(main_module.console, 'quiet_console', lambda: calls.append('quiet'))
+  monkeypatch.setattr(main_module.console, 'log_to_file', lambda *args: calls.append('logs'))
   monkeypatch.setitem(main_module.MODES, 'train', lambda config, workdir: calls.append('train'))
   flags.FLAGS(['main', f'--config={CONFIG}', f'--workdir={tmp_path}'])
   try:
     main_module.main(['main'])
   finally:
     flags.FLAGS.unparse_flags()
-  assert calls == ['hide', 'join', 'train']
+  assert calls == ['quiet', 'hide', 'join', 'logs', 'train']

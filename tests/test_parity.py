@@ -1,4 +1,4 @@
-"""msf_jax against a PyTorch reference of the official MSF iteration (MSF_SPEC §2).
+"""msf_jax against a PyTorch reference of the official MSF training iteration.
 
 The reference's weights reach msf_jax through the official-checkpoint loader, so the loader
 is tested by the same comparison. Tolerances are relative to each tensor's scale

@@ -7,7 +7,7 @@ views are a function of (seed, epoch, index) alone. Images are float32 in [0, 1]
 that take sampled parameters (`crop_window`, `resize`) are exposed separately so that tests
 can compare them with PIL for the same parameters.
 
-Official transforms (MSF_SPEC §3):
+Official transforms (the authors' code):
   weak:   RandomResizedCrop(scale=(0.2, 1)) -> flip
   strong: RandomResizedCrop(scale=(0.2, 1)) -> p=0.8 ColorJitter(0.4, 0.4, 0.4, 0.1) in a
           random order -> p=0.2 grayscale -> p=0.5 PIL GaussianBlur(sigma ~ U[0.1, 2]) -> flip
@@ -18,12 +18,11 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from msf_jax.data import color
+from msf_jax.data import PAIRINGS, color
 
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10
-PAIRINGS = ('w/s', 'w/w', 's/s', 's/w')  # target view / online view
 PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's default, the linear probe's train views
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from msf_jax.data import prepare
+from msf_jax.data import SOURCES, prepare
 
 # (process_index, process_count, shuffle seed [2] int64 tensor or None, start position)
 #   -> {'image': bytes, 'label': int32} of this process's share, from `start` on.
@@ -25,7 +25,6 @@ Namer = Callable[[int, int, tf.Tensor | None, int], str]
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 DIGITS_TRAIN_EXAMPLES = 1437  # of 1,797; the rest (360) is the test split
 DIGITS_SPLIT_SEED = 0
-SOURCES = ('tfds', 'folder', 'digits')
 
 
 class DatasetNotFoundError(FileNotFoundError):

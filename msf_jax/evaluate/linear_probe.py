@@ -1,4 +1,4 @@
-"""Linear probe of a frozen encoder (MSF_SPEC §4): features L2-normalized, standardized with the
+"""Linear probe of a frozen encoder: features L2-normalized, standardized with the
 train set's centre-crop statistics, (x - mean) / sqrt(var + 1e-5), then one linear layer
 trained with SGD (lr 0.01, momentum 0.9, weight decay 1e-4, batch 256, 40 epochs, lr x0.1 at
 epochs 15 and 30). Top-1 and top-5 on the test split's centre-crop features.

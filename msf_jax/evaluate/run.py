@@ -31,6 +31,8 @@ from msf_jax.sharding import make_mesh
 TASKS = ('knn', 'linear_fast', 'linear', 'transfer')
 RESULTS_FILE = 'eval_results.json'
 CACHE_DIR = 'features'
+PROJECTOR_DIR = 'projector'
+PROJECTOR_POINTS = 5000  # the projector's browser page stays responsive up to a few thousand
 
 Features = tuple[np.ndarray, np.ndarray]
 
@@ -87,7 +89,8 @@ def _linear_options(config: ml_collections.ConfigDict) -> dict:
               milestones=tuple(linear.milestones), seed=config.seed)
 
 
-def _dataset_name(data: ml_collections.ConfigDict) -> str:
+def dataset_name(data: ml_collections.ConfigDict) -> str:
+  """What a config's data section reads, in a word or a path."""
   return {'digits': 'digits', 'tfds': data.get('name'), 'folder': data.get('root')
           }.get(data.source, data.source)
 
@@ -105,7 +108,7 @@ def _report(results: dict[str, float], config: ml_collections.ConfigDict, workdi
         'results': results,
         'checkpoint': manager_directory(config.checkpoint) if config.checkpoint else '',
         'checkpoint_format': config.checkpoint_format, 'encoder': config.encoder,
-        'step': config.get('step'), 'dataset': _dataset_name(config.data),
+        'step': config.get('step'), 'dataset': dataset_name(config.data),
         'splits': [config.data.train_split, config.data.test_split],
         'max_examples': config.data.max_examples, 'image_size': config.image_size,
         'model': config.model.to_dict(), 'undecodable_images': undecodable,
@@ -113,6 +116,23 @@ def _report(results: dict[str, float], config: ml_collections.ConfigDict, workdi
     }
     write_atomically(os.path.join(workdir, RESULTS_FILE),
                      json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def write_projector(workdir: str, features: np.ndarray, labels: np.ndarray, name: str,
+                    max_points: int = PROJECTOR_POINTS) -> None:
+  """TensorBoard's embedding projector for (the first `max_points` of) a split's features:
+  TSV files and the projector_config.pbtxt that points at them, from process 0."""
+  if jax.process_index() > 0:
+    return
+  features, labels = features[:max_points], labels[:max_points]
+  rows = '\n'.join('\t'.join(f'{x:.6g}' for x in row) for row in features)
+  write_atomically(os.path.join(workdir, PROJECTOR_DIR, 'features.tsv'), rows.encode())
+  write_atomically(os.path.join(workdir, PROJECTOR_DIR, 'labels.tsv'),
+                   '\n'.join(map(str, labels.tolist())).encode())
+  config = (f'embeddings {{\n  tensor_name: "{name}"\n'
+            f'  tensor_path: "{PROJECTOR_DIR}/features.tsv"\n'
+            f'  metadata_path: "{PROJECTOR_DIR}/labels.tsv"\n}}\n')
+  write_atomically(os.path.join(workdir, 'projector_config.pbtxt'), config.encode())
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -163,6 +183,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     logging.info('Evaluating %s.', task)
     results.update(runners[task]())
   _report(results, config, workdir, undecodable)
-  logging.info('Results: %s', results)
+  write_projector(workdir, *features(test_split), test_split.name)
+  logging.info('Results: %s', ', '.join(f'{key} {value:.4g}' for key, value in results.items()))
   return results
 

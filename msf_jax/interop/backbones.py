@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 import safetensors.numpy
 import tensorflow as tf
@@ -142,12 +143,32 @@ def random_encoder(model_config: ml_collections.ConfigDict, image_size: int,
   return backbone_only(init_encoder(model_config, image_size, jax.random.key(seed)))
 
 
+def trained_model_config(path: str, step: int | None = None
+                         ) -> ml_collections.ConfigDict | None:
+  """The model section of the config an msf_jax checkpoint was trained with (saved beside
+  it), or None for a checkpoint that has none (written before configs were kept)."""
+  directory = checkpoint.find_checkpoint_directory(path)
+  checkpointer = checkpoint.Checkpointer(directory)
+  try:
+    saved = checkpointer.read_metadata(checkpoint.resolve_step(directory, step))
+  finally:
+    checkpointer.close()
+  return ml_collections.ConfigDict(saved['model']) if saved and 'model' in saved else None
+
+
 def load_encoder(config: ml_collections.ConfigDict
                  ) -> tuple[Variables, ml_collections.ConfigDict]:
   """(backbone variables, model config) of the encoder `config` names: config.checkpoint in
   config.checkpoint_format, config.encoder ('online' or 'target') and, for msf_jax
-  checkpoints, config.step (None: the latest). The weights are host numpy/JAX arrays."""
+  checkpoints, config.step (None: the latest). An msf_jax checkpoint brings its own model
+  settings (saved with it), so that no --config.model flag is needed. The weights are host
+  numpy/JAX arrays."""
   model_config = config.model.copy_and_resolve_references()
+  if config.checkpoint_format == 'msf_jax':
+    trained = trained_model_config(config.checkpoint, config.get('step'))
+    if trained is not None and trained.to_dict() != model_config.to_dict():
+      logging.info('Model settings from the checkpoint: %s', _describe(trained.to_dict()))
+      model_config = trained
   if config.checkpoint_format == 'random':
     return random_encoder(model_config, config.image_size, config.seed), model_config
   state_dict = backbone_state_dict(config.checkpoint, config.checkpoint_format,
