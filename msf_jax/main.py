@@ -9,9 +9,11 @@ The console shows msf_jax's own lines and every warning; DIR/msf_jax.log has all
 
 import os
 
-# TensorFlow's C++ INFO lines (which CPU instructions it uses) stay off the console; set
-# before TensorFlow is first imported.
+# TensorFlow's C++ INFO lines stay off the console; set before TensorFlow is first imported.
+# TensorFlow 2.21 announces its oneDNN kernels whatever the log level; they serve its own
+# matrix ops, which tf.data's decoding and cropping do not use, so they are switched off.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

@@ -37,7 +37,7 @@ from ml_collections import config_flags
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.manifold import TSNE
 
-from msf_jax import distributed
+from msf_jax import console, distributed
 from msf_jax.data import color, pipeline, sources
 from msf_jax.evaluate.features import cached_features, write_atomically
 from msf_jax.evaluate.knn import nearest_neighbours
@@ -350,6 +350,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  console.quiet_console()
   pipeline.hide_accelerators_from_tensorflow()
   distributed.initialize()
   options = flags.FLAGS

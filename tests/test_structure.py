@@ -139,7 +139,7 @@ def readme_layout() -> str:
 
 def test_readme_layout_matches_the_tree():
   layout = readme_layout()
-  named = set(re.findall(r'\b((?:msf_jax|configs|launch|scripts|benchmarks|tests|notebooks)'
+  named = set(re.findall(r'\b((?:msf_jax|configs|launch|scripts|benchmarks|tests|notebooks|docs)'
                          r'/[\w/]*(?:\.py)?)', layout))
   for path in named:
     assert os.path.exists(os.path.join(REPO, path)), f'README layout names {path}: not there'
