@@ -1,6 +1,7 @@
 """The Colab demo notebook: a clean nbformat-4 file whose code cells run top to bottom."""
 
 import ast
+import base64
 import json
 import os
 import re
@@ -35,8 +36,20 @@ def test_notebook_is_clean_nbformat_4():
   for cell in cells:
     assert cell['cell_type'] in ('markdown', 'code')
     assert isinstance(cell['source'], list) and all(isinstance(s, str) for s in cell['source'])
-    if cell['cell_type'] == 'code':  # committed without outputs, so diffs stay readable
-      assert cell['outputs'] == [] and cell['execution_count'] is None
+
+
+def test_notebook_is_committed_with_the_outputs_of_one_whole_run():
+  """Readers on GitHub see what a run prints and draws without running it."""
+  code = [cell for cell in load_notebook()['cells'] if cell['cell_type'] == 'code']
+  assert [cell['execution_count'] for cell in code] == list(range(1, len(code) + 1))
+  text = ''.join(line for cell in code for output in cell['outputs']
+                 if output['output_type'] == 'stream' for line in output['text'])
+  assert 'epoch  60  loss' in text and 'epoch  61' not in text  # all of EPOCHS = 60
+  assert re.search(r'knn/majority/k=1\s+9\d\.\d%\s+8\d\.\d%', text)  # trained, random
+  pictures = [output for cell in code for output in cell['outputs']
+              if output['output_type'] == 'display_data']
+  assert len(pictures) == 4  # views, curves, retrieval grid, t-SNE
+  assert all(base64.b64decode(p['data']['image/png']).startswith(b'\x89PNG') for p in pictures)
 
 
 def test_code_cells_are_plain_python():
@@ -69,4 +82,7 @@ def test_notebook_trains_then_compares_with_a_random_encoder(capsys):
     assert set(accuracies) == KNN_METRICS | PROBE_METRICS
     assert all(0 < value <= 1 for value in accuracies.values())
     assert accuracies['knn/majority/k=1'] > 0.5  # 10 classes: chance is 0.1
-  assert output.rstrip().splitlines()[-7].split() == ['trained', 'random']
+  lines = output.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.split() == ['trained', 'random'])
+  assert lines[header + 1].split()[0] == 'knn/majority/k=1'
+  assert sum('picture' in line for line in lines) == 4  # views, curves, grid, t-SNE
