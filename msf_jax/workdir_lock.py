@@ -41,6 +41,9 @@ class Holder:
   heartbeat: float
 
 
+UNREADABLE = Holder('', 0, '', 0.0)  # a lock file that is not JSON: no live holder named
+
+
 def this_process() -> Holder:
   job = next((os.environ[name] for name in RUN_ID_VARIABLES if os.environ.get(name)), '')
   return Holder(socket.gethostname(), os.getpid(), job, time.time())
@@ -78,7 +81,7 @@ def _read(path: str) -> Holder | None:
     return None
   except (ValueError, TypeError) as e:  # a half-written or foreign file: not a live holder
     logging.warning('Ignoring the unreadable workdir lock %s (%s).', path, e)
-    return Holder('', 0, '', 0.0)
+    return UNREADABLE
 
 
 def _write(path: str, holder: Holder, exclusive: bool) -> bool:
@@ -127,6 +130,8 @@ class WorkdirLock:
   def _beat(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
       holder, me = _read(self.path), this_process()
+      if holder == UNREADABLE:  # caught mid-write by another run: look again next beat
+        continue
       if holder and (holder.host, holder.pid) != (me.host, me.pid):
         logging.error('The workdir lock %s now names process %d on %s: another run writes to '
                       'this workdir too. Stop one of them.', self.path, holder.pid, holder.host)

@@ -42,8 +42,10 @@ def write_lock(workdir, **holder):
   os.makedirs(workdir, exist_ok=True)
   me = workdir_lock.this_process()
   record = {'host': me.host, 'pid': me.pid, 'job': '', 'heartbeat': me.heartbeat, **holder}
-  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), 'w') as f:
+  path = os.path.join(workdir, workdir_lock.LOCK_FILE)
+  with open(f'{path}.tmp', 'w') as f:  # whole or not at all, as a heartbeat thread reads it
     json.dump(record, f)
+  os.replace(f'{path}.tmp', path)
 
 
 def read_lock(path):
@@ -89,9 +91,16 @@ def test_the_heartbeat_renews_the_lock_and_reports_another_writer(tmp_path, monk
   while time.time() < deadline and read_lock(path)['heartbeat'] == first:
     time.sleep(0.05)
   assert read_lock(path)['heartbeat'] > first  # renewed
-  write_lock(str(tmp_path), host='elsewhere', pid=9)  # another run overwrote it (a bucket)
+  with open(path, 'w') as f:
+    f.write('{"host": "half-wri')  # a write caught midway: not another run
+  time.sleep(0.3)
+  assert lock._thread.is_alive() and 'another run' not in caplog.text
+  deadline = time.time() + 10
+  while 'process 9 on elsewhere' not in caplog.text and time.time() < deadline:
+    write_lock(str(tmp_path), host='elsewhere', pid=9)  # another run overwrote it (a bucket)
+    time.sleep(0.2)
   lock._thread.join(timeout=10)
-  assert 'process 9 on elsewhere' in caplog.text
+  assert 'process 9 on elsewhere' in caplog.text and not lock._thread.is_alive()
   lock.release()
   assert os.path.exists(path)  # the other run's lock is left alone
 
