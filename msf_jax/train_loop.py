@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from msf_jax import console, visualize
@@ -116,20 +117,9 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str,
     write_atomically(os.path.join(workdir, CONFIG_FILE),
                      json.dumps(config.to_dict(), indent=2, sort_keys=True).encode())
   writer.write_texts(0, {'config': f'```\n{config.to_yaml()}\n```'})
-  flat = {}
-  for key, value in _flatten(config.to_dict()).items():
-    flat[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
-  writer.write_hparams(flat)
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
+  writer.write_hparams({
+      key: value if isinstance(value, (bool, int, float, str)) else str(value)
+      for key, value in traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
@@ -204,7 +194,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
         result = monitor(state.online)
         writer.write_scalars(step, result.metrics)
         logging.info('kNN monitor at epoch %d: %s', step // steps_per_epoch, ', '.join(
-            f'{k.split("_")[-1][1:]}-NN {100 * v:.1f}%' for k, v in result.metrics.items()))
+            f'{k}-NN {100 * result.metrics[f"monitor/knn_k{k}"]:.1f}%'
+            for k in config.monitor.ks))
         grid = visualize.retrieval_grid_from_features(
             monitor.train, result.train, monitor.held_out, result.held_out, config.image_size,
             mesh, batch_size=config.monitor.batch_size)
