@@ -9,12 +9,16 @@ import optax
 from jax.sharding import Mesh
 
 from msf_jax import mean_shift
+from msf_jax.data import color
 from msf_jax.models import build_networks
 from msf_jax.optim import learning_rate_schedule, make_optimizer
 from msf_jax.sharding import batch_sharded, replicated
 from msf_jax.train_state import MSFState
 
-Batch = dict[str, jax.Array]  # {'online': [B,H,W,3], 'target': [B,H,W,3], 'label': [B] int32}
+# The host stage's batch: {'online', 'target'} [B,H,W,3] in [0, 1], {'online_color',
+# 'target_color'} [B, color.NUM_PARAMS], 'label' [B] int32; with finished views, only
+# {'online', 'target'} normalized and 'label'.
+Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
@@ -23,10 +27,17 @@ def _as_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int
+def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                       finish_views: bool = True
                        ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
   """The un-jitted step for a config and the data's steps per epoch (the learning-rate
-  schedule and a k ramp count epochs); `make_train_step` jits it over a mesh."""
+  schedule and a k ramp count epochs); `make_train_step` jits it over a mesh.
+
+  With `finish_views`, the step takes the host stage's batch and applies the colour
+  augmentations itself (`color.finish_views`), so that a training step is one device program;
+  without, it takes views already finished (the parity tests hand both frameworks the same
+  normalized images).
+  """
   encoder, predictor = build_networks(config.model)
   optimizer = make_optimizer(config, steps_per_epoch)
   schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -35,8 +46,11 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int
   # One more row than the loss uses when k = 1, so that `purity_others` has a neighbour.
   search_k = max(topk, 2)
   ramp_epochs = config.msf.topk_ramp_epochs
+  pairing = config.data.pairing
 
   def train_step(state: MSFState, batch: Batch) -> tuple[MSFState, Metrics]:
+    if finish_views:
+      batch = color.finish_views(batch, pairing)
     # 1. Target <- m * target + (1 - m) * online, parameters only (official order: first).
     target_params = optax.incremental_update(
         state.online['params'], state.target['params'], 1.0 - ema_momentum)
@@ -105,16 +119,17 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int,
-                    donate: bool = True
+                    donate: bool = True, finish_views: bool = True
                     ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
   """`train_step(state, batch) -> (state, metrics)`, jitted over `mesh`.
 
   The batch is split over the `data` axis; parameters, optimizer state and bank are
   replicated, so BatchNorm statistics and the bank update cover the global batch and are
   identical on every device. With `donate`, the input state's buffers are reused.
+  `finish_views`: see `make_train_step_fn`.
   """
   return jax.jit(
-      make_train_step_fn(config, steps_per_epoch),
+      make_train_step_fn(config, steps_per_epoch, finish_views),
       in_shardings=(replicated(mesh), batch_sharded(mesh)),
       out_shardings=(replicated(mesh), replicated(mesh)),
       donate_argnums=(0,) if donate else (),

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from msf_jax import console, visualize
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory, damaged_directory
 from msf_jax.config_utils import check_training_config
-from msf_jax.data import color, pipeline, sources
+from msf_jax.data import pipeline, sources
 from msf_jax.evaluate.features import write_atomically
 from msf_jax.evaluate.monitor import KnnMonitor
 from msf_jax.sharding import make_mesh, put_replicated, replicated
@@ -137,7 +137,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
                                                aside=damaged_directory(workdir))
   if state is None:
     state = put_replicated(create_state(config, jax.random.key(config.seed)), mesh)
-  start = int(state.step)
+  start = int(jax.device_get(state.step))
   logging.info('%s\n%s at step %d of %d.', console.config_summary(
       config, steps_per_epoch, split.num_examples), 'Resuming' if start else 'Starting',
       start, total_steps)
@@ -162,13 +162,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   stop = _StopRequest()
   window_start, data_wait, pending = time.perf_counter(), 0.0, []
   training_seconds = 0.0  # wall time of the steps so far, for the ETA (monitor excluded)
+  batches = pipeline.prefetch_to_mesh(stream, mesh)
   try:
     for step in range(start + 1, total_steps + 1):
       fetch_start = time.perf_counter()
-      host_batch = next(stream)
+      batch = next(batches)
       data_wait += time.perf_counter() - fetch_start
-      batch = color.finish_views(pipeline.to_global(host_batch, mesh), config.data.pairing)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch)  # dispatched: the loop does not wait for it
       pending.append(metrics)
       for hook in hooks:
         hook(step)

@@ -55,7 +55,7 @@ def train_one_step(out_dir: str) -> dict[str, np.ndarray]:
   mesh = make_mesh()
   state = put_replicated(create_state(config, jax.random.key(0)), mesh)
   host = host_share(global_batch(config), jax.process_index(), jax.process_count())
-  train_step = make_train_step(config, mesh, steps_per_epoch=1)
+  train_step = make_train_step(config, mesh, steps_per_epoch=1, finish_views=False)
   state, metrics = train_step(state, pipeline.to_global(host, mesh))
   checkpointer = Checkpointer(checkpoint_directory(out_dir))
   checkpointer.save(int(state.step), state, force=True)

@@ -27,7 +27,8 @@ def test_saved_state_restores_exactly_onto_eight_devices_and_trains_on(tmp_path)
   config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=16)
   one = make_mesh(jax.devices()[:1])
   state = put_replicated(create_state(config, jax.random.key(0)), one)
-  train_step = make_train_step(config, one, STEPS_PER_EPOCH, donate=False)
+  train_step = make_train_step(config, one, STEPS_PER_EPOCH, donate=False,
+                               finish_views=False)
   rng = np.random.default_rng(0)
   checkpointer = Checkpointer(str(tmp_path), max_to_keep=2)
   for _ in range(3):
@@ -44,7 +45,7 @@ def test_saved_state_restores_exactly_onto_eight_devices_and_trains_on(tmp_path)
   restored_at_2 = Checkpointer(str(tmp_path)).restore(abstract, step=2)
   assert int(restored_at_2.step) == 2
   # The restored state keeps training on the new mesh.
-  stepped, metrics = make_train_step(config, eight, STEPS_PER_EPOCH)(
+  stepped, metrics = make_train_step(config, eight, STEPS_PER_EPOCH, finish_views=False)(
       restored, put_batch(random_batch(rng, config), eight))
   assert int(stepped.step) == 4 and np.isfinite(float(metrics['loss']))
 

@@ -206,7 +206,7 @@ def one_process_reference():
     config = step_config()
     mesh = make_mesh(jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
     state = put_replicated(create_state(config, jax.random.key(0)), mesh)
-    train_step = make_train_step(config, mesh, steps_per_epoch=1)
+    train_step = make_train_step(config, mesh, steps_per_epoch=1, finish_views=False)
     state, metrics = train_step(state, put_batch(global_batch(config), mesh))
     return jax.device_get(state), float(metrics['loss'])
 

@@ -227,3 +227,21 @@ def test_prepare_names_missing_archives_first_and_builds_through_the_tfds_api(
   assert prepare.main(['cifar10', f'--data_dir={tmp_path}']) == 0
   assert built == [('cifar10', str(tmp_path)), str(tmp_path / 'downloads' / 'manual')]
   assert "cifar10 is in" in capsys.readouterr().out
+
+
+def test_prefetch_places_the_next_batch_before_the_current_one_is_used():
+  mesh = make_mesh(jax.devices()[:2])
+  read = []
+
+  def source():
+    for index in range(4):
+      read.append(index)
+      yield {'x': np.full((4, 2), index, np.float32)}
+
+  placed = pipeline.prefetch_to_mesh(source(), mesh, depth=2)
+  for index in range(4):
+    batch = next(placed)
+    assert read[-1] == min(index + 1, 3)  # one batch ahead of the one handed out
+    assert isinstance(batch['x'], jax.Array) and len(batch['x'].sharding.device_set) == 2
+    np.testing.assert_array_equal(batch['x'], np.full((4, 2), index))
+  assert next(placed, None) is None

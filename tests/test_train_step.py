@@ -10,9 +10,10 @@ import pytest
 
 from msf_jax import (create_state, load_config, make_mesh, make_train_step, put_batch,
                      put_replicated)
+from msf_jax.data import color
 from msf_jax.optim import learning_rate_schedule
 
-from msf_jax.testing import random_batch, small_config
+from msf_jax.testing import random_batch, random_host_batch, small_config
 from helpers import REPO, assert_trees_close, relative_tree_error
 
 
@@ -22,7 +23,7 @@ STEPS_PER_EPOCH = 10
 def run_steps(config, devices, batches, seed=0):
   mesh = make_mesh(devices)
   state = put_replicated(create_state(config, jax.random.key(seed)), mesh)
-  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH)
+  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False)
   metrics = []
   for batch in batches:
     state, step_metrics = train_step(state, put_batch(batch, mesh))
@@ -90,7 +91,8 @@ def test_topk_ramp_starts_as_k_equals_one_and_reaches_k():
   batch = {**random_batch(np.random.default_rng(4), config), 'label': np.arange(8, dtype=np.int32)}
   mesh = make_mesh(jax.devices()[:1])
   state = create_state(config, jax.random.key(0))
-  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False)
+  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False,
+                               finish_views=False)
   metrics = [jax.device_get(train_step(put_replicated(state.replace(step=step), mesh),
                                        put_batch(batch, mesh))[1]) for step in (0, 10, 20)]
   assert [int(m['topk']) for m in metrics] == [1, 3, 5]
@@ -170,3 +172,36 @@ def test_width_scales_every_stage_and_the_heads():
   features = encoder.apply(state.online, np.zeros((2, 32, 32, 3), np.float32),
                            method=encoder.features)
   assert features.shape == (2, 128)
+
+
+def test_fused_colour_stage_equals_finishing_the_views_first():
+  """One device program (colour ops inside the step) against two (`color.finish_views`,
+  then the step on finished views), on two devices."""
+  config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32)
+  mesh = make_mesh(jax.devices()[:2])
+  state = put_replicated(create_state(config, jax.random.key(0)), mesh)
+  host_batch = put_batch(random_host_batch(np.random.default_rng(5), config), mesh)
+  fused = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False)
+  two_programs = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False,
+                                 finish_views=False)
+  fused_state, fused_metrics = jax.device_get(fused(state, host_batch))
+  finished = color.finish_views(host_batch, config.data.pairing)
+  state_2, metrics_2 = jax.device_get(two_programs(state, finished))
+  forward = lambda s: (s.bank, s.target, s.online['batch_stats'], s.predictor['batch_stats'])
+  assert_trees_close(forward(fused_state), forward(state_2), rtol=1e-6)
+  assert relative_tree_error(fused_state.trainable_params, state_2.trainable_params) < 1e-6
+  assert fused_metrics['loss'] == pytest.approx(metrics_2['loss'], rel=1e-6)
+  assert fused_metrics['purity'] == metrics_2['purity']
+  # The colour stage did something: the raw [0, 1] views give other embeddings.
+  raw = {key: host_batch[key] for key in ('online', 'target', 'label')}
+  raw_state, _ = jax.device_get(two_programs(state, raw))
+  assert relative_tree_error(raw_state.bank.embeddings, state_2.bank.embeddings) > 1e-2
+
+
+def test_the_readme_python_api_example_runs(monkeypatch):
+  with open(os.path.join(REPO, 'README.md')) as f:
+    example = f.read().split('## The Python API', 1)[1].split('```python', 1)[1].split('```')[0]
+  monkeypatch.chdir(REPO)  # the example loads configs/ by a relative path
+  namespace = {}
+  exec(example, namespace)  # noqa: S102 - our own README
+  assert int(namespace['state'].step) == 1 and np.isfinite(float(namespace['metrics']['loss']))

@@ -1,6 +1,7 @@
 """tf.data pipelines: two-view training batches and masked evaluation batches, per host,
 handed to JAX as global arrays sharded over the mesh. Training batches carry each view's
-colour parameters; `msf_jax.data.color.finish_views` applies them on the accelerator.
+colour parameters; the train step applies them on the accelerator
+(`msf_jax.data.color.finish_views`).
 
 Determinism: epoch e reads its split in the order of shuffle seed (seed, e), and the
 augmentation of the example in slot s of that epoch uses the stateless seed
@@ -8,7 +9,8 @@ fold_in(fold_in(seed, e), s). A run resumed at step t rebuilds the stream from s
 no hidden iterator state.
 """
 
-from typing import Callable
+import collections
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -192,3 +194,15 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each host's share of a batch into global arrays split over the mesh."""
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, depth: int = 2
+                     ) -> Iterator[dict[str, jax.Array]]:
+  """The batches as global arrays on the mesh, `depth` of them placed ahead: the next
+  batch's host-to-device copy runs while the current step computes, not after it."""
+  placed = collections.deque()
+  for batch in batches:
+    placed.append(to_global(batch, mesh))
+    if len(placed) == depth:
+      yield placed.popleft()
+  yield from placed

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from msf_jax.config_utils import load_config
+from msf_jax.data import color
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(REPO, 'configs')
@@ -32,8 +33,32 @@ def small_config(depth: int = 18, image_size: int = 96, batch_size: int = 16,
 
 def random_batch(rng: np.random.Generator, config: ml_collections.ConfigDict,
                  num_classes: int = 4, dtype=np.float32) -> dict[str, np.ndarray]:
-  """NHWC views and labels drawn from few classes, so that purity is not trivially 0."""
+  """Finished (normalized) NHWC views and labels drawn from few classes, so that purity is
+  not trivially 0: a step made with `finish_views=False` takes them."""
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   return {'online': rng.standard_normal(shape).astype(dtype),
           'target': rng.standard_normal(shape).astype(dtype),
+          'label': rng.integers(0, num_classes, config.batch_size).astype(np.int32)}
+
+
+def random_color_params(rng: np.random.Generator, batch_size: int) -> np.ndarray:
+  """[B, NUM_PARAMS] strong-view colour parameters, drawn as the host stage draws them
+  (jitter p=0.8, its factors and a random order, grey p=0.2, blur p=0.5)."""
+  coin = lambda p: (rng.random((batch_size, 1)) < p).astype(np.float32)
+  factors = rng.uniform([0.6, 0.6, 0.6, -0.1], [1.4, 1.4, 1.4, 0.1], (batch_size, 4))
+  order = np.argsort(rng.random((batch_size, 4)), axis=1)
+  sigma = rng.uniform(*color.BLUR_SIGMA, (batch_size, 1))
+  return np.concatenate([coin(0.8), factors, order, coin(0.2), coin(0.5), sigma],
+                        axis=1).astype(np.float32)
+
+
+def random_host_batch(rng: np.random.Generator, config: ml_collections.ConfigDict,
+                      num_classes: int = 4) -> dict[str, np.ndarray]:
+  """The host stage's batch (views in [0, 1] with their colour parameters), which the train
+  step finishes itself: both views carry strong parameters, whatever the pairing."""
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  views = {name: rng.random(shape, np.float32) for name in ('online', 'target')}
+  colors = {f'{name}_color': random_color_params(rng, config.batch_size)
+            for name in ('online', 'target')}
+  return {**views, **colors,
           'label': rng.integers(0, num_classes, config.batch_size).astype(np.int32)}
