@@ -35,6 +35,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # topk from the first step.
   config.msf.topk_ramp_epochs = 0
   config.msf.bank_chunk_size = 128_000  # 0 searches the whole bank in one product.
+  # 'float32' (the official): one exact float32 search. 'bfloat16': a bfloat16 product
+  # proposes bank_search_candidates rows per query, which are re-scored in float32.
+  config.msf.bank_search_dtype = 'float32'
+  # In 53 banks of trained small-data runs (benchmarks/bank_search_precision.py), the float32
+  # neighbours (k <= 10) sat up to 275th in the bfloat16 order: how many rows lie within
+  # bfloat16's rounding of the k-th follows the bank's density, not k. 512 holds them all.
+  config.msf.bank_search_candidates = 512
 
   config.optim = ml_collections.ConfigDict()
   config.optim.base_lr = 0.05

@@ -7,6 +7,7 @@ import os
 import ml_collections
 
 from msf_jax.data import PAIRINGS, SOURCES
+from msf_jax.mean_shift import SEARCH_DTYPES
 from msf_jax.optim import SCHEDULES
 
 VARIANTS_HELP = f'aug={"|".join(PAIRINGS)}, bank=N or k=N, comma-separated'
@@ -70,6 +71,11 @@ def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
                   f'batches are enqueued), e.g. {max(batch, bank - bank % batch)}.')
   if not 1 <= topk <= bank:
     errors.append(f'msf.topk={topk} must be between 1 and msf.bank_size={bank}.')
+  candidates = config.msf.bank_search_candidates
+  if config.msf.bank_search_dtype == 'bfloat16' and not topk < candidates <= bank:
+    errors.append(f'msf.bank_search_candidates={candidates} must be more than msf.topk={topk} '
+                  '(k or fewer could only reorder the k rows found) and at most '
+                  f'msf.bank_size={bank}.')
   for key in ('num_epochs', 'log_every_epochs', 'checkpoint.every_epochs', 'checkpoint.keep'):
     section, _, name = key.rpartition('.')
     value = (config[section] if section else config)[name]
@@ -77,7 +83,9 @@ def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
       errors.append(f'{key}={value} must be positive.')
   for key, value, valid in (('data.pairing', config.data.pairing, PAIRINGS),
                             ('optim.schedule', config.optim.schedule, SCHEDULES),
-                            ('data.source', config.data.source, SOURCES)):
+                            ('data.source', config.data.source, SOURCES),
+                            ('msf.bank_search_dtype', config.msf.bank_search_dtype,
+                             SEARCH_DTYPES)):
     if value not in valid:
       errors.append(f'{key}={value!r} is not one of {", ".join(valid)}.')
   if config.monitor.knn_every_epochs < 0:

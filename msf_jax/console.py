@@ -95,6 +95,14 @@ def _data(data: ml_collections.ConfigDict) -> str:
           f'crops of {low:g}-{high:g} of the image, {flips}')
 
 
+def _search(msf: ml_collections.ConfigDict) -> str:
+  """How the bank is searched, where it is not the official float32 product."""
+  if msf.bank_search_dtype == 'float32':
+    return ''
+  return (f' searched in {msf.bank_search_dtype} (best {msf.bank_search_candidates} '
+          're-scored in float32)')
+
+
 def config_summary(config: ml_collections.ConfigDict, steps_per_epoch: int,
                    num_train: int) -> str:
   """The settings that apply to this run, in a few lines (the whole resolved config is in
@@ -105,7 +113,8 @@ def config_summary(config: ml_collections.ConfigDict, steps_per_epoch: int,
   lines = [
       f'Data: {_data(config.data)}; {num_train:,} training images.',
       f'Model: {_model(config.model, config.image_size)}.',
-      f'MSF: {k}, bank of {msf.bank_size:,} rows, target momentum {msf.ema_momentum:g}.',
+      f'MSF: {k}, bank of {msf.bank_size:,} rows{_search(msf)}, target momentum '
+      f'{msf.ema_momentum:g}.',
       f'Training: {config.num_epochs} epochs of {steps_per_epoch:,} steps of batch '
       f'{config.batch_size}; SGD lr {optim.base_lr:g} x batch/256 '
       f'({optim.base_lr * config.batch_size / 256:.4g}), {optim.schedule}, momentum '

@@ -5,12 +5,20 @@ bank) and gathers the online one at the target's top-k. Only the k chosen rows m
 online term, so here the search runs on the target similarities alone and the online term is
 computed on the gathered B x k x D neighbours: one B x K product instead of three (forward,
 online forward, online backward), and no B x K array in the backward pass.
+
+The search may run in bfloat16, whose product is faster than float32's on GPUs and TPUs: it
+only proposes candidates, which are re-scored exactly in float32, so the neighbours are the
+float32 search's whenever its k rows are among the candidates.
 """
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+# The bank search's precision: float32 (the official) or a bfloat16 product re-scored in float32.
+SEARCH_DTYPES = ('float32', 'bfloat16')
 
 
 class MemoryBank(NamedTuple):
@@ -54,8 +62,19 @@ def _merge_top_k(best: tuple[jax.Array, jax.Array], candidates: tuple[jax.Array,
   return similarity, jnp.take_along_axis(index, position, axis=1)
 
 
+def inner_products(queries: jax.Array, rows: jax.Array, dtype: DTypeLike | None) -> jax.Array:
+  """queries @ rows.T. With `dtype`, both operands are cast to it and summed in float32;
+  without, the product is exact in the inputs' dtype on every backend (by default TPUs
+  multiply float32 in one bfloat16 pass, and recent GPUs in TF32)."""
+  if dtype is None:
+    return jnp.matmul(queries, rows.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.matmul(queries.astype(dtype), rows.astype(dtype).T,
+                    preferred_element_type=jnp.float32)
+
+
 def top_k_similar(queries: jax.Array, rows: jax.Array, k: int, chunk_size: int | None = None,
-                  normalize_rows: bool = False) -> tuple[jax.Array, jax.Array]:
+                  normalize_rows: bool = False, dtype: DTypeLike | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
   """(similarities [Q, k], row indices [Q, k]) of the k rows with the largest inner product
   with each query, most similar first; ties go to the lower row, as in a stable sort.
 
@@ -65,34 +84,58 @@ def top_k_similar(queries: jax.Array, rows: jax.Array, k: int, chunk_size: int |
   The last chunk is shifted back to end at the last row (no padding or copy of the rows), and
   the rows it shares with the previous chunk are masked with -inf. `normalize_rows`
   L2-normalises each chunk inside the scan, so no normalised copy of all rows is made.
+  `dtype` (None: the inputs') is the product's operand dtype, cast chunk by chunk so that no
+  low-precision copy of all rows is made; the similarities are then float32.
   """
   prepare = l2_normalize if normalize_rows else lambda x: x
   num_rows = rows.shape[0]
   if not chunk_size or chunk_size >= num_rows:
-    return jax.lax.top_k(queries @ prepare(rows).T, k)
+    return jax.lax.top_k(inner_products(queries, prepare(rows), dtype), k)
 
   def scan_chunk(best, chunk_index):
     first = chunk_index * chunk_size
     start = jnp.minimum(first, num_rows - chunk_size)
     chunk = prepare(jax.lax.dynamic_slice_in_dim(rows, start, chunk_size))
     index = start + jnp.arange(chunk_size, dtype=jnp.int32)
-    similarity = jnp.where(index >= first, queries @ chunk.T, -jnp.inf)
+    similarity = jnp.where(index >= first, inner_products(queries, chunk, dtype), -jnp.inf)
     chunk_best, position = jax.lax.top_k(similarity, min(k, chunk_size))
     return _merge_top_k(best, (chunk_best, index[position]), k), None
 
-  dtype = jnp.result_type(queries, rows)
-  init = (jnp.full((queries.shape[0], k), -jnp.inf, dtype),
+  similarity_dtype = jnp.result_type(queries, rows) if dtype is None else jnp.float32
+  init = (jnp.full((queries.shape[0], k), -jnp.inf, similarity_dtype),
           jnp.zeros((queries.shape[0], k), jnp.int32))
   num_chunks = -(-num_rows // chunk_size)
   best, _ = jax.lax.scan(scan_chunk, init, jnp.arange(num_chunks, dtype=jnp.int32))
   return best
 
 
+def top_k_similar_rescored(queries: jax.Array, rows: jax.Array, k: int, candidates: int,
+                           chunk_size: int | None = None, dtype: DTypeLike = jnp.bfloat16
+                           ) -> tuple[jax.Array, jax.Array]:
+  """`top_k_similar` at the speed of a `dtype` product: its best `candidates` rows per query
+  are re-scored exactly in float32 and the k best of them kept, ties to the lower row. The
+  rows are the float32 search's whenever its k rows are among the candidates.
+
+  The re-scoring multiplies and sums rather than calling a product (einsum), which on the CPU
+  rounds equal rows differently by their position, and which TPUs run in bfloat16 by default.
+  """
+  _, candidate_index = top_k_similar(queries, rows, candidates, chunk_size, dtype=dtype)
+  candidate_index = jnp.sort(candidate_index, axis=1)  # lax.top_k prefers the lower position
+  exact = jnp.sum(queries[:, None, :] * rows[candidate_index], axis=-1)
+  similarity, position = jax.lax.top_k(exact, k)
+  return similarity, jnp.take_along_axis(candidate_index, position, axis=1)
+
+
 def nearest_neighbors(queries: jax.Array, bank: jax.Array, k: int,
-                      chunk_size: int | None = None) -> jax.Array:
+                      chunk_size: int | None = None, search_dtype: str = 'float32',
+                      candidates: int | None = None) -> jax.Array:
   """Indices [B, k] of the bank rows nearest to each unit query: the rows of largest cosine
-  similarity, i.e. the k smallest distances 2 - 2 q.r of the official code."""
-  return top_k_similar(queries, bank, k, chunk_size)[1]
+  similarity, i.e. the k smallest distances 2 - 2 q.r of the official code. search_dtype
+  'float32' searches in the bank's own dtype; 'bfloat16' proposes `candidates` rows with a
+  bfloat16 product and re-scores them in float32 (`top_k_similar_rescored`)."""
+  if search_dtype == 'float32':
+    return top_k_similar(queries, bank, k, chunk_size)[1]
+  return top_k_similar_rescored(queries, bank, k, candidates, chunk_size, search_dtype)[1]
 
 
 def ramped_topk(step: jax.Array, topk: int, ramp_epochs: int, steps_per_epoch: int

@@ -43,6 +43,7 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
   schedule = learning_rate_schedule(config, steps_per_epoch)
   ema_momentum = config.msf.ema_momentum
   topk, chunk_size = config.msf.topk, config.msf.bank_chunk_size
+  search_dtype, candidates = config.msf.bank_search_dtype, config.msf.bank_search_candidates
   # One more row than the loss uses when k = 1, so that `purity_others` has a neighbour.
   search_k = max(topk, 2)
   ramp_epochs = config.msf.topk_ramp_epochs
@@ -64,7 +65,8 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
     # 3. Enqueue before the search: each target is its own nearest neighbour.
     own_rows = state.bank.ptr + jnp.arange(targets.shape[0], dtype=state.bank.ptr.dtype)
     bank = mean_shift.enqueue(state.bank, targets, batch['label'])
-    found = mean_shift.nearest_neighbors(targets, bank.embeddings, search_k, chunk_size)
+    found = mean_shift.nearest_neighbors(targets, bank.embeddings, search_k, chunk_size,
+                                         search_dtype, candidates)
     neighbor_idx = found[:, :topk]
     neighbors = bank.embeddings[neighbor_idx]  # [B, k, D]
     others_idx = mean_shift.drop_own_rows(found, own_rows)  # [B, search_k - 1]

@@ -53,6 +53,10 @@ def test_config_summary_names_only_the_settings_that_apply():
   text = console.config_summary(imagenet, 5004, 1_281_167)
   assert 'TFDS imagenet2012' in text and 'kNN monitor' not in text
   assert '200 epochs of 5,004 steps of batch 256' in text and len(text.splitlines()) == 5
+  assert 'bank of 1,024,000 rows, target' in text  # the official search goes unmentioned
+  imagenet.msf.bank_search_dtype = 'bfloat16'
+  assert ('bank of 1,024,000 rows searched in bfloat16 (best 512 re-scored in float32)'
+          in console.config_summary(imagenet, 5004, 1_281_167))
 
 
 def test_closing_lines_point_at_the_results():

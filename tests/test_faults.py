@@ -234,6 +234,12 @@ def test_an_msf_jax_checkpoint_with_nan_weights_is_refused(tmp_path):
     ({'checkpoint.every_epochs': 0.0}, 'checkpoint.every_epochs=0.0 must be positive'),
     ({'data.pairing': 'x/y'}, "data.pairing='x/y' is not one of w/s, w/w, s/s, s/w"),
     ({'optim.schedule': 'step'}, "optim.schedule='step' is not one of cosine_per_epoch"),
+    ({'msf.bank_search_dtype': 'float16'},
+     "msf.bank_search_dtype='float16' is not one of float32, bfloat16"),
+    ({'msf.bank_search_dtype': 'bfloat16', 'msf.bank_search_candidates': 10},
+     'msf.bank_search_candidates=10 must be more than msf.topk=10'),
+    ({'msf.bank_search_dtype': 'bfloat16', 'msf.bank_search_candidates': 2000},
+     'and at most msf.bank_size=1440'),
 ])
 def test_config_errors_name_the_key_and_what_is_valid(settings, message):
   config = load_config(DIGITS)

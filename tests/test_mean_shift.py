@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from msf_jax import mean_shift
+from msf_jax.testing import random_batch, small_config
+
+from test_train_step import run_steps
 
 
 def unit_rows(rng, n, d):
@@ -92,6 +95,53 @@ def test_chunked_bank_search_keeps_the_dtype_and_equals_lax_top_k(dtype, x64):
     np.testing.assert_allclose(np.asarray(similarity, np.float64),
                                np.asarray(expected[0], np.float64),
                                rtol=4 * float(jnp.finfo(dtype).eps))
+
+
+@pytest.mark.parametrize('chunk_size', [None, 300, 16])
+def test_bfloat16_search_rescored_in_float32_equals_the_float32_search(chunk_size):
+  """Chunks of 300 do not divide the 1,000 rows; chunks of 16 hold fewer rows than the 20
+  candidates. Row 900 duplicates row 2: the tie goes to the lower row, as in float32."""
+  rng = np.random.default_rng(10)
+  queries, bank = unit_rows(rng, 16, 32), unit_rows(rng, 1000, 32)
+  bank[900] = bank[2]
+  queries[0] = bank[2]
+  search = lambda *option: np.asarray(mean_shift.nearest_neighbors(
+      jnp.asarray(queries), jnp.asarray(bank), 5, chunk_size, *option))
+  np.testing.assert_array_equal(search('bfloat16', 20), search('float32'))
+  assert list(search('bfloat16', 20)[0, :2]) == [2, 900]
+
+
+@pytest.mark.parametrize('chunk_size', [None, 3])
+def test_rescoring_orders_rows_that_bfloat16_cannot_tell_apart(chunk_size):
+  """Rows at angles of 0.035 down to 0.005 from the query: every bfloat16 similarity rounds
+  to 1.0, so bfloat16 alone keeps the lower rows; float32 sees the nearest rows last."""
+  angles = 0.005 * np.arange(7, 0, -1)
+  near = np.zeros((7, 16), np.float32)
+  near[:, 0], near[:, 1] = np.cos(angles), np.sin(angles)
+  far = unit_rows(np.random.default_rng(11), 25, 16)
+  far[:, 0] = -np.abs(far[:, 0])  # similarity <= 0
+  bank = jnp.asarray(np.concatenate([near, far]))
+  query = jnp.asarray(np.eye(16, dtype=np.float32)[:1])
+  bf16_alone = mean_shift.top_k_similar(query, bank, 3, chunk_size, dtype=jnp.bfloat16)
+  assert list(np.asarray(bf16_alone[1])[0]) == [0, 1, 2]
+  similarity, index = mean_shift.top_k_similar_rescored(query, bank, 3, 7, chunk_size)
+  np.testing.assert_array_equal(index, [[6, 5, 4]])
+  np.testing.assert_array_equal(index, mean_shift.nearest_neighbors(query, bank, 3, chunk_size))
+  np.testing.assert_allclose(similarity, [np.cos(angles[[6, 5, 4]])], rtol=1e-7)
+
+
+@pytest.mark.slow  # two ResNet-18 train steps to compile: about 30 s on two CPU cores
+def test_train_step_with_the_bfloat16_search_equals_the_float32_step():
+  config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32)
+  batch = random_batch(np.random.default_rng(12), config)
+  exact_state, [exact] = run_steps(config, jax.devices()[:1], [batch])
+  config.msf.bank_search_dtype, config.msf.bank_search_candidates = 'bfloat16', 16
+  state, [metrics] = run_steps(config, jax.devices()[:1], [batch])
+  assert metrics['loss'] == pytest.approx(exact['loss'], abs=1e-6)
+  assert (metrics['purity'], metrics['purity_others']) == (exact['purity'],
+                                                          exact['purity_others'])
+  # The same neighbours pull the online network the same way, to the bit.
+  jax.tree.map(np.testing.assert_array_equal, state.online, exact_state.online)
 
 
 def test_top1_after_enqueue_is_the_query_itself_and_k1_is_byol_loss():
