@@ -29,6 +29,9 @@ What the table says (the JSON holds every raw time and the config):
   PyTorch rows too, against the same peak. The peak is measured here: a jitted chain of
   square matrix products in the step's compute dtype (bfloat16 8192^3 at full size; float32
   1024^3 with --tiny), median of several runs.
+- bank search alone: one step's search of the bank (the step's queries, rows, k and chunks)
+  with the exact float32 product and with `msf.bank_search_dtype='bfloat16'` (512 candidates
+  re-scored in float32), on random unit rows: milliseconds, and how often both agree.
 - msf_jax vs this: msf_jax images/s per device / PyTorch images/s (on one device).
 - input pipeline: `train_stream`'s two-view samples/s on every core this process may use
   (tf.data, AUTOTUNE) from ImageNet-like JPEGs in an image folder, against the msf_jax step's
@@ -57,7 +60,7 @@ import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_TRAIN_IMAGES = 1_281_167  # steps per epoch for the learning-rate schedule
-PARTS = ('matmul_peak', 'msf_jax', 'torch_fp32', 'torch_bf16', 'pipeline')
+PARTS = ('matmul_peak', 'msf_jax', 'bank_search', 'torch_fp32', 'torch_bf16', 'pipeline')
 RESERVE_S = 45  # the least of the budget each part after the running one keeps
 PACKAGES = ('jax', 'jaxlib', 'flax', 'torch', 'tensorflow', 'tensorflow-cpu')  # versions
 
@@ -234,6 +237,39 @@ def measure_msf_jax(settings: dict) -> dict:
           'last_loss': float(metrics['loss']), 'config': config.to_dict()}
 
 
+def measure_bank_search(settings: dict) -> dict:
+  """One step's bank search alone, on random unit rows of the step's shapes: the exact float32
+  product against `msf.bank_search_dtype='bfloat16'` (candidates re-scored in float32)."""
+  import jax
+  import numpy as np
+  from msf_jax import mean_shift
+  from msf_jax.models.resnet import feature_dim
+  info = device_info(settings)
+  config = msf_jax_config(settings, 1)
+  dim = feature_dim(settings['depth'], settings['width']) // 4  # the projection's width
+  bank = mean_shift.init_bank(jax.random.key(0), config.msf.bank_size, dim).embeddings
+  queries = bank[-settings['batch_per_device']:]
+  candidates = min(config.msf.bank_search_candidates, config.msf.bank_size // 2)
+  k = max(config.msf.topk, 2)  # as the step searches
+  found, timings = {}, {}
+  for dtype in mean_shift.SEARCH_DTYPES:
+    search = jax.jit(functools.partial(
+        mean_shift.nearest_neighbors, k=k, chunk_size=config.msf.bank_chunk_size,
+        search_dtype=dtype, candidates=candidates))
+    found[dtype] = np.asarray(search(queries, bank))
+    times = []
+    for _ in range(settings['matmul_runs']):
+      start = time.perf_counter()
+      jax.block_until_ready(search(queries, bank))
+      times.append(time.perf_counter() - start)
+    timings[dtype] = spread(times)
+  same = np.mean(np.all(found['float32'] == found['bfloat16'], axis=1))
+  return {**info, 'float32': timings['float32'], 'bfloat16': timings['bfloat16'],
+          'queries': len(queries), 'rows': config.msf.bank_size, 'dim': dim, 'k': k,
+          'chunk_size': config.msf.bank_chunk_size, 'candidates': candidates,
+          'same_neighbours': float(same)}
+
+
 def load_torch_reference() -> types.ModuleType:
   """msf_jax/testing/torch_reference.py by its path: it needs torch alone, not the packages
   that importing msf_jax brings (an accelerator image may lack some)."""
@@ -322,6 +358,8 @@ def run_part(settings: dict, part: str, global_batch: int) -> dict:
     return measure_matmul_peak(settings)
   if part == 'msf_jax':
     return measure_msf_jax(settings)
+  if part == 'bank_search':
+    return measure_bank_search(settings)
   if part == 'pipeline':
     return measure_pipeline(settings, global_batch)
   return measure_torch(settings, autocast=part == 'torch_bf16')
@@ -392,6 +430,9 @@ def derive(results: dict, settings: dict) -> None:
     same_model = settings['torch_width'] == settings['width']
     row['msf_jax_over_this'] = (step['images_per_s_per_device'] / row['images_per_s']
                                 if step['measured'] and same_model else None)
+  search = results['bank_search']
+  if search['measured']:
+    search['bfloat16_speedup'] = search['float32']['median_s'] / search['bfloat16']['median_s']
   data = results['pipeline']
   if data['measured'] and step['measured']:
     data['pipeline_over_step'] = data['samples_per_s'] / step['images_per_s']
@@ -437,6 +478,8 @@ def table(results: dict, settings: dict) -> list[str]:
                     f"batch {s['batch_per_device']}, one device)",
       'matmul_peak': f"matmul peak ({s['compute_dtype']} {s['matmul_size']}^3 x "
                      f"{s['matmul_chain']}, device 0)",
+      'bank_search': (f"bank search alone ({s['batch_per_device']} queries x "
+                      f"{s['bank_size']:,} rows, float32 / bfloat16 re-scored)"),
       'pipeline': f"input pipeline (tf.data two views, {s['image_size']} px, "
                   f"{data.get('cpu_cores', os.cpu_count())} CPU cores)",
   }
@@ -465,6 +508,12 @@ def table(results: dict, settings: dict) -> list[str]:
           f"{binary(row['peak_memory_bytes'], row['memory_source'])} | "
           f"{si(row['model_flops_per_step'], 'FLOP')} / — | {optional(row['mfu'], '.3f')} | "
           f"{versus} |")
+    elif part == 'bank_search':
+      ms = lambda timing: f"{1e3 * timing['median_s']:.2f}"
+      lines.append(f"| {names[part]} | {ms(row['float32'])} / {ms(row['bfloat16'])} ms | "
+                   f"{step_cells(row['bfloat16'])} (bfloat16) | — | — | — | bfloat16 "
+                   f"{row['bfloat16_speedup']:.2f}x faster, same neighbours for "
+                   f"{100 * row['same_neighbours']:.1f}% |")
     elif part == 'matmul_peak':
       lines.append(f"| {names[part]} | {si(row['flops_per_s'], 'FLOP/s')} | {step_cells(row)} "
                    f"| — | {si(row['flop_per_run'], 'FLOP')} a run | — | — |")

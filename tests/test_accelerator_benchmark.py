@@ -44,12 +44,15 @@ def test_tiny_run_measures_every_part_and_prints_the_table_last(tmp_path):
   assert 0 < step['mfu'] <= 1 and 0 < step['mfu_xla'] <= 1
   assert step['config']['model']['width'] == 8
   assert parts['pipeline']['measured'] and parts['pipeline']['samples_per_s'] > 0
+  search = parts['bank_search']
+  assert search['measured'] and search['bfloat16_speedup'] > 0, search
+  assert search['candidates'] > search['k'] and 0 <= search['same_neighbours'] <= 1
 
   lines = result.stdout.rstrip().splitlines()
   header = max(i for i, line in enumerate(lines) if line.startswith('| measured |'))
   table = lines[header:]
   assert all(line.startswith('|') for line in table)  # nothing printed after it
-  names = ('matmul peak', 'msf_jax step', 'PyTorch official step, fp32',
+  names = ('matmul peak', 'msf_jax step', 'bank search alone', 'PyTorch official step, fp32',
            'PyTorch official step, autocast bf16', 'input pipeline')
   rows = {name: next(line for line in table if name in line) for name in names}
   torch_available = importlib.util.find_spec('torch') is not None
