@@ -4,21 +4,31 @@
 
 DRY_RUN=0
 ARGS=()
+TAKEN=0
 
-# Removes --dry-run from the arguments: DRY_RUN=1 when it was there, ARGS holds the rest
-# (use: take_dry_run "$@"; set -- "${ARGS[@]}"). It may come anywhere, so that
-# `tpu_pod.sh create --dry-run` works as well as `tpu_pod.sh --dry-run create`; msf_jax.main
-# has no flag of that name, so none is taken from its arguments.
-take_dry_run() {
-  local arg
+# Removes the switch SWITCH from the arguments that follow it: TAKEN=1 when it was there,
+# ARGS holds the rest. It may come anywhere; msf_jax.main has no flag of such a name, so none
+# is taken from its arguments.
+take_switch() {  # SWITCH ARGS...
+  local switch=$1 arg
+  shift
+  TAKEN=0
   ARGS=()
   for arg in "$@"; do
-    if [[ $arg == --dry-run ]]; then
-      DRY_RUN=1
+    if [[ $arg == "$switch" ]]; then
+      TAKEN=1
     else
       ARGS+=("$arg")
     fi
   done
+}
+
+# --dry-run: DRY_RUN=1 when it was there, ARGS holds the rest (use: take_dry_run "$@";
+# set -- "${ARGS[@]}"), so that `tpu_pod.sh create --dry-run` works as well as
+# `tpu_pod.sh --dry-run create`.
+take_dry_run() {
+  take_switch --dry-run "$@"
+  DRY_RUN=$TAKEN
 }
 
 # One word as it must be typed in a shell: bare when nothing in it is special, else in single

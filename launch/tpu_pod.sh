@@ -20,8 +20,10 @@
 #   stop [NAME]  SIGTERM on every worker: a checkpoint, then exit (stop supervise first)
 #   delete       the slice (and its queued resource)
 #
-# Arguments after train, supervise and evaluate go to msf_jax.main. --dry-run prints the
-# gcloud commands without running them. Settings come from the environment (see below);
+# Arguments after train, supervise and evaluate go to msf_jax.main. create, train and
+# supervise first plan the run on this machine (python -m msf_jax.plan, with libtpu: no TPU)
+# and refuse a config that does not fit ACCELERATOR_TYPE's chips, before any slice exists;
+# --no-plan skips that. --dry-run prints the commands without running them. Settings come from the environment (see below);
 # PROJECT and BUCKET must be set. launch/README.md walks through a whole run.
 set -euo pipefail
 
@@ -44,6 +46,8 @@ POLL_SECONDS=${POLL_SECONDS:-60}        # supervise: time between two looks at t
 MAX_RESTARTS=${MAX_RESTARTS:-100}       # supervise: recoveries before it gives up
 KEEP_SLICE=${KEEP_SLICE:-0}             # supervise: 1 keeps the slice when training has ended
 GCLOUD=${GCLOUD:-gcloud}
+PLAN_PYTHON=${PLAN_PYTHON:-}            # empty: this checkout's .venv/bin/python, else python3
+NO_PLAN=0                               # --no-plan: start without planning first
 
 PLACEHOLDER_PROJECT=my-gcp-project
 PLACEHOLDER_BUCKET=gs://my-bucket
@@ -181,6 +185,35 @@ slice_state() {
     node=ACTIVE
   fi
   echo "$node"
+}
+
+# --- The plan, on this machine ------------------------------------------------------------
+
+# Compiles the train step and the kNN monitor's feature step for ACCELERATOR_TYPE here and
+# stops when they do not fit its chips: an out-of-memory error on a slice is the most
+# expensive way to find that out. Plans are cached by config and slice: a rerun is instant.
+plan_first() {  # ARGS...: the run's arguments; their --config.* overrides are planned too
+  ((NO_PLAN)) && return 0
+  local python=${PLAN_PYTHON:-$repo/.venv/bin/python} overrides=() arg
+  [[ -x $python ]] || python=python3
+  for arg in "$@"; do
+    [[ $arg == --config.* ]] && overrides+=("$arg")
+  done
+  local plan=("$python" -m msf_jax.plan --config="$CONFIG" --topology="$ACCELERATOR_TYPE"
+    "--programs=train,features" "${overrides[@]}")
+  if ((DRY_RUN)); then
+    echo "# plan: does $CONFIG fit $ACCELERATOR_TYPE? Refused if not (--no-plan skips it)"
+    command_line "${plan[@]}"
+    return 0
+  fi
+  if ! (cd "$repo" && "$python" -c 'import libtpu, msf_jax' 2> /dev/null); then
+    note "Not planning: no libtpu here (pip install \"jax[tpu]==0.10.2\"; none exists for" \
+      "macOS). Going on without a plan."
+    return 0
+  fi
+  note "Planning $CONFIG on $ACCELERATOR_TYPE here (minutes the first time, cached after)."
+  (cd "$repo" && "${plan[@]}") || die "The plan above refuses this run on $ACCELERATOR_TYPE:" \
+    "change the config or the slice, or pass --no-plan to start anyway."
 }
 
 # --- The code and the run on the workers ----------------------------------------------------
@@ -383,6 +416,8 @@ supervise() {
 
 main() {
   take_dry_run "$@"
+  take_switch --no-plan "${ARGS[@]}"
+  NO_PLAN=$TAKEN
   set -- "${ARGS[@]}"
   local command=${1:-}
   [[ -n $command ]] || usage
@@ -397,10 +432,10 @@ main() {
   resolve_accelerator
   ((DRY_RUN)) && describe_plan
   case $command in
-    create) create_slice ;;
+    create) plan_first; create_slice ;;
     setup) resolve_commit; setup_workers ;;
-    train) start_train "$@" ;;
-    supervise) resolve_commit; supervise "$@" ;;
+    train) plan_first "$@"; start_train "$@" ;;
+    supervise) plan_first "$@"; resolve_commit; supervise "$@" ;;
     status) show_status ;;
     logs) on_workers 0 "tail -n 100 -F ~/msf_${1:-train}.log" ;;
     tensorboard) show_tensorboard ;;

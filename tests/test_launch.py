@@ -30,7 +30,7 @@ SETTINGS = ('PROJECT', 'BUCKET', 'ZONE', 'TPU_NAME', 'ACCELERATOR_TYPE', 'RUNTIM
             'SPOT', 'QUEUED', 'QUEUED_RESOURCE', 'CONFIG', 'WORKDIR', 'DATA_DIR', 'EVAL_WORKDIR',
             'COMMIT', 'RUN_ID', 'POLL_SECONDS', 'MAX_RESTARTS', 'KEEP_SLICE', 'GCLOUD',
             'MANUAL_DIR', 'PYTHON', 'PYTHON_BIN', 'SRUN', 'SCANCEL', 'SCONTROL', 'STATE_DIR',
-            'SLURM_JOB_ID', 'REPO')
+            'SLURM_JOB_ID', 'REPO', 'PLAN_PYTHON')
 POD = {'PROJECT': 'proj', 'BUCKET': 'gs://b', 'ZONE': 'europe-west4-a', 'TPU_NAME': 'pod'}
 RUN_WORKDIR = 'gs://b/msf_runs/imagenet_msf'
 
@@ -56,8 +56,10 @@ def remote_command(words):
   return shlex.split(line)
 
 
-def tpu_dry_run(*args, **env):
-  result = run_script([TPU_POD, '--dry-run', *args], **{**POD, 'GCLOUD': 'gcloud', **env})
+def tpu_dry_run(*args, plan=False, **env):
+  """The dry run's commands; the plan step (tested on its own) left out unless `plan`."""
+  switches = ['--dry-run'] + ([] if plan else ['--no-plan'])
+  result = run_script([TPU_POD, *switches, *args], **{**POD, 'GCLOUD': 'gcloud', **env})
   assert result.returncode == 0, result.stderr
   return result
 
@@ -252,6 +254,57 @@ def test_build_data_writes_to_the_bucket_and_refuses_the_placeholder():
   assert result.returncode == 1 and 'export BUCKET=gs://<your bucket>' in result.stderr
 
 
+@pytest.mark.parametrize('command', ['create', 'train', 'supervise'])
+def test_tpu_dry_run_plans_the_run_before_any_slice_is_used(command):
+  """The first command is the plan of the slice, with the run's --config.* overrides."""
+  result = tpu_dry_run(command, '--config.batch_size=512', '--config.msf.topk=1', plan=True,
+                       ACCELERATOR_TYPE='v5litepod-64', COMMIT='c' * 40)
+  plan = command_lines(result.stdout)[0]
+  overrides = ['--config.batch_size=512', '--config.msf.topk=1'] if command != 'create' else []
+  assert plan[1:] == ['-m', 'msf_jax.plan', '--config=configs/imagenet_msf.py',
+                      '--topology=v5litepod-64', '--programs=train,features', *overrides]
+  assert '# plan: does configs/imagenet_msf.py fit v5litepod-64?' in result.stdout
+  assert 'msf_jax.plan' not in tpu_dry_run(command, COMMIT='c' * 40).stdout  # --no-plan
+
+
+FAKE_PLAN_PYTHON = '''#!/bin/sh
+# python as the launch script's plan step sees it: `-c` (the libtpu check) answers
+# $HAS_LIBTPU; `-m msf_jax.plan` prints a refusal and exits $PLAN_STATUS.
+echo "$*" >> "$(dirname "$0")/python_calls"
+if [ "$1" = -c ]; then exit "$HAS_LIBTPU"; fi
+echo "The train step needs 40.0 GiB a chip and a v5e chip has 16.0 GiB." >&2
+exit "$PLAN_STATUS"
+'''
+
+
+def run_with_fake_plan(tmp_path, command, has_libtpu, plan_status):
+  for name, text in (('python', FAKE_PLAN_PYTHON), ('gcloud', '#!/bin/sh\necho "$*" >> '
+                                                              f'{tmp_path}/gcloud_calls\n')):
+    (tmp_path / name).write_text(text)
+    (tmp_path / name).chmod(0o755)
+  result = run_script([TPU_POD, command], **POD, GCLOUD=str(tmp_path / 'gcloud'),
+                      PLAN_PYTHON=str(tmp_path / 'python'), HAS_LIBTPU=str(int(not has_libtpu)),
+                      PLAN_STATUS=str(plan_status), ACCELERATOR_TYPE='v5litepod-8')
+  gcloud_calls = tmp_path / 'gcloud_calls'
+  return result, gcloud_calls.read_text().splitlines() if gcloud_calls.exists() else []
+
+
+def test_tpu_create_refused_by_the_plan_creates_nothing(tmp_path):
+  result, gcloud_calls = run_with_fake_plan(tmp_path, 'create', True, 1)
+  assert result.returncode == 1 and 'refuses this run on v5litepod-8' in result.stderr
+  assert 'needs 40.0 GiB' in result.stderr and gcloud_calls == []
+
+
+@pytest.mark.parametrize('has_libtpu', [True, False])
+def test_tpu_create_goes_on_when_the_plan_fits_or_cannot_run_here(tmp_path, has_libtpu):
+  result, gcloud_calls = run_with_fake_plan(tmp_path, 'create', has_libtpu, 0)
+  assert result.returncode == 0, result.stderr
+  assert [c.split()[:3] for c in gcloud_calls] == [['compute', 'tpus', 'tpu-vm']]
+  planned = 'msf_jax.plan' in (tmp_path / 'python_calls').read_text()
+  assert planned == has_libtpu
+  assert ('Not planning: no libtpu here' in result.stderr) == (not has_libtpu)
+
+
 # --- Cloud TPU: the supervisor against a fake gcloud ----------------------------------------
 
 FAKE_GCLOUD = '''#!{python}
@@ -292,7 +345,8 @@ def supervise(tmp_path, args=(), node_states=(), request_states=(), statuses=(),
   for name, lines in [('node_states', node_states), ('request_states', request_states),
                       ('statuses', statuses)]:
     (tmp_path / name).write_text('\n'.join(lines or ['UNUSED']))
-  result = run_script([TPU_POD, 'supervise', *args], **POD, GCLOUD=str(fake), POLL_SECONDS='0',
+  result = run_script([TPU_POD, 'supervise', '--no-plan', *args], **POD, GCLOUD=str(fake),
+                      POLL_SECONDS='0',
                       TMPDIR=str(tmp_path), COMMIT='HEAD', **env)
   calls_file = tmp_path / 'calls.jsonl'
   calls = [json.loads(line) for line in calls_file.read_text().splitlines()] \

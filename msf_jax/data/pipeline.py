@@ -21,6 +21,9 @@ from msf_jax.data import augment
 from msf_jax.data.sources import Split
 from msf_jax.sharding import batch_sharded
 
+# (encoded image, its stateless seed) -> {name: view} of one example.
+ExampleViews = Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
+
 
 def hide_accelerators_from_tensorflow() -> None:
   """tf.data runs on the host CPU: TensorFlow must not reserve GPU (or TPU) memory. Programs
@@ -100,10 +103,8 @@ def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
   """Endless two-view batches of this host's share, from `start_step` on: {'online',
   'target'} cropped and flipped in [0, 1], {'online_color', 'target_color'} their colour
   parameters, 'label'. An image that cannot be decoded is dropped and counted in `skipped`."""
-  return _augmented_stream(
-      split, global_batch, seed, start_step, process_index, process_count,
-      lambda encoded, example_seed: augment.two_views(encoded, example_seed, image_size,
-                                                      pairing, crop_scale, random_flip))
+  return _augmented_stream(split, global_batch, seed, start_step, process_index, process_count,
+                           _two_views(image_size, pairing, crop_scale, random_flip))
 
 
 def probe_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
@@ -112,15 +113,55 @@ def probe_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
                  ) -> TrainStream:
   """Endless single-view batches for the linear probe, with the order and per-example seeds
   of `train_stream`: {'image': RandomResizedCrop(scale) + flip, normalized; 'label'}."""
-  return _augmented_stream(
-      split, global_batch, seed, start_step, process_index, process_count,
-      lambda encoded, example_seed: {'image': augment.probe_view(encoded, example_seed,
-                                                                 image_size, scale)})
+  return _augmented_stream(split, global_batch, seed, start_step, process_index, process_count,
+                           _probe_view(image_size, scale))
+
+
+def _two_views(image_size: int, pairing: str, crop_scale: tuple[float, float],
+               random_flip: bool) -> ExampleViews:
+  return lambda encoded, seed: augment.two_views(encoded, seed, image_size, pairing,
+                                                 crop_scale, random_flip)
+
+
+def _probe_view(image_size: int, scale: tuple[float, float]) -> ExampleViews:
+  return lambda encoded, seed: {'image': augment.probe_view(encoded, seed, image_size, scale)}
+
+
+def _center_crop_view(image_size: int) -> ExampleViews:
+  return lambda encoded, seed: {'image': augment.center_crop_view(encoded, image_size)}
+
+
+def _global_batch_spec(views: ExampleViews, global_batch: int
+                       ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a global batch of `views` and labels, traced by tf.data on a
+  placeholder example: no data is read, and they follow any change to the views."""
+  placeholder = tf.data.Dataset.from_tensors((tf.constant(b''), tf.constant([0, 0], tf.int64)))
+  spec = {**placeholder.map(views).element_spec, 'label': tf.TensorSpec([], tf.int32)}
+  return {key: jax.ShapeDtypeStruct((global_batch, *s.shape), s.dtype.as_numpy_dtype)
+          for key, s in spec.items()}
+
+
+def train_batch_spec(global_batch: int, image_size: int, pairing: str = 'w/s'
+                     ) -> dict[str, jax.ShapeDtypeStruct]:
+  """What `train_stream` hands the train step (over all hosts), without reading any data:
+  the shapes a run is planned and compiled with ahead of time."""
+  return _global_batch_spec(_two_views(image_size, pairing, augment.CROP_SCALE, True),
+                            global_batch)
+
+
+def probe_batch_spec(global_batch: int, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """What `probe_stream` hands the linear probe's step, without reading any data."""
+  return _global_batch_spec(_probe_view(image_size, augment.PROBE_CROP_SCALE), global_batch)
+
+
+def eval_images_spec(global_batch: int, image_size: int) -> jax.ShapeDtypeStruct:
+  """The images of an `eval_batches` batch, the feature extractor's input."""
+  return _global_batch_spec(_center_crop_view(image_size), global_batch)['image']
 
 
 def _augmented_stream(split: Split, global_batch: int, seed: int, start_step: int,
                       process_index: int | None, process_count: int | None,
-                      augment_example: Callable[[tf.Tensor, tf.Tensor], dict]
+                      augment_example: ExampleViews
                       ) -> TrainStream:
   """This host's share of `split`, epoch after epoch, each example mapped by
   `augment_example(encoded image, its seed) -> dict of views`, batched with its label."""
@@ -172,9 +213,11 @@ def eval_batches(split: Split, *, global_batch: int, image_size: int,
   most_per_host = -(-split.num_examples // process_count)
   num_batches = -(-most_per_host // host_batch)
 
+  center_crop = _center_crop_view(image_size)
+
   def view(x, position):
-    return {'image': augment.center_crop_view(x['image'], image_size),
-            'label': x['label'], 'mask': tf.constant(True), 'position': position}
+    return {**center_crop(x['image'], None), 'label': x['label'], 'mask': tf.constant(True),
+            'position': position}
 
   padding = tf.data.Dataset.from_tensors(
       {'image': tf.zeros([image_size, image_size, 3]), 'label': tf.constant(-1, tf.int32),

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import uuid
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from msf_jax.data import pipeline
 from msf_jax.data.sources import Split
 from msf_jax.models import build_networks
-from msf_jax.sharding import put_replicated
+from msf_jax.sharding import batch_sharded, put_replicated, replicated
 
 CACHE_VERSION = 2  # bump when the cached views or the file layout change
 SKIPPED_NAMES_KEPT = 5
@@ -45,16 +45,30 @@ def _names_of_gaps(split: Split, positions: set[int]) -> tuple[str, ...]:
   return tuple(split.name_at(jax.process_index(), jax.process_count(), None, p) for p in gaps)
 
 
+def feature_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """The global batch of feature extraction: `batch_size` rounded down to whole devices."""
+  return max(batch_size // mesh.devices.size, 1) * mesh.devices.size
+
+
+def make_feature_step(config: ml_collections.ConfigDict, mesh: Mesh
+                      ) -> Callable[[dict, jax.Array], jax.Array]:
+  """`forward(variables, images) -> float32 backbone features`, BatchNorm in eval mode,
+  jitted over `mesh`: the weights replicated, the images split along the batch. The weights
+  are an argument, not closed over, which jit would embed as constants."""
+  encoder, _ = build_networks(config.model)
+  return jax.jit(lambda variables, images: encoder.apply(
+      variables, images, method=encoder.features).astype(jnp.float32),
+                 in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                 out_shardings=batch_sharded(mesh))
+
+
 def extract_split(variables: dict, split: Split, config: ml_collections.ConfigDict,
                   mesh: Mesh, batch_size: int = 256) -> SplitFeatures:
   """Features and labels of the encoder `variables` ({'params', 'batch_stats'} of an
   Encoder) on the centre-crop views of `split`, BatchNorm in eval mode, and the images that
   could not be decoded. Padding from the last batches is dropped with its mask."""
-  encoder, _ = build_networks(config.model)
-  batch_size = max(batch_size // mesh.devices.size, 1) * mesh.devices.size
-  # The weights are an argument, not closed over: jit would embed them as constants.
-  forward = jax.jit(lambda variables, images: encoder.apply(
-      variables, images, method=encoder.features).astype(jnp.float32))
+  batch_size = feature_batch_size(batch_size, mesh)
+  forward = make_feature_step(config, mesh)
   variables = put_replicated(variables, mesh)
   dataset, _ = pipeline.eval_batches(split, global_batch=batch_size,
                                      image_size=config.image_size)

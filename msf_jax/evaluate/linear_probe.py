@@ -11,7 +11,7 @@ The layer starts as torch.nn.Linear does (U(+-1/sqrt(F)) kernel and bias), as th
 code, so that both see the same starting point; with standardized inputs it hardly matters.
 """
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +169,23 @@ def linear_probe_on_features(train_features: np.ndarray, train_labels: np.ndarra
   return evaluate_linear(params, stats, test_features, test_labels, num_classes)
 
 
+def make_probe_step(config: ml_collections.ConfigDict, mesh: Mesh,
+                    optimizer: optax.GradientTransformation, num_classes: int) -> Callable:
+  """`step(params, opt_state, backbone, stats, batch) -> (params, opt_state)`: one SGD step of
+  the official probe on fresh views through the frozen backbone (BatchNorm in eval mode),
+  jitted over `mesh` with the batch split and everything else replicated."""
+  encoder, _ = build_networks(config.model)
+
+  def train_step(params, opt_state, backbone, stats, batch):
+    features = encoder.apply(backbone, batch['image'], method=encoder.features)
+    return _sgd_step(params, opt_state, optimizer, _standardize(features, stats),
+                     batch['label'], num_classes)
+
+  return jax.jit(train_step, donate_argnums=(0, 1),
+                 in_shardings=(replicated(mesh),) * 4 + (batch_sharded(mesh),),
+                 out_shardings=replicated(mesh))
+
+
 def linear_probe(variables: dict, config: ml_collections.ConfigDict, mesh: Mesh,
                  train_split: Split, test_split: Split, *, epochs: int = 40,
                  batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
@@ -198,16 +215,7 @@ def linear_probe(variables: dict, config: ml_collections.ConfigDict, mesh: Mesh,
   optimizer = make_probe_optimizer(steps, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                    milestones=milestones)
   params = init_linear(train_features.shape[1], num_classes, seed)
-  encoder, _ = build_networks(config.model)
-
-  def train_step(params, opt_state, backbone, stats, batch):
-    features = encoder.apply(backbone, batch['image'], method=encoder.features)
-    return _sgd_step(params, opt_state, optimizer, _standardize(features, stats),
-                     batch['label'], num_classes)
-
-  step = jax.jit(train_step, donate_argnums=(0, 1),
-                 in_shardings=(replicated(mesh),) * 4 + (batch_sharded(mesh),),
-                 out_shardings=replicated(mesh))
+  step = make_probe_step(config, mesh, optimizer, num_classes)
   params, opt_state, backbone, device_stats = put_replicated(
       (params, optimizer.init(params), variables, stats), mesh)
   stream = pipeline.probe_stream(train_split, global_batch=batch_size,

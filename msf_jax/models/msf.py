@@ -37,12 +37,21 @@ class Encoder(nn.Module):
 ACCELERATOR_BACKENDS = ('gpu', 'tpu')
 
 
+def resolve_dtype_name(name: str | None, backend: str | None = None) -> str | None:
+  """The dtype that `name` means on `backend` (this process's by default): 'auto' is
+  bfloat16 on GPU and TPU, whose matrix units run it at several times the float32 rate, and
+  float32 on the CPU, where bfloat16 is emulated and slower. The planner resolves it for the
+  chips it compiles for, not for the machine it runs on."""
+  if name != 'auto':
+    return name
+  backend = jax.default_backend() if backend is None else backend
+  return 'bfloat16' if backend in ACCELERATOR_BACKENDS else 'float32'
+
+
 def parse_dtype(name: str | None) -> Any:
-  """Maps a config string ('float32', 'bfloat16', 'float64') to a dtype; None stays None.
-  'auto' is bfloat16 on GPU and TPU, whose matrix units run it at several times the float32
-  rate, and float32 on the CPU, where bfloat16 is emulated and slower."""
-  if name == 'auto':
-    name = 'bfloat16' if jax.default_backend() in ACCELERATOR_BACKENDS else 'float32'
+  """Maps a config string ('float32', 'bfloat16', 'float64', 'auto') to a dtype; None stays
+  None."""
+  name = resolve_dtype_name(name)
   return None if name in (None, '', 'none') else jnp.dtype(name)
 
 

@@ -1,0 +1,79 @@
+"""The ImageNet recipe planned for Cloud TPU slices by `python -m msf_jax.plan`, one plan a
+(slice, global batch), two compiles at a time, then one Markdown table for RESULTS.md.
+
+  python benchmarks/plan_table.py --out runs/plan_table
+
+Each plan is a separate `msf_jax.plan` process (its JSON in --out, its console output beside
+it); plans already made come from the planner's cache. Needs libtpu
+(`pip install "jax[tpu]==0.10.2"`), no TPU.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLICES = ('v4-8', 'v4-32', 'v5e-8', 'v5e-64', 'v5p-8', 'v6e-8')
+BATCHES = (256, 4096)  # the paper's; a large-batch variant (lr scales with batch / 256)
+
+
+def plan(slice_name: str, batch: int, out: str, config: str, extra: list[str]) -> dict:
+  """Runs the planner for one (slice, batch); returns its JSON (with the exit status)."""
+  stem = os.path.join(out, f'{slice_name}_b{batch}')
+  command = [sys.executable, '-m', 'msf_jax.plan', f'--config={config}',
+             f'--topology={slice_name}', f'--config.batch_size={batch}', '--programs=train',
+             f'--json={stem}.json', *extra]
+  with open(f'{stem}.txt', 'w') as log:
+    status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+  if not os.path.exists(f'{stem}.json'):
+    return {'error': f'no plan (exit {status}): see {stem}.txt'}
+  with open(f'{stem}.json') as f:
+    return {**json.load(f), 'exit': status}
+
+
+def row(slice_name: str, batch: int, result: dict) -> str:
+  if 'error' in result:
+    return f'| {slice_name} | {batch} | {result["error"]} |' + ' |' * 6
+  train = result['programs']['train step']
+  fits = 'yes' if result['fits'] else 'no'
+  cells = [slice_name, f'{batch:,}', fits, f"{train['memory']['total'] / 2**30:.2f}",
+           f"{train['flops_per_image'] / 1e9:.1f} ({train['architecture_flops_per_image'] / 1e9:.1f})",
+           f"{sum(train['collectives'].values()) / 1e6:,.0f}"]
+  if run := result.get('run'):
+    cells += [f"{run['step_seconds'] * 1e3:.1f} ({run['images_per_second']:,.0f} img/s)",
+              f"{run['images_per_second_per_host']:,.0f} = {run['host_cores_needed']:.1f} of "
+              f"{result['slice']['host_vcpus']} vCPUs",
+              f"{run['chip_hours']:,.0f}"]
+  else:
+    cells += ['—', '—', '—']
+  return '| ' + ' | '.join(cells) + ' |'
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--out', default=os.path.join(REPO, 'runs', 'plan_table'))
+  parser.add_argument('--config', default='configs/imagenet_msf.py')
+  parser.add_argument('--slices', nargs='+', default=SLICES)
+  parser.add_argument('--batches', nargs='+', type=int, default=BATCHES)
+  parser.add_argument('--parallel', type=int, default=2)
+  args, extra = parser.parse_known_args()
+  os.makedirs(args.out, exist_ok=True)
+  jobs = [(s, b) for b in args.batches for s in args.slices]
+  with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+    results = list(pool.map(lambda job: plan(*job, args.out, args.config, extra), jobs))
+  print('| slice | global batch | fits | GiB a chip | GFLOP an image, XLA (architecture) | '
+        'collective MB a step | step time bound, ms (images/s) | feed a host, images/s = cores '
+        '| chip-hours, 200 epochs |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  for (slice_name, batch), result in zip(jobs, results):
+    print(row(slice_name, batch, result))
+  for (slice_name, batch), result in zip(jobs, results):
+    for sentence in result.get('does_not_fit', []):
+      print(f'\n{slice_name}, batch {batch}: {sentence}')
+
+
+if __name__ == '__main__':
+  main()

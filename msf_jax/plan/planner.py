@@ -1,0 +1,314 @@
+"""A run planned from its compiled programs: the train step, the kNN monitor's feature step
+and the linear probe's step, built by the functions a run uses (same mesh, shardings,
+donation and fused colour stage), lowered with abstract inputs for the devices of a slice
+and compiled there. Nothing is allocated; no TPU is needed, only the compiler.
+
+The time is a lower bound, the larger of compute at the chips' peak and memory traffic at
+their HBM bandwidth (a roofline): XLA's own TPU time estimate came out negative for these
+programs, so it is not used.
+"""
+
+import dataclasses
+import functools
+import math
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from msf_jax.config_utils import check_training_config
+from msf_jax.data import pipeline, sources
+from msf_jax.evaluate import features as feature_extraction
+from msf_jax.evaluate import linear_probe
+from msf_jax.models import build_networks, feature_dim, resolve_dtype_name
+from msf_jax.models.msf import projection_dim
+from msf_jax.plan import compiled as reading
+from msf_jax.plan.slices import Slice, tpu_devices
+from msf_jax.sharding import batch_sharded, make_mesh, replicated
+from msf_jax.train import make_train_step
+from msf_jax.train_state import abstract_state
+
+# (train images, classes) of TFDS datasets a plan may be asked for before they are prepared.
+KNOWN_DATASETS = {'imagenet2012': (1_281_167, 1000)}
+# Two-view samples/s one host core makes at 224 px (msf_jax's tf.data host stage, median of
+# 7 runs of benchmarks/input_benchmark.py, benchmarks/RESULTS.md, 2026-11-26).
+INPUT_SAMPLES_PER_CORE = 268.0
+PROBE_BATCH_SIZE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramPlan:
+  """One compiled program: per-device memory by kind (bytes), XLA's FLOPs and bytes accessed
+  per device and step, the architecture's FLOPs per image, collective bytes per step."""
+  name: str
+  global_batch: int
+  devices: int
+  memory: dict[str, int]
+  flops: float
+  bytes_accessed: float
+  architecture_flops_per_image: float
+  collectives: dict[str, int]
+  compile_seconds: float
+
+  @property
+  def flops_per_image(self) -> float:
+    """XLA's FLOPs per image: a device's count over the images it computes."""
+    return self.flops * self.devices / self.global_batch
+
+
+def devices_of(tpu_slice: Slice) -> list:
+  """The devices a plan compiles for: a TPU slice's from its topology, or this process's CPU
+  devices for 'cpu:N' (`jax_num_cpu_devices` must allow N before JAX starts)."""
+  if tpu_slice.platform == 'tpu':
+    return tpu_devices(tpu_slice)
+  devices = jax.devices('cpu')
+  if len(devices) < tpu_slice.chips:
+    raise ValueError(f'{tpu_slice.name} needs {tpu_slice.chips} CPU devices; this process has '
+                     f'{len(devices)} (start it with --xla_force_host_platform_device_count).')
+  return devices[:tpu_slice.chips]
+
+
+def for_platform(config: ml_collections.ConfigDict, platform: str
+                 ) -> ml_collections.ConfigDict:
+  """The config as a run on `platform` resolves it: `model.dtype='auto'` becomes bfloat16 on
+  TPU even though the planner runs on a CPU."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.dtype = resolve_dtype_name(config.model.dtype, platform)
+  return config
+
+
+def dataset_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(train images, classes): ImageNet's are known without the data; other sources are read."""
+  if config.data.source == 'tfds' and config.data.name in KNOWN_DATASETS:
+    return KNOWN_DATASETS[config.data.name]
+  split = sources.build_split(config.data, 'train', config.image_size)
+  return split.num_examples, split.num_classes
+
+
+def _placed(tree: Any, sharding: NamedSharding) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _out_of_memory_bytes(message: str) -> int | None:
+  """What a TPU compiler's out-of-memory error says the program needs ('Used 40.5G of 15.75G
+  hbm'), in bytes; None for any other error."""
+  match = re.search(r'Used ([\d.]+)([KMGT])? of [\d.]+[KMGT]? hbm', message)
+  if not match:
+    return None
+  return int(float(match[1]) * 1024**' KMGT'.index(match[2] or ' '))
+
+
+def _compile(name: str, jitted: Callable, args: tuple, global_batch: int, devices: int,
+             state_bytes: int, batch_bytes: int, architecture_flops_per_image: float,
+             hbm_bytes: int | None) -> ProgramPlan:
+  """Compiles and reads the program; one whose arguments alone overflow the chip is not
+  compiled (its memory is then those arguments), and one the compiler finds too large for
+  the chip keeps the size the compiler reports."""
+  plan = functools.partial(ProgramPlan, name=name, global_batch=global_batch, devices=devices,
+                           architecture_flops_per_image=architecture_flops_per_image)
+  arguments = {'state': state_bytes, 'batch': batch_bytes}
+  if hbm_bytes and state_bytes + batch_bytes > hbm_bytes:
+    return plan(memory=_memory_of_parts(arguments), flops=math.nan, bytes_accessed=math.nan,
+                collectives={}, compile_seconds=0.0)
+  start = time.perf_counter()
+  try:
+    executable = jitted.lower(*args).compile()
+  except Exception as error:  # the compiler's out-of-memory error is a plain runtime error
+    needed = _out_of_memory_bytes(str(error))
+    if needed is None:
+      raise
+    return plan(memory=_memory_of_parts({**arguments, 'temporaries': needed - state_bytes -
+                                         batch_bytes}),
+                flops=math.nan, bytes_accessed=math.nan, collectives={},
+                compile_seconds=time.perf_counter() - start)
+  seconds = time.perf_counter() - start
+  cost = reading.cost(executable)
+  return plan(memory=reading.memory(executable, state_bytes, batch_bytes), flops=cost['flops'],
+              bytes_accessed=cost['bytes_accessed'],
+              collectives=reading.collective_bytes(executable.as_text()),
+              compile_seconds=seconds)
+
+
+def _memory_of_parts(parts: dict[str, int]) -> dict[str, int]:
+  kinds = {kind: parts.get(kind, 0) for kind in reading.MEMORY_KINDS}
+  return {**kinds, 'total': sum(kinds.values())}
+
+
+def _unplaced(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def train_step_flops_per_image(config: ml_collections.ConfigDict, state: Any) -> int:
+  """The architecture's count for one image of a train step: the online encoder forward and
+  backward (3 forwards), the target forward, the predictor's 3 forwards, and the query's
+  product with every bank row."""
+  encoder, predictor = build_networks(config.model)
+  image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), np.float32)
+  encoder_flops = reading.matmul_flops(
+      lambda v, x: encoder.apply(v, x, train=False), _unplaced(state.online), image)
+  projection = jax.ShapeDtypeStruct((1, projection_dim(config.model)), np.float32)
+  predictor_flops = reading.matmul_flops(
+      lambda v, x: predictor.apply(v, x, train=False), _unplaced(state.predictor), projection)
+  search_flops = 2 * config.msf.bank_size * projection_dim(config.model)
+  return 4 * encoder_flops + 3 * predictor_flops + search_flops
+
+
+def backbone_flops_per_image(config: ml_collections.ConfigDict, variables: Any) -> int:
+  """The architecture's count of one backbone forward (what feature extraction runs)."""
+  encoder, _ = build_networks(config.model)
+  image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), np.float32)
+  return reading.matmul_flops(lambda v, x: encoder.apply(v, x, method=encoder.features),
+                              _unplaced(variables), image)
+
+
+def train_program(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int,
+                  hbm_bytes: int | None = None) -> ProgramPlan:
+  """The train step as `train_loop` builds it, for the abstract state and batch."""
+  state = abstract_state(config, replicated(mesh))
+  batch = _placed(pipeline.train_batch_spec(config.batch_size, config.image_size,
+                                            config.data.pairing), batch_sharded(mesh))
+  return _compile('train step', make_train_step(config, mesh, steps_per_epoch), (state, batch),
+                  config.batch_size, mesh.devices.size, reading.bytes_per_device(state),
+                  reading.bytes_per_device(batch), train_step_flops_per_image(config, state),
+                  hbm_bytes)
+
+
+def feature_program(config: ml_collections.ConfigDict, mesh: Mesh,
+                    hbm_bytes: int | None = None) -> ProgramPlan:
+  """The feature extraction of the kNN monitor (and of evaluation) for one batch."""
+  variables = abstract_state(config, replicated(mesh)).online
+  global_batch = feature_extraction.feature_batch_size(config.monitor.batch_size, mesh)
+  images = _placed(pipeline.eval_images_spec(global_batch, config.image_size),
+                   batch_sharded(mesh))
+  return _compile('feature step', feature_extraction.make_feature_step(config, mesh),
+                  (variables, images), global_batch, mesh.devices.size,
+                  reading.bytes_per_device(variables), reading.bytes_per_device(images),
+                  backbone_flops_per_image(config, variables), hbm_bytes)
+
+
+def probe_program(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int,
+                  train_examples: int, hbm_bytes: int | None = None) -> ProgramPlan:
+  """One step of the official linear probe (fresh views through the frozen backbone)."""
+  num_features = feature_dim(config.model.depth, config.model.width)
+  optimizer = linear_probe.make_probe_optimizer(
+      max(train_examples // PROBE_BATCH_SIZE, 1), lr=0.01, momentum=0.9, weight_decay=1e-4,
+      milestones=(15, 30))
+  params = jax.eval_shape(lambda: linear_probe.init_linear(num_features, num_classes, 0))
+  stats = (jax.ShapeDtypeStruct((num_features,), np.float32),) * 2
+  backbone = abstract_state(config).online
+  arguments = _placed((params, jax.eval_shape(optimizer.init, params), backbone, stats),
+                      replicated(mesh))
+  batch = _placed(pipeline.probe_batch_spec(PROBE_BATCH_SIZE, config.image_size),
+                  batch_sharded(mesh))
+  linear_flops = 3 * 2 * num_features * num_classes
+  return _compile('linear probe step',
+                  linear_probe.make_probe_step(config, mesh, optimizer, num_classes),
+                  (*arguments, batch), PROBE_BATCH_SIZE, mesh.devices.size,
+                  reading.bytes_per_device(arguments), reading.bytes_per_device(batch),
+                  backbone_flops_per_image(config, backbone) + linear_flops, hbm_bytes)
+
+
+PROGRAMS = ('train', 'features', 'probe')
+
+
+def _gib(size: float) -> float:
+  return size / reading.GIB
+
+
+def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_bytes: int
+               ) -> list[str]:
+  """Settings under which the program would fit a chip of `hbm_bytes`, from its memory by
+  kind: a smaller batch per chip (what grows with it: the batch and the temporaries), a
+  smaller bank (each row: its embedding and label)."""
+  memory, per_chip = program.memory, program.global_batch // program.devices
+  advice = []
+  per_image = (memory['batch'] + memory['temporaries']) / per_chip
+  fixed = memory['total'] - memory['batch'] - memory['temporaries']
+  images = int((hbm_bytes - fixed) // per_image) if per_image else 0
+  if 1 <= images < per_chip:
+    advice.append(f'--config.batch_size={images * program.devices} ({images} a chip)')
+  if program.name == 'train step':
+    row_bytes = projection_dim(config.model) * 4 + 4
+    bank_bytes = config.msf.bank_size * row_bytes
+    rows = int((hbm_bytes - (memory['total'] - bank_bytes)) // row_bytes)
+    rows -= rows % config.batch_size
+    if config.batch_size <= rows < config.msf.bank_size:
+      advice.append(f'--config.msf.bank_size={rows}')
+  return advice
+
+
+def does_not_fit_sentence(program: ProgramPlan, config: ml_collections.ConfigDict,
+                          tpu_slice: Slice) -> str:
+  """One sentence: what the program needs, what a chip has, and what would make it fit."""
+  hbm = tpu_slice.generation.hbm_gib * reading.GIB
+  advice = fit_advice(program, config, hbm)
+  remedy = (f'it would fit with {" or ".join(advice)}' if advice else
+            'no smaller batch or bank fits it: use a generation with more memory a chip')
+  return (f'The {program.name} needs {_gib(program.memory["total"]):.1f} GiB a chip and a '
+          f'{tpu_slice.generation.name} chip has {tpu_slice.generation.hbm_gib:.1f} GiB: '
+          f'{remedy}.')
+
+
+def plan_run(config: ml_collections.ConfigDict, tpu_slice: Slice,
+             programs: tuple[str, ...] = PROGRAMS, train_examples: int | None = None,
+             num_classes: int | None = None,
+             input_samples_per_core: float = INPUT_SAMPLES_PER_CORE) -> dict[str, Any]:
+  """The plan of training `config` on `tpu_slice`, as a JSON-ready dict: each program's
+  memory, FLOPs and collectives, whether all fit, the step-time bound, the host feed it
+  needs and the whole run's hours."""
+  config = for_platform(config, tpu_slice.platform)
+  check_training_config(config, tpu_slice.chips, tpu_slice.hosts)
+  if train_examples is None or num_classes is None:
+    known_examples, known_classes = dataset_size(config)
+    train_examples, num_classes = train_examples or known_examples, num_classes or known_classes
+  steps_per_epoch = train_examples // config.batch_size
+  generation = tpu_slice.generation
+  hbm = int(generation.hbm_gib * reading.GIB) if generation else None
+  mesh = make_mesh(devices_of(tpu_slice))
+  builders = {
+      'train': lambda: train_program(config, mesh, steps_per_epoch, hbm),
+      'features': lambda: feature_program(config, mesh, hbm),
+      'probe': lambda: probe_program(config, mesh, num_classes, train_examples, hbm),
+  }
+  compiled = [builders[name]() for name in programs]
+  plan = {
+      'slice': dataclasses.asdict(tpu_slice) | {'host_vcpus': tpu_slice.host_vcpus},
+      'config': {'batch_size': config.batch_size, 'image_size': config.image_size,
+                 'depth': config.model.depth, 'dtype': config.model.dtype,
+                 'bank_size': config.msf.bank_size, 'num_epochs': config.num_epochs,
+                 'train_examples': train_examples, 'steps_per_epoch': steps_per_epoch},
+      'programs': {p.name: dataclasses.asdict(p) | {'flops_per_image': p.flops_per_image}
+                   for p in compiled},
+      'fits': None if hbm is None else all(p.memory['total'] <= hbm for p in compiled),
+      'does_not_fit': [does_not_fit_sentence(p, config, tpu_slice) for p in compiled
+                       if hbm is not None and p.memory['total'] > hbm],
+  }
+  train = next((p for p in compiled if p.name == 'train step'), None)
+  if generation and train and plan['fits']:
+    plan['run'] = run_estimate(train, tpu_slice, config.num_epochs * steps_per_epoch,
+                               input_samples_per_core)
+  return plan
+
+
+def run_estimate(train: ProgramPlan, tpu_slice: Slice, total_steps: int,
+                 input_samples_per_core: float) -> dict[str, float]:
+  """The train step's roofline on the slice's chips, the images/s ceiling it allows, the
+  feed each host must keep up with, and the whole run at that ceiling."""
+  generation = tpu_slice.generation
+  compute_seconds = train.flops / (generation.peak_bf16_tflops * 1e12)
+  memory_seconds = train.bytes_accessed / (generation.hbm_gb_per_s * 1e9)
+  step_seconds = max(compute_seconds, memory_seconds)
+  images_per_second = train.global_batch / step_seconds
+  per_host = images_per_second / tpu_slice.hosts
+  hours = total_steps * step_seconds / 3600
+  return {'compute_seconds': compute_seconds, 'memory_seconds': memory_seconds,
+          'step_seconds': step_seconds, 'images_per_second': images_per_second,
+          'images_per_second_per_host': per_host,
+          'host_cores_needed': per_host / input_samples_per_core,
+          'input_samples_per_core': input_samples_per_core,
+          'total_steps': total_steps, 'hours': hours, 'chip_hours': hours * tpu_slice.chips}

@@ -1,0 +1,157 @@
+"""msf_jax.plan: slice names, what it reads from compiled programs, and the command line on
+XLA's host devices (no libtpu) and on TPU topologies (libtpu, installed by the test
+requirements; those tests are skipped without it)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from msf_jax.plan import compiled, parse_slice, slices
+from msf_jax.testing import REPO
+
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed: '
+                                  'pip install "jax[tpu]==0.10.2" to plan for TPU slices')
+# The ImageNet recipe made small: ResNet-18 at 32 px, 32 images a step, a 4,096-row bank.
+SMALL_RECIPE = ['--config=configs/imagenet_msf.py', '--config.model.depth=18',
+                '--config.image_size=32', '--config.batch_size=32',
+                '--config.msf.bank_size=4096', '--config.msf.bank_chunk_size=0']
+
+
+@pytest.mark.parametrize('name, topology, chips, hosts', [
+    ('v4-8', 'v4:2x2x1', 4, 1), ('v4-32', 'v4:2x2x4', 16, 4), ('v4-128', 'v4:4x4x4', 64, 16),
+    ('v5e-8', 'v5e:2x4', 8, 1), ('v5litepod-16', 'v5e:4x4', 16, 4),
+    ('v5e-64', 'v5e:8x8', 64, 16), ('v5p-8', 'v5p:2x2x1', 4, 1), ('v6e-8', 'v6e:2x4', 8, 1),
+    ('v6e-256', 'v6e:16x16', 256, 64), ('v5e:2x2', 'v5e:2x2', 4, 1), ('cpu:8', 'cpu:8', 8, 1)])
+def test_slice_names_map_to_compiler_topologies(name, topology, chips, hosts):
+  tpu_slice = parse_slice(name)
+  assert (tpu_slice.topology, tpu_slice.chips, tpu_slice.hosts) == (topology, chips, hosts)
+
+
+@pytest.mark.parametrize('name', ['v3-8', 'v5e-12', 'tpu', 'v5e'])
+def test_unknown_slices_are_refused_with_what_is_known(name):
+  with pytest.raises(ValueError, match=r'v5e|power-of-two'):
+    parse_slice(name)
+
+
+def test_collective_bytes_are_read_from_the_optimized_hlo():
+  """A tuple all-reduce counts both arrays; an asynchronous pair counts once, by its result."""
+  hlo = '\n'.join([
+      '  %all-reduce.1 = (f32[1000]{0}, bf16[10,10]{1,0}) all-reduce(f32[1000]{0} %a, '
+      'bf16[10,10]{1,0} %b), replica_groups={}',
+      '  %all-gather-start = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} %c)',
+      '  %all-gather-done = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) %all-gather-start)',
+      '  ROOT %add = f32[16]{0} add(f32[16]{0} %d, f32[16]{0} %e)'])
+  assert compiled.collective_bytes(hlo) == {'all-reduce': 4000 + 200, 'all-gather': 64}
+  line, size = compiled.largest_collective(hlo)
+  assert size == 4200 and 'all-reduce(' in line
+
+
+@pytest.mark.parametrize('padding, stride', [('SAME', 1), ('SAME', 2), ('VALID', 1),
+                                             (((2, 1), (0, 3)), 2)])
+def test_architecture_flops_count_the_multiply_adds_xla_counts(padding, stride):
+  """Convolutions count only the taps on real pixels, as XLA does: the same number."""
+  image = jax.ShapeDtypeStruct((2, 9, 7, 3), np.float32)
+  kernel = jax.ShapeDtypeStruct((3, 3, 3, 5), np.float32)
+  dense = jax.ShapeDtypeStruct((5, 4), np.float32)
+
+  def layer(x, w, v):
+    y = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y @ v
+
+  xla = jax.jit(layer).lower(image, kernel, dense).compile().cost_analysis()
+  xla = xla[0] if isinstance(xla, list) else xla
+  assert compiled.matmul_flops(layer, image, kernel, dense) == xla['flops']
+
+
+def _plan(arguments: list[str], tmp_path, python_prefix: list[str] | None = None
+          ) -> subprocess.CompletedProcess:
+  env = {**os.environ, 'XLA_FLAGS': ''}
+  return subprocess.run([sys.executable, *(python_prefix or ['-m', 'msf_jax.plan']),
+                         *arguments, f'--cache_dir={tmp_path / "cache"}'],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+# Runs msf_jax.plan with libtpu made unimportable: what a machine without it sees.
+WITHOUT_LIBTPU = ['-c', '''
+import importlib.abc, runpy, sys
+class NoLibtpu(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] == 'libtpu':
+      raise ImportError('libtpu is hidden by the test')
+sys.meta_path.insert(0, NoLibtpu())
+sys.argv[0] = 'msf_jax.plan'
+runpy.run_module('msf_jax.plan', run_name='__main__', alter_sys=True)
+''']
+
+
+def test_cpu_plan_runs_without_libtpu_and_is_cached(tmp_path):
+  """cpu:N plans on XLA's host devices: memory by kind, FLOPs from XLA next to the
+  architecture's, the gradient's all-reduce; a second identical call reads the cache.
+
+  XLA also counts the elementwise work (BatchNorm, the optimizer and the EMA over every
+  parameter once a step, whatever the batch): 32 images a device keep that within 10% of the
+  convolutions' and products' count even for this narrow net."""
+  arguments = [*SMALL_RECIPE, '--config.model.width=16', '--config.batch_size=64',
+               '--topology=cpu:2', '--programs=train,features', f'--json={tmp_path / "plan.json"}']
+  first = _plan(arguments, tmp_path, WITHOUT_LIBTPU)
+  assert first.returncode == 0, first.stderr[-3000:]
+  plan = json.loads((tmp_path / 'plan.json').read_text())
+  train = plan['programs']['train step']
+  assert plan['fits'] is None and 'run' not in plan  # no chip figures for the host platform
+  assert train['memory']['state'] > 0 and train['memory']['total'] >= train['memory']['state']
+  assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'],
+                                                   rel=0.1)
+  assert train['collectives'].get('all-reduce', 0) > 0
+  assert 'GFLOP an image (XLA)' in first.stdout
+  second = _plan(arguments, tmp_path, WITHOUT_LIBTPU)
+  assert second.returncode == 0 and '(cached plan' in second.stdout
+  assert json.loads((tmp_path / 'plan.json').read_text()) == plan
+
+
+def test_tpu_topology_without_libtpu_says_how_to_install_it(monkeypatch):
+  def no_tpu_plugin(**kwargs):
+    raise RuntimeError('Unable to initialize backend tpu')
+
+  monkeypatch.setattr(slices.topologies, 'get_topology_desc', no_tpu_plugin)
+  monkeypatch.setattr(slices, '_has_libtpu', lambda: False)
+  with pytest.raises(RuntimeError, match=r'pip install "jax\[tpu\]==0.10.2".*cpu:8'):
+    slices.tpu_devices(parse_slice('v5e-8'))
+
+
+@needs_libtpu
+def test_a_bank_that_cannot_fit_exits_1_with_one_sentence(tmp_path):
+  """200,000,000 rows (410 GB) on 16 GiB chips: refused before compiling, with a bank size
+  that would fit."""
+  result = _plan([*SMALL_RECIPE, '--config.msf.bank_size=200000000', '--topology=v5e:2x2',
+                  '--programs=train'], tmp_path)
+  assert result.returncode == 1, result.stderr[-3000:]
+  sentence = result.stderr.strip().splitlines()[-1]
+  assert sentence.startswith('The train step needs 381.') and 'a v5e chip has 16.0 GiB' in sentence
+  assert '--config.msf.bank_size=' in sentence and 'Fits: no' in result.stdout
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize('topology', ['v5e:2x2', 'v4-8'])
+def test_small_recipe_compiles_for_tpu_topologies(topology, tmp_path):
+  """The train step of ResNet-18 at 32 px compiled for 4 TPU chips (v4: megacore, a device a
+  chip): it fits, XLA's FLOPs agree with the architecture's, the gradients are all-reduced,
+  and the roofline gives a positive step time."""
+  result = _plan([*SMALL_RECIPE, f'--topology={topology}', '--programs=train',
+                  f'--json={tmp_path / "plan.json"}'], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  plan = json.loads((tmp_path / 'plan.json').read_text())
+  train = plan['programs']['train step']
+  assert plan['fits'] and plan['slice']['chips'] == 4 and plan['config']['dtype'] == 'bfloat16'
+  assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'],
+                                                   rel=0.05)
+  assert train['collectives']['all-reduce'] > 11e6 * 2  # ResNet-18's gradients, at least bf16
+  assert plan['run']['step_seconds'] > 0 and plan['run']['chip_hours'] > 0
