@@ -202,9 +202,10 @@ print('imported from', msf_jax.__file__)
 @pytest.mark.slow
 def test_on_colab_the_setup_installs_from_a_clone_of_the_home(tmp_path):
   """The setup cell's clone and pip commands, run on a Colab-like Python without msf_jax
-  against a local home. Installing the pinned stack itself is left out: it is ~1 GB of wheels
-  (TensorFlow, JAX, SciPy...) that only the index serves (pip's cache needs the index to
-  resolve, and tests never download), and unpacking it would take minutes of CI's 2 cores.
+  against a local home. Installing the pinned stack itself is left out: its wheels (TensorFlow
+  alone unpacks to 1.3 GB, jaxlib to 350 MB) come only from the index (pip's cache cannot
+  resolve without it, and tests never download), and unpacking them would take minutes of
+  CI's 2 cores.
   The new venv therefore sees this venv's stack, pinned by the same requirements.txt, and pip
   runs offline: it finds the pins satisfied, builds msf_jax from the clone (no build
   isolation: setuptools is the stack's) and installs it in editable mode."""
