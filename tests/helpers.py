@@ -1,6 +1,8 @@
-"""Tree comparisons shared by the tests (small configs and batches: msf_jax.testing)."""
+"""Tree comparisons and the pyproject reads shared by the tests (small configs and batches:
+msf_jax.testing)."""
 
 import os
+import tomllib
 
 import jax
 import numpy as np
@@ -34,3 +36,13 @@ def relative_tree_error(actual, expected) -> float:
     diff += float(np.sum((np.asarray(a, np.float64) - np.asarray(e, np.float64))**2))
     total += float(np.sum(np.asarray(e, np.float64)**2))
   return (diff / total)**0.5
+
+
+def pyproject() -> dict:
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    return tomllib.load(f)
+
+
+def home() -> str:
+  """The project's home, pyproject's Repository: every link to the project derives from it."""
+  return pyproject()['project']['urls']['Repository']

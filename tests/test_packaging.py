@@ -13,14 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from helpers import REPO
+from helpers import REPO, pyproject
 
 PACKAGE = 'msf_jax'
 OPTIONAL = {'torch': 'torch'}  # module: the extra that installs it
@@ -83,11 +82,6 @@ def unrequired_imports(requirements: list[str]) -> dict[str, set[str]]:
     if not distributions_of(module) & names:
       missing[module] = distributions_of(module)
   return missing
-
-
-def pyproject() -> dict:
-  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
-    return tomllib.load(f)
 
 
 def with_extra(text: str, extra: str) -> str:
