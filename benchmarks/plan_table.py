@@ -4,7 +4,7 @@
   python benchmarks/plan_table.py --out runs/plan_table
 
 Each plan is a separate `msf_jax.plan` process (its JSON in --out, its console output beside
-it); plans already made come from the planner's cache. Needs libtpu
+it); a plan whose JSON is already in --out is read, not made again. Needs libtpu
 (`pip install "jax[tpu]==0.10.2"`), no TPU.
 """
 
@@ -23,6 +23,9 @@ BATCHES = (256, 4096)  # the paper's; a large-batch variant (lr scales with batc
 def plan(slice_name: str, batch: int, out: str, config: str, extra: list[str]) -> dict:
   """Runs the planner for one (slice, batch); returns its JSON (with the exit status)."""
   stem = os.path.join(out, f'{slice_name}_b{batch}')
+  if os.path.exists(f'{stem}.json'):  # made by an earlier call: --out is the record
+    with open(f'{stem}.json') as f:
+      return json.load(f)
   command = [sys.executable, '-m', 'msf_jax.plan', f'--config={config}',
              f'--topology={slice_name}', f'--config.batch_size={batch}', '--programs=train',
              f'--json={stem}.json', *extra]
@@ -39,11 +42,14 @@ def row(slice_name: str, batch: int, result: dict) -> str:
     return f'| {slice_name} | {batch} | {result["error"]} |' + ' |' * 6
   train = result['programs']['train step']
   fits = 'yes' if result['fits'] else 'no'
-  cells = [slice_name, f'{batch:,}', fits, f"{train['memory']['total'] / 2**30:.2f}",
-           f"{train['flops_per_image'] / 1e9:.1f} ({train['architecture_flops_per_image'] / 1e9:.1f})",
+  xla, ours = train['flops_per_image'] / 1e9, train['architecture_flops_per_image'] / 1e9
+  flops = f'{xla:.1f} ({ours:.1f})'
+  cells = [slice_name, f'{batch:,}', fits, f"{train['memory']['total'] / 2**30:.2f}", flops,
            f"{sum(train['collectives'].values()) / 1e6:,.0f}"]
   if run := result.get('run'):
-    cells += [f"{run['step_seconds'] * 1e3:.1f} ({run['images_per_second']:,.0f} img/s)",
+    compute_ceiling = batch / run['compute_seconds']
+    cells += [f"{run['step_seconds'] * 1e3:.1f} ({run['images_per_second']:,.0f}; compute "
+              f"alone {compute_ceiling:,.0f})",
               f"{run['images_per_second_per_host']:,.0f} = {run['host_cores_needed']:.1f} of "
               f"{result['slice']['host_vcpus']} vCPUs",
               f"{run['chip_hours']:,.0f}"]

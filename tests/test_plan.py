@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from msf_jax.plan import compiled, parse_slice, slices
+from msf_jax.plan import compiled, parse_slice, planner, slices
 from msf_jax.testing import REPO
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -96,10 +96,10 @@ def test_cpu_plan_runs_without_libtpu_and_is_cached(tmp_path):
   """cpu:N plans on XLA's host devices: memory by kind, FLOPs from XLA next to the
   architecture's, the gradient's all-reduce; a second identical call reads the cache.
 
-  XLA also counts the elementwise work (BatchNorm, the optimizer and the EMA over every
-  parameter once a step, whatever the batch): 32 images a device keep that within 10% of the
-  convolutions' and products' count even for this narrow net."""
-  arguments = [*SMALL_RECIPE, '--config.model.width=16', '--config.batch_size=64',
+  XLA also counts the elementwise work: the colour stage (about 1.8 MFLOP an image at 32 px),
+  BatchNorm, the optimizer and the EMA. Next to ResNet-18's 0.6 GFLOP an image that is within
+  a few percent (with width 16 it was 12%: 16.6 against 14.8 MFLOP)."""
+  arguments = [*SMALL_RECIPE, '--config.batch_size=64',
                '--topology=cpu:2', '--programs=train,features', f'--json={tmp_path / "plan.json"}']
   first = _plan(arguments, tmp_path, WITHOUT_LIBTPU)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -108,7 +108,7 @@ def test_cpu_plan_runs_without_libtpu_and_is_cached(tmp_path):
   assert plan['fits'] is None and 'run' not in plan  # no chip figures for the host platform
   assert train['memory']['state'] > 0 and train['memory']['total'] >= train['memory']['state']
   assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'],
-                                                   rel=0.1)
+                                                   rel=0.05)
   assert train['collectives'].get('all-reduce', 0) > 0
   assert 'GFLOP an image (XLA)' in first.stdout
   second = _plan(arguments, tmp_path, WITHOUT_LIBTPU)
@@ -155,3 +155,14 @@ def test_small_recipe_compiles_for_tpu_topologies(topology, tmp_path):
                                                    rel=0.05)
   assert train['collectives']['all-reduce'] > 11e6 * 2  # ResNet-18's gradients, at least bf16
   assert plan['run']['step_seconds'] > 0 and plan['run']['chip_hours'] > 0
+
+
+@pytest.mark.parametrize('message, needed', [
+    ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space '
+     'hbm. Used 21.95G of 15.48G hbm. Exceeded hbm capacity by 6.47G.\n\nTotal hbm usage >= '
+     '22.47G:\n    reserved        530.00M', 22.47 * 2**30),
+    ('Ran out of memory in memory space hbm. Used 63.80G of 30.75G hbm.', 63.8 * 2**30),
+    ('INTERNAL: something else', None)])
+def test_the_compilers_out_of_memory_error_gives_what_the_program_needs(message, needed):
+  found = planner._out_of_memory_bytes(message)
+  assert found == (None if needed is None else int(needed))

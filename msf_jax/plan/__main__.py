@@ -109,10 +109,10 @@ def render(plan: dict) -> str:
     lines.append('Fits: ' + ('yes' if plan['fits'] else 'no'))
   if run := plan.get('run'):
     lines += [
-        f"Step time >= {run['step_seconds'] * 1e3:.2f} ms (compute {run['compute_seconds'] * 1e3:.2f}"
-        f" ms at {generation['peak_bf16_tflops']} TFLOP/s, memory traffic "
-        f"{run['memory_seconds'] * 1e3:.2f} ms at {generation['hbm_gb_per_s']} GB/s a chip): at "
-        f"most {run['images_per_second']:,.0f} images/s.",
+        f"Step time >= {run['step_seconds'] * 1e3:.2f} ms, the larger of compute "
+        f"({run['compute_seconds'] * 1e3:.2f} ms at {generation['peak_bf16_tflops']} TFLOP/s) and "
+        f"memory traffic ({run['memory_seconds'] * 1e3:.2f} ms at {generation['hbm_gb_per_s']} "
+        f"GB/s a chip, XLA's bytes accessed): at most {run['images_per_second']:,.0f} images/s.",
         f"Host feed: {run['images_per_second_per_host']:,.0f} two-view images/s a host = "
         f"{run['host_cores_needed']:.1f} cores at {run['input_samples_per_core']:.0f} a core, "
         f"of the host's {tpu_slice['host_vcpus']} vCPUs.",

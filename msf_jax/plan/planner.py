@@ -95,9 +95,10 @@ def _placed(tree: Any, sharding: NamedSharding) -> Any:
 
 
 def _out_of_memory_bytes(message: str) -> int | None:
-  """What a TPU compiler's out-of-memory error says the program needs ('Used 40.5G of 15.75G
-  hbm'), in bytes; None for any other error."""
-  match = re.search(r'Used ([\d.]+)([KMGT])? of [\d.]+[KMGT]? hbm', message)
+  """What a TPU compiler's out-of-memory error says the program needs ('Total hbm usage >=
+  22.47G', else 'Used 21.95G of 15.48G hbm'), in bytes; None for any other error."""
+  match = (re.search(r'Total hbm usage >= ([\d.]+)([KMGT])?', message) or
+           re.search(r'Used ([\d.]+)([KMGT])? of [\d.]+[KMGT]? hbm', message))
   if not match:
     return None
   return int(float(match[1]) * 1024**' KMGT'.index(match[2] or ' '))
