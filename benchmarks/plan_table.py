@@ -10,6 +10,7 @@ it); a plan whose JSON is already in --out is read, not made again. Needs libtpu
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,6 +38,19 @@ def plan(slice_name: str, batch: int, out: str, config: str, extra: list[str]) -
     return {**json.load(f), 'exit': status}
 
 
+def run_figures(result: dict) -> dict:
+  """The run's figures from a plan's JSON by the planner's own `run_estimate` (a plan made by
+  an older planner gets today's figures)."""
+  from msf_jax.plan import planner, slices
+  fields = {f.name for f in dataclasses.fields(planner.ProgramPlan)}
+  train = planner.ProgramPlan(**{k: v for k, v in result['programs']['train step'].items()
+                                 if k in fields})
+  config = result['config']
+  return planner.run_estimate(train, slices.parse_slice(result['slice']['name']),
+                              config['num_epochs'] * config['steps_per_epoch'],
+                              planner.INPUT_SAMPLES_PER_CORE)
+
+
 def row(slice_name: str, batch: int, result: dict) -> str:
   if 'error' in result:
     return f'| {slice_name} | {batch} | {result["error"]} |' + ' |' * 6
@@ -46,13 +60,13 @@ def row(slice_name: str, batch: int, result: dict) -> str:
   flops = f'{xla:.1f} ({ours:.1f})'
   cells = [slice_name, f'{batch:,}', fits, f"{train['memory']['total'] / 2**30:.2f}", flops,
            f"{sum(train['collectives'].values()) / 1e6:,.0f}"]
-  if run := result.get('run'):
-    compute_ceiling = batch / run['compute_seconds']
-    cells += [f"{run['step_seconds'] * 1e3:.1f} ({run['images_per_second']:,.0f}; compute "
-              f"alone {compute_ceiling:,.0f})",
+  if result['fits']:
+    run = run_figures(result)
+    cells += [f"{run['step_seconds'] * 1e3:.1f}-{run['pessimistic_step_seconds'] * 1e3:.1f} "
+              f"({run['images_per_second']:,.0f}-{run['pessimistic_images_per_second']:,.0f})",
               f"{run['images_per_second_per_host']:,.0f} = {run['host_cores_needed']:.1f} of "
               f"{result['slice']['host_vcpus']} vCPUs",
-              f"{run['chip_hours']:,.0f}"]
+              f"{run['chip_hours']:,.0f}-{run['pessimistic_hours'] * result['slice']['chips']:,.0f}"]
   else:
     cells += ['—', '—', '—']
   return '| ' + ' | '.join(cells) + ' |'
@@ -71,8 +85,8 @@ def main() -> None:
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     results = list(pool.map(lambda job: plan(*job, args.out, args.config, extra), jobs))
   print('| slice | global batch | fits | GiB a chip | GFLOP an image, XLA (architecture) | '
-        'collective MB a step | step time bound, ms (images/s) | feed a host, images/s = cores '
-        '| chip-hours, 200 epochs |')
+        'collective MB a step | step ms, bound-estimate (images/s) | feed a host at the bound, '
+        'images/s = cores | chip-hours for 200 epochs, bound-estimate |')
   print('|---|---|---|---|---|---|---|---|---|')
   for (slice_name, batch), result in zip(jobs, results):
     print(row(slice_name, batch, result))

@@ -111,13 +111,17 @@ def render(plan: dict) -> str:
     lines += [
         f"Step time >= {run['step_seconds'] * 1e3:.2f} ms, the larger of compute "
         f"({run['compute_seconds'] * 1e3:.2f} ms at {generation['peak_bf16_tflops']} TFLOP/s) and "
-        f"memory traffic ({run['memory_seconds'] * 1e3:.2f} ms at {generation['hbm_gb_per_s']} "
-        f"GB/s a chip, XLA's bytes accessed): at most {run['images_per_second']:,.0f} images/s.",
+        f"the arguments read once ({run['arguments_seconds'] * 1e3:.2f} ms at "
+        f"{generation['hbm_gb_per_s']} GB/s a chip): at most {run['images_per_second']:,.0f} "
+        f"images/s. With XLA's bytes accessed as the traffic "
+        f"({run['xla_traffic_seconds'] * 1e3:.1f} ms), "
+        f"{run['pessimistic_images_per_second']:,.0f} images/s.",
         f"Host feed: {run['images_per_second_per_host']:,.0f} two-view images/s a host = "
         f"{run['host_cores_needed']:.1f} cores at {run['input_samples_per_core']:.0f} a core, "
         f"of the host's {tpu_slice['host_vcpus']} vCPUs.",
         f"Whole run ({config['num_epochs']} epochs, {run['total_steps']:,} steps): at least "
-        f"{run['hours']:,.1f} hours, {run['chip_hours']:,.0f} chip-hours.",
+        f"{run['hours']:,.1f} hours, {run['chip_hours']:,.0f} chip-hours (at XLA's traffic "
+        f"{run['pessimistic_hours']:,.1f} hours).",
         f"Chip figures: {generation['source']}."]
   return '\n'.join(lines)
 

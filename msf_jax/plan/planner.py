@@ -3,8 +3,9 @@ and the linear probe's step, built by the functions a run uses (same mesh, shard
 donation and fused colour stage), lowered with abstract inputs for the devices of a slice
 and compiled there. Nothing is allocated; no TPU is needed, only the compiler.
 
-The time is a lower bound, the larger of compute at the chips' peak and memory traffic at
-their HBM bandwidth (a roofline): XLA's own TPU time estimate came out negative for these
+The step time is bounded from below by the larger of compute at the chips' peak and the
+arguments read once at their HBM bandwidth, and estimated from above with XLA's count of
+bytes accessed (`run_estimate`). XLA's own TPU time estimate came out negative for these
 programs, so it is not used.
 """
 
@@ -298,18 +299,27 @@ def plan_run(config: ml_collections.ConfigDict, tpu_slice: Slice,
 
 def run_estimate(train: ProgramPlan, tpu_slice: Slice, total_steps: int,
                  input_samples_per_core: float) -> dict[str, float]:
-  """The train step's roofline on the slice's chips, the images/s ceiling it allows, the
-  feed each host must keep up with, and the whole run at that ceiling."""
+  """The train step's time on the slice's chips, bounded from below by the larger of its
+  FLOPs at the chip's peak and its arguments (state and batch) read once from HBM, and
+  estimated from above with XLA's bytes accessed (every operation's operands and results, as
+  if nothing stayed on chip) in place of the arguments; then the images/s ceiling, the feed
+  each host must keep up with at it, and the whole run's hours and chip-hours at it."""
   generation = tpu_slice.generation
+  bandwidth = generation.hbm_gb_per_s * 1e9
   compute_seconds = train.flops / (generation.peak_bf16_tflops * 1e12)
-  memory_seconds = train.bytes_accessed / (generation.hbm_gb_per_s * 1e9)
-  step_seconds = max(compute_seconds, memory_seconds)
+  arguments = train.memory['state'] + train.memory['batch'] + train.memory['other_arguments']
+  step_seconds = max(compute_seconds, arguments / bandwidth)
+  pessimistic_seconds = max(compute_seconds, train.bytes_accessed / bandwidth)
   images_per_second = train.global_batch / step_seconds
   per_host = images_per_second / tpu_slice.hosts
   hours = total_steps * step_seconds / 3600
-  return {'compute_seconds': compute_seconds, 'memory_seconds': memory_seconds,
+  return {'compute_seconds': compute_seconds, 'arguments_seconds': arguments / bandwidth,
+          'xla_traffic_seconds': train.bytes_accessed / bandwidth,
           'step_seconds': step_seconds, 'images_per_second': images_per_second,
+          'pessimistic_step_seconds': pessimistic_seconds,
+          'pessimistic_images_per_second': train.global_batch / pessimistic_seconds,
           'images_per_second_per_host': per_host,
           'host_cores_needed': per_host / input_samples_per_core,
           'input_samples_per_core': input_samples_per_core,
-          'total_steps': total_steps, 'hours': hours, 'chip_hours': hours * tpu_slice.chips}
+          'total_steps': total_steps, 'hours': hours, 'chip_hours': hours * tpu_slice.chips,
+          'pessimistic_hours': total_steps * pessimistic_seconds / 3600}
