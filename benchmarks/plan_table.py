@@ -66,7 +66,8 @@ def row(slice_name: str, batch: int, result: dict) -> str:
               f"({run['images_per_second']:,.0f}-{run['pessimistic_images_per_second']:,.0f})",
               f"{run['images_per_second_per_host']:,.0f} = {run['host_cores_needed']:.1f} of "
               f"{result['slice']['host_vcpus']} vCPUs",
-              f"{run['chip_hours']:,.0f}-{run['pessimistic_hours'] * result['slice']['chips']:,.0f}"]
+              f"{run['chip_hours']:,.0f}-"
+              f"{run['pessimistic_hours'] * result['slice']['chips']:,.0f}"]
   else:
     cells += ['—', '—', '—']
   return '| ' + ' | '.join(cells) + ' |'
