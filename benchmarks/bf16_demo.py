@@ -118,10 +118,11 @@ def _row(cells: list) -> str:
 
 
 def table(records: dict[tuple[str, int], dict]) -> str:
-  """Markdown: per dtype and seed, the loss and 20-NN curves at the monitor's epochs, the
-  final 1-NN, purity_others and wall time; then bfloat16 minus float32 seed by seed."""
-  first = next(iter(records.values()))
-  epochs = sorted(at_epochs(first, 'monitor/knn_k20'))
+  """Markdown: per dtype and seed, the loss and 20-NN curves at the first, every tenth and
+  last monitored epoch, the final 1-NN, purity_others and wall time; then bfloat16 minus
+  float32 seed by seed."""
+  monitored = sorted(at_epochs(next(iter(records.values())), 'monitor/knn_k20'))
+  epochs = [e for e in monitored if e in (monitored[0], monitored[-1]) or e % 10 == 0]
   header = (['dtype', 'seed'] + [f'loss e{e}' for e in epochs] + [f'20-NN e{e}' for e in epochs]
             + ['final 1-NN', 'final purity_others', 'minutes'])
   lines = [_row(header), _row(['---'] * len(header))]
