@@ -171,14 +171,16 @@ def run_config(dataset: str, setting: Setting, seed: int, out: str, epochs: int)
 
 
 def read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
-  """Every scalar the training program wrote to TensorBoard in `workdir`, as (step, value)."""
+  """Every scalar the training program wrote to TensorBoard in `workdir`, as (step, value);
+  its text (the config) and images are left out."""
   import tensorflow as tf
   curves: dict[str, list[tuple[int, float]]] = {}
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        curves.setdefault(value.tag, []).append(
-            (int(event.step), float(tf.make_ndarray(value.tensor))))
+        array = tf.make_ndarray(value.tensor) if value.HasField('tensor') else None
+        if array is not None and array.size == 1 and array.dtype.kind in 'fiu':
+          curves.setdefault(value.tag, []).append((int(event.step), float(array)))
   return {tag: sorted(dict(points).items()) for tag, points in curves.items()}
 
 
@@ -284,16 +286,22 @@ def _has_record(out: str, job: tuple[str, Setting, int]) -> bool:
   return os.path.exists(os.path.join(out, 'runs', dataset, setting.name, f'seed{seed}.json'))
 
 
+def run_pinned(script: str, arguments: list[str], log: str, core: int) -> int:
+  """`python script arguments` in its own process pinned to `core` (one run a core is
+  faster than two sharing both), its output in `log`; returns its exit code."""
+  os.makedirs(os.path.dirname(log), exist_ok=True)
+  command = ['taskset', '-c', str(core), sys.executable, script, *arguments]
+  with open(log, 'w') as f:
+    return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+
+
 def _run_job(job: tuple[str, Setting, int], out: str, epochs: int, core: int) -> None:
   """One job in its own process pinned to `core`, its output in OUT/logs."""
   dataset, setting, seed = job
   log = os.path.join(out, 'logs', dataset, f'{setting.name}_seed{seed}.log')
-  os.makedirs(os.path.dirname(log), exist_ok=True)
-  command = ['taskset', '-c', str(core), sys.executable, __file__, '--out', out,
-             '--epochs', str(epochs),
-             '--run', json.dumps([dataset, dataclasses.asdict(setting), seed])]
-  with open(log, 'w') as f:
-    code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+  code = run_pinned(__file__, ['--out', out, '--epochs', str(epochs),
+                               '--run', json.dumps([dataset, dataclasses.asdict(setting), seed])],
+                    log, core)
   print(f'{"done" if code == 0 else f"FAILED ({code}), see " + log}: {dataset} '
         f'{setting.name} seed {seed}', flush=True)
 

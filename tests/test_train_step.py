@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msf_jax import (create_state, load_config, make_mesh, make_train_step, put_batch,
-                     put_replicated)
+from msf_jax import (create_state, load_config, make_mesh, make_train_step, mean_shift,
+                     put_batch, put_replicated)
 from msf_jax.data import color
 from msf_jax.optim import learning_rate_schedule
+from msf_jax.train import make_train_step_fn
 
 from msf_jax.testing import random_batch, random_host_batch, small_config
 from helpers import REPO, assert_trees_close, relative_tree_error
@@ -121,6 +122,130 @@ def test_bfloat16_compute_keeps_float32_parameters():
   state, metrics = run_steps(config, jax.devices()[:2], [batch])
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.online))
   assert state.bank.embeddings.dtype == np.float32 and np.isfinite(metrics[0]['loss'])
+
+
+# bfloat16 keeps 8 significant bits: one rounding moves a value by up to 2^-9 of itself, and
+# values one apart in its last place differ by 2^-8 of themselves.
+BF16_ULP = 2.0**-8
+
+
+def planted_bank(targets: np.ndarray, labels: np.ndarray, angles: np.ndarray,
+                 rng: np.random.Generator) -> mean_shift.MemoryBank:
+  """A bank whose first rows are `targets` and whose other rows lie, for each target, at
+  `angles` (radians) from it in random directions: with angles far below the targets'
+  angles to each other, every query's nearest rows are its own, then its planted ones in
+  order, by margins no bfloat16 rounding can bridge. The planted rows get random labels."""
+  directions = rng.standard_normal((len(targets), len(angles), targets.shape[1]))
+  directions -= np.sum(directions * targets[:, None], -1, keepdims=True) * targets[:, None]
+  directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+  planted = (np.cos(angles)[:, None] * targets[:, None] + np.sin(angles)[:, None] * directions)
+  rows = np.concatenate([targets, planted.reshape(-1, targets.shape[1])]).astype(np.float32)
+  row_labels = np.concatenate([labels, rng.integers(0, 4, planted.shape[0] * len(angles))])
+  return mean_shift.MemoryBank(jnp.asarray(rows), jnp.asarray(row_labels, jnp.int32),
+                               jnp.zeros((), jnp.int32))
+
+
+def equations(jaxpr):
+  """Every equation of a jaxpr, those of the jaxprs inside it (jit, custom_vjp, scan) too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(inner, jax.extend.core.ClosedJaxpr):
+          inner = inner.jaxpr
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          yield from equations(inner)
+
+
+def operand_dtypes(jaxpr, primitive: str, has_shape=None) -> set[str]:
+  """The operand dtypes of a primitive's equations (those with an operand of `has_shape`)."""
+  return {str(v.aval.dtype) for eqn in equations(jaxpr) if eqn.primitive.name == primitive
+          and (has_shape is None or any(v.aval.shape == has_shape for v in eqn.invars))
+          for v in eqn.invars}
+
+
+@pytest.mark.slow  # two ResNet-18 steps to compile: 60 s of CPU time (measured under load)
+def test_bfloat16_step_matches_float32_step_within_bfloat16_tolerances():
+  """One step computed in bfloat16 against float32, same weights, batch and bank.
+
+  What runs in bfloat16: every convolution and dense product of the three networks, forward
+  and backward (checked on the traced step). What stays float32, and is checked exactly: the
+  bank rows (normalised in float32: unit to 1e-6, where a bfloat16 normalisation is off by up
+  to 2^-8), the search's and the loss's products, the EMA target (bit-identical) and every
+  leaf of the new state.
+
+  The bank is planted so that each query's 4 neighbours are its own row and rows at 0.05,
+  0.15 and 0.25 rad from it, the next row 0.29 or more farther in cosine: both dtypes then
+  choose the same neighbours, in the same order, and the purities are equal to the bit.
+
+  Tolerances, from bfloat16's 8-bit significand (one rounding: 2^-9 of the value) and what
+  this step measured (ResNet-18 of width 16 at 32 px, noise images, fresh weights):
+  - loss: 2^-7 relative (2 bfloat16 ulps); measured 3.3e-3. The loss is 2 - 2 v.z over unit
+    vectors in float32, so only the directions' bfloat16 error reaches it.
+  - bank rows (the target embeddings): 2^-4 relative (16 ulps); measured 4.6e-2. Twenty
+    layers each round their output, and BatchNorm can magnify a rounding by its channel's
+    |mean| / std: rounding only the weights to bfloat16, in a float32 step, moved
+    them by 2.5e-2.
+  - BatchNorm running statistics: 2^-8 relative (1 ulp); measured 2.6e-4, as a mean over
+    thousands of rounded values, summed in float32, averages their rounding out.
+  - parameter updates: 1/2 relative (over all of them); measured 0.39. Not a bfloat16 fault but
+    the step's conditioning at initialisation: the float32 step itself moved its update by
+    0.33 when only its weights were rounded to bfloat16 (and by 0.33 when its images were
+    perturbed by 2^-9 of themselves). The update of the predictor's last layer, its input
+    times the loss's gradient, meets none of the backward pass's BatchNorm cancellations and
+    carries the forward pass's error: 2^-4 relative, as the bank rows; measured 3.6e-2.
+  """
+  config = small_config(image_size=32, small_stem=True, batch_size=16, bank_size=64, topk=4)
+  config.model.width = 16
+  batch = random_batch(np.random.default_rng(0), config)
+  state = create_state(config, jax.random.key(0))
+  mesh = make_mesh(jax.devices()[:1])
+
+  def step(dtype, state):
+    config.model.dtype = dtype
+    train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False,
+                                 finish_views=False)
+    return jax.device_get(train_step(put_replicated(state, mesh), put_batch(batch, mesh)))
+
+  first, _ = step('float32', state)
+  targets = np.asarray(first.bank.embeddings[:16])
+  state = state.replace(bank=planted_bank(targets, batch['label'], np.array([0.05, 0.15, 0.25]),
+                                          np.random.default_rng(1)))
+  (exact, exact_metrics), (bf16, metrics) = step('float32', state), step('bfloat16', state)
+
+  config.model.dtype = 'bfloat16'
+  traced = jax.make_jaxpr(make_train_step_fn(config, STEPS_PER_EPOCH, finish_views=False))(
+      state, batch).jaxpr
+  assert operand_dtypes(traced, 'conv_general_dilated') == {'bfloat16'}
+  assert operand_dtypes(traced, 'dot_general', has_shape=(32, 64)) == {'float32'}  # search
+  assert operand_dtypes(traced, 'dot_general', has_shape=(16, 4, 32)) == {'float32'}  # loss
+  assert {x.dtype for x in jax.tree.leaves(bf16)} == {np.dtype(np.float32), np.dtype(np.int32)}
+
+  def neighbors(new_state):
+    queries = new_state.bank.embeddings[:16]
+    return np.asarray(mean_shift.nearest_neighbors(queries, new_state.bank.embeddings, 4))
+
+  planted = 16 + 3 * np.arange(16)[:, None] + np.arange(3)
+  np.testing.assert_array_equal(neighbors(exact), np.c_[np.arange(16), planted])
+  np.testing.assert_array_equal(neighbors(bf16), neighbors(exact))
+  assert (metrics['purity'], metrics['purity_others']) == (exact_metrics['purity'],
+                                                          exact_metrics['purity_others'])
+  assert metrics['loss'] == pytest.approx(exact_metrics['loss'], rel=2 * BF16_ULP)
+  rows = np.asarray(bf16.bank.embeddings)
+  assert np.abs(np.linalg.norm(rows, axis=1) - 1).max() < 1e-6
+  error = relative_tree_error(rows[:16], exact.bank.embeddings[:16])
+  assert error < 16 * BF16_ULP, error
+  for network in ('online', 'target', 'predictor'):
+    error = relative_tree_error(getattr(bf16, network)['batch_stats'],
+                                getattr(exact, network)['batch_stats'])
+    assert error < BF16_ULP, (network, error)
+  jax.tree.map(np.testing.assert_array_equal, bf16.target['params'], exact.target['params'])
+
+  update = lambda new: jax.tree.map(np.subtract, new.trainable_params, state.trainable_params)
+  top = lambda tree: tree['predictor']['fc_3']
+  errors = {'all': relative_tree_error(update(bf16), update(exact)),
+            'top': relative_tree_error(top(update(bf16)), top(update(exact)))}
+  assert errors['all'] < 0.5 and errors['top'] < 16 * BF16_ULP, errors
 
 
 def test_encoder_features_are_the_pooled_backbone_output():
