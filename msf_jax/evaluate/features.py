@@ -19,12 +19,12 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from msf_jax.data import pipeline
+from msf_jax.data import color, pipeline
 from msf_jax.data.sources import Split
 from msf_jax.models import build_networks
 from msf_jax.sharding import put_replicated
 
-CACHE_VERSION = 2  # bump when the cached views or the file layout change
+CACHE_VERSION = 3  # bump when the cached views or the file layout change (3: uint8 views)
 SKIPPED_NAMES_KEPT = 5
 
 
@@ -52,9 +52,10 @@ def extract_split(variables: dict, split: Split, config: ml_collections.ConfigDi
   could not be decoded. Padding from the last batches is dropped with its mask."""
   encoder, _ = build_networks(config.model)
   batch_size = max(batch_size // mesh.devices.size, 1) * mesh.devices.size
-  # The weights are an argument, not closed over: jit would embed them as constants.
+  # The weights are an argument, not closed over: jit would embed them as constants. The
+  # uint8 views are normalized inside the program, on the chip.
   forward = jax.jit(lambda variables, images: encoder.apply(
-      variables, images, method=encoder.features).astype(jnp.float32))
+      variables, color.normalize(images), method=encoder.features).astype(jnp.float32))
   variables = put_replicated(variables, mesh)
   dataset, _ = pipeline.eval_batches(split, global_batch=batch_size,
                                      image_size=config.image_size)
