@@ -213,7 +213,7 @@ def baselines(dataset: str, out: str) -> dict[str, dict[str, float]]:
   """The random encoder (seeds 0-2, the evaluation program on a random init) and raw pixels
   (the centre-crop views themselves as features), evaluated like every trained encoder."""
   from msf_jax.config_utils import load_config
-  from msf_jax.data import pipeline, sources
+  from msf_jax.data import color, pipeline, sources
   from msf_jax.evaluate import run as evaluation
   from msf_jax.evaluate.knn import knn_accuracies
   from msf_jax.evaluate.linear_probe import linear_probe_on_features
@@ -235,7 +235,9 @@ def baselines(dataset: str, out: str) -> dict[str, dict[str, float]]:
                                         process_index=0, process_count=1)
     batches = list(dataset_.as_numpy_iterator())
     mask = np.concatenate([b['mask'] for b in batches])
-    images = np.concatenate([b['image'].reshape(len(b['image']), -1) for b in batches])
+    # The normalized pixels the encoder sees (the views cross as uint8).
+    images = np.concatenate([np.asarray(color.normalize(b['image'])).reshape(len(b['image']), -1)
+                             for b in batches])
     return images[mask], np.concatenate([b['label'] for b in batches])[mask], split.num_classes
 
   train_x, train_y, num_classes = pixels('train')

@@ -15,9 +15,9 @@ from msf_jax.optim import learning_rate_schedule, make_optimizer
 from msf_jax.sharding import batch_sharded, replicated
 from msf_jax.train_state import MSFState
 
-# The host stage's batch: {'online', 'target'} [B,H,W,3] in [0, 1], {'online_color',
-# 'target_color'} [B, color.NUM_PARAMS], 'label' [B] int32; with finished views, only
-# {'online', 'target'} normalized and 'label'.
+# The host stage's batch: {'online', 'target'} [B,H,W,3] uint8 (float [0, 1] is taken too),
+# {'online_color', 'target_color'} [B, color.NUM_PARAMS] float32, 'label' [B] int32; with
+# finished views, only {'online', 'target'} normalized float and 'label'.
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 

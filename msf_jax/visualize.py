@@ -224,7 +224,7 @@ def centre_crop_images(split: sources.Split, positions: np.ndarray, image_size: 
     batch = {key: np.concatenate([b[key][b['mask']] for b in batches])
              for key in ('image', 'label')}
     for position in wanted[(wanted >= seen) & (wanted < seen + len(batch['label']))]:
-      images[position] = denormalize(batch['image'][position - seen])
+      images[position] = batch['image'][position - seen]  # uint8 as they cross
       labels[position] = batch['label'][position - seen]
     seen += len(batch['label'])
     if len(images) == len(wanted):

@@ -9,7 +9,10 @@ HSV hue rotation, ITU-R 601 grey, and PIL's GaussianBlur (three extended box pas
 axis, edges replicated). Flipping before these ops, instead of after as torchvision does,
 changes nothing: each commutes with a horizontal mirror.
 
-A view's parameters travel as one float32 vector per example, laid out as `PARAM_SLICES`.
+Views cross from the host as uint8 pixels (PIL's 8-bit crops, a quarter of float32's bytes);
+`to_unit` turns them into [0, 1] floats here, on the chip, inside the program that consumes
+them. A view's parameters travel as one float32 vector per example, laid out as
+`PARAM_SLICES`.
 """
 
 import functools
@@ -154,13 +157,23 @@ def gaussian_blur(images: jax.Array, sigma: jax.Array, max_sigma: float = BLUR_S
   return images
 
 
+def to_unit(images: jax.Array) -> jax.Array:
+  """uint8 levels k as float32 k / 255 (the host ships views as uint8); float images, already
+  in [0, 1], pass unchanged, so that tests and callers may hand either."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images
+
+
 def normalize(images: jax.Array) -> jax.Array:
-  return (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+  """ImageNet normalization of uint8 or [0, 1] float images."""
+  return (to_unit(images) - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
 def apply_view_colors(images: jax.Array, params: jax.Array) -> jax.Array:
-  """Colour ops of a batch of views [B, H, W, 3] in [0, 1] given their params [B, 12], then
-  normalization. Weak views carry params that switch every op off."""
+  """Colour ops of a batch of views [B, H, W, 3] (uint8, or float in [0, 1]) given their
+  params [B, 12], then normalization. Weak views carry params that switch every op off."""
+  images = to_unit(images)
   get = lambda name: params[:, PARAM_SLICES[name]]
   flag = lambda name: _per_image(get(name)[:, 0] > 0.5, images)
   jittered = color_jitter(images, get('factors'), get('order').astype(jnp.int32))
@@ -172,7 +185,8 @@ def apply_view_colors(images: jax.Array, params: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames='pairing')
 def finish_views(batch: dict[str, jax.Array], pairing: str = 'w/s') -> dict[str, jax.Array]:
-  """The train step's batch from the pipeline's: {'online', 'target', 'label'}, normalized.
+  """The train step's batch from the pipeline's (uint8 views): {'online', 'target', 'label'},
+  normalized float32.
   `pairing` (target/online, as the pipeline's) lets weak views skip the colour ops, whose
   parameters would switch them all off anyway."""
   finished = {'label': batch['label']}

@@ -1,6 +1,8 @@
 """tf.data pipelines: two-view training batches and masked evaluation batches, per host,
-handed to JAX as global arrays sharded over the mesh. Training batches carry each view's
-colour parameters; the train step applies them on the accelerator
+handed to JAX as global arrays sharded over the mesh. Images cross as uint8, PIL's 8-bit
+pixels at a quarter of float32's bytes; the device program that takes them converts and
+normalizes them (`msf_jax.data.color.normalize`). Training batches carry each view's colour
+parameters; the train step applies them on the accelerator
 (`msf_jax.data.color.finish_views`).
 
 Determinism: epoch e reads its split in the order of shuffle seed (seed, e), and the
@@ -101,7 +103,7 @@ def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
                  crop_scale: tuple[float, float] = augment.CROP_SCALE, random_flip: bool = True
                  ) -> TrainStream:
   """Endless two-view batches of this host's share, from `start_step` on: {'online',
-  'target'} cropped and flipped in [0, 1], {'online_color', 'target_color'} their colour
+  'target'} cropped and flipped, uint8, {'online_color', 'target_color'} their colour
   parameters, 'label'. An image that cannot be decoded is dropped and counted in `skipped`."""
   return _augmented_stream(split, global_batch, seed, start_step, process_index, process_count,
                            _two_views(image_size, pairing, crop_scale, random_flip))
@@ -112,7 +114,8 @@ def probe_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
                  process_index: int | None = None, process_count: int | None = None
                  ) -> TrainStream:
   """Endless single-view batches for the linear probe, with the order and per-example seeds
-  of `train_stream`: {'image': RandomResizedCrop(scale) + flip, normalized; 'label'}."""
+  of `train_stream`: {'image': RandomResizedCrop(scale) + flip, uint8 (the probe's step
+  normalizes it); 'label'}."""
   return _augmented_stream(split, global_batch, seed, start_step, process_index, process_count,
                            _probe_view(image_size, scale))
 
@@ -203,11 +206,12 @@ def _augmented_stream(split: Split, global_batch: int, seed: int, start_step: in
 def eval_batches(split: Split, *, global_batch: int, image_size: int,
                  process_index: int | None = None, process_count: int | None = None
                  ) -> tuple[tf.data.Dataset, int]:
-  """Every image of the split exactly once over all hosts: centre-crop views, in order,
-  padded to whole batches with `mask` False (no dropped remainder). Every host yields the
-  same number of batches. Returns (dataset, number of batches); an undecodable image is
-  dropped and replaced by padding, so `mask.sum()` over all batches counts what was read, and
-  `position` (the example's place in this host's read, -1 for padding) tells which."""
+  """Every image of the split exactly once over all hosts: centre-crop views (uint8, to
+  normalize on the chip with `color.normalize`), in order, padded to whole batches with
+  `mask` False (no dropped remainder). Every host yields the same number of batches.
+  Returns (dataset, number of batches); an undecodable image is dropped and replaced by
+  padding, so `mask.sum()` over all batches counts what was read, and `position` (the
+  example's place in this host's read, -1 for padding) tells which."""
   process_index, process_count, host_batch = _this_host(global_batch, process_index,
                                                         process_count)
   most_per_host = -(-split.num_examples // process_count)
@@ -220,8 +224,9 @@ def eval_batches(split: Split, *, global_batch: int, image_size: int,
             'position': position}
 
   padding = tf.data.Dataset.from_tensors(
-      {'image': tf.zeros([image_size, image_size, 3]), 'label': tf.constant(-1, tf.int32),
-       'mask': tf.constant(False), 'position': tf.constant(-1, tf.int64)}).repeat()
+      {'image': tf.zeros([image_size, image_size, 3], tf.uint8),
+       'label': tf.constant(-1, tf.int32), 'mask': tf.constant(False),
+       'position': tf.constant(-1, tf.int64)}).repeat()
   examples = split.read(process_index, process_count, None, 0)
   dataset = (tf.data.Dataset.zip(examples, tf.data.Dataset.range(most_per_host))
              .map(view, num_parallel_calls=tf.data.AUTOTUNE)

@@ -19,12 +19,12 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from msf_jax.data import pipeline
+from msf_jax.data import color, pipeline
 from msf_jax.data.sources import Split
 from msf_jax.models import build_networks
 from msf_jax.sharding import batch_sharded, put_replicated, replicated
 
-CACHE_VERSION = 2  # bump when the cached views or the file layout change
+CACHE_VERSION = 3  # bump when the cached views or the file layout change (3: uint8 views)
 SKIPPED_NAMES_KEPT = 5
 
 
@@ -53,11 +53,12 @@ def feature_batch_size(batch_size: int, mesh: Mesh) -> int:
 def make_feature_step(config: ml_collections.ConfigDict, mesh: Mesh
                       ) -> Callable[[dict, jax.Array], jax.Array]:
   """`forward(variables, images) -> float32 backbone features`, BatchNorm in eval mode,
-  jitted over `mesh`: the weights replicated, the images split along the batch. The weights
-  are an argument, not closed over, which jit would embed as constants."""
+  jitted over `mesh`: the weights replicated, the images (uint8 views, normalized here on the
+  chip) split along the batch. The weights are an argument, not closed over, which jit would
+  embed as constants."""
   encoder, _ = build_networks(config.model)
   return jax.jit(lambda variables, images: encoder.apply(
-      variables, images, method=encoder.features).astype(jnp.float32),
+      variables, color.normalize(images), method=encoder.features).astype(jnp.float32),
                  in_shardings=(replicated(mesh), batch_sharded(mesh)),
                  out_shardings=batch_sharded(mesh))
 

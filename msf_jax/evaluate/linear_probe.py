@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from msf_jax.data import pipeline
+from msf_jax.data import color, pipeline
 from msf_jax.data.sources import Split
 from msf_jax.evaluate.features import extract_features
 from msf_jax.mean_shift import l2_normalize
@@ -177,7 +177,8 @@ def make_probe_step(config: ml_collections.ConfigDict, mesh: Mesh,
   encoder, _ = build_networks(config.model)
 
   def train_step(params, opt_state, backbone, stats, batch):
-    features = encoder.apply(backbone, batch['image'], method=encoder.features)
+    features = encoder.apply(backbone, color.normalize(batch['image']),
+                             method=encoder.features)
     return _sgd_step(params, opt_state, optimizer, _standardize(features, stats),
                      batch['label'], num_classes)
 

@@ -54,10 +54,10 @@ def random_color_params(rng: np.random.Generator, batch_size: int) -> np.ndarray
 
 def random_host_batch(rng: np.random.Generator, config: ml_collections.ConfigDict,
                       num_classes: int = 4) -> dict[str, np.ndarray]:
-  """The host stage's batch (views in [0, 1] with their colour parameters), which the train
+  """The host stage's batch (uint8 views with their colour parameters), which the train
   step finishes itself: both views carry strong parameters, whatever the pairing."""
   shape = (config.batch_size, config.image_size, config.image_size, 3)
-  views = {name: rng.random(shape, np.float32) for name in ('online', 'target')}
+  views = {name: rng.integers(0, 256, shape, np.uint8) for name in ('online', 'target')}
   colors = {f'{name}_color': random_color_params(rng, config.batch_size)
             for name in ('online', 'target')}
   return {**views, **colors,
