@@ -23,6 +23,28 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
+# The data settings only some sources read; a run records only its own source's.
+SOURCE_SETTINGS = {'tfds': ('name', 'data_dir'), 'folder': ('root',), 'digits': ()}
+
+
+def _only_read(settings: dict) -> dict:
+  """`settings` with every data section (one with a `source`) cut to what its source reads."""
+  out = {key: _only_read(value) if isinstance(value, dict) else value
+         for key, value in settings.items()}
+  if 'source' in out:
+    others = {key for keys in SOURCE_SETTINGS.values() for key in keys}
+    unread = others - set(SOURCE_SETTINGS.get(out['source'], others))
+    out = {key: value for key, value in out.items() if key not in unread}
+  return out
+
+
+def recorded_settings(config: ml_collections.ConfigDict) -> dict:
+  """`config` as a dict without the data settings its source does not read (in the demo's
+  evaluation section too), so that what a run records (config.json, TensorBoard) shows what
+  ran: a digits run names no TFDS dataset."""
+  return _only_read(config.to_dict())
+
+
 def _apply_variant(config: ml_collections.ConfigDict, key: str, value: str) -> None:
   if key == 'aug' and value in PAIRINGS:
     config.data.pairing = value

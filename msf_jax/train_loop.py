@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from msf_jax import console, visualize
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory, damaged_directory
-from msf_jax.config_utils import check_training_config
+from msf_jax.config_utils import check_training_config, recorded_settings
 from msf_jax.data import pipeline, sources
 from msf_jax.evaluate.features import write_atomically
 from msf_jax.evaluate.monitor import KnnMonitor
@@ -113,13 +113,14 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str,
                    writer: metric_writers.MetricWriter) -> None:
   """The resolved config as WORKDIR/config.json (evaluation reads the model from it, or from
   the copy beside each checkpoint) and in TensorBoard as text and hyperparameters."""
+  settings = recorded_settings(config)
   if jax.process_index() == 0:
     write_atomically(os.path.join(workdir, CONFIG_FILE),
-                     json.dumps(config.to_dict(), indent=2, sort_keys=True).encode())
-  writer.write_texts(0, {'config': f'```\n{config.to_yaml()}\n```'})
+                     json.dumps(settings, indent=2, sort_keys=True).encode())
+  writer.write_texts(0, {'config': f'```\n{ml_collections.ConfigDict(settings).to_yaml()}\n```'})
   writer.write_hparams({
       key: value if isinstance(value, (bool, int, float, str)) else str(value)
-      for key, value in traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
+      for key, value in traverse_util.flatten_dict(settings, sep='.').items()})
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
@@ -205,7 +206,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
         # Never save a non-finite state: the latest checkpoint stays the last good one.
         last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0
         _check_finite(step, last_loss, bool(_all_finite(state.trainable_params)))
-        checkpointer.save(step, state, force=True, metadata=config.to_dict())
+        checkpointer.save(step, state, force=True, metadata=recorded_settings(config))
       if preempted:
         logging.warning('Stopping at step %d; the run resumes from here.', step)
         break
