@@ -13,6 +13,11 @@ from msf_jax.optim import SCHEDULES
 VARIANTS_HELP = f'aug={"|".join(PAIRINGS)}, bank=N or k=N, comma-separated'
 
 
+class ConfigError(ValueError):
+  """A setting (of a config file, a --config.* override or another flag) that cannot work:
+  the user's to change, so the program reports it in one line, not as a traceback."""
+
+
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """Runs `get_config(arg)` (or `get_config()`) of the config file at `path`."""
   if not os.path.isfile(path):
@@ -53,7 +58,7 @@ def _apply_variant(config: ml_collections.ConfigDict, key: str, value: str) -> N
   elif key == 'k' and value.isdigit():
     config.msf.topk = int(value)
   else:
-    raise ValueError(f'Bad config argument {key}={value}: use {VARIANTS_HELP}.')
+    raise ConfigError(f'Bad config argument {key}={value}: use {VARIANTS_HELP}.')
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None
@@ -118,7 +123,7 @@ def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
 
 def check_training_config(config: ml_collections.ConfigDict, device_count: int,
                           process_count: int = 1) -> None:
-  """Raises one ValueError listing every error of `training_config_errors`."""
+  """Raises one ConfigError listing every error of `training_config_errors`."""
   errors = training_config_errors(config, device_count, process_count)
   if errors:
-    raise ValueError('The config cannot train:\n  ' + '\n  '.join(errors))
+    raise ConfigError('The config cannot train:\n  ' + '\n  '.join(errors))
