@@ -58,7 +58,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 
-
 TRACEBACK_VARIABLE = 'MSF_JAX_TRACEBACK'  # set (to anything but 0) to see tracebacks
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 130  # 130 = 128 + SIGINT, as a shell reports Ctrl-C
 FLAGS_HINT = 'python -m msf_jax.main --helpshort lists the flags.'
