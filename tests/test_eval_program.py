@@ -310,7 +310,8 @@ def test_main_evaluates_in_evaluate_mode(tmp_path):
 
 def test_main_names_a_wrong_format_and_a_misspelt_key(tmp_path):
   result = run_main(tmp_path, '--config.checkpoint_format=onnx')
-  assert result.returncode != 0 and "got 'onnx'" in result.stderr, result.stderr[-3000:]
+  assert result.returncode == 1 and "got 'onnx'" in result.stderr, result.stderr[-3000:]
+  assert 'error: ' in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
   result = run_main(tmp_path, '--config.knn.kss=1')
   assert result.returncode != 0 and 'kss' in result.stderr, result.stderr[-3000:]
 
