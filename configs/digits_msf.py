@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.msf.bank_size = 1440  # one train set (1,437 images), rounded up to batches of 32
   config.msf.bank_chunk_size = 0
   config.data.source = 'digits'
+  config.data.name = ''  # TFDS only: a digits config names no TFDS dataset
   config.monitor.knn_every_epochs = 0
   config.monitor.split = 'test'
   config.monitor.num_train, config.monitor.num_queries = DIGITS_TRAIN_EXAMPLES, 360

@@ -13,6 +13,11 @@ from msf_jax.optim import SCHEDULES
 VARIANTS_HELP = f'aug={"|".join(PAIRINGS)}, bank=N or k=N, comma-separated'
 
 
+class ConfigError(ValueError):
+  """A setting (of a config file, a --config.* override or another flag) that cannot work:
+  the user's to change, so the program reports it in one line, not as a traceback."""
+
+
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """Runs `get_config(arg)` (or `get_config()`) of the config file at `path`."""
   if not os.path.isfile(path):
@@ -23,6 +28,28 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
+# The data settings only some sources read; a run records only its own source's.
+SOURCE_SETTINGS = {'tfds': ('name', 'data_dir'), 'folder': ('root',), 'digits': ()}
+
+
+def _only_read(settings: dict) -> dict:
+  """`settings` with every data section (one with a `source`) cut to what its source reads."""
+  out = {key: _only_read(value) if isinstance(value, dict) else value
+         for key, value in settings.items()}
+  if 'source' in out:
+    others = {key for keys in SOURCE_SETTINGS.values() for key in keys}
+    unread = others - set(SOURCE_SETTINGS.get(out['source'], others))
+    out = {key: value for key, value in out.items() if key not in unread}
+  return out
+
+
+def recorded_settings(config: ml_collections.ConfigDict) -> dict:
+  """`config` as a dict without the data settings its source does not read (in the demo's
+  evaluation section too), so that what a run records (config.json, TensorBoard) shows what
+  ran: a digits run names no TFDS dataset."""
+  return _only_read(config.to_dict())
+
+
 def _apply_variant(config: ml_collections.ConfigDict, key: str, value: str) -> None:
   if key == 'aug' and value in PAIRINGS:
     config.data.pairing = value
@@ -31,7 +58,7 @@ def _apply_variant(config: ml_collections.ConfigDict, key: str, value: str) -> N
   elif key == 'k' and value.isdigit():
     config.msf.topk = int(value)
   else:
-    raise ValueError(f'Bad config argument {key}={value}: use {VARIANTS_HELP}.')
+    raise ConfigError(f'Bad config argument {key}={value}: use {VARIANTS_HELP}.')
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None
@@ -96,7 +123,7 @@ def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
 
 def check_training_config(config: ml_collections.ConfigDict, device_count: int,
                           process_count: int = 1) -> None:
-  """Raises one ValueError listing every error of `training_config_errors`."""
+  """Raises one ConfigError listing every error of `training_config_errors`."""
   errors = training_config_errors(config, device_count, process_count)
   if errors:
-    raise ValueError('The config cannot train:\n  ' + '\n  '.join(errors))
+    raise ConfigError('The config cannot train:\n  ' + '\n  '.join(errors))

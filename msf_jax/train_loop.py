@@ -1,13 +1,16 @@
 """The training loop: the only place with side effects (data, metrics, checkpoints, signals).
 
 It resumes from the latest checkpoint in `workdir`, saves every `checkpoint.every_epochs`
-epochs and at the end, saves and exits cleanly on SIGTERM or a preemption notice, and stops
-on a non-finite loss without saving, so that the last good checkpoint is the latest.
+epochs and at the end, saves and exits cleanly on SIGTERM or a preemption notice, saves and
+raises TrainingInterrupted on Ctrl-C (a second Ctrl-C stops at once), and stops on a
+non-finite loss without saving, so that the last good checkpoint is the latest.
 """
 
 import json
+import logging as python_logging
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -21,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from msf_jax import console, visualize
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory, damaged_directory
-from msf_jax.config_utils import check_training_config
+from msf_jax.config_utils import check_training_config, recorded_settings
 from msf_jax.data import pipeline, sources
 from msf_jax.evaluate.features import write_atomically
 from msf_jax.evaluate.monitor import KnnMonitor
@@ -35,27 +38,70 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-class _StopRequest:
-  """Set by SIGTERM (a preempted VM, a job scheduler); the loop checkpoints and exits.
+class TrainingInterrupted(KeyboardInterrupt):
+  """Ctrl-C stopped training after a checkpoint of `step` was saved in `directory`: still a
+  KeyboardInterrupt for callers (a notebook, a script), with where the run resumes from."""
 
-  Only for a single process: with several, each would stop at the step its own signal came,
-  leaving the others waiting in the next step's collectives. There JAX's preemption notifier
-  (set up by jax.distributed) catches SIGTERM and `reached_preemption_sync_point` makes every
-  process stop at the same step, so no Python handler may replace it."""
+  def __init__(self, step: int, directory: str):
+    super().__init__(f'Interrupted: saved a checkpoint of step {step} in {directory}.')
+    self.step, self.directory = step, directory
+
+
+def _stop_at_once() -> None:
+  """A second Ctrl-C: exit now, abandoning a save in progress. Orbax writes each checkpoint
+  to a temporary folder and renames it when complete, so the previous one stays whole."""
+  logging.warning('Ctrl-C again: stopping at once; the checkpoint being saved is abandoned, '
+                  'the run resumes from the one before.')
+  for handler in python_logging.getLogger().handlers:
+    handler.flush()
+  os._exit(130)  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+class _StopRequest:
+  """Set by SIGTERM (a preempted VM, a job scheduler) or Ctrl-C; the loop checkpoints and
+  stops. A second Ctrl-C exits at once.
+
+  On one process the handlers set a flag that the loop reads after each step. With several,
+  each would stop at the step its own signal came, leaving the others waiting in the next
+  step's collectives. There JAX's preemption notifier (set up by jax.distributed) catches
+  SIGTERM and `reached_preemption_sync_point` makes every process stop at the same step, so
+  no Python handler may replace it: Ctrl-C is passed on to it as a SIGTERM to this process.
+  Python delivers signals to the main thread only, so elsewhere nothing is installed."""
 
   def __init__(self):
-    self.requested = False
-    self._installed = jax.process_count() == 1
-    if self._installed:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.requested = False  # this process stops after the current step (one process only)
+    self.interrupted = False  # Ctrl-C was pressed here
+    self._single = jax.process_count() == 1
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM) if self._single else (signal.SIGINT,):
+        self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):
-    logging.warning('SIGTERM: saving a checkpoint at the current step, then exiting.')
-    self.requested = True
+    if signum == signal.SIGTERM:
+      logging.warning('SIGTERM: saving a checkpoint at the current step, then exiting.')
+      self.requested = True
+      return
+    if self.interrupted:
+      _stop_at_once()
+    logging.warning('Ctrl-C: saving a checkpoint at the current step, then exiting (Ctrl-C '
+                    'again stops at once and keeps the previous checkpoint).')
+    self.interrupted = True
+    if self._single:
+      self.requested = True
+    else:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def interrupted_anywhere(self) -> bool:
+    """Whether Ctrl-C reached any process: all of them then end as interrupted. Called at
+    the step where every process stopped, so the gather meets no one mid-step."""
+    if self._single:
+      return self.interrupted
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.interrupted))))
 
   def restore(self):
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
 
 
 def _check_finite(step: int, loss: float, params_finite: bool = True) -> None:
@@ -113,13 +159,14 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str,
                    writer: metric_writers.MetricWriter) -> None:
   """The resolved config as WORKDIR/config.json (evaluation reads the model from it, or from
   the copy beside each checkpoint) and in TensorBoard as text and hyperparameters."""
+  settings = recorded_settings(config)
   if jax.process_index() == 0:
     write_atomically(os.path.join(workdir, CONFIG_FILE),
-                     json.dumps(config.to_dict(), indent=2, sort_keys=True).encode())
-  writer.write_texts(0, {'config': f'```\n{config.to_yaml()}\n```'})
+                     json.dumps(settings, indent=2, sort_keys=True).encode())
+  writer.write_texts(0, {'config': f'```\n{ml_collections.ConfigDict(settings).to_yaml()}\n```'})
   writer.write_hparams({
       key: value if isinstance(value, (bool, int, float, str)) else str(value)
-      for key, value in traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
+      for key, value in traverse_util.flatten_dict(settings, sep='.').items()})
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
@@ -163,6 +210,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   window_start, data_wait, pending = time.perf_counter(), 0.0, []
   training_seconds = 0.0  # wall time of the steps so far, for the ETA (monitor excluded)
   batches = pipeline.prefetch_to_mesh(stream, mesh)
+  step, preempted = start, False
   try:
     for step in range(start + 1, total_steps + 1):
       fetch_start = time.perf_counter()
@@ -205,12 +253,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
         # Never save a non-finite state: the latest checkpoint stays the last good one.
         last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0
         _check_finite(step, last_loss, bool(_all_finite(state.trainable_params)))
-        checkpointer.save(step, state, force=True, metadata=config.to_dict())
+        checkpointer.save(step, state, force=True, metadata=recorded_settings(config))
       if preempted:
         logging.warning('Stopping at step %d; the run resumes from here.', step)
         break
   finally:
-    stop.restore()
-    checkpointer.wait()
-    writer.flush()
+    try:  # the handlers stay until the last save is complete: a second Ctrl-C may cut it
+      checkpointer.wait()
+      writer.flush()
+    finally:
+      stop.restore()
+  if preempted and stop.interrupted_anywhere():
+    raise TrainingInterrupted(step, checkpointer.directory)
   return state

@@ -2,6 +2,7 @@
 never the network) and a state of the shapes they describe; variants set what they say."""
 
 import glob
+import json
 import os
 
 import jax
@@ -9,6 +10,7 @@ import ml_collections
 import pytest
 
 from msf_jax import create_state, load_config
+from msf_jax.config_utils import SOURCE_SETTINGS, recorded_settings
 from msf_jax.data import pipeline, sources
 from msf_jax.optim import learning_rate_schedule
 
@@ -35,6 +37,18 @@ def test_configs_directory_is_found():
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_config_loads(path):
   assert isinstance(load_config(path), ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIG_FILES if 'data' in load_config(p)],
+                         ids=os.path.basename)
+def test_a_run_records_only_the_data_settings_of_its_source(path):
+  config = load_config(path)
+  recorded = recorded_settings(config)
+  assert set(recorded['data']) & {'name', 'data_dir', 'root'} == set(
+      SOURCE_SETTINGS[config.data.source])
+  if config.data.source != 'tfds':  # the digits demo's config.json names no TFDS dataset
+    assert 'imagenet2012' not in json.dumps(recorded)
+  assert recorded['model'] == config.model.to_dict()  # only data settings are left out
 
 
 @pytest.mark.parametrize('path', training_configs(), ids=os.path.basename)

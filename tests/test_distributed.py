@@ -297,3 +297,34 @@ def test_training_program_runs_as_two_processes(tmp_path, folder):
   config.batch_size, config.msf.bank_size = 8, 32
   state = checkpointer.restore(abstract_state(config, replicated(make_mesh(jax.devices()[:1]))))
   assert int(state.step) == 3 and int(state.bank.ptr) == 3 * 8 % 32
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path, folder):
+  # Process 1 gets Ctrl-C after its save of step 2; process 0 gets none. Both must save the
+  # same step together and exit 130, and only process 0 prints where and how to resume.
+  skip_without_cpu_collectives()
+  port = free_port()
+  flags = [f'--config={TRAIN_CONFIG}', f'--workdir={tmp_path}',
+           *main_overrides(folder, num_epochs=100, **{'checkpoint.every_epochs': 2 / 3}),
+           f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={PROCESSES}']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CTRL_C_AFTER_STEP': '2',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}'}
+  programs = [['-m', 'msf_jax.main'], [os.path.join(REPO, 'tests', 'interrupt_worker.py')]]
+  processes = [subprocess.Popen([sys.executable, *program, *flags, f'--process_id={p}'],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+               for p, program in enumerate(programs)]
+  try:
+    outputs = [process.communicate(timeout=JOB_TIMEOUT_S)[0] for process in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  assert [process.returncode for process in processes] == [130, 130], outputs
+  stopped = [int(output.split('Stopping at step ')[1].split(';')[0]) for output in outputs]
+  assert stopped[0] == stopped[1] > 2 and stopped[0] < 300, outputs
+  assert 'Resume with: python -m msf_jax.main' in outputs[0]
+  assert 'Resume with' not in outputs[1]
+  assert Checkpointer(checkpoint_directory(str(tmp_path))).latest_step() == stopped[0]

@@ -207,6 +207,26 @@ def test_interrupted_write_leaves_neither_file_nor_temporary(tmp_path, monkeypat
   assert (tmp_path / 'results.json').read_bytes() == b'old'
 
 
+def test_ctrl_c_during_feature_extraction_caches_nothing(tmp_path, monkeypatch):
+  config = eval_config()
+  split = sources.take(sources.digits('test', 24), 32)
+  batches = []
+  to_global = features_module.pipeline.to_global
+
+  def interrupted_at_the_second_batch(*args):
+    batches.append(args)
+    if len(batches) == 2:
+      raise KeyboardInterrupt
+    return to_global(*args)
+
+  monkeypatch.setattr(features_module.pipeline, 'to_global', interrupted_at_the_second_batch)
+  cache = tmp_path / 'cache'
+  with pytest.raises(KeyboardInterrupt):
+    cached_features(random_encoder(config.model, 24, 0), split, config, make_mesh(), str(cache),
+                    16)
+  assert len(batches) == 2 and not (cache.exists() and os.listdir(cache))
+
+
 def test_evaluate_a_random_encoder_on_digits(tmp_path):
   config = eval_config(checkpoint_format='random', tasks='knn,linear_fast,linear', batch_size=32,
                        **{'data.max_examples': 96, 'linear.epochs': 3,
@@ -290,7 +310,8 @@ def test_main_evaluates_in_evaluate_mode(tmp_path):
 
 def test_main_names_a_wrong_format_and_a_misspelt_key(tmp_path):
   result = run_main(tmp_path, '--config.checkpoint_format=onnx')
-  assert result.returncode != 0 and "got 'onnx'" in result.stderr, result.stderr[-3000:]
+  assert result.returncode == 1 and "got 'onnx'" in result.stderr, result.stderr[-3000:]
+  assert 'error: ' in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
   result = run_main(tmp_path, '--config.knn.kss=1')
   assert result.returncode != 0 and 'kss' in result.stderr, result.stderr[-3000:]
 

@@ -8,11 +8,14 @@ import sys
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
 torch = pytest.importorskip(
     'torch', reason='interop tests need PyTorch (CPU): pip install torch==2.13.0')
 
+from msf_jax.interop import backbones  # noqa: E402
 from msf_jax.interop import torch_checkpoint as tc  # noqa: E402
+from msf_jax.models import backbone_only  # noqa: E402
 from msf_jax.testing import small_config, torch_reference  # noqa: E402
 
 
@@ -81,6 +84,36 @@ def test_exported_backbone_loads_into_a_torchvision_resnet(tmp_path, reference):
   for key, value in resnet.state_dict().items():
     if not key.endswith('num_batches_tracked'):
       torch.testing.assert_close(value, reference.encoder_t.state_dict()[key], rtol=0, atol=0)
+
+
+def read_exported(path):
+  """{key: numpy array} of an exported backbone, read with the format's own reader."""
+  if path.endswith(tc.SAFETENSORS_EXTENSION):
+    return safetensors.numpy.load_file(path)
+  return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+
+
+@pytest.mark.parametrize('suffix', ['.pth', tc.SAFETENSORS_EXTENSION])
+def test_export_has_torchvision_shapes_and_reads_back_as_the_same_variables(tmp_path, reference,
+                                                                            suffix):
+  state, config = tc.load_official_checkpoint(save(tmp_path / 'ckpt.pth.tar',
+                                                   reference.state_dict()),
+                                              small_config(), jax.random.key(0))
+  out = str(tmp_path / f'backbone{suffix}')
+  tc.save_backbone(tc.backbone_to_torchvision(state, 'online'), out)
+  written = {k: (v.shape, v.dtype.name) for k, v in read_exported(out).items()}
+  torchvision = {k: (tuple(v.shape), str(v.dtype).removeprefix('torch.'))
+                 for k, v in torch_reference.resnet(18).state_dict().items()}
+  assert written == torchvision  # num_batches_tracked included: int64 scalars []
+  assert written['bn1.num_batches_tracked'] == ((), 'int64')
+  file_format = 'safetensors' if suffix == tc.SAFETENSORS_EXTENSION else 'torchvision'
+  back = backbones.encoder_from_torchvision(backbones.backbone_state_dict(out, file_format),
+                                            config.model, config.image_size, out)
+  expected = jax.device_get(backbone_only(state.online))
+  assert jax.tree.structure(back) == jax.tree.structure(expected)
+  for got, want in zip(jax.tree.leaves(jax.device_get(back)), jax.tree.leaves(expected)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
 
 
 def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path, reference):

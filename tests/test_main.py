@@ -1,26 +1,34 @@
-"""The training program end to end, in subprocesses: resume after SIGKILL, SIGTERM, a
-misspelt config key and a NaN loss. A small image folder keeps each run to seconds. And the
-order of start-up in `main`."""
+"""The training program end to end, in subprocesses: resume after SIGKILL, SIGTERM, Ctrl-C
+(once, and again during the save), a misspelt config key and a NaN loss. A small image folder
+keeps each run to seconds. The order of start-up in `main`, and each mistake a user can make
+as one `error:` line (in this process, the console captured) while a bug keeps its
+traceback."""
 
+import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 
-from msf_jax import load_config
+from msf_jax import create_state, load_config
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory
+from msf_jax.console import LOG_FILE
 from msf_jax.sharding import make_mesh, replicated
 from msf_jax.train_state import abstract_state
 
 from helpers import REPO, assert_trees_close
+from test_faults import sleeper, write_lock  # noqa: F401 (sleeper: a fixture)
 from test_pipeline import write_folder
 
 CONFIG = os.path.join(REPO, 'configs', 'digits_msf.py')
+EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 
 
 @pytest.fixture(scope='module')
@@ -36,9 +44,9 @@ def overrides(folder, **extra):
   return [f'--config.{k}={v}' for k, v in settings.items()]
 
 
-def start(workdir, args):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  return subprocess.Popen([sys.executable, '-m', 'msf_jax.main', f'--config={CONFIG}',
+def start(workdir, args, program=('-m', 'msf_jax.main'), env=None):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '', **(env or {})}
+  return subprocess.Popen([sys.executable, *program, f'--config={CONFIG}',
                            f'--workdir={workdir}', *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -99,6 +107,53 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, folder):
   assert final_state(tmp_path, folder)[0] == stopped
 
 
+INTERRUPT_WORKER = ('tests/interrupt_worker.py',)
+
+
+def saved_steps(workdir, folder, steps):
+  """{step: state} of the checkpoints of `steps` in `workdir`."""
+  config = load_config(CONFIG)
+  config.batch_size, config.msf.bank_size = 8, 32
+  checkpointer = Checkpointer(checkpoint_directory(workdir))
+  abstract = abstract_state(config, replicated(make_mesh(jax.devices()[:1])))
+  return {step: checkpointer.restore(abstract, step) for step in steps}
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_exits_130_and_the_rerun_goes_on_as_if_uninterrupted(tmp_path,
+                                                                                   folder):
+  # 9 steps; Ctrl-C after the checkpoint of step 4 (every 4 steps): the run stops at step 5.
+  code, output = run(tmp_path / 'straight', overrides(
+      folder, **{'checkpoint.every_epochs': 1 / 3, 'checkpoint.keep': 9}))
+  assert code == 0, output
+  process = start(tmp_path / 'stopped', overrides(folder), program=INTERRUPT_WORKER,
+                  env={'CTRL_C_AFTER_STEP': '4'})
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 130, output
+  assert f'saved a checkpoint of step 5 in {tmp_path}/stopped/checkpoints' in output
+  assert f'Resume with: python -m msf_jax.main --config={CONFIG} --workdir={tmp_path}/stopped' \
+      in output and 'Traceback' not in output
+  with open(tmp_path / 'stopped' / 'config.json') as f:  # a folder run: no TFDS name
+    assert 'root' in (data := json.load(f)['data']) and 'name' not in data
+  straight = saved_steps(tmp_path / 'straight', folder, [5, 9])
+  assert_trees_close(saved_steps(tmp_path / 'stopped', folder, [5])[5], straight[5], rtol=1e-6)
+  code, output = run(tmp_path / 'stopped', overrides(folder))
+  assert code == 0 and 'Resuming at step 5' in output, output
+  assert_trees_close(final_state(tmp_path / 'stopped', folder)[1], straight[9], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_ctrl_c_again_during_the_save_exits_at_once_keeping_the_checkpoint_before(tmp_path,
+                                                                                 folder):
+  process = start(tmp_path, overrides(folder), program=INTERRUPT_WORKER,
+                  env={'CTRL_C_AFTER_STEP': '4', 'CTRL_C_AGAIN': '1'})
+  output, _ = process.communicate(timeout=300)  # the save of step 5 would take ten minutes
+  assert process.returncode == 130 and 'Ctrl-C again: stopping at once' in output, output
+  saved_steps(tmp_path, folder, [4])  # whole and readable
+  code, output = run(tmp_path, overrides(folder))
+  assert code == 0 and ('Resuming at step 4' in output or 'Resuming at step 5' in output), output
+
+
 def test_misspelt_config_key_is_named(tmp_path):
   code, output = run(tmp_path, ['--config.msf.topkk=3'], timeout=120)
   assert code != 0 and 'topkk' in output
@@ -130,3 +185,111 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
   finally:
     flags.FLAGS.unparse_flags()
   assert calls == ['quiet', 'hide', 'join', 'logs', 'train']
+
+
+# --- A user's mistakes: one line each; a bug: its traceback ---------------------------------
+
+
+def run_in_process(args, capfd):
+  """`python -m msf_jax.main ARGS` in this process: (exit status, console output)."""
+  from absl import flags
+  from msf_jax import main as main_module
+  before = set(logging.getLogger().handlers)
+  capfd.readouterr()
+  argv = ['main', *args]
+  try:  # ml_collections finds the --config.* overrides in sys.argv
+    with pytest.raises(SystemExit) as exited, mock.patch.object(sys, 'argv', argv):
+      main_module.run(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+    for name in [name for name in flags.FLAGS if name.startswith('config.')]:
+      delattr(flags.FLAGS, name)  # ml_collections defines them anew at each parse
+    for handler in set(logging.getLogger().handlers) - before:
+      if isinstance(handler, logging.FileHandler):  # the run's log file
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+  return exited.value.code, capfd.readouterr().err
+
+
+def saved_state(workdir, **settings):
+  """A training workdir holding a fresh state of the test config with `settings`, at step 1."""
+  config = load_config(CONFIG)
+  for key, value in {'batch_size': 8, 'msf.bank_size': 32, **settings}.items():
+    section, _, name = key.rpartition('.')
+    setattr(config[section] if section else config, name, value)
+  checkpointer = Checkpointer(checkpoint_directory(str(workdir)))
+  checkpointer.save(1, create_state(config, jax.random.key(0)))
+  checkpointer.wait()
+  return str(workdir)
+
+
+def not_a_folder(tmp_path):
+  (tmp_path / 'file').write_text('')
+  return str(tmp_path / 'file' / 'run')
+
+
+def error_case(name, tmp_path, folder, holder):
+  """The command line of a user's mistake, words of its message and whether a log file
+  exists to hold the traceback; only the named case's files are written."""
+  workdir = str(tmp_path / 'run')
+  train = lambda *more, workdir=workdir: [f'--config={CONFIG}', f'--workdir={workdir}',
+                                          *overrides(folder), *more]
+  cases = {
+      'config file': lambda: ([f'--config={REPO}/configs/digits_msfx.py', f'--workdir={workdir}'],
+                              'digits_msfx.py: there is no such file', True),
+      'config key': lambda: (train('--config.msf.topkk=3'), 'topkk', False),
+      'config setting': lambda: (train('--config.batch_size=7'),
+                                 'msf.bank_size=32 must be a multiple of batch_size=7', True),
+      'workdir cannot be created': lambda: (train(workdir=not_a_folder(tmp_path)),
+                                            'cannot be used: Not a directory', False),
+      'workdir busy': lambda: (train(workdir=write_lock(workdir, pid=holder.pid) or workdir),
+                               'use another --workdir', True),
+      'dataset missing': lambda: (train('--config.data.root=/nonexistent/images'),
+                                  '/nonexistent/images', True),
+      'no checkpoint to evaluate': lambda: (
+          [f'--config={EVAL_CONFIG}:digits', f'--workdir={workdir}',
+           f'--config.checkpoint={tmp_path}'], 'No msf_jax checkpoint in', True),
+      'bank differs from the checkpoint': lambda: (
+          train('--config.msf.bank_size=64', workdir=saved_state(workdir)),
+          'run with the config the checkpoint was trained with', True),
+  }
+  return cases[name]()
+
+
+@pytest.mark.parametrize('case', ['config file', 'config key', 'config setting',
+                                  'workdir cannot be created', 'workdir busy',
+                                  'dataset missing', 'no checkpoint to evaluate',
+                                  'bank differs from the checkpoint'])
+def test_a_users_mistake_is_one_error_line_and_the_traceback_goes_to_the_log(
+    case, tmp_path, folder, sleeper, capfd):  # noqa: F811 (sleeper: the fixture imported)
+  args, words, logged = error_case(case, tmp_path, folder, sleeper)
+  code, console = run_in_process(args, capfd)
+  errors = [line for line in console.splitlines() if line.startswith('error: ')]
+  assert code == 1 and len(errors) == 1 and words in errors[0], console
+  assert 'Traceback' not in console, console
+  log = tmp_path / 'run' / LOG_FILE
+  assert log.is_file() == logged
+  if logged:
+    assert 'Traceback (most recent call last)' in log.read_text()
+
+
+def test_the_traceback_of_a_users_mistake_is_shown_when_asked_for(tmp_path, folder, capfd,
+                                                                    monkeypatch):
+  args = [f'--config={CONFIG}', f'--workdir={tmp_path}', *overrides(folder, batch_size=7)]
+  code, console = run_in_process([*args, '--verbosity=1'], capfd)
+  assert code == 1 and 'Traceback (most recent call last)' in console
+  monkeypatch.setenv('MSF_JAX_TRACEBACK', '1')
+  code, console = run_in_process(args, capfd)
+  assert code == 1 and 'Traceback (most recent call last)' in console
+  assert console.rstrip().splitlines()[-1].startswith('error: The config cannot train')
+
+
+def test_a_bug_shows_its_traceback(tmp_path, folder):
+  program = ['-c', 'import sys; from msf_jax import main\n'
+             'def bug(config, workdir): raise RuntimeError("injected bug")\n'
+             'main.MODES["train"] = bug; sys.argv[0] = "main"; main.run()']
+  process = start(tmp_path, overrides(folder), program=program)
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 1, output
+  assert 'Traceback (most recent call last)' in output and 'RuntimeError: injected bug' in output
+  assert not any(line.startswith('error: ') for line in output.splitlines())

@@ -20,6 +20,7 @@ from absl import logging
 from clu import metric_writers
 
 from msf_jax.checkpoint import manager_directory
+from msf_jax.config_utils import ConfigError
 from msf_jax.data import sources
 from msf_jax.interop import backbones
 from msf_jax.evaluate.features import cached_features, write_atomically
@@ -45,7 +46,7 @@ def parse_names(value: str | Sequence[str], allowed: Sequence[str], key: str
   unknown = [name for name in names if name not in allowed]
   if unknown or not names:
     problem = f'unknown {unknown}' if unknown else 'nothing to run'
-    raise ValueError(f'config.{key} = {value!r}: {problem}; choose from {", ".join(allowed)} '
+    raise ConfigError(f'config.{key} = {value!r}: {problem}; choose from {", ".join(allowed)} '
                      '(comma-separated).')
   return names
 

@@ -28,6 +28,7 @@ import safetensors.numpy
 import tensorflow as tf
 
 from msf_jax import checkpoint
+from msf_jax.config_utils import ConfigError
 from msf_jax.interop import torch_checkpoint as tc
 from msf_jax.models import Variables, backbone_only, init_encoder
 
@@ -91,10 +92,10 @@ def backbone_state_dict(path: str, checkpoint_format: str, encoder: str = 'onlin
                         step: int | None = None) -> dict[str, np.ndarray]:
   """The torchvision-named numpy tensors of a checkpoint's backbone (no classifier)."""
   if checkpoint_format not in FORMATS[:-1]:
-    raise ValueError(f'checkpoint_format must be one of {FORMATS}, got {checkpoint_format!r} '
+    raise ConfigError(f'checkpoint_format must be one of {FORMATS}, got {checkpoint_format!r} '
                      "('random' reads no file).")
   if encoder not in ENCODERS:
-    raise ValueError(f"encoder must be 'online' or 'target', got {encoder!r}.")
+    raise ConfigError(f"encoder must be 'online' or 'target', got {encoder!r}.")
   if not path or not tf.io.gfile.exists(path):
     raise FileNotFoundError(f'No {checkpoint_format} checkpoint at {path!r} (config.checkpoint).')
   if checkpoint_format == 'msf_jax':

@@ -285,7 +285,9 @@ def save_backbone(tensors: Mapping[str, np.ndarray], path: str) -> None:
   """Writes torchvision-named tensors as safetensors when `path` ends in .safetensors (no
   torch needed, no pickle), as a torch .pth state dict otherwise."""
   if path.endswith(SAFETENSORS_EXTENSION):
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+    # np.require, not np.ascontiguousarray, which makes a scalar (num_batches_tracked) [1].
+    safetensors.numpy.save_file({k: np.require(v, requirements='C') for k, v in tensors.items()},
+                                path)
   else:
     save_torch_file(tensors, path)
 
