@@ -128,13 +128,13 @@ def test_tpu_topology_without_libtpu_says_how_to_install_it(monkeypatch):
 
 @needs_libtpu
 def test_a_bank_that_cannot_fit_exits_1_with_one_sentence(tmp_path):
-  """200,000,000 rows (410 GB) on 16 GiB chips: refused before compiling, with a bank size
-  that would fit."""
+  """200,000,000 rows of ResNet-18's 128-d embeddings (96 GiB with their labels) on 16 GiB
+  chips: refused before compiling, with a bank size that would fit."""
   result = _plan([*SMALL_RECIPE, '--config.msf.bank_size=200000000', '--topology=v5e:2x2',
                   '--programs=train'], tmp_path)
   assert result.returncode == 1, result.stderr[-3000:]
   sentence = result.stderr.strip().splitlines()[-1]
-  assert sentence.startswith('The train step needs 381.') and 'a v5e chip has 16.0 GiB' in sentence
+  assert sentence.startswith('The train step needs 96.2 GiB a chip') and 'a v5e chip has 16.0 GiB' in sentence
   assert '--config.msf.bank_size=' in sentence and 'Fits: no' in result.stdout
 
 
