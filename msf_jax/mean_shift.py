@@ -39,9 +39,13 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(norm, eps)
 
 
-def init_bank(rng: jax.Array, size: int, dim: int, dtype=jnp.float32) -> MemoryBank:
-  """N(0, 1) rows, L2-normalised, labelled -1, as in the official code."""
-  embeddings = l2_normalize(jax.random.normal(rng, (size, dim), dtype))
+def init_bank(rng: jax.Array, size: int, dim: int, dtype=jnp.float32,
+              sharding: jax.sharding.Sharding | None = None) -> MemoryBank:
+  """N(0, 1) rows, L2-normalised, labelled -1, as in the official code. With `sharding`, the
+  rows are drawn in place, so no device holds them all: the same draw (JAX's random bits do not
+  depend on the sharding), though the compiled normalisation may round a last bit otherwise."""
+  draw = lambda key: l2_normalize(jax.random.normal(key, (size, dim), dtype))
+  embeddings = draw(rng) if sharding is None else jax.jit(draw, out_shardings=sharding)(rng)
   return MemoryBank(embeddings, jnp.full((size,), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
 

@@ -37,16 +37,18 @@ class MSFState:
     return {'online': self.online['params'], 'predictor': self.predictor['params']}
 
 
-def create_state(config: ml_collections.ConfigDict, rng: jax.Array) -> MSFState:
+def create_state(config: ml_collections.ConfigDict, rng: jax.Array,
+                 bank_sharding: jax.sharding.Sharding | None = None) -> MSFState:
   """A fresh state: random online and predictor weights, the target an exact copy of the
-  online encoder, zero optimizer buffers and a random unit-norm bank labelled -1."""
+  online encoder, zero optimizer buffers and a random unit-norm bank labelled -1 (its rows
+  drawn in place with `bank_sharding`, see `init_state`)."""
   # Four keys, the last unused (it was the state's own key once): a seed initializes as it
   # did for the runs recorded in benchmarks/RESULTS.md.
   encoder_rng, predictor_rng, bank_rng, _ = jax.random.split(rng, 4)
   online = init_encoder(config.model, config.image_size, encoder_rng)
   predictor = init_predictor(config.model, predictor_rng)
   bank = mean_shift.init_bank(bank_rng, config.msf.bank_size, projection_dim(config.model),
-                              parse_dtype(config.model.param_dtype))
+                              parse_dtype(config.model.param_dtype), bank_sharding)
   return MSFState(
       step=jnp.zeros((), jnp.int32),
       online=online,
@@ -85,10 +87,10 @@ def put_state(state: MSFState, config: ml_collections.ConfigDict, mesh: Mesh) ->
 
 
 def init_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array) -> MSFState:
-  """`create_state` built in place on the mesh: a sharded bank is drawn shard by shard, so no
-  device ever holds all of it (random bits do not depend on the sharding)."""
-  return jax.jit(lambda key: create_state(config, key),
-                 out_shardings=state_shardings(config, mesh))(rng)
+  """`create_state` placed on the mesh as the train step takes it. A sharded bank is drawn
+  shard by shard, so no device ever holds all of it (the same draw; see `init_bank`)."""
+  shardings = state_shardings(config, mesh)
+  return put_state(create_state(config, rng, shardings.bank.embeddings), config, mesh)
 
 
 def abstract_state(config: ml_collections.ConfigDict,
