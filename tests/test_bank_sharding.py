@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from msf_jax import create_state, make_mesh, make_train_step, mean_shift, put_batch, put_state
+from msf_jax import make_mesh, make_train_step, mean_shift
 from msf_jax.sharding import DATA_AXIS, resolve_bank_layout
 from msf_jax.testing import random_batch, small_config
 from msf_jax.train import bank_step_fn, make_train_step_fn
-from msf_jax.train_state import bank_layout, state_shardings
+from msf_jax.train_state import abstract_state, bank_layout, state_shardings
 
 from helpers import assert_trees_close
+from test_train_step import run_steps
 
 STEPS_PER_EPOCH = 10
 # 8 devices hold 6 rows each; batches of 16 straddle shard boundaries (rows 0-15 end inside
@@ -116,26 +117,16 @@ def test_a_planted_tie_picks_the_same_rows_in_both_layouts(chunk_size):
   np.testing.assert_array_equal(found[1][1][:2], [9, 10])
 
 
-def run_steps(config, mesh, batches):
-  state = put_state(create_state(config, jax.random.key(0)), config, mesh)
-  step = make_train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False)
-  metrics = []
-  for batch in batches:
-    state, step_metrics = step(state, put_batch(batch, mesh))
-    metrics.append(jax.device_get(step_metrics))
-  return jax.device_get(state), metrics
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('topk', [1, 5])
 def test_three_float64_steps_with_a_sharded_bank_equal_the_replicated_bank(topk):
   with jax.enable_x64(True):
-    mesh = make_mesh(jax.devices()[:DEVICES])
+    devices = jax.devices()[:DEVICES]
     rng = np.random.default_rng(topk)
     config = tiny_config('replicated', topk, 'float64')
     batches = [random_batch(rng, config, dtype=np.float64) for _ in range(3)]
-    replicated, replicated_metrics = run_steps(config, mesh, batches)
-    sharded, sharded_metrics = run_steps(tiny_config('sharded', topk, 'float64'), mesh,
+    replicated, replicated_metrics = run_steps(config, devices, batches)
+    sharded, sharded_metrics = run_steps(tiny_config('sharded', topk, 'float64'), devices,
                                          batches)
   assert int(sharded.bank.ptr) == 3 * BATCH % BANK == 0  # wrapped to the start
   np.testing.assert_array_equal(sharded.bank.labels, replicated.bank.labels)
@@ -168,10 +159,7 @@ def bank_sized(hlo: str, rows: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def compiled_text(step, config, mesh) -> str:
-  abstract = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
-  shardings = state_shardings(config, mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       abstract, shardings)
+  state = abstract_state(config, state_shardings(config, mesh))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, P(DATA_AXIS))),
       random_batch(np.random.default_rng(0), config))
