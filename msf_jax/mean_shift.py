@@ -9,7 +9,9 @@ online forward, online backward), and no B x K array in the backward pass.
 Every bank function also runs inside `jax.shard_map` on a bank split by rows over a mesh
 axis (`axis_name`): each device holds `bank_size / devices` consecutive rows, searches them for
 all queries of the global batch, and only [devices, B, k] candidates, B x k gathered rows and
-the batch itself cross devices, never the bank. The answers are the whole bank's, bit for bit.
+the batch itself cross devices, never the bank. The neighbours are the whole bank's (a
+product of another shape may round a similarity's last bit otherwise, as chunks do), and the
+rows and labels gathered are its rows exactly.
 
 The search may run in bfloat16, whose product is faster than float32's on GPUs and TPUs: it
 only proposes candidates, which are re-scored exactly in float32, so the neighbours are the
