@@ -3,14 +3,11 @@
 
   python benchmarks/bank_layout_benchmark.py memory --banks 1024000 4096000 16384000
   python benchmarks/bank_layout_benchmark.py time --runs 5
-  python benchmarks/bank_layout_benchmark.py time --bank_only --dim 512 --runs 5
 
 `memory`: the compiled step's `memory_analysis()` per device for each layout and bank (the
 program is compiled from shapes alone, so a bank larger than this machine's memory costs
 nothing), and the largest collective of the compiled program. `time`: the step of both layouts
-in one process, alternating, medians of `--runs` timed steps each after a warm-up; with
-`--bank_only`, the bank's part of the step alone (`train.bank_step_fn`: enqueue, search, the
-rows and labels found) on random unit targets of `--dim`.
+in one process, alternating, medians of `--runs` timed steps each after a warm-up.
 """
 
 import argparse
@@ -27,11 +24,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from msf_jax import (create_state, make_mesh, make_train_step, mean_shift, put_batch,  # noqa: E402
-                     put_state)
+from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_state  # noqa: E402
 from msf_jax.sharding import DATA_AXIS  # noqa: E402
 from msf_jax.testing import random_batch, small_config  # noqa: E402
-from msf_jax.train import bank_step_fn  # noqa: E402
 from msf_jax.train_state import abstract_state, state_shardings  # noqa: E402
 
 LAYOUTS = ('replicated', 'sharded')
@@ -94,56 +89,23 @@ def memory(args) -> list[dict]:
   return rows
 
 
-def whole_steps(args, mesh):
-  """(step, state, inputs) of each layout: the training step on a random batch."""
-  runs = {}
-  for layout in LAYOUTS:
-    config = benchmark_config(args, layout, args.banks[0])
-    state = put_state(create_state(config, jax.random.key(0)), config, mesh)
-    step = make_train_step(config, mesh, steps_per_epoch=1000, finish_views=False)
-    runs[layout] = (step, state, (put_batch(random_batch(np.random.default_rng(0), config),
-                                            mesh),))
-  return runs
-
-
-def split_bank(bank_step):
-  """(bank, what was found) of a bank step, shaped as (state, metrics)."""
-  def step(bank, targets, labels):
-    bank, *found = bank_step(bank, targets, labels)
-    return bank, found
-  return step
-
-
-def bank_steps(args, mesh):
-  """(step, bank, inputs) of each layout: the bank's part of the step on unit targets."""
-  rng = np.random.default_rng(0)
-  targets = rng.standard_normal((args.batch_size, args.dim)).astype(np.float32)
-  inputs = (targets / np.linalg.norm(targets, axis=1, keepdims=True),
-            rng.integers(0, 1000, args.batch_size).astype(np.int32))
-  runs = {}
-  for layout in LAYOUTS:
-    config = benchmark_config(args, layout, args.banks[0])
-    bank = jax.device_put(mean_shift.init_bank(jax.random.key(0), args.banks[0], args.dim),
-                          state_shardings(config, mesh).bank)
-    runs[layout] = (jax.jit(split_bank(bank_step_fn(config, mesh)), donate_argnums=0), bank,
-                    inputs)
-  return runs
-
-
 def step_times(args) -> dict[str, float]:
   """Median seconds a step of each layout, the layouts timed in turn within one process."""
   mesh = make_mesh()
-  runs = (bank_steps if args.bank_only else whole_steps)(args, mesh)
-  steps = {layout: run[0] for layout, run in runs.items()}
-  states = {layout: run[1] for layout, run in runs.items()}
+  steps, states = {}, {}
+  for layout in LAYOUTS:
+    config = benchmark_config(args, layout, args.banks[0])
+    states[layout] = put_state(create_state(config, jax.random.key(0)), config, mesh)
+    steps[layout] = make_train_step(config, mesh, steps_per_epoch=1000, finish_views=False)
+  batch = put_batch(random_batch(np.random.default_rng(0), config), mesh)
   for layout in LAYOUTS:  # compile and warm up
     for _ in range(2):
-      states[layout], _ = jax.block_until_ready(steps[layout](states[layout], *runs[layout][2]))
+      states[layout], _ = jax.block_until_ready(steps[layout](states[layout], batch))
   times = {layout: [] for layout in LAYOUTS}
   for _ in range(args.runs):
     for layout in LAYOUTS:
       start = time.perf_counter()
-      states[layout], _ = jax.block_until_ready(steps[layout](states[layout], *runs[layout][2]))
+      states[layout], _ = jax.block_until_ready(steps[layout](states[layout], batch))
       times[layout].append(time.perf_counter() - start)
   result = {layout: statistics.median(t) for layout, t in times.items()}
   print(json.dumps({'median_step_s': result, 'all_s': times}), flush=True)
@@ -160,8 +122,6 @@ def main() -> None:
   parser.add_argument('--batch_size', type=int, default=256)
   parser.add_argument('--chunk', type=int, default=128_000, help='msf.bank_chunk_size')
   parser.add_argument('--runs', type=int, default=5)
-  parser.add_argument('--bank_only', action='store_true', help='time the bank part alone')
-  parser.add_argument('--dim', type=int, default=512, help='bank row width, --bank_only')
   args = parser.parse_args()
   print(f'{jax.device_count()} {jax.devices()[0].platform} devices; {vars(args)}', flush=True)
   memory(args) if args.what == 'memory' else step_times(args)
