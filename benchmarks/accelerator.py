@@ -217,7 +217,7 @@ def measure_msf_jax(settings: dict) -> dict:
   mesh = msf_jax.make_mesh(devices)
   # Jitted: one compilation, not one per operation of the initialization.
   create_state = jax.jit(functools.partial(msf_jax.create_state, config))
-  state = msf_jax.put_replicated(create_state(jax.random.key(0)), mesh)
+  state = msf_jax.put_state(create_state(jax.random.key(0)), config, mesh)
   batch = msf_jax.put_batch(random_host_batch(np.random.default_rng(0), config), mesh)
   train_step = msf_jax.make_train_step(config, mesh, IMAGENET_TRAIN_IMAGES // config.batch_size,
                                        donate=True)

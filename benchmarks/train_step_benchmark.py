@@ -32,11 +32,11 @@ def time_msf_jax(image_size, small_stem, batch, bank, runs):
   import jax
   import numpy as np
   from msf_jax.testing import random_batch, small_config
-  from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_replicated
+  from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_state
   config = small_config(image_size=image_size, small_stem=small_stem, batch_size=batch,
                         bank_size=bank)
   mesh = make_mesh(jax.devices()[:1])
-  state = put_replicated(create_state(config, jax.random.key(0)), mesh)
+  state = put_state(create_state(config, jax.random.key(0)), config, mesh)
   step = make_train_step(config, mesh, steps_per_epoch=1, finish_views=False)
   batch_data = put_batch(random_batch(np.random.default_rng(0), config), mesh)
   state, _ = jax.block_until_ready(step(state, batch_data))  # compile

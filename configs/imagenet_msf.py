@@ -42,6 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # neighbours (k <= 10) sat up to 275th in the bfloat16 order: how many rows lie within
   # bfloat16's rounding of the k-th follows the bank's density, not k. 512 holds them all.
   config.msf.bank_search_candidates = 512
+  # 'replicated': every chip holds the whole bank. 'sharded': each chip holds
+  # bank_size / chips consecutive rows and searches them for the whole batch (same answers, a
+  # fraction of the memory and bank reads). 'auto': sharded when there is more than one
+  # device and bank_size divides among them, else replicated.
+  config.msf.bank_layout = 'auto'
 
   config.optim = ml_collections.ConfigDict()
   config.optim.base_lr = 0.05

@@ -9,6 +9,7 @@ import ml_collections
 from msf_jax.data import PAIRINGS, SOURCES
 from msf_jax.mean_shift import SEARCH_DTYPES
 from msf_jax.optim import SCHEDULES
+from msf_jax.sharding import BANK_LAYOUTS
 
 VARIANTS_HELP = f'aug={"|".join(PAIRINGS)}, bank=N or k=N, comma-separated'
 
@@ -112,7 +113,8 @@ def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
                             ('optim.schedule', config.optim.schedule, SCHEDULES),
                             ('data.source', config.data.source, SOURCES),
                             ('msf.bank_search_dtype', config.msf.bank_search_dtype,
-                             SEARCH_DTYPES)):
+                             SEARCH_DTYPES),
+                            ('msf.bank_layout', config.msf.bank_layout, BANK_LAYOUTS)):
     if value not in valid:
       errors.append(f'{key}={value!r} is not one of {", ".join(valid)}.')
   if config.monitor.knn_every_epochs < 0:

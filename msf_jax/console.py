@@ -10,6 +10,7 @@ import ml_collections
 from absl import logging as absl_logging
 
 from msf_jax.models import parse_dtype
+from msf_jax.sharding import resolve_bank_layout
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 LOG_FILE = 'msf_jax.log'
@@ -103,17 +104,27 @@ def _search(msf: ml_collections.ConfigDict) -> str:
           're-scored in float32)')
 
 
+def _layout(msf: ml_collections.ConfigDict, device_count: int) -> str:
+  """Where the bank lives, when there is more than one device to put it on."""
+  if device_count == 1:
+    return ''
+  if resolve_bank_layout(msf.bank_layout, msf.bank_size, device_count) == 'replicated':
+    return f' replicated on each of {device_count} devices'
+  return f' sharded over {device_count} devices ({msf.bank_size // device_count:,} each)'
+
+
 def config_summary(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                   num_train: int) -> str:
-  """The settings that apply to this run, in a few lines (the whole resolved config is in
-  WORKDIR/config.json and in TensorBoard's text tab)."""
+                   num_train: int, device_count: int = 1) -> str:
+  """The settings that apply to this run on `device_count` devices, in a few lines (the whole
+  resolved config is in WORKDIR/config.json and in TensorBoard's text tab)."""
   msf, optim = config.msf, config.optim
   k = f'k = {msf.topk}' + (f' (ramped over {msf.topk_ramp_epochs} epochs)'
                            if msf.topk_ramp_epochs else '')
   lines = [
       f'Data: {_data(config.data)}; {num_train:,} training images.',
       f'Model: {_model(config.model, config.image_size)}.',
-      f'MSF: {k}, bank of {msf.bank_size:,} rows{_search(msf)}, target momentum '
+      f'MSF: {k}, bank of {msf.bank_size:,} rows{_layout(msf, device_count)}{_search(msf)}, '
+      f'target momentum '
       f'{msf.ema_momentum:g}.',
       f'Training: {config.num_epochs} epochs of {steps_per_epoch:,} steps of batch '
       f'{config.batch_size}; SGD lr {optim.base_lr:g} x batch/256 '

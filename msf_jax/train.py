@@ -1,19 +1,20 @@
 """The MSF training step: pure, jitted over a data-parallel mesh."""
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from msf_jax import mean_shift
 from msf_jax.data import color
 from msf_jax.models import build_networks
 from msf_jax.optim import learning_rate_schedule, make_optimizer
-from msf_jax.sharding import batch_sharded, replicated
-from msf_jax.train_state import MSFState
+from msf_jax.sharding import DATA_AXIS, batch_sharded, replicated
+from msf_jax.train_state import MSFState, bank_layout, bank_specs, state_shardings
 
 # The host stage's batch: {'online', 'target'} [B,H,W,3] uint8 (float [0, 1] is taken too),
 # {'online_color', 'target_color'} [B, color.NUM_PARAMS] float32, 'label' [B] int32; with
@@ -27,11 +28,36 @@ def _as_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def search_k(config: ml_collections.ConfigDict) -> int:
+  """The rows a step searches: one more than the loss uses when k = 1, so that
+  `purity_others` has a neighbour."""
+  return max(config.msf.topk, 2)
+
+
+def bank_step_fn(config: ml_collections.ConfigDict, mesh: Mesh | None = None
+                 ) -> Callable[[mean_shift.MemoryBank, jax.Array, jax.Array], tuple]:
+  """`mean_shift.enqueue_and_search` with the config's search settings. With a sharded bank
+  layout on `mesh`, it runs under `jax.shard_map`: each device updates and searches its own
+  rows for the whole batch, so no collective of the program is bank-sized."""
+  msf = config.msf
+  step = functools.partial(mean_shift.enqueue_and_search, k=msf.topk,
+                           search_k=search_k(config), chunk_size=msf.bank_chunk_size,
+                           search_dtype=msf.bank_search_dtype,
+                           candidates=msf.bank_search_candidates)
+  if mesh is None or bank_layout(config, mesh.devices.size) == 'replicated':
+    return step
+  specs = bank_specs('sharded')
+  return jax.shard_map(functools.partial(step, axis_name=DATA_AXIS), mesh=mesh,
+                       in_specs=(specs, P(), P()), out_specs=(specs, P(), P(), P()),
+                       check_vma=False)
+
+
 def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                       finish_views: bool = True
+                       finish_views: bool = True, mesh: Mesh | None = None
                        ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
   """The un-jitted step for a config and the data's steps per epoch (the learning-rate
-  schedule and a k ramp count epochs); `make_train_step` jits it over a mesh.
+  schedule and a k ramp count epochs); `make_train_step` jits it over a mesh. `mesh` (None:
+  a replicated bank) is where a sharded bank lives (`bank_step_fn`).
 
   With `finish_views`, the step takes the host stage's batch and applies the colour
   augmentations itself (`color.finish_views`), so that a training step is one device program;
@@ -42,10 +68,8 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
   optimizer = make_optimizer(config, steps_per_epoch)
   schedule = learning_rate_schedule(config, steps_per_epoch)
   ema_momentum = config.msf.ema_momentum
-  topk, chunk_size = config.msf.topk, config.msf.bank_chunk_size
-  search_dtype, candidates = config.msf.bank_search_dtype, config.msf.bank_search_candidates
-  # One more row than the loss uses when k = 1, so that `purity_others` has a neighbour.
-  search_k = max(topk, 2)
+  topk, num_searched = config.msf.topk, search_k(config)
+  bank_step = bank_step_fn(config, mesh)
   ramp_epochs = config.msf.topk_ramp_epochs
   pairing = config.data.pairing
 
@@ -64,16 +88,12 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
 
     # 3. Enqueue before the search: each target is its own nearest neighbour.
     own_rows = state.bank.ptr + jnp.arange(targets.shape[0], dtype=state.bank.ptr.dtype)
-    bank = mean_shift.enqueue(state.bank, targets, batch['label'])
-    found = mean_shift.nearest_neighbors(targets, bank.embeddings, search_k, chunk_size,
-                                         search_dtype, candidates)
-    neighbor_idx = found[:, :topk]
-    neighbors = bank.embeddings[neighbor_idx]  # [B, k, D]
-    others_idx = mean_shift.drop_own_rows(found, own_rows)  # [B, search_k - 1]
+    bank, found, neighbors, found_labels = bank_step(state.bank, targets, batch['label'])
+    others = mean_shift.others_positions(found, own_rows)  # [B, num_searched - 1]
     if ramp_epochs:  # a k schedule: only the nearest k_t of the k neighbours count
       k_t = mean_shift.ramped_topk(state.step, topk, ramp_epochs, steps_per_epoch)
       active = mean_shift.active_neighbors(k_t, topk)
-      others_active = mean_shift.active_neighbors(jnp.maximum(k_t - 1, 1), search_k - 1)
+      others_active = mean_shift.active_neighbors(jnp.maximum(k_t - 1, 1), num_searched - 1)
     else:  # the paper: all k, and the plain mean (bit-identical to the official loss)
       k_t, active, others_active = jnp.asarray(topk, jnp.int32), None, None
 
@@ -109,9 +129,9 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
         'target_std_ratio': jnp.mean(jnp.std(targets, axis=0)) * jnp.sqrt(targets.shape[1]),
         # The official purity counts the query's own embedding (1.0 at k = 1); the other
         # one is the purity of the loss's neighbours besides it (at k = 1, the nearest other).
-        'purity': mean_shift.purity(batch['label'], bank.labels[neighbor_idx], active),
-        'purity_others': mean_shift.purity(batch['label'], bank.labels[others_idx],
-                                           others_active),
+        'purity': mean_shift.purity(batch['label'], found_labels[:, :topk], active),
+        'purity_others': mean_shift.purity(
+            batch['label'], jnp.take_along_axis(found_labels, others, axis=1), others_active),
         'topk': k_t,
         'lr': jnp.asarray(schedule(state.step), jnp.float32),
     }
@@ -125,14 +145,16 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epo
                     ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
   """`train_step(state, batch) -> (state, metrics)`, jitted over `mesh`.
 
-  The batch is split over the `data` axis; parameters, optimizer state and bank are
-  replicated, so BatchNorm statistics and the bank update cover the global batch and are
-  identical on every device. With `donate`, the input state's buffers are reused.
-  `finish_views`: see `make_train_step_fn`.
+  The batch is split over the `data` axis; parameters and optimizer state are replicated, so
+  BatchNorm statistics cover the global batch and are identical on every device; the bank is
+  replicated or split by rows as config.msf.bank_layout says (`state_shardings`: place the
+  state with `train_state.put_state` or `init_state`). With `donate`, the input state's
+  buffers are reused. `finish_views`: see `make_train_step_fn`.
   """
+  shardings = state_shardings(config, mesh)
   return jax.jit(
-      make_train_step_fn(config, steps_per_epoch, finish_views),
-      in_shardings=(replicated(mesh), batch_sharded(mesh)),
-      out_shardings=(replicated(mesh), replicated(mesh)),
+      make_train_step_fn(config, steps_per_epoch, finish_views, mesh),
+      in_shardings=(shardings, batch_sharded(mesh)),
+      out_shardings=(shardings, replicated(mesh)),
       donate_argnums=(0,) if donate else (),
   )

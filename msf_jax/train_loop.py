@@ -28,9 +28,9 @@ from msf_jax.config_utils import check_training_config, recorded_settings
 from msf_jax.data import pipeline, sources
 from msf_jax.evaluate.features import write_atomically
 from msf_jax.evaluate.monitor import KnnMonitor
-from msf_jax.sharding import make_mesh, put_replicated, replicated
+from msf_jax.sharding import make_mesh
 from msf_jax.train import make_train_step
-from msf_jax.train_state import MSFState, abstract_state, create_state
+from msf_jax.train_state import MSFState, abstract_state, init_state, state_shardings
 from msf_jax.workdir_lock import WorkdirBusyError, WorkdirLock
 
 
@@ -180,13 +180,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
 
   checkpointer = Checkpointer(checkpoint_directory(workdir), max_to_keep=config.checkpoint.keep,
                               save_interval_steps=checkpoint_every)
-  state = checkpointer.restore_newest_readable(abstract_state(config, replicated(mesh)),
-                                               aside=damaged_directory(workdir))
+  # The bank's layout follows this run's devices, whatever wrote the checkpoint.
+  state = checkpointer.restore_newest_readable(
+      abstract_state(config, state_shardings(config, mesh)), aside=damaged_directory(workdir))
   if state is None:
-    state = put_replicated(create_state(config, jax.random.key(config.seed)), mesh)
+    state = init_state(config, mesh, jax.random.key(config.seed))
   start = int(jax.device_get(state.step))
   logging.info('%s\n%s at step %d of %d.', console.config_summary(
-      config, steps_per_epoch, split.num_examples), 'Resuming' if start else 'Starting',
+      config, steps_per_epoch, split.num_examples, jax.device_count()), 'Resuming' if start else 'Starting',
       start, total_steps)
 
   stream = pipeline.train_stream(split, global_batch=config.batch_size,

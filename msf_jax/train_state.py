@@ -1,12 +1,16 @@
 """MSFState: everything a training step reads and writes, as one pytree."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msf_jax import mean_shift
+from msf_jax.sharding import replicated, resolve_bank_layout, row_spec
 from msf_jax.models import Variables, init_encoder, init_predictor, parse_dtype, projection_dim
 from msf_jax.optim import init_optimizer_state
 
@@ -33,16 +37,18 @@ class MSFState:
     return {'online': self.online['params'], 'predictor': self.predictor['params']}
 
 
-def create_state(config: ml_collections.ConfigDict, rng: jax.Array) -> MSFState:
+def create_state(config: ml_collections.ConfigDict, rng: jax.Array,
+                 bank_sharding: jax.sharding.Sharding | None = None) -> MSFState:
   """A fresh state: random online and predictor weights, the target an exact copy of the
-  online encoder, zero optimizer buffers and a random unit-norm bank labelled -1."""
+  online encoder, zero optimizer buffers and a random unit-norm bank labelled -1 (its rows
+  drawn in place with `bank_sharding`, see `init_state`)."""
   # Four keys, the last unused (it was the state's own key once): a seed initializes as it
   # did for the runs recorded in benchmarks/RESULTS.md.
   encoder_rng, predictor_rng, bank_rng, _ = jax.random.split(rng, 4)
   online = init_encoder(config.model, config.image_size, encoder_rng)
   predictor = init_predictor(config.model, predictor_rng)
   bank = mean_shift.init_bank(bank_rng, config.msf.bank_size, projection_dim(config.model),
-                              parse_dtype(config.model.param_dtype))
+                              parse_dtype(config.model.param_dtype), bank_sharding)
   return MSFState(
       step=jnp.zeros((), jnp.int32),
       online=online,
@@ -54,10 +60,47 @@ def create_state(config: ml_collections.ConfigDict, rng: jax.Array) -> MSFState:
   )
 
 
-def abstract_state(config: ml_collections.ConfigDict,
-                   sharding: jax.sharding.Sharding | None = None) -> MSFState:
-  """The shapes and dtypes of `create_state(config, ...)` (placed with `sharding`), computed
-  without building it: the target a checkpoint is restored into."""
+def bank_layout(config: ml_collections.ConfigDict, device_count: int) -> str:
+  """'replicated' or 'sharded': what config.msf.bank_layout means on `device_count` devices."""
+  return resolve_bank_layout(config.msf.get('bank_layout', 'auto'), config.msf.bank_size,
+                             device_count)
+
+
+def bank_specs(layout: str) -> mean_shift.MemoryBank:
+  """The bank's PartitionSpecs: rows (and their labels) split over the data axis when
+  sharded; the pointer always replicated."""
+  return mean_shift.MemoryBank(row_spec(2, layout), row_spec(1, layout), P())
+
+
+def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> MSFState:
+  """A NamedSharding for every leaf of the state: all replicated but the bank, which follows
+  config.msf.bank_layout on this mesh."""
   shapes = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      shapes)
+  specs = bank_specs(bank_layout(config, mesh.devices.size))
+  return jax.tree.map(lambda _: replicated(mesh), shapes).replace(
+      bank=mean_shift.MemoryBank(*(NamedSharding(mesh, spec) for spec in specs)))
+
+
+def put_state(state: MSFState, config: ml_collections.ConfigDict, mesh: Mesh) -> MSFState:
+  """Places a state (host or device arrays) on the mesh as the train step takes it."""
+  return jax.device_put(state, state_shardings(config, mesh))
+
+
+def init_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array) -> MSFState:
+  """`create_state` placed on the mesh as the train step takes it. A sharded bank is drawn
+  shard by shard, so no device ever holds all of it (the same draw; see `init_bank`)."""
+  shardings = state_shardings(config, mesh)
+  return put_state(create_state(config, rng, shardings.bank.embeddings), config, mesh)
+
+
+def abstract_state(config: ml_collections.ConfigDict,
+                   sharding: jax.sharding.Sharding | Any | None = None) -> MSFState:
+  """The shapes and dtypes of `create_state(config, ...)` placed with `sharding` (one for all
+  leaves, or a tree of them such as `state_shardings`), computed without building it: the
+  target a checkpoint is restored into."""
+  shapes = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        shapes)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, sharding)

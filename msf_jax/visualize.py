@@ -246,7 +246,7 @@ def retrieval_grid_from_features(
   (train_features, train_labels), (query_features, query_labels) = train, queries
   chosen = spread_queries(query_labels, num_queries)
   _, neighbours = nearest_neighbours(train_features, query_features[chosen],
-                                     min(k, len(train_features)))
+                                     min(k, len(train_features)), mesh=mesh)
   query_images, _ = centre_crop_images(query_split, chosen, image_size, mesh, batch_size)
   neighbour_images, _ = centre_crop_images(train_split, neighbours.ravel(), image_size, mesh,
                                            batch_size)

@@ -41,19 +41,22 @@ def host_share(batch: dict[str, np.ndarray], process_index: int, process_count: 
 
 
 def local_copy(tree):
-  """Host copies of a replicated pytree of global arrays (its first local shard)."""
+  """Host copies of a pytree of global arrays: a replicated one's first local shard, a
+  sharded one (the bank) gathered from all processes."""
   import jax
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  from jax.experimental import multihost_utils
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if x.is_fully_replicated
+                      else np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
 def train_one_step(out_dir: str) -> dict[str, np.ndarray]:
   import jax
-  from msf_jax import create_state, make_mesh, make_train_step, put_replicated
+  from msf_jax import create_state, make_mesh, make_train_step, put_state
   from msf_jax.checkpoint import Checkpointer, checkpoint_directory
   from msf_jax.data import pipeline
   config = step_config()
   mesh = make_mesh()
-  state = put_replicated(create_state(config, jax.random.key(0)), mesh)
+  state = put_state(create_state(config, jax.random.key(0)), config, mesh)
   host = host_share(global_batch(config), jax.process_index(), jax.process_count())
   train_step = make_train_step(config, mesh, steps_per_epoch=1, finish_views=False)
   state, metrics = train_step(state, pipeline.to_global(host, mesh))

@@ -6,12 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_replicated
+from jax.sharding import PartitionSpec as P
+
+from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_replicated, put_state
 from msf_jax.checkpoint import (CheckpointError, Checkpointer, checkpoint_directory,
                                 find_checkpoint_directory, resolve_step)
 from msf_jax.sharding import replicated
 from msf_jax.testing import random_batch, small_config
-from msf_jax.train_state import abstract_state
+from msf_jax.train_state import abstract_state, state_shardings
 
 from helpers import assert_trees_close
 
@@ -38,7 +40,7 @@ def test_saved_state_restores_exactly_onto_eight_devices_and_trains_on(tmp_path)
   assert checkpointer.all_steps() == [2, 3] and checkpointer.latest_step() == 3
 
   eight = make_mesh(jax.devices()[:8])
-  abstract = abstract_state(config, replicated(eight))
+  abstract = abstract_state(config, state_shardings(config, eight))
   restored = Checkpointer(str(tmp_path)).restore(abstract)
   assert_trees_close(restored, state, rtol=0)
   assert restored.bank.embeddings.sharding.mesh.devices.size == 8
@@ -55,6 +57,39 @@ def test_saved_state_restores_exactly_onto_eight_devices_and_trains_on(tmp_path)
   assert_trees_close(params, state.target['params']['backbone'], rtol=0)
   with pytest.raises(CheckpointError, match='no online.params.head'):
     Checkpointer(str(tmp_path)).restore_subtrees(3, [('online', 'params', 'head')])
+
+
+@pytest.mark.slow
+def test_a_sharded_bank_saved_on_eight_devices_resumes_on_four_and_on_one(tmp_path):
+  """A preempted v4-32 back as a v4-16: the bank's rows come back in the same order, split
+  over the new mesh (or whole on one device), and training goes on."""
+  config = small_config(image_size=8, small_stem=True, batch_size=16, bank_size=64)
+  config.model.width = 8
+  eight = make_mesh(jax.devices()[:8])
+  state = put_state(create_state(config, jax.random.key(0)), config, eight)
+  rng = np.random.default_rng(0)
+  bank = state.bank._replace(labels=jnp.arange(64, dtype=jnp.int32), ptr=jnp.int32(48))
+  state = put_state(state.replace(bank=bank), config, eight)
+  assert state.bank.embeddings.sharding.spec == P('data', None)
+  checkpointer = Checkpointer(str(tmp_path))
+  checkpointer.save(1, state)
+  checkpointer.wait()
+  for devices, spec in ((4, P('data', None)), (1, P())):
+    mesh = make_mesh(jax.devices()[:devices])
+    restored = Checkpointer(str(tmp_path)).restore(
+        abstract_state(config, state_shardings(config, mesh)))
+    assert restored.bank.embeddings.sharding.spec == spec
+    assert restored.bank.embeddings.sharding.mesh.devices.size == devices
+    assert_trees_close(restored, state, rtol=0)  # the same rows in the same order
+    np.testing.assert_array_equal(restored.bank.labels, np.arange(64))
+  four = make_mesh(jax.devices()[:4])
+  restored = Checkpointer(str(tmp_path)).restore(
+      abstract_state(config, state_shardings(config, four)))
+  stepped, metrics = make_train_step(config, four, STEPS_PER_EPOCH, finish_views=False)(
+      restored, put_batch(random_batch(rng, config), four))
+  assert int(stepped.bank.ptr) == 0 and np.isfinite(float(metrics['loss']))
+  assert (np.asarray(stepped.bank.labels[48:]) < 4).all()  # the batch went to rows 48-63
+  np.testing.assert_array_equal(stepped.bank.labels[:48], np.arange(48))
 
 
 def test_another_layout_or_config_is_a_clear_error_not_a_misload(tmp_path):

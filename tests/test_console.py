@@ -57,6 +57,11 @@ def test_config_summary_names_only_the_settings_that_apply():
   imagenet.msf.bank_search_dtype = 'bfloat16'
   assert ('bank of 1,024,000 rows searched in bfloat16 (best 512 re-scored in float32)'
           in console.config_summary(imagenet, 5004, 1_281_167))
+  assert ('bank of 1,024,000 rows sharded over 8 devices (128,000 each) searched in bfloat16'
+          in console.config_summary(imagenet, 5004, 1_281_167, device_count=8))
+  imagenet.msf.bank_layout = 'replicated'
+  assert ('bank of 1,024,000 rows replicated on each of 8 devices searched'
+          in console.config_summary(imagenet, 5004, 1_281_167, device_count=8))
 
 
 def test_closing_lines_point_at_the_results():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from msf_jax import (create_state, distributed, load_config, make_mesh, make_train_step,
-                     put_batch, put_replicated)
+                     put_batch, put_state)
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.sharding import replicated
 from msf_jax.train_state import abstract_state
@@ -205,7 +205,7 @@ def one_process_reference():
   with jax.enable_x64(True):
     config = step_config()
     mesh = make_mesh(jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
-    state = put_replicated(create_state(config, jax.random.key(0)), mesh)
+    state = put_state(create_state(config, jax.random.key(0)), config, mesh)
     train_step = make_train_step(config, mesh, steps_per_epoch=1, finish_views=False)
     state, metrics = train_step(state, put_batch(global_batch(config), mesh))
     return jax.device_get(state), float(metrics['loss'])

@@ -240,6 +240,8 @@ def test_an_msf_jax_checkpoint_with_nan_weights_is_refused(tmp_path):
      'msf.bank_search_candidates=10 must be more than msf.topk=10'),
     ({'msf.bank_search_dtype': 'bfloat16', 'msf.bank_search_candidates': 2000},
      'and at most msf.bank_size=1440'),
+    ({'msf.bank_layout': 'striped'},
+     "msf.bank_layout='striped' is not one of replicated, sharded, auto"),
 ])
 def test_config_errors_name_the_key_and_what_is_valid(settings, message):
   config = load_config(DIGITS)

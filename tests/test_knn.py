@@ -1,9 +1,11 @@
 """kNN with the train set scanned in chunks: the same neighbours and votes as brute force,
 whatever the chunking; several k and votes from one search."""
 
+import jax
 import numpy as np
 import pytest
 
+from msf_jax import make_mesh
 from msf_jax.evaluate.knn import knn_accuracies, knn_accuracy, knn_predict, nearest_neighbours
 
 from test_evaluate import brute_force_votes
@@ -30,6 +32,28 @@ def test_chunked_search_equals_a_stable_sort_of_all_similarities(train_chunk_siz
   np.testing.assert_array_equal(index, expected)
   np.testing.assert_allclose(similarity, np.take_along_axis(exact, expected, 1), atol=1e-5)
   assert list(index[0, :2]) == [3, 150]
+
+
+@pytest.mark.parametrize('k, train_chunk_size', [(20, 7), (30, 16384), (5, 64)])
+def test_train_features_sharded_over_eight_devices_give_the_same_neighbours(k, train_chunk_size):
+  """203 rows: 26 a device, the last device 21 and 5 rows of padding that never count; k = 30
+  is more than one device holds; row 150 (device 5) ties row 3 (device 0)."""
+  rng = np.random.default_rng(4)
+  train, queries = rng.standard_normal((203, 12)), rng.standard_normal((50, 12))
+  train[150] = train[3]
+  queries[0] = train[3]
+  options = dict(chunk_size=16, train_chunk_size=train_chunk_size)
+  expected = nearest_neighbours(train, queries, k, **options)
+  found = nearest_neighbours(train, queries, k, **options, mesh=make_mesh(jax.devices()[:8]))
+  np.testing.assert_array_equal(found[1], expected[1])
+  # A product of another shape may round a similarity's last bit otherwise (as chunks do).
+  np.testing.assert_allclose(found[0], expected[0], rtol=0, atol=2.5e-7)
+  assert list(found[1][0, :2]) == [3, 150] and found[1].max() < 203
+  labels = rng.integers(0, 5, 203)
+  query_labels = rng.integers(0, 5, 50)
+  assert knn_accuracies(train, labels, queries, query_labels, 5, ks=(1, 20),
+                        mesh=make_mesh(jax.devices()[:8])) == knn_accuracies(
+                            train, labels, queries, query_labels, 5, ks=(1, 20))
 
 
 def test_train_chunks_smaller_than_k_and_not_dividing_the_train_set_vote_as_brute_force():

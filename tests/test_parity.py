@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip(
     'torch', reason='parity tests need the PyTorch CPU reference: pip install torch==2.13.0')
 
-from msf_jax import make_mesh, put_batch, put_replicated, make_train_step  # noqa: E402
+from msf_jax import make_mesh, put_batch, put_state, make_train_step  # noqa: E402
 from msf_jax.interop import torch_checkpoint as tc  # noqa: E402
 from msf_jax.optim import peak_learning_rate  # noqa: E402
 
@@ -54,7 +54,7 @@ def run_both(tmp_path, config, steps, seed=0):
   state, config = tc.load_official_checkpoint(str(path), config, jax.random.key(seed))
   optimizer = torch_reference.make_optimizer(model, peak_learning_rate(config))
   mesh = make_mesh(jax.devices()[:1])
-  state = put_replicated(state, mesh)
+  state = put_state(state, config, mesh)
   train_step = make_train_step(config, mesh, steps_per_epoch=10, finish_views=False)
 
   rng = np.random.default_rng(seed)

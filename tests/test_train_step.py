@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from msf_jax import (create_state, load_config, make_mesh, make_train_step, mean_shift,
-                     put_batch, put_replicated)
+                     put_batch, put_replicated, put_state)
 from msf_jax.data import color
 from msf_jax.optim import learning_rate_schedule
 from msf_jax.train import make_train_step_fn
@@ -23,7 +23,7 @@ STEPS_PER_EPOCH = 10
 
 def run_steps(config, devices, batches, seed=0):
   mesh = make_mesh(devices)
-  state = put_replicated(create_state(config, jax.random.key(seed)), mesh)
+  state = put_state(create_state(config, jax.random.key(seed)), config, mesh)
   train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False)
   metrics = []
   for batch in batches:
@@ -94,7 +94,7 @@ def test_topk_ramp_starts_as_k_equals_one_and_reaches_k():
   state = create_state(config, jax.random.key(0))
   train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False,
                                finish_views=False)
-  metrics = [jax.device_get(train_step(put_replicated(state.replace(step=step), mesh),
+  metrics = [jax.device_get(train_step(put_state(state.replace(step=step), config, mesh),
                                        put_batch(batch, mesh))[1]) for step in (0, 10, 20)]
   assert [int(m['topk']) for m in metrics] == [1, 3, 5]
   assert [float(m['purity']) for m in metrics] == pytest.approx([1, 1 / 3, 1 / 5])
@@ -304,7 +304,7 @@ def test_fused_colour_stage_equals_finishing_the_views_first():
   then the step on finished views), on two devices."""
   config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32)
   mesh = make_mesh(jax.devices()[:2])
-  state = put_replicated(create_state(config, jax.random.key(0)), mesh)
+  state = put_state(create_state(config, jax.random.key(0)), config, mesh)
   host_batch = put_batch(random_host_batch(np.random.default_rng(5), config), mesh)
   fused = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False)
   two_programs = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False,

@@ -8,6 +8,11 @@ Memory is bounded by the chunk sizes, not by the data: queries are taken `chunk_
 time, and each query chunk scans the train set `train_chunk_size` rows at a time, keeping a
 running top-k (`mean_shift.top_k_similar`, the training step's bank search). ImageNet's 1.28M train
 features against 50,000 queries then need one chunk x train-chunk similarity block at a time.
+
+Given a mesh of several devices, the train features are split by rows over it as a sharded
+memory bank is (padded to a multiple of the devices), and searched by the same shared sharded
+top-k: each device holds and scans 1/devices of them, with the same neighbours, so a train set
+larger than one device's memory is no limit.
 """
 
 import functools
@@ -15,19 +20,44 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
 from msf_jax.mean_shift import l2_normalize, top_k_similar
+from msf_jax.sharding import DATA_AXIS, row_spec, rows_sharded
 
 VOTES = ('majority', 'weighted')
 DEFAULT_TEMPERATURE = 0.07
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'train_chunk_size'))
-def _chunk_neighbours(queries: jax.Array, train: jax.Array, k: int, train_chunk_size: int
+def _chunk_neighbours(queries: jax.Array, train: jax.Array, k: int, train_chunk_size: int,
+                      num_train: int | None = None, axis_name: str | None = None
                       ) -> tuple[jax.Array, jax.Array]:
   """(cosine similarities, train indices) [Q, k] of one query chunk: the shared chunked search,
-  with the train rows normalised chunk by chunk (the raw train set is the only full copy)."""
-  return top_k_similar(l2_normalize(queries), train, k, train_chunk_size, normalize_rows=True)
+  with the train rows normalised chunk by chunk (the raw train set is the only full copy);
+  with `axis_name`, `train` is this device's shard of rows and rows from `num_train` padding."""
+  return top_k_similar(l2_normalize(queries), train, k, train_chunk_size, normalize_rows=True,
+                       num_rows=num_train, axis_name=axis_name)
+
+
+@functools.lru_cache(maxsize=16)
+def _search(k: int, train_chunk_size: int, mesh: Mesh | None, num_train: int | None):
+  """The compiled search of one query chunk: on one device, or split by train rows over
+  `mesh` (queries replicated)."""
+  if mesh is None:
+    return jax.jit(functools.partial(_chunk_neighbours, k=k, train_chunk_size=train_chunk_size))
+  search = functools.partial(_chunk_neighbours, k=k, train_chunk_size=train_chunk_size,
+                             num_train=num_train, axis_name=DATA_AXIS)
+  return jax.jit(jax.shard_map(search, mesh=mesh, in_specs=(P(), row_spec(2, 'sharded')),
+                               out_specs=(P(), P()), check_vma=False))
+
+
+def place_train_features(train: np.ndarray, mesh: Mesh | None) -> jax.Array:
+  """The train features on one device (no mesh, or a mesh of one), else split by rows over
+  the mesh, padded with zero rows to a multiple of its devices."""
+  if mesh is None or mesh.devices.size == 1:
+    return jax.device_put(train)
+  padding = -len(train) % mesh.devices.size
+  return jax.device_put(np.pad(train, ((0, padding), (0, 0))), rows_sharded(mesh))
 
 
 def _check_votes(votes: tuple[str, ...]) -> None:
@@ -44,10 +74,12 @@ def _check_positive(**sizes: int) -> None:
 
 
 def nearest_neighbours(train_features, query_features, k: int, *, chunk_size: int = 1024,
-                       train_chunk_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+                       train_chunk_size: int = 16384, mesh: Mesh | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
   """(cosine similarities [Q, k], train indices [Q, k]) of each query's k nearest train
-  features, most similar first (ties: the lower train index first)."""
-  train = jnp.asarray(train_features, jnp.float32)
+  features, most similar first (ties: the lower train index first). With a `mesh` of several
+  devices, the train features are split by rows over it (`place_train_features`)."""
+  train = np.asarray(train_features, np.float32)
   queries = np.asarray(query_features, np.float32)
   if train.ndim != 2 or queries.ndim != 2 or train.shape[1] != queries.shape[1]:
     raise ValueError(f'Features must be [N, F] and [Q, F] with the same F; got train '
@@ -57,11 +89,14 @@ def nearest_neighbours(train_features, query_features, k: int, *, chunk_size: in
                      f'({train.shape[0]}), got {k}.')
   _check_positive(chunk_size=chunk_size, train_chunk_size=train_chunk_size)
   chunk_size = min(chunk_size, max(len(queries), 1))
+  mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
+  search = _search(k, train_chunk_size, mesh, len(train) if mesh else None)
+  train = place_train_features(train, mesh)
   out = []
   for start in range(0, len(queries), chunk_size):
     chunk = queries[start:start + chunk_size]
     padded = np.pad(chunk, ((0, chunk_size - len(chunk)), (0, 0)))  # one compiled shape
-    out.append(_chunk_neighbours(padded, train, k, train_chunk_size))  # async dispatch
+    out.append(search(padded, train))  # async dispatch
   if not out:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
   num_queries = len(queries)
@@ -112,13 +147,14 @@ def _checked_labels(train_labels, num_train: int, num_classes: int) -> np.ndarra
 
 def knn_predict(train_features, train_labels, query_features, k: int, num_classes: int,
                 vote: str = 'majority', temperature: float = DEFAULT_TEMPERATURE, seed: int = 0,
-                chunk_size: int = 1024, train_chunk_size: int = 16384) -> np.ndarray:
-  """Predicted labels [Q] of the queries."""
+                chunk_size: int = 1024, train_chunk_size: int = 16384,
+                mesh: Mesh | None = None) -> np.ndarray:
+  """Predicted labels [Q] of the queries (`mesh`: see `nearest_neighbours`)."""
   _check_votes((vote,))
   labels = _checked_labels(train_labels, len(train_features), num_classes)
   similarity, index = nearest_neighbours(train_features, query_features, k,
                                          chunk_size=chunk_size,
-                                         train_chunk_size=train_chunk_size)
+                                         train_chunk_size=train_chunk_size, mesh=mesh)
   return _votes(similarity, labels[index], num_classes, vote, temperature, seed, chunk_size)
 
 
@@ -133,11 +169,11 @@ def knn_accuracy(train_features, train_labels, query_features, query_labels, k: 
 def knn_accuracies(train_features, train_labels, query_features, query_labels,
                    num_classes: int, ks: tuple[int, ...] = (1, 20),
                    votes: tuple[str, ...] = VOTES, temperature: float = DEFAULT_TEMPERATURE,
-                   seed: int = 0, chunk_size: int = 1024, train_chunk_size: int = 16384
-                   ) -> dict[str, float]:
+                   seed: int = 0, chunk_size: int = 1024, train_chunk_size: int = 16384,
+                   mesh: Mesh | None = None) -> dict[str, float]:
   """{'knn/<vote>/k=<k>': top-1 accuracy} for every k and vote, from one search for max(ks):
   the k nearest are the first k of the max(ks) nearest. Each entry equals `knn_accuracy` with
-  the same arguments."""
+  the same arguments (`mesh`: see `nearest_neighbours`)."""
   _check_votes(votes)
   if not ks:
     raise ValueError('ks must name at least one k.')
@@ -145,7 +181,7 @@ def knn_accuracies(train_features, train_labels, query_features, query_labels,
   query_labels = np.asarray(query_labels)
   similarity, index = nearest_neighbours(train_features, query_features, max(ks),
                                          chunk_size=chunk_size,
-                                         train_chunk_size=train_chunk_size)
+                                         train_chunk_size=train_chunk_size, mesh=mesh)
   neighbour_labels = labels[index]
   return {f'knn/{vote}/k={k}': float(np.mean(
       _votes(similarity[:, :k], neighbour_labels[:, :k], num_classes, vote, temperature, seed,

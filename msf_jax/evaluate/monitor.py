@@ -42,6 +42,6 @@ class KnnMonitor:
                                       monitor.batch_size)
                      for split in (self.train, self.held_out))
     accuracies = knn_accuracies(*bank, *queries, self.train.num_classes, ks=tuple(monitor.ks),
-                                votes=('majority',))
+                                votes=('majority',), mesh=self.mesh)
     return MonitorResult({f'monitor/knn_k{k}': accuracies[f'knn/majority/k={k}']
                           for k in monitor.ks}, bank, queries)

@@ -169,7 +169,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   num_classes = train_split.num_classes
   runners: dict[str, Callable[[], dict[str, float]]] = {
       'knn': lambda: knn_accuracies(*features(train_split), *features(test_split), num_classes,
-                                    ks=tuple(config.knn.ks), seed=config.seed),
+                                    ks=tuple(config.knn.ks), seed=config.seed, mesh=mesh),
       'linear_fast': lambda: _prefixed('linear_fast', linear_probe_on_features(
           *features(train_split), *features(test_split), num_classes, **_linear_options(config))),
       'linear': lambda: _prefixed('linear', linear_probe(
