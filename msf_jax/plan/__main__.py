@@ -12,6 +12,7 @@ code (--cache_dir), so a second identical call is instant.
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import sys
 
@@ -85,7 +86,8 @@ def render(plan: dict) -> str:
   lines = [f"Plan for {tpu_slice['name']} (topology {tpu_slice['topology']}: "
            f"{tpu_slice['chips']} chips, {tpu_slice['hosts']} host(s)), ResNet-"
            f"{config['depth']} at {config['image_size']} px in {config['dtype']}, global batch "
-           f"{config['batch_size']}, bank {config['bank_size']:,} rows."]
+           f"{config['batch_size']}, bank {config['bank_size']:,} rows "
+           f"({config.get('bank_layout', 'replicated')})."]
   programs = list(plan['programs'].values())
   row = lambda label, cells: f'  {label:<28}' + ''.join(f'{c:>20}' for c in cells)
   lines.append(row('per chip', [p['name'] for p in programs]))
@@ -94,8 +96,9 @@ def render(plan: dict) -> str:
                      [f"{p['memory'][kind] / GIB:.3f}" for p in programs]))
   if generation:
     lines.append(row('  HBM GiB', [f"{generation['hbm_gib']:.1f}"] * len(programs)))
-  lines.append(row('GFLOP an image (XLA)', [f"{p['flops_per_image'] / 1e9:.2f}"
-                                            for p in programs]))
+  lines.append(row('GFLOP an image (XLA)', [
+      'not compiled' if math.isnan(p['flops_per_image']) else f"{p['flops_per_image'] / 1e9:.2f}"
+      for p in programs]))
   lines.append(row('GFLOP an image (architecture)',
                    [f"{p['architecture_flops_per_image'] / 1e9:.2f}" for p in programs]))
   lines.append(row('collectives a step', [_megabytes(sum(p['collectives'].values()))

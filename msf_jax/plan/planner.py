@@ -31,7 +31,7 @@ from msf_jax.plan import compiled as reading
 from msf_jax.plan.slices import Slice, tpu_devices
 from msf_jax.sharding import batch_sharded, make_mesh, replicated
 from msf_jax.train import make_train_step
-from msf_jax.train_state import abstract_state
+from msf_jax.train_state import abstract_state, bank_layout, state_shardings
 
 # (train images, classes) of TFDS datasets a plan may be asked for before they are prepared.
 KNOWN_DATASETS = {'imagenet2012': (1_281_167, 1000)}
@@ -171,7 +171,7 @@ def backbone_flops_per_image(config: ml_collections.ConfigDict, variables: Any) 
 def train_program(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int,
                   hbm_bytes: int | None = None) -> ProgramPlan:
   """The train step as `train_loop` builds it, for the abstract state and batch."""
-  state = abstract_state(config, replicated(mesh))
+  state = abstract_state(config, state_shardings(config, mesh))
   batch = _placed(pipeline.train_batch_spec(config.batch_size, config.image_size,
                                             config.data.pairing), batch_sharded(mesh))
   return _compile('train step', make_train_step(config, mesh, steps_per_epoch), (state, batch),
@@ -236,8 +236,14 @@ def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_byte
     advice.append(f'--config.batch_size={images * program.devices} ({images} a chip)')
   if program.name == 'train step':
     row_bytes = projection_dim(config.model) * 4 + 4
-    bank_bytes = config.msf.bank_size * row_bytes
-    rows = int((hbm_bytes - (memory['total'] - bank_bytes)) // row_bytes)
+    shards = program.devices if bank_layout(config, program.devices) == 'sharded' else 1
+    bank_bytes = config.msf.bank_size * row_bytes // shards
+    if shards == 1 and program.devices > 1 and config.msf.bank_size % program.devices == 0:
+      if memory['total'] - bank_bytes * (1 - 1 / program.devices) <= hbm_bytes:
+        advice.append(f'--config.msf.bank_layout=sharded (each chip then holds 1/'
+                      f'{program.devices} of the bank, {_gib(bank_bytes / program.devices):.2f}'
+                      ' GiB)')
+    rows = int((hbm_bytes - (memory['total'] - bank_bytes)) // row_bytes) * shards
     rows -= rows % config.batch_size
     if config.batch_size <= rows < config.msf.bank_size:
       advice.append(f'--config.msf.bank_size={rows}')
@@ -282,7 +288,9 @@ def plan_run(config: ml_collections.ConfigDict, tpu_slice: Slice,
       'slice': dataclasses.asdict(tpu_slice) | {'host_vcpus': tpu_slice.host_vcpus},
       'config': {'batch_size': config.batch_size, 'image_size': config.image_size,
                  'depth': config.model.depth, 'dtype': config.model.dtype,
-                 'bank_size': config.msf.bank_size, 'num_epochs': config.num_epochs,
+                 'bank_size': config.msf.bank_size,
+                 'bank_layout': bank_layout(config, tpu_slice.chips),
+                 'num_epochs': config.num_epochs,
                  'train_examples': train_examples, 'steps_per_epoch': steps_per_epoch},
       'programs': {p.name: dataclasses.asdict(p) | {'flops_per_image': p.flops_per_image}
                    for p in compiled},
