@@ -127,15 +127,23 @@ def test_tpu_topology_without_libtpu_says_how_to_install_it(monkeypatch):
 
 
 @needs_libtpu
-def test_a_bank_that_cannot_fit_exits_1_with_one_sentence(tmp_path):
-  """200,000,000 rows of ResNet-18's 128-d embeddings (96 GiB with their labels) on 16 GiB
-  chips: refused before compiling, with a bank size that would fit."""
-  result = _plan([*SMALL_RECIPE, '--config.msf.bank_size=200000000', '--topology=v5e:2x2',
-                  '--programs=train'], tmp_path)
+@pytest.mark.parametrize('layout, rows, needed, remedy', [
+    # 200,000,000 rows of ResNet-18's 128-d embeddings and labels (96 GiB), a quarter a chip.
+    ('auto', 200_000_000, 'needs 24.2 GiB a chip', '--config.msf.bank_size=132058688'),
+    # 40,960,000 rows (19.7 GiB) on every chip; a quarter would fit.
+    ('replicated', 40_960_000, 'needs 19.8 GiB a chip', '--config.msf.bank_layout=sharded'),
+])
+def test_a_bank_that_cannot_fit_exits_1_with_one_sentence(layout, rows, needed, remedy, tmp_path):
+  """Refused before compiling (the state alone overflows a v5e chip's 16 GiB), with one
+  sentence that says what would fit."""
+  result = _plan([*SMALL_RECIPE, f'--config.msf.bank_size={rows}',
+                  f'--config.msf.bank_layout={layout}', '--topology=v5e:2x2', '--programs=train'],
+                 tmp_path)
   assert result.returncode == 1, result.stderr[-3000:]
   sentence = result.stderr.strip().splitlines()[-1]
-  assert sentence.startswith('The train step needs 96.2 GiB a chip') and 'a v5e chip has 16.0 GiB' in sentence
-  assert '--config.msf.bank_size=' in sentence and 'Fits: no' in result.stdout
+  assert sentence.startswith(f'The train step {needed} and a v5e chip has 16.0 GiB: it would '
+                             'fit with ')
+  assert remedy in sentence and 'Fits: no' in result.stdout
 
 
 @needs_libtpu
