@@ -339,7 +339,7 @@ def test_step_on_uint8_views_equals_the_step_on_their_float_levels():
   1.5e-6 of their scale apart, bank rows 4.8e-6)."""
   config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32)
   mesh = make_mesh(jax.devices()[:2])
-  state = put_replicated(create_state(config, jax.random.key(0)), mesh)
+  state = put_state(create_state(config, jax.random.key(0)), config, mesh)
   as_uint8 = random_host_batch(np.random.default_rng(6), config)
   assert as_uint8['online'].dtype == as_uint8['target'].dtype == np.uint8
   views_as = lambda convert: {**as_uint8, **{key: convert(as_uint8[key].astype(np.float32))
