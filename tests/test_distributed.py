@@ -278,14 +278,19 @@ def test_each_epoch_reads_every_example_at_most_once_across_processes(job):
 
 
 
+def two_process_flags(workdir, folder, num_epochs: int) -> list[str]:
+  """msf_jax.main's flags for both processes of a job on `folder` (all but --process_id),
+  checkpointing every 2 steps of 3 an epoch."""
+  return [f'--config={TRAIN_CONFIG}', f'--workdir={workdir}',
+          *main_overrides(folder, num_epochs=num_epochs, **{'checkpoint.every_epochs': 2 / 3}),
+          f'--coordinator_address=127.0.0.1:{free_port()}', f'--num_processes={PROCESSES}']
+
+
 @pytest.mark.slow
 def test_training_program_runs_as_two_processes(tmp_path, folder):
   # 27 images, batch 8: 3 steps, checkpoints at 2 and 3, written by both processes.
   skip_without_cpu_collectives()
-  port = free_port()
-  flags = [f'--config={TRAIN_CONFIG}', f'--workdir={tmp_path}',
-           *main_overrides(folder, num_epochs=1, **{'checkpoint.every_epochs': 2 / 3}),
-           f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={PROCESSES}']
+  flags = two_process_flags(tmp_path, folder, num_epochs=1)
   _, outputs = run_processes([[sys.executable, '-m', 'msf_jax.main', *flags,
                                f'--process_id={p}'] for p in range(PROCESSES)])
   for p, output in enumerate(outputs):
@@ -304,10 +309,7 @@ def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path, fo
   # Process 1 gets Ctrl-C after its save of step 2; process 0 gets none. Both must save the
   # same step together and exit 130, and only process 0 prints where and how to resume.
   skip_without_cpu_collectives()
-  port = free_port()
-  flags = [f'--config={TRAIN_CONFIG}', f'--workdir={tmp_path}',
-           *main_overrides(folder, num_epochs=100, **{'checkpoint.every_epochs': 2 / 3}),
-           f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={PROCESSES}']
+  flags = two_process_flags(tmp_path, folder, num_epochs=100)
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CTRL_C_AFTER_STEP': '2',
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}'}
   programs = [['-m', 'msf_jax.main'], [os.path.join(REPO, 'tests', 'interrupt_worker.py')]]
