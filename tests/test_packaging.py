@@ -163,12 +163,17 @@ def test_the_wheel_declares_its_requirements_and_imports_installed(tmp_path):
              for path in package_files()]
   if importlib.util.find_spec('torch') is None:
     modules.remove(f'{PACKAGE}.testing.torch_reference')
-  script = ('import importlib, sys\n'
-            f'for name in {modules!r}:\n'
-            '  importlib.import_module(name)\n'
-            f'print(sys.modules[{PACKAGE!r}].__file__)\n')
-  env = {**os.environ, 'PYTHONPATH': str(target), 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  result = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().startswith(str(target)), result.stdout
+  # The planner's command line defines absl flags of the same names as msf_jax.main's (both
+  # take --config): each is a program of its own, so it is imported in a process of its own.
+  planner_cli = f'{PACKAGE}.plan.__main__'
+  modules.remove(planner_cli)
+  for group in (modules, [planner_cli]):
+    script = ('import importlib, sys\n'
+              f'for name in {group!r}:\n'
+              '  importlib.import_module(name)\n'
+              f'print(sys.modules[{PACKAGE!r}].__file__)\n')
+    env = {**os.environ, 'PYTHONPATH': str(target), 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+    result = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().startswith(str(target)), result.stdout
