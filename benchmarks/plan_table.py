@@ -2,6 +2,11 @@
 (slice, global batch), two compiles at a time, then one Markdown table for RESULTS.md.
 
   python benchmarks/plan_table.py --out runs/plan_table
+  python benchmarks/plan_table.py --out runs/bank_plans --slices v5e-8 v5e-64 --batches 256 \
+      --banks 1024000 4096000 16384000 --layouts replicated sharded
+
+With --banks and --layouts, one plan a (slice, batch, bank rows, layout), and the table shows
+the train step's memory by kind and its collectives: the bank layouts side by side.
 
 Each plan is a separate `msf_jax.plan` process (its JSON in --out, its console output beside
 it); a plan whose JSON is already in --out is read, not made again. Needs libtpu
@@ -21,15 +26,34 @@ SLICES = ('v4-8', 'v4-32', 'v5e-8', 'v5e-64', 'v5p-8', 'v6e-8')
 BATCHES = (256, 4096)  # the paper's; a large-batch variant (lr scales with batch / 256)
 
 
-def plan(slice_name: str, batch: int, out: str, config: str, extra: list[str]) -> dict:
-  """Runs the planner for one (slice, batch); returns its JSON (with the exit status)."""
-  stem = os.path.join(out, f'{slice_name}_b{batch}')
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One plan: a slice and global batch, and optionally a bank size and layout."""
+  slice_name: str
+  batch: int
+  bank: int | None = None
+  layout: str | None = None
+
+  @property
+  def stem(self) -> str:
+    bank = f'_bank{self.bank}' if self.bank else ''
+    return f'{self.slice_name}_b{self.batch}{bank}' + (f'_{self.layout}' if self.layout else '')
+
+  @property
+  def flags(self) -> list[str]:
+    bank = [f'--config.msf.bank_size={self.bank}'] if self.bank else []
+    return bank + ([f'--config.msf.bank_layout={self.layout}'] if self.layout else [])
+
+
+def plan(job: Job, out: str, config: str, extra: list[str]) -> dict:
+  """Runs the planner for one job; returns its JSON (with the exit status)."""
+  stem = os.path.join(out, job.stem)
   if os.path.exists(f'{stem}.json'):  # made by an earlier call: --out is the record
     with open(f'{stem}.json') as f:
       return json.load(f)
   command = [sys.executable, '-m', 'msf_jax.plan', f'--config={config}',
-             f'--topology={slice_name}', f'--config.batch_size={batch}', '--programs=train',
-             f'--json={stem}.json', *extra]
+             f'--topology={job.slice_name}', f'--config.batch_size={job.batch}',
+             '--programs=train', f'--json={stem}.json', *job.flags, *extra]
   with open(f'{stem}.txt', 'w') as log:
     status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
   if not os.path.exists(f'{stem}.json'):
@@ -51,15 +75,15 @@ def run_figures(result: dict) -> dict:
                               planner.INPUT_SAMPLES_PER_CORE)
 
 
-def row(slice_name: str, batch: int, result: dict) -> str:
+def row(job: Job, result: dict) -> str:
   if 'error' in result:
-    return f'| {slice_name} | {batch} | {result["error"]} |' + ' |' * 6
+    return f'| {job.slice_name} | {job.batch} | {result["error"]} |' + ' |' * 6
   train = result['programs']['train step']
   fits = 'yes' if result['fits'] else 'no'
   xla, ours = train['flops_per_image'] / 1e9, train['architecture_flops_per_image'] / 1e9
   flops = f'{xla:.1f} ({ours:.1f})'
-  cells = [slice_name, f'{batch:,}', fits, f"{train['memory']['total'] / 2**30:.2f}", flops,
-           f"{sum(train['collectives'].values()) / 1e6:,.0f}"]
+  cells = [job.slice_name, f'{job.batch:,}', fits, f"{train['memory']['total'] / 2**30:.2f}",
+           flops, f"{sum(train['collectives'].values()) / 1e6:,.0f}"]
   if result['fits']:
     run = run_figures(result)
     cells += [f"{run['step_seconds'] * 1e3:.1f}-{run['pessimistic_step_seconds'] * 1e3:.1f} "
@@ -73,27 +97,53 @@ def row(slice_name: str, batch: int, result: dict) -> str:
   return '| ' + ' | '.join(cells) + ' |'
 
 
+def bank_row(job: Job, result: dict) -> str:
+  """A bank layout's row: the train step's memory by kind a chip and its collectives."""
+  head = f'| {job.slice_name} | {job.bank:,} | {job.layout} |'
+  if 'error' in result:
+    return f'{head} {result["error"]} |' + ' |' * 4
+  train = result['programs']['train step']
+  memory = {kind: f'{size / 2**30:.2f}' for kind, size in train['memory'].items()}
+  compiled = train['compile_seconds'] > 0
+  fits = 'yes' if result['fits'] else ('no' if compiled else 'no: refused before compiling')
+  collectives = ', '.join(f'{kind} {size / 1e6:,.1f} MB'
+                          for kind, size in train['collectives'].items()) or '—'
+  temporaries = memory['temporaries'] if compiled else '—'
+  return (f"{head} {memory['state']} | {temporaries} | {memory['total']} | {fits} | "
+          f'{collectives} |')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', default=os.path.join(REPO, 'runs', 'plan_table'))
   parser.add_argument('--config', default='configs/imagenet_msf.py')
   parser.add_argument('--slices', nargs='+', default=SLICES)
   parser.add_argument('--batches', nargs='+', type=int, default=BATCHES)
+  parser.add_argument('--banks', nargs='+', type=int, default=[None],
+                      help="Bank rows (default: the config's).")
+  parser.add_argument('--layouts', nargs='+', default=[None], choices=('replicated', 'sharded'),
+                      help="msf.bank_layout (default: the config's).")
   parser.add_argument('--parallel', type=int, default=2)
   args, extra = parser.parse_known_args()
   os.makedirs(args.out, exist_ok=True)
-  jobs = [(s, b) for b in args.batches for s in args.slices]
+  jobs = [Job(s, b, bank, layout) for b in args.batches for s in args.slices
+          for bank in args.banks for layout in args.layouts]
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-    results = list(pool.map(lambda job: plan(*job, args.out, args.config, extra), jobs))
-  print('| slice | global batch | fits | GiB a chip | GFLOP an image, XLA (architecture) | '
-        'collective MB a step | step ms, bound-estimate (images/s) | feed a host at the bound, '
-        'images/s = cores | chip-hours for 200 epochs, bound-estimate |')
-  print('|---|---|---|---|---|---|---|---|---|')
-  for (slice_name, batch), result in zip(jobs, results):
-    print(row(slice_name, batch, result))
-  for (slice_name, batch), result in zip(jobs, results):
+    results = list(pool.map(lambda job: plan(job, args.out, args.config, extra), jobs))
+  if args.banks != [None] and args.layouts != [None]:
+    print('| slice | bank rows | layout | state GiB | temporaries GiB | total GiB a chip | fits '
+          '| collectives a step |')
+    print('|---|---|---|---|---|---|---|---|')
+    print('\n'.join(bank_row(job, result) for job, result in zip(jobs, results)))
+  else:
+    print('| slice | global batch | fits | GiB a chip | GFLOP an image, XLA (architecture) | '
+          'collective MB a step | step ms, bound-estimate (images/s) | feed a host at the '
+          'bound, images/s = cores | chip-hours for 200 epochs, bound-estimate |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    print('\n'.join(row(job, result) for job, result in zip(jobs, results)))
+  for job, result in zip(jobs, results):
     for sentence in result.get('does_not_fit', []):
-      print(f'\n{slice_name}, batch {batch}: {sentence}')
+      print(f'\n{job.stem}: {sentence}')
 
 
 if __name__ == '__main__':
