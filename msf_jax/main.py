@@ -20,21 +20,18 @@ import os
 import shlex
 import sys
 import tempfile
-import traceback
 
-# TensorFlow's C++ INFO lines stay off the console; set before TensorFlow is first imported.
-# TensorFlow 2.21 announces its oneDNN kernels whatever the log level; they serve its own
-# matrix ops, which tf.data's decoding and cropping do not use, so they are switched off.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+from msf_jax import cli
+
+cli.quiet_tensorflow()  # before TensorFlow is first imported
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from msf_jax import console, demo, distributed, train_loop  # noqa: E402
 from msf_jax.checkpoint import CheckpointError  # noqa: E402
+from msf_jax.cli import hinted  # noqa: E402
 from msf_jax.config_utils import ConfigError  # noqa: E402
 from msf_jax.data import pipeline  # noqa: E402
 from msf_jax.data.sources import DatasetNotFoundError  # noqa: E402
@@ -58,8 +55,7 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 
-TRACEBACK_VARIABLE = 'MSF_JAX_TRACEBACK'  # set (to anything but 0) to see tracebacks
-EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 130  # 130 = 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 FLAGS_HINT = 'python -m msf_jax.main --helpshort lists the flags.'
 
 
@@ -77,12 +73,6 @@ USER_ERRORS = (ConfigError, CheckpointError, WorkdirError, WorkdirBusyError,
                DatasetNotFoundError, FileNotFoundError, train_loop.NonFiniteLossError)
 
 
-def _hinted(error: Exception, hint: str) -> Exception:
-  """`error` with a `hint` line to print under it."""
-  error.hint = hint
-  return error
-
-
 def _prepare_workdir(workdir: str) -> None:
   """Creates the workdir and checks that it can be written, before anything is computed.
   A bucket (gs://) is left to the writes themselves."""
@@ -93,76 +83,9 @@ def _prepare_workdir(workdir: str) -> None:
     with tempfile.TemporaryFile(dir=workdir):
       pass
   except OSError as e:
-    raise _hinted(WorkdirError(f'--workdir={workdir} cannot be used: {e.strerror or e}.'),
+    raise hinted(WorkdirError(f'--workdir={workdir} cannot be used: {e.strerror or e}.'),
                   'Give a folder this user can create and write, e.g. --workdir=runs/NAME.'
                   ) from e
-
-
-def _config_file_error(path: str) -> ConfigError:
-  """What is wrong with the --config file that ml_collections could not load."""
-  if not os.path.exists(path):
-    problem = 'there is no such file'
-  elif os.path.isdir(path):
-    problem = 'it is a folder'
-  else:
-    problem = 'it cannot be read'
-  where = '' if os.path.isabs(path) else f' (from {os.getcwd()})'
-  return _hinted(ConfigError(f'--config={path}: {problem}{where}.'),
-                 'Give the path of a config file, e.g. --config=configs/digits_msf.py.')
-
-
-def _config_path(argv: list[str]) -> str:
-  """The file of the last --config=PATH[:ARG] in `argv` ('' without one)."""
-  values = [arg.split('=', 1)[1] for arg in argv if arg.startswith('--config=')]
-  return values[-1].split(':')[0] if values else ''
-
-
-def _config() -> ml_collections.ConfigDict:
-  """The --config flag's config, read now: ml_collections defers the error of a file it
-  could not load to the first use, as two chained tracebacks."""
-  try:
-    _CONFIG.value.get('mode')
-  except OSError as e:
-    path = config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
-    raise _config_file_error(path) from e
-  return _CONFIG.value
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with its errors as ConfigErrors: a bad flag (absl prints the usage
-  and exits), an override of a setting the config has not or a config file that does not
-  parse (ml_collections raises from inside absl)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    raise _hinted(ConfigError(str(e)), FLAGS_HINT) from e
-  except (AttributeError, KeyError) as e:
-    raise _hinted(ConfigError(f'A --config. override names a setting the config does not have: '
-                              f'{_unquoted(e)}'), FLAGS_HINT) from e
-  except SyntaxError as e:
-    raise ConfigError(f'The config file {e.filename} does not parse: {e.msg} (line '
-                      f'{e.lineno}).') from e
-  except OSError as e:  # a --config.* override of a config file that could not be loaded
-    raise _config_file_error(_config_path(argv)) from e
-
-
-def _unquoted(error: BaseException) -> str:
-  """ml_collections' message inside an AttributeError(KeyError): without the quotes and
-  escapes that each wrapping added."""
-  text = str(error)
-  while len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
-    text = text[1:-1].encode().decode('unicode_escape')
-  return text
-
-
-def one_line(message: str) -> str:
-  """A message on one line: its lines joined; a traceback quoted inside it (ml_collections
-  quotes one when a config file raises) reduced to its last line."""
-  before, marker, after = message.partition('Traceback (most recent call last)')
-  lines = [line.strip() for line in before.splitlines() if line.strip()]
-  if marker:
-    lines += [line.strip() for line in after.splitlines() if line.strip()][-1:]
-  return ' '.join(lines)
 
 
 def _log_files() -> list[python_logging.FileHandler]:
@@ -179,22 +102,12 @@ def _to_log_files(message: str, error: BaseException | None = None) -> None:
     handler.handle(record)
 
 
-def _show_tracebacks() -> bool:
-  """--verbosity=1 (absl's flag) or MSF_JAX_TRACEBACK=1."""
-  if os.environ.get(TRACEBACK_VARIABLE, '0') not in ('', '0'):
-    return True
-  return flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1
-
-
 def _tell(lines: list[str], error: BaseException | None = None) -> None:
   """Prints `lines` on process 0's console (the traceback of `error` first where asked for)
   and writes both to this process's log file."""
   _to_log_files('\n'.join(lines), error)
-  if _RUN['process_index'] != 0:
-    return
-  if error is not None and _show_tracebacks():
-    traceback.print_exception(error, file=sys.stderr)
-  print('\n'.join(lines), file=sys.stderr, flush=True)
+  if _RUN['process_index'] == 0:
+    cli.tell(lines, error)
 
 
 def resume_command() -> str:
@@ -206,17 +119,13 @@ def run(argv: list[str] | None = None) -> None:
   """The program: absl's flag parsing and `main`, with the user's mistakes and Ctrl-C as a
   few lines and an exit status; a bug propagates with its traceback."""
   try:
-    app.run(main, argv, flags_parser=_parse_flags)
+    cli.run(main, argv, FLAGS_HINT, USER_ERRORS, _tell)
   except train_loop.TrainingInterrupted as e:
     _tell([str(e), f'Resume with: {resume_command()}'])
     sys.exit(EXIT_INTERRUPTED)
   except KeyboardInterrupt as e:
     _tell(['Interrupted (Ctrl-C).'], e)
     sys.exit(EXIT_INTERRUPTED)
-  except USER_ERRORS as e:
-    hint = getattr(e, 'hint', None)
-    _tell([f'error: {one_line(str(e))}', *([f'hint: {hint}'] if hint else [])], e)
-    sys.exit(EXIT_USER_ERROR)
 
 
 def main(argv) -> None:
@@ -228,12 +137,12 @@ def main(argv) -> None:
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:  # its own checks of the three flags
-    raise _hinted(ConfigError(str(e)), FLAGS_HINT) from e
+    raise hinted(ConfigError(str(e)), FLAGS_HINT) from e
   _RUN['process_index'] = jax.process_index()
   workdir = _WORKDIR.value
   _prepare_workdir(workdir)
   log_path = console.log_to_file(workdir, jax.process_index())
-  config = _config()
+  config = cli.read_config(_CONFIG)
   mode = config.get('mode', 'train')
   if mode not in MODES:
     raise ConfigError(f'config.mode must be one of {sorted(MODES)}, got {mode!r}.')

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from msf_jax import make_mesh
-from msf_jax.evaluate.knn import knn_accuracies, knn_accuracy, knn_predict, nearest_neighbours
+from msf_jax.evaluate.knn import (knn_accuracies, knn_accuracy, knn_predict, nearest_neighbours,
+                                  place_train_features, train_features_spec)
 
 from test_evaluate import brute_force_votes
 
@@ -54,6 +55,17 @@ def test_train_features_sharded_over_eight_devices_give_the_same_neighbours(k, t
   assert knn_accuracies(train, labels, queries, query_labels, 5, ks=(1, 20),
                         mesh=make_mesh(jax.devices()[:8])) == knn_accuracies(
                             train, labels, queries, query_labels, 5, ks=(1, 20))
+
+
+@pytest.mark.parametrize('devices', [1, 8])
+def test_the_planned_train_features_are_those_the_search_holds(devices):
+  """msf_jax.plan compiles the kNN search for `train_features_spec`: the padded shape, type and
+  placement `place_train_features` gives the real features."""
+  mesh = make_mesh(jax.devices()[:devices])
+  placed = place_train_features(np.ones((203, 12), np.float32), mesh)
+  spec = train_features_spec(203, 12, mesh)
+  assert (spec.shape, spec.dtype) == (placed.shape, placed.dtype)
+  assert spec.sharding.is_equivalent_to(placed.sharding, 2)
 
 
 def test_train_chunks_smaller_than_k_and_not_dividing_the_train_set_vote_as_brute_force():

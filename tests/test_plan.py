@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from msf_jax.config_utils import load_config
 from msf_jax.plan import compiled, parse_slice, planner, slices
 from msf_jax.testing import REPO
 
@@ -28,15 +29,26 @@ SMALL_RECIPE = ['--config=configs/imagenet_msf.py', '--config.model.depth=18',
     ('v4-8', 'v4:2x2x1', 4, 1), ('v4-32', 'v4:2x2x4', 16, 4), ('v4-128', 'v4:4x4x4', 64, 16),
     ('v5e-8', 'v5e:2x4', 8, 1), ('v5litepod-16', 'v5e:4x4', 16, 4),
     ('v5e-64', 'v5e:8x8', 64, 16), ('v5p-8', 'v5p:2x2x1', 4, 1), ('v6e-8', 'v6e:2x4', 8, 1),
-    ('v6e-256', 'v6e:16x16', 256, 64), ('v5e:2x2', 'v5e:2x2', 4, 1), ('cpu:8', 'cpu:8', 8, 1)])
+    ('v6e-256', 'v6e:16x16', 256, 64), ('v5e:2x2', 'v5e:2x2', 4, 1), ('cpu:8', 'cpu:8', 8, 1),
+    ('v5litepod-1', 'v5e:1x1', 1, 1)])
 def test_slice_names_map_to_compiler_topologies(name, topology, chips, hosts):
   tpu_slice = parse_slice(name)
   assert (tpu_slice.topology, tpu_slice.chips, tpu_slice.hosts) == (topology, chips, hosts)
 
 
+def test_a_slice_it_does_not_know_is_one_error_line(tmp_path):
+  """No traceback and nothing from TensorFlow on the console: the one line that says what
+  the planner knows."""
+  result = _plan(['--config=configs/imagenet_msf.py', '--topology=v3-8'], tmp_path)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      "error: Unknown TPU generation in 'v3-8': the planner knows v4, v5e, v5p, v6e (v5litepod "
+      'is v5e).']
+
+
 @pytest.mark.parametrize('name', ['v3-8', 'v5e-12', 'tpu', 'v5e'])
 def test_unknown_slices_are_refused_with_what_is_known(name):
-  with pytest.raises(ValueError, match=r'v5e|power-of-two'):
+  with pytest.raises(slices.SliceError, match=r'v5e|power-of-two'):
     parse_slice(name)
 
 
@@ -99,8 +111,8 @@ def test_cpu_plan_runs_without_libtpu_and_is_cached(tmp_path):
   XLA also counts the elementwise work: the colour stage (about 1.8 MFLOP an image at 32 px),
   BatchNorm, the optimizer and the EMA. Next to ResNet-18's 0.6 GFLOP an image that is within
   a few percent (with width 16 it was 12%: 16.6 against 14.8 MFLOP)."""
-  arguments = [*SMALL_RECIPE, '--config.batch_size=64',
-               '--topology=cpu:2', '--programs=train,features', f'--json={tmp_path / "plan.json"}']
+  arguments = [*SMALL_RECIPE, '--config.batch_size=64', '--topology=cpu:2',
+               '--programs=train,features,knn', f'--json={tmp_path / "plan.json"}']
   first = _plan(arguments, tmp_path, WITHOUT_LIBTPU)
   assert first.returncode == 0, first.stderr[-3000:]
   plan = json.loads((tmp_path / 'plan.json').read_text())
@@ -111,6 +123,7 @@ def test_cpu_plan_runs_without_libtpu_and_is_cached(tmp_path):
                                                    rel=0.05)
   assert train['collectives'].get('all-reduce', 0) > 0
   assert 'GFLOP an image (XLA)' in first.stdout
+  assert "kNN search: XLA counts a loop's body once (1 while loop(s) in it)" in first.stdout
   second = _plan(arguments, tmp_path, WITHOUT_LIBTPU)
   assert second.returncode == 0 and '(cached plan' in second.stdout
   assert json.loads((tmp_path / 'plan.json').read_text()) == plan
@@ -122,7 +135,7 @@ def test_tpu_topology_without_libtpu_says_how_to_install_it(monkeypatch):
 
   monkeypatch.setattr(slices.topologies, 'get_topology_desc', no_tpu_plugin)
   monkeypatch.setattr(slices, '_has_libtpu', lambda: False)
-  with pytest.raises(RuntimeError, match=r'pip install "jax\[tpu\]==0.10.2".*cpu:8'):
+  with pytest.raises(slices.SliceError, match=r'pip install "jax\[tpu\]==0.10.2".*cpu:8'):
     slices.tpu_devices(parse_slice('v5e-8'))
 
 
@@ -166,6 +179,50 @@ def test_small_recipe_compiles_for_tpu_topologies(topology, tmp_path):
                                                    rel=0.05)
   assert train['collectives']['all-reduce'] > 11e6 * 2  # ResNet-18's gradients, at least bf16
   assert plan['run']['step_seconds'] > 0 and plan['run']['chip_hours'] > 0
+
+
+def _knn_plan(topology: str, train_examples: int, monkeypatch, depth: int = 50) -> dict:
+  """The kNN search planned in this process (no compile of a network: quick)."""
+  monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  config = load_config(os.path.join(REPO, 'configs', 'imagenet_msf.py'))
+  with config.unlocked():
+    config.model.depth = depth
+  return planner.plan_run(config, parse_slice(topology), ('knn',), train_examples, 1000)
+
+
+@needs_libtpu
+def test_the_knn_search_holds_a_share_of_the_train_features_and_gathers_no_more(monkeypatch):
+  """100,000 train features of ResNet-18 (512 floats) over a v5e:2x2: a quarter a chip, the
+  query chunk replicated; only the chips' candidates ([1,024 x 20] each) are gathered."""
+  plan = _knn_plan('v5e:2x2', 100_000, monkeypatch, depth=18)
+  search = plan['programs']['kNN search']
+  assert plan['fits'] and search['memory']['state'] == 25_000 * 512 * 4
+  assert search['memory']['batch'] == 1024 * 512 * 4
+  assert 0 < sum(search['collectives'].values()) <= 4 * 1024 * 20 * 8
+  # The chunked scan is a loop whose body XLA counts once: a chunk's FLOPs, not the share's.
+  assert search['while_loops'] >= 1
+  assert search['architecture_flops_per_image'] == 2 * 100_000 * 512
+
+
+@needs_libtpu
+@pytest.mark.parametrize('name', ['v5litepod-1', 'v5e-4', 'v4-8', 'v4:1x1x1'])
+def test_the_compiler_gives_a_device_for_each_chip(name, monkeypatch):
+  """Slices smaller than a host too (v5e-1), and megacore chips (v4) as one device each."""
+  monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  tpu_slice = parse_slice(name)
+  assert len(slices.tpu_devices(tpu_slice)) == tpu_slice.chips
+
+
+@needs_libtpu
+def test_a_knn_set_too_large_for_the_slice_is_refused_with_the_chips_it_needs(monkeypatch):
+  """ImageNet-21k's 14,197,122 ResNet-50 features (2,048 floats, 108 GiB) on 4 v5e chips:
+  27 GiB a chip, refused before compiling; 7 chips would each hold 15.5 GiB of them."""
+  plan = _knn_plan('v5e:2x2', 14_197_122, monkeypatch)
+  assert not plan['fits'] and plan['programs']['kNN search']['compile_seconds'] == 0
+  assert plan['does_not_fit'] == [
+      'The kNN search needs 27.1 GiB a chip and a v5e chip has 16.0 GiB: it would fit with a '
+      'slice of at least 7 chips (each holding its share of the 108.3 GiB of train '
+      'features).']
 
 
 @pytest.mark.parametrize('message, needed', [

@@ -27,6 +27,9 @@ from msf_jax.sharding import DATA_AXIS, row_spec, rows_sharded
 
 VOTES = ('majority', 'weighted')
 DEFAULT_TEMPERATURE = 0.07
+DEFAULT_KS = (1, 20)  # the k of the tables in most SSL papers; one search serves both
+QUERY_CHUNK_SIZE = 1024
+TRAIN_CHUNK_SIZE = 16384
 
 
 def _chunk_neighbours(queries: jax.Array, train: jax.Array, k: int, train_chunk_size: int,
@@ -39,10 +42,15 @@ def _chunk_neighbours(queries: jax.Array, train: jax.Array, k: int, train_chunk_
                        num_rows=num_train, axis_name=axis_name)
 
 
+def search_mesh(mesh: Mesh | None) -> Mesh | None:
+  """The mesh the train features are split over: none on one device."""
+  return mesh if mesh is not None and mesh.devices.size > 1 else None
+
+
 @functools.lru_cache(maxsize=16)
-def _search(k: int, train_chunk_size: int, mesh: Mesh | None, num_train: int | None):
-  """The compiled search of one query chunk: on one device, or split by train rows over
-  `mesh` (queries replicated)."""
+def chunk_search(k: int, train_chunk_size: int, mesh: Mesh | None, num_train: int | None):
+  """The jitted search of one query chunk against the train features: on one device, or split
+  by train rows over `mesh` (queries replicated; `num_train` rows before the padding)."""
   if mesh is None:
     return jax.jit(functools.partial(_chunk_neighbours, k=k, train_chunk_size=train_chunk_size))
   search = functools.partial(_chunk_neighbours, k=k, train_chunk_size=train_chunk_size,
@@ -54,10 +62,17 @@ def _search(k: int, train_chunk_size: int, mesh: Mesh | None, num_train: int | N
 def place_train_features(train: np.ndarray, mesh: Mesh | None) -> jax.Array:
   """The train features on one device (no mesh, or a mesh of one), else split by rows over
   the mesh, padded with zero rows to a multiple of its devices."""
-  if mesh is None or mesh.devices.size == 1:
+  if search_mesh(mesh) is None:
     return jax.device_put(train)
   padding = -len(train) % mesh.devices.size
   return jax.device_put(np.pad(train, ((0, padding), (0, 0))), rows_sharded(mesh))
+
+
+def train_features_spec(num_train: int, num_features: int, mesh: Mesh) -> jax.ShapeDtypeStruct:
+  """The shape, type and placement `place_train_features` gives a train set on `mesh`'s
+  devices: what a plan compiles the search for without the features."""
+  rows = num_train + -num_train % mesh.devices.size
+  return jax.ShapeDtypeStruct((rows, num_features), np.float32, sharding=rows_sharded(mesh))
 
 
 def _check_votes(votes: tuple[str, ...]) -> None:
@@ -73,8 +88,9 @@ def _check_positive(**sizes: int) -> None:
       raise ValueError(f'{name} must be at least 1, got {value}.')
 
 
-def nearest_neighbours(train_features, query_features, k: int, *, chunk_size: int = 1024,
-                       train_chunk_size: int = 16384, mesh: Mesh | None = None
+def nearest_neighbours(train_features, query_features, k: int, *,
+                       chunk_size: int = QUERY_CHUNK_SIZE,
+                       train_chunk_size: int = TRAIN_CHUNK_SIZE, mesh: Mesh | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
   """(cosine similarities [Q, k], train indices [Q, k]) of each query's k nearest train
   features, most similar first (ties: the lower train index first). With a `mesh` of several
@@ -89,8 +105,8 @@ def nearest_neighbours(train_features, query_features, k: int, *, chunk_size: in
                      f'({train.shape[0]}), got {k}.')
   _check_positive(chunk_size=chunk_size, train_chunk_size=train_chunk_size)
   chunk_size = min(chunk_size, max(len(queries), 1))
-  mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
-  search = _search(k, train_chunk_size, mesh, len(train) if mesh else None)
+  mesh = search_mesh(mesh)
+  search = chunk_search(k, train_chunk_size, mesh, len(train) if mesh else None)
   train = place_train_features(train, mesh)
   out = []
   for start in range(0, len(queries), chunk_size):
@@ -147,7 +163,7 @@ def _checked_labels(train_labels, num_train: int, num_classes: int) -> np.ndarra
 
 def knn_predict(train_features, train_labels, query_features, k: int, num_classes: int,
                 vote: str = 'majority', temperature: float = DEFAULT_TEMPERATURE, seed: int = 0,
-                chunk_size: int = 1024, train_chunk_size: int = 16384,
+                chunk_size: int = QUERY_CHUNK_SIZE, train_chunk_size: int = TRAIN_CHUNK_SIZE,
                 mesh: Mesh | None = None) -> np.ndarray:
   """Predicted labels [Q] of the queries (`mesh`: see `nearest_neighbours`)."""
   _check_votes((vote,))
@@ -167,9 +183,10 @@ def knn_accuracy(train_features, train_labels, query_features, query_labels, k: 
 
 
 def knn_accuracies(train_features, train_labels, query_features, query_labels,
-                   num_classes: int, ks: tuple[int, ...] = (1, 20),
+                   num_classes: int, ks: tuple[int, ...] = DEFAULT_KS,
                    votes: tuple[str, ...] = VOTES, temperature: float = DEFAULT_TEMPERATURE,
-                   seed: int = 0, chunk_size: int = 1024, train_chunk_size: int = 16384,
+                   seed: int = 0, chunk_size: int = QUERY_CHUNK_SIZE,
+                   train_chunk_size: int = TRAIN_CHUNK_SIZE,
                    mesh: Mesh | None = None) -> dict[str, float]:
   """{'knn/<vote>/k=<k>': top-1 accuracy} for every k and vote, from one search for max(ks):
   the k nearest are the first k of the max(ks) nearest. Each entry equals `knn_accuracy` with

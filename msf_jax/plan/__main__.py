@@ -1,12 +1,14 @@
 """python -m msf_jax.plan --config=configs/imagenet_msf.py --topology=v5e-64 [--config.k=v]
 
 Plans a training run before any slice exists: compiles the train step, the kNN monitor's
-feature step and the linear probe's step for the slice's chips on this machine (TPU slices
-need libtpu: `pip install "jax[tpu]==0.10.2"`; no TPU), then prints per chip the memory by
-kind against the chip's HBM, FLOPs per image (XLA's and the architecture's), collective bytes
-a step, a lower bound on the step time, the host feed it needs and the whole run's hours.
-Exits 1 with one sentence when the run does not fit. A plan is cached by config, slice and
-code (--cache_dir), so a second identical call is instant.
+feature step, the linear probe's step and the kNN evaluation's search for the slice's chips
+on this machine (TPU slices need libtpu: `pip install "jax[tpu]==0.10.2"`; no TPU), then
+prints per chip the memory by kind against the chip's HBM, FLOPs per image (XLA's and the
+architecture's), collective bytes a step, a lower bound on the step time, the host feed it
+needs and the whole run's hours. Exits 1 with one sentence when the run does not fit, and
+with one `error:` line for a setting, a slice or a missing libtpu it cannot plan with
+(MSF_JAX_TRACEBACK=1 shows the traceback). A plan is cached by config, slice and code
+(--cache_dir), so a second identical call is instant.
 """
 
 import hashlib
@@ -16,14 +18,16 @@ import math
 import os
 import sys
 
-# As msf_jax.main: TensorFlow's C++ INFO lines and oneDNN notice off the console.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+from msf_jax import cli
+
+cli.quiet_tensorflow()  # before the planner imports TensorFlow
 
 import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from msf_jax.config_utils import ConfigError  # noqa: E402
+from msf_jax.data.sources import DatasetNotFoundError  # noqa: E402
 from msf_jax.plan import planner, slices  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -35,8 +39,8 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the plan to this JSON file
 _CACHE_DIR = flags.DEFINE_string(
     'cache_dir', os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
                               'msf_jax', 'plans'), "Plans already made; '' turns it off.")
-_PROGRAMS = flags.DEFINE_list('programs', ['train', 'features', 'probe'],
-                              'Which programs to compile: train, features, probe.')
+_PROGRAMS = flags.DEFINE_list('programs', list(planner.PROGRAMS),
+                              f'Which programs to compile: {", ".join(planner.PROGRAMS)}.')
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
     'train_examples', None, 'Train images (known for imagenet2012; read from the data '
     'otherwise).')
@@ -47,6 +51,10 @@ _INPUT_RATE = flags.DEFINE_float(
 flags.mark_flags_as_required(['config', 'topology'])
 
 GIB = 2**30
+FLAGS_HINT = 'python -m msf_jax.plan --helpshort lists the flags.'
+# What a user causes and can fix from the message alone: a setting, a slice name, no libtpu,
+# a dataset not prepared (only ImageNet's size is known without it).
+USER_ERRORS = (ConfigError, slices.SliceError, DatasetNotFoundError)
 
 
 def _code_digest() -> str:
@@ -101,6 +109,8 @@ def render(plan: dict) -> str:
       for p in programs]))
   lines.append(row('GFLOP an image (architecture)',
                    [f"{p['architecture_flops_per_image'] / 1e9:.2f}" for p in programs]))
+  lines += [f"    {p['name']}: XLA counts a loop's body once ({p['while_loops']} while "
+            "loop(s) in it)" for p in programs if p.get('while_loops')]
   lines.append(row('collectives a step', [_megabytes(sum(p['collectives'].values()))
                                           for p in programs]))
   for p in programs:
@@ -148,7 +158,7 @@ def _compile_only() -> None:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise ConfigError(f'Unexpected arguments: {argv[1:]} (flags are written --name=value).')
   _compile_only()
   tpu_slice = slices.parse_slice(_TOPOLOGY.value)
   if tpu_slice.platform == 'cpu':
@@ -156,7 +166,7 @@ def main(argv) -> None:
   arguments = {'topology': _TOPOLOGY.value, 'programs': _PROGRAMS.value,
                'train_examples': _TRAIN_EXAMPLES.value, 'num_classes': _NUM_CLASSES.value,
                'input_samples_per_core': _INPUT_RATE.value}
-  config = _CONFIG.value
+  config = cli.read_config(_CONFIG)
   path = None
   if _CACHE_DIR.value:
     key = cache_key(config.to_json(sort_keys=True), arguments)
@@ -183,4 +193,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, None, FLAGS_HINT, USER_ERRORS)

@@ -78,6 +78,12 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   return dict(found)
 
 
+def while_loops(hlo_text: str) -> int:
+  """The while loops of the optimized HLO: XLA's cost analysis counts each body once, however
+  many times it runs (a chunked search's FLOPs are then one chunk's)."""
+  return len(re.findall(r'\swhile\(', hlo_text))
+
+
 def largest_collective(hlo_text: str) -> tuple[str, int] | None:
   """(HLO line, result bytes) of the largest collective in the program, or None."""
   sized = [(_shape_bytes(m['shape']), m) for m in _COLLECTIVE_LINE.finditer(hlo_text)]

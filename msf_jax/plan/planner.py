@@ -1,7 +1,8 @@
-"""A run planned from its compiled programs: the train step, the kNN monitor's feature step
-and the linear probe's step, built by the functions a run uses (same mesh, shardings,
-donation and fused colour stage), lowered with abstract inputs for the devices of a slice
-and compiled there. Nothing is allocated; no TPU is needed, only the compiler.
+"""A run planned from its compiled programs: the train step, the kNN monitor's feature step,
+the linear probe's step and the kNN evaluation's search, built by the functions a run uses
+(same mesh, shardings, donation and fused colour stage), lowered with abstract inputs for the
+devices of a slice and compiled there. Nothing is allocated; no TPU is needed, only the
+compiler.
 
 The step time is bounded from below by the larger of compute at the chips' peak and the
 arguments read once at their HBM bandwidth, and estimated from above with XLA's count of
@@ -21,14 +22,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from msf_jax.config_utils import check_training_config
+from msf_jax.config_utils import ConfigError, check_training_config
 from msf_jax.data import pipeline, sources
 from msf_jax.evaluate import features as feature_extraction
-from msf_jax.evaluate import linear_probe
+from msf_jax.evaluate import knn, linear_probe
 from msf_jax.models import build_networks, feature_dim, resolve_dtype_name
 from msf_jax.models.msf import projection_dim
 from msf_jax.plan import compiled as reading
-from msf_jax.plan.slices import Slice, tpu_devices
+from msf_jax.plan.slices import Slice, SliceError, tpu_devices
 from msf_jax.sharding import batch_sharded, make_mesh, replicated
 from msf_jax.train import make_train_step
 from msf_jax.train_state import abstract_state, bank_layout, state_shardings
@@ -44,7 +45,8 @@ PROBE_BATCH_SIZE = 256
 @dataclasses.dataclass(frozen=True)
 class ProgramPlan:
   """One compiled program: per-device memory by kind (bytes), XLA's FLOPs and bytes accessed
-  per device and step, the architecture's FLOPs per image, collective bytes per step."""
+  per device and step (each loop body counted once: `while_loops`), the architecture's FLOPs
+  per image, collective bytes per step."""
   name: str
   global_batch: int
   devices: int
@@ -54,6 +56,7 @@ class ProgramPlan:
   architecture_flops_per_image: float
   collectives: dict[str, int]
   compile_seconds: float
+  while_loops: int = 0
 
   @property
   def flops_per_image(self) -> float:
@@ -68,7 +71,7 @@ def devices_of(tpu_slice: Slice) -> list:
     return tpu_devices(tpu_slice)
   devices = jax.devices('cpu')
   if len(devices) < tpu_slice.chips:
-    raise ValueError(f'{tpu_slice.name} needs {tpu_slice.chips} CPU devices; this process has '
+    raise SliceError(f'{tpu_slice.name} needs {tpu_slice.chips} CPU devices; this process has '
                      f'{len(devices)} (start it with --xla_force_host_platform_device_count).')
   return devices[:tpu_slice.chips]
 
@@ -129,11 +132,10 @@ def _compile(name: str, jitted: Callable, args: tuple, global_batch: int, device
                 flops=math.nan, bytes_accessed=math.nan, collectives={},
                 compile_seconds=time.perf_counter() - start)
   seconds = time.perf_counter() - start
-  cost = reading.cost(executable)
+  cost, hlo = reading.cost(executable), executable.as_text()
   return plan(memory=reading.memory(executable, state_bytes, batch_bytes), flops=cost['flops'],
-              bytes_accessed=cost['bytes_accessed'],
-              collectives=reading.collective_bytes(executable.as_text()),
-              compile_seconds=seconds)
+              bytes_accessed=cost['bytes_accessed'], collectives=reading.collective_bytes(hlo),
+              compile_seconds=seconds, while_loops=reading.while_loops(hlo))
 
 
 def _memory_of_parts(parts: dict[str, int]) -> dict[str, int]:
@@ -215,7 +217,25 @@ def probe_program(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: in
                   backbone_flops_per_image(config, backbone) + linear_flops, hbm_bytes)
 
 
-PROGRAMS = ('train', 'features', 'probe')
+def knn_program(config: ml_collections.ConfigDict, mesh: Mesh, train_examples: int,
+                hbm_bytes: int | None = None) -> ProgramPlan:
+  """The kNN evaluation's search of one chunk of queries against every train image's features,
+  held as `knn.nearest_neighbours` holds them: split by rows over the chips (on one chip, all
+  of them). Its 'images' are the chunk's queries; its state, the train features."""
+  num_features = feature_dim(config.model.depth, config.model.width)
+  mesh_of_search = knn.search_mesh(mesh)
+  search = knn.chunk_search(max(knn.DEFAULT_KS), knn.TRAIN_CHUNK_SIZE, mesh_of_search,
+                            train_examples if mesh_of_search else None)
+  train = knn.train_features_spec(train_examples, num_features, mesh)
+  queries = _placed(jax.ShapeDtypeStruct((knn.QUERY_CHUNK_SIZE, num_features), np.float32),
+                    replicated(mesh))
+  return _compile('kNN search', search, (queries, train), knn.QUERY_CHUNK_SIZE,
+                  mesh.devices.size, reading.bytes_per_device(train),
+                  reading.bytes_per_device(queries), 2 * train_examples * num_features,
+                  hbm_bytes)
+
+
+PROGRAMS = ('train', 'features', 'probe', 'knn')
 
 
 def _gib(size: float) -> float:
@@ -227,6 +247,8 @@ def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_byte
   """Settings under which the program would fit a chip of `hbm_bytes`, from its memory by
   kind: a smaller batch per chip (what grows with it: the batch and the temporaries), a
   smaller bank (each row: its embedding and label)."""
+  if program.name == 'kNN search':
+    return knn_fit_advice(program, hbm_bytes)
   memory, per_chip = program.memory, program.global_batch // program.devices
   advice = []
   per_image = (memory['batch'] + memory['temporaries']) / per_chip
@@ -250,6 +272,17 @@ def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_byte
   return advice
 
 
+def knn_fit_advice(program: ProgramPlan, hbm_bytes: int) -> list[str]:
+  """The chips over which the train features would fit: each holds 1/chips of them beside
+  what does not shrink with their number (queries, code, the search's temporaries)."""
+  features = program.memory['state'] * program.devices
+  room = hbm_bytes - (program.memory['total'] - program.memory['state'])
+  if room <= 0:
+    return []
+  return [f'a slice of at least {math.ceil(features / room)} chips (each holding its share '
+          f'of the {_gib(features):.1f} GiB of train features)']
+
+
 def does_not_fit_sentence(program: ProgramPlan, config: ml_collections.ConfigDict,
                           tpu_slice: Slice) -> str:
   """One sentence: what the program needs, what a chip has, and what would make it fit."""
@@ -269,6 +302,10 @@ def plan_run(config: ml_collections.ConfigDict, tpu_slice: Slice,
   """The plan of training `config` on `tpu_slice`, as a JSON-ready dict: each program's
   memory, FLOPs and collectives, whether all fit, the step-time bound, the host feed it
   needs and the whole run's hours."""
+  unknown = [name for name in programs if name not in PROGRAMS]
+  if unknown:
+    raise ConfigError(f'Unknown program(s) {", ".join(unknown)}: choose from '
+                     f'{", ".join(PROGRAMS)}.')
   config = for_platform(config, tpu_slice.platform)
   check_training_config(config, tpu_slice.chips, tpu_slice.hosts)
   if train_examples is None or num_classes is None:
@@ -282,6 +319,7 @@ def plan_run(config: ml_collections.ConfigDict, tpu_slice: Slice,
       'train': lambda: train_program(config, mesh, steps_per_epoch, hbm),
       'features': lambda: feature_program(config, mesh, hbm),
       'probe': lambda: probe_program(config, mesh, num_classes, train_examples, hbm),
+      'knn': lambda: knn_program(config, mesh, train_examples, hbm),
   }
   compiled = [builders[name]() for name in programs]
   plan = {

@@ -10,6 +10,10 @@ import re
 from jax.experimental import topologies
 
 
+class SliceError(ValueError):
+  """A slice the planner cannot compile for: a name it does not know, or no libtpu here."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
   """Per-chip figures of a TPU generation as Google publishes them (`source`).
@@ -74,7 +78,7 @@ def torus_shape(chips: int, dims: int) -> tuple[int, ...]:
   2x2x1."""
   exponent = round(math.log2(chips))
   if chips < 1 or 2**exponent != chips:
-    raise ValueError(f'A TPU slice has a power-of-two number of chips, not {chips}.')
+    raise SliceError(f'A TPU slice has a power-of-two number of chips, not {chips}.')
   if dims == 3 and chips < 8:
     return (2, 2, 1) if chips == 4 else (chips, 1, 1)
   sides = [exponent // dims + (i < exponent % dims) for i in range(dims)]
@@ -103,14 +107,14 @@ def parse_slice(name: str) -> Slice:
     shape = torus_shape(chips, generation.torus_dims)
     topology = f'{generation.name}:{"x".join(map(str, shape))}'
     return Slice(name, topology, chips, _hosts(generation, chips), generation)
-  raise ValueError(f'Unknown slice {name!r}: use an accelerator type such as v5e-64, v4-32, '
+  raise SliceError(f'Unknown slice {name!r}: use an accelerator type such as v5e-64, v4-32, '
                    f'v5p-8 or v6e-8, a topology such as v5e:2x2, or cpu:N.')
 
 
 def _generation(prefix: str, name: str) -> Generation:
   generation = GENERATIONS.get(ALIASES.get(prefix, prefix))
   if generation is None:
-    raise ValueError(f'Unknown TPU generation in {name!r}: the planner knows '
+    raise SliceError(f'Unknown TPU generation in {name!r}: the planner knows '
                      f'{", ".join(GENERATIONS)} (v5litepod is v5e).')
   return generation
 
@@ -121,11 +125,12 @@ def tpu_devices(tpu_slice: Slice) -> list:
   chip_config = 'megacore' if tpu_slice.generation.megacore else 'default'
   try:
     description = topologies.get_topology_desc(
-        topology_name=tpu_slice.topology, platform='tpu', chip_config_name=chip_config)
+        topology_name=tpu_slice.topology, platform='tpu', chip_config_name=chip_config,
+        **_small_slice_host(tpu_slice))
   except Exception as error:  # no libtpu: JAX raises a plain runtime error
     if _has_libtpu():
       raise
-    raise RuntimeError(
+    raise SliceError(
         f'Planning for {tpu_slice.name} compiles for TPU and needs libtpu, which is not '
         'installed: pip install "jax[tpu]==0.10.2" (no TPU needed), or plan on XLA\'s host '
         'devices with --topology=cpu:8.') from error
@@ -134,6 +139,15 @@ def tpu_devices(tpu_slice: Slice) -> list:
     raise RuntimeError(f'The compiler lists {len(devices)} devices for {tpu_slice.topology}, '
                        f'expected one for each of its {tpu_slice.chips} chips.')
   return devices
+
+
+def _small_slice_host(tpu_slice: Slice) -> dict:
+  """A slice of fewer chips than the compiler's default host (2x2x1) is one host of its own
+  shape (v5e-1: 1x1x1); the compiler refuses it otherwise."""
+  shape = [int(side) for side in tpu_slice.topology.split(':')[1].split('x')]
+  if tpu_slice.chips >= 4:
+    return {}
+  return {'chips_per_host_bounds': tuple(shape + [1] * (3 - len(shape)))}
 
 
 def _has_libtpu() -> bool:
