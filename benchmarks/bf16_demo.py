@@ -16,12 +16,10 @@ two at a time, each pinned to its own core. The report prints a markdown table a
 OUT/bf16_demo.md.
 """
 
-import argparse
 import json
 import os
 import queue
 import sys
-import threading
 import time
 
 import numpy as np
@@ -84,12 +82,7 @@ def run_all(out: str, epochs: int, monitor_every: int, workers: int) -> None:
       print(f'{"done" if code == 0 else f"FAILED ({code}), see " + log}: {dtype} seed {seed}',
             flush=True)
 
-  threads = [threading.Thread(target=worker, args=(i % (os.cpu_count() or 1),))
-             for i in range(workers)]
-  for thread in threads:
-    thread.start()
-  for thread in threads:
-    thread.join()
+  study.on_cores(worker, workers)
 
 
 # --- Report ------------------------------------------------------------------------------
@@ -178,19 +171,11 @@ def report(out: str) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--out', default=os.path.join(study.REPO, 'runs', 'bf16_demo'),
-                      help='records, logs, run directories and bf16_demo.md')
-  parser.add_argument('--epochs', type=int, default=60, help="the demo's 60; fewer on a busy CPU")
+  parser = study.study_parser(__doc__, 'bf16_demo', 60, "the demo's 60; fewer on a busy CPU")
   parser.add_argument('--monitor-every', type=int, default=5, help='epochs between kNN monitors')
-  parser.add_argument('--workers', type=int, default=2, help='runs at a time, one core each')
-  parser.add_argument('--report', action='store_true', help='only the table')
-  parser.add_argument('--run', help=argparse.SUPPRESS)  # one job, in a worker process
   args = parser.parse_args()
   if args.run:
-    from absl import logging
-    logging.set_verbosity(logging.INFO)  # the training program's progress, into the run's log
-    dtype, seed = json.loads(args.run)
+    dtype, seed = study.worker_job(args.run)
     run_one(dtype, seed, args.out, args.epochs, args.monitor_every)
     return
   if not args.report:

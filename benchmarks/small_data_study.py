@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -345,12 +346,37 @@ def run_study(datasets: list[str], out: str, workers: int, epochs: int) -> None:
         with lock:
           running.discard(job)
 
+  on_cores(worker, workers)
+
+
+def on_cores(worker: Callable[[int], None], workers: int) -> None:
+  """`workers` threads running `worker(core)`, core by core, until all return."""
   threads = [threading.Thread(target=worker, args=(i % (os.cpu_count() or 1),))
              for i in range(workers)]
   for thread in threads:
     thread.start()
   for thread in threads:
     thread.join()
+
+
+def study_parser(doc: str, out: str, epochs: int, epochs_help: str) -> argparse.ArgumentParser:
+  """The options a resumable study takes: where its records go, how many runs at a time, the
+  epochs, --report (no runs) and --run (one job, in a worker process)."""
+  parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+  parser.add_argument('--out', default=os.path.join(REPO, 'runs', out),
+                      help='records, logs, run directories and the report')
+  parser.add_argument('--workers', type=int, default=2, help='runs at a time, one core each')
+  parser.add_argument('--epochs', type=int, default=epochs, help=epochs_help)
+  parser.add_argument('--report', action='store_true', help='only the report')
+  parser.add_argument('--run', help=argparse.SUPPRESS)
+  return parser
+
+
+def worker_job(run: str) -> list:
+  """The job a worker process was given (--run), the training's progress going to its log."""
+  from absl import logging
+  logging.set_verbosity(logging.INFO)
+  return json.loads(run)
 
 
 # --- Report ------------------------------------------------------------------------------
@@ -451,21 +477,13 @@ def report(out: str, datasets: list[str], figures: str) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--out', default=os.path.join(REPO, 'runs', 'small_data_study'),
-                      help='records, logs, run directories, study.md and the plots')
+  parser = study_parser(__doc__, 'small_data_study', 40, "the demo's 40; fewer for a quick look")
   parser.add_argument('--datasets', nargs='+', default=['digits', 'textures'])
   parser.add_argument('--figures', default=os.path.dirname(os.path.abspath(__file__)),
                       help='where the learning-curve PNGs go (next to RESULTS.md)')
-  parser.add_argument('--workers', type=int, default=2, help='runs at a time, one core each')
-  parser.add_argument('--epochs', type=int, default=40, help="the demo's 40; fewer for a quick look")
-  parser.add_argument('--report', action='store_true', help='only tables and plots')
-  parser.add_argument('--run', help=argparse.SUPPRESS)  # one job, in a worker process
   args = parser.parse_args()
   if args.run:
-    from absl import logging
-    logging.set_verbosity(logging.INFO)  # the training program's progress, into the run's log
-    dataset, setting, seed = json.loads(args.run)
+    dataset, setting, seed = worker_job(args.run)
     run_one(dataset, Setting(**setting), seed, args.out, args.epochs)
     return
   if not args.report:
