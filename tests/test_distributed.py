@@ -173,12 +173,14 @@ def skip_without_cpu_collectives() -> None:
     pytest.skip('This jaxlib has no gloo: multi-process CPU collectives are unavailable.')
 
 
-def run_processes(commands: list[list[str]], before_waiting=lambda: None):
-  """Starts one CPU process per command (2 devices each), calls `before_waiting`, then
-  waits for all of them (killing any left after the timeout); returns its result and each
-  process's output, having checked that every process succeeded."""
+def run_processes(commands: list[list[str]], before_waiting=lambda: None, env=None,
+                  expected_status: int = 0):
+  """Starts one CPU process per command (2 devices each, `env` added to the environment),
+  calls `before_waiting`, then waits for all of them (killing any left after the timeout);
+  returns its result and each process's output, having checked every exit status."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}'}
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
+         **(env or {})}
   processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for command in commands]
   try:
@@ -190,7 +192,8 @@ def run_processes(commands: list[list[str]], before_waiting=lambda: None):
         process.kill()
         process.wait()
   for p, (process, output) in enumerate(zip(processes, outputs)):
-    assert process.returncode == 0, f'process {p} failed:\n{output[-5000:]}'
+    assert process.returncode == expected_status, (
+        f'process {p} exited {process.returncode}, not {expected_status}:\n{output[-5000:]}')
   return result, outputs
 
 
@@ -310,21 +313,10 @@ def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path, fo
   # same step together and exit 130, and only process 0 prints where and how to resume.
   skip_without_cpu_collectives()
   flags = two_process_flags(tmp_path, folder, num_epochs=100)
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CTRL_C_AFTER_STEP': '2',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}'}
   programs = [['-m', 'msf_jax.main'], [os.path.join(REPO, 'tests', 'interrupt_worker.py')]]
-  processes = [subprocess.Popen([sys.executable, *program, *flags, f'--process_id={p}'],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-               for p, program in enumerate(programs)]
-  try:
-    outputs = [process.communicate(timeout=JOB_TIMEOUT_S)[0] for process in processes]
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-  assert [process.returncode for process in processes] == [130, 130], outputs
+  _, outputs = run_processes(
+      [[sys.executable, *program, *flags, f'--process_id={p}'] for p, program in
+       enumerate(programs)], env={'CTRL_C_AFTER_STEP': '2'}, expected_status=130)
   stopped = [int(output.split('Stopping at step ')[1].split(';')[0]) for output in outputs]
   assert stopped[0] == stopped[1] > 2 and stopped[0] < 300, outputs
   assert 'Resume with: python -m msf_jax.main' in outputs[0]

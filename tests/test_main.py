@@ -79,21 +79,30 @@ def wait_for_checkpoint(workdir, process, at_least, timeout=240):
   raise AssertionError('no checkpoint appeared in time')
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_final_state(tmp_path, folder):
-  # 24 images, batch 8: 3 steps an epoch, 9 steps in all, checkpoints at 4, 8 and 9.
-  code, output = run(tmp_path / 'straight', overrides(folder))
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, folder):
+  """The workdir of an uninterrupted run of 9 steps with a checkpoint of every step: what the
+  interrupted runs must end as (how often a run saves does not change its states)."""
+  workdir = tmp_path_factory.mktemp('straight')
+  code, output = run(workdir, overrides(
+      folder, **{'checkpoint.every_epochs': 1 / 3, 'checkpoint.keep': 9}))
   assert code == 0, output
+  return workdir
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_final_state(tmp_path, folder, straight):
+  # 24 images, batch 8: 3 steps an epoch, 9 steps in all, checkpoints at 4, 8 and 9.
   process = start(tmp_path / 'killed', overrides(folder))
   wait_for_checkpoint(tmp_path / 'killed', process, at_least=4)
   process.send_signal(signal.SIGKILL)
   process.wait()
   code, output = run(tmp_path / 'killed', overrides(folder))
   assert code == 0 and 'Resuming at step' in output, output
-  straight_step, straight = final_state(tmp_path / 'straight', folder)
+  straight_step, straight_state = final_state(straight, folder)
   resumed_step, resumed = final_state(tmp_path / 'killed', folder)
   assert straight_step == resumed_step == 9
-  assert_trees_close(resumed, straight, rtol=1e-6)
+  assert_trees_close(resumed, straight_state, rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -120,12 +129,9 @@ def saved_steps(workdir, folder, steps):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_the_step_exits_130_and_the_rerun_goes_on_as_if_uninterrupted(tmp_path,
-                                                                                   folder):
+def test_ctrl_c_saves_the_step_exits_130_and_the_rerun_goes_on_as_if_uninterrupted(
+    tmp_path, folder, straight):
   # 9 steps; Ctrl-C after the checkpoint of step 4 (every 4 steps): the run stops at step 5.
-  code, output = run(tmp_path / 'straight', overrides(
-      folder, **{'checkpoint.every_epochs': 1 / 3, 'checkpoint.keep': 9}))
-  assert code == 0, output
   process = start(tmp_path / 'stopped', overrides(folder), program=INTERRUPT_WORKER,
                   env={'CTRL_C_AFTER_STEP': '4'})
   output, _ = process.communicate(timeout=300)
@@ -135,11 +141,11 @@ def test_ctrl_c_saves_the_step_exits_130_and_the_rerun_goes_on_as_if_uninterrupt
       in output and 'Traceback' not in output
   with open(tmp_path / 'stopped' / 'config.json') as f:  # a folder run: no TFDS name
     assert 'root' in (data := json.load(f)['data']) and 'name' not in data
-  straight = saved_steps(tmp_path / 'straight', folder, [5, 9])
-  assert_trees_close(saved_steps(tmp_path / 'stopped', folder, [5])[5], straight[5], rtol=1e-6)
+  expected = saved_steps(straight, folder, [5, 9])
+  assert_trees_close(saved_steps(tmp_path / 'stopped', folder, [5])[5], expected[5], rtol=1e-6)
   code, output = run(tmp_path / 'stopped', overrides(folder))
   assert code == 0 and 'Resuming at step 5' in output, output
-  assert_trees_close(final_state(tmp_path / 'stopped', folder)[1], straight[9], rtol=1e-6)
+  assert_trees_close(final_state(tmp_path / 'stopped', folder)[1], expected[9], rtol=1e-6)
 
 
 @pytest.mark.slow
