@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv from the repo's pinned files (idempotent) and runs the whole test suite.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`; the tests run in
+# MSF_JAX_TEST_WORKERS processes (default 2; `-n 0` runs them in this one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh requirements-test.txt
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n "${MSF_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"
