@@ -84,8 +84,8 @@ def _prepare_workdir(workdir: str) -> None:
       pass
   except OSError as e:
     raise hinted(WorkdirError(f'--workdir={workdir} cannot be used: {e.strerror or e}.'),
-                  'Give a folder this user can create and write, e.g. --workdir=runs/NAME.'
-                  ) from e
+                 'Give a folder this user can create and write, e.g. --workdir=runs/NAME.'
+                 ) from e
 
 
 def _log_files() -> list[python_logging.FileHandler]:
