@@ -231,13 +231,13 @@ def test_the_compiler_gives_a_device_for_each_chip(name, monkeypatch):
 @needs_libtpu
 def test_a_knn_set_too_large_for_the_slice_is_refused_with_the_chips_it_needs(monkeypatch):
   """ImageNet-21k's 14,197,122 ResNet-50 features (2,048 floats, 108 GiB) on 4 v5e chips:
-  27 GiB a chip, refused before compiling; 7 chips would each hold 15.5 GiB of them."""
+  27 GiB a chip, refused before compiling; 7 chips would each hold 15.5 GiB of them, and a
+  slice has a power of two: 8."""
   plan = _knn_plan('v5e:2x2', 14_197_122, monkeypatch)
   assert not plan['fits'] and plan['programs']['kNN search']['compile_seconds'] == 0
   assert plan['does_not_fit'] == [
       'The kNN search needs 27.1 GiB a chip and a v5e chip has 16.0 GiB: it would fit with a '
-      'slice of at least 7 chips (each holding its share of the 108.3 GiB of train '
-      'features).']
+      'slice of 8 chips or more (each holding its share of the 108.3 GiB of train features).']
 
 
 @pytest.mark.parametrize('message, needed', [

@@ -40,6 +40,7 @@ KNOWN_DATASETS = {'imagenet2012': (1_281_167, 1000)}
 # 7 runs of benchmarks/input_benchmark.py, benchmarks/RESULTS.md, 2026-11-26).
 INPUT_SAMPLES_PER_CORE = 268.0
 PROBE_BATCH_SIZE = 256
+TRAIN_STEP, KNN_SEARCH = 'train step', 'kNN search'  # the programs' names, as plans show them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +177,7 @@ def train_program(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch
   state = abstract_state(config, state_shardings(config, mesh))
   batch = _placed(pipeline.train_batch_spec(config.batch_size, config.image_size,
                                             config.data.pairing), batch_sharded(mesh))
-  return _compile('train step', make_train_step(config, mesh, steps_per_epoch), (state, batch),
+  return _compile(TRAIN_STEP, make_train_step(config, mesh, steps_per_epoch), (state, batch),
                   config.batch_size, mesh.devices.size, reading.bytes_per_device(state),
                   reading.bytes_per_device(batch), train_step_flops_per_image(config, state),
                   hbm_bytes)
@@ -229,7 +230,7 @@ def knn_program(config: ml_collections.ConfigDict, mesh: Mesh, train_examples: i
   train = knn.train_features_spec(train_examples, num_features, mesh)
   queries = _placed(jax.ShapeDtypeStruct((knn.QUERY_CHUNK_SIZE, num_features), np.float32),
                     replicated(mesh))
-  return _compile('kNN search', search, (queries, train), knn.QUERY_CHUNK_SIZE,
+  return _compile(KNN_SEARCH, search, (queries, train), knn.QUERY_CHUNK_SIZE,
                   mesh.devices.size, reading.bytes_per_device(train),
                   reading.bytes_per_device(queries), 2 * train_examples * num_features,
                   hbm_bytes)
@@ -247,7 +248,7 @@ def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_byte
   """Settings under which the program would fit a chip of `hbm_bytes`, from its memory by
   kind: a smaller batch per chip (what grows with it: the batch and the temporaries), a
   smaller bank (each row: its embedding and label)."""
-  if program.name == 'kNN search':
+  if program.name == KNN_SEARCH:
     return knn_fit_advice(program, hbm_bytes)
   memory, per_chip = program.memory, program.global_batch // program.devices
   advice = []
@@ -256,7 +257,7 @@ def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_byte
   images = int((hbm_bytes - fixed) // per_image) if per_image else 0
   if 1 <= images < per_chip:
     advice.append(f'--config.batch_size={images * program.devices} ({images} a chip)')
-  if program.name == 'train step':
+  if program.name == TRAIN_STEP:
     row_bytes = projection_dim(config.model) * 4 + 4
     shards = program.devices if bank_layout(config, program.devices) == 'sharded' else 1
     bank_bytes = config.msf.bank_size * row_bytes // shards
@@ -273,14 +274,16 @@ def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_byte
 
 
 def knn_fit_advice(program: ProgramPlan, hbm_bytes: int) -> list[str]:
-  """The chips over which the train features would fit: each holds 1/chips of them beside
-  what does not shrink with their number (queries, code, the search's temporaries)."""
+  """The smallest slice (a power of two of chips) over which the train features would fit:
+  each chip holds its share of them beside what does not shrink with their number (queries,
+  code, the search's temporaries)."""
   features = program.memory['state'] * program.devices
   room = hbm_bytes - (program.memory['total'] - program.memory['state'])
   if room <= 0:
     return []
-  return [f'a slice of at least {math.ceil(features / room)} chips (each holding its share '
-          f'of the {_gib(features):.1f} GiB of train features)']
+  chips = 2**math.ceil(math.log2(max(features / room, 1)))
+  return [f'a slice of {chips} chips or more (each holding its share of the '
+          f'{_gib(features):.1f} GiB of train features)']
 
 
 def does_not_fit_sentence(program: ProgramPlan, config: ml_collections.ConfigDict,
@@ -336,7 +339,7 @@ def plan_run(config: ml_collections.ConfigDict, tpu_slice: Slice,
       'does_not_fit': [does_not_fit_sentence(p, config, tpu_slice) for p in compiled
                        if hbm is not None and p.memory['total'] > hbm],
   }
-  train = next((p for p in compiled if p.name == 'train step'), None)
+  train = next((p for p in compiled if p.name == TRAIN_STEP), None)
   if generation and train and plan['fits']:
     plan['run'] = run_estimate(train, tpu_slice, config.num_epochs * steps_per_epoch,
                                input_samples_per_core)
