@@ -359,11 +359,13 @@ def on_cores(worker: Callable[[int], None], workers: int) -> None:
     thread.join()
 
 
-def study_parser(doc: str, out: str, epochs: int, epochs_help: str) -> argparse.ArgumentParser:
-  """The options a resumable study takes: where its records go, how many runs at a time, the
-  epochs, --report (no runs) and --run (one job, in a worker process)."""
+def study_parser(doc: str, name: str, epochs: int, epochs_help: str
+                 ) -> argparse.ArgumentParser:
+  """The options a resumable study takes: where its records go (runs/`name` by default), how
+  many runs at a time, the epochs, --report (no runs) and --run (one job, in a worker
+  process)."""
   parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
-  parser.add_argument('--out', default=os.path.join(REPO, 'runs', out),
+  parser.add_argument('--out', default=os.path.join(REPO, 'runs', name),
                       help='records, logs, run directories and the report')
   parser.add_argument('--workers', type=int, default=2, help='runs at a time, one core each')
   parser.add_argument('--epochs', type=int, default=epochs, help=epochs_help)
@@ -373,7 +375,8 @@ def study_parser(doc: str, out: str, epochs: int, epochs_help: str) -> argparse.
 
 
 def worker_job(run: str) -> list:
-  """The job a worker process was given (--run), the training's progress going to its log."""
+  """The job a worker process was given (--run); absl logs at INFO from then on, so that the
+  training's progress goes into the worker's log."""
   from absl import logging
   logging.set_verbosity(logging.INFO)
   return json.loads(run)

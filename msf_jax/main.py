@@ -31,7 +31,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from msf_jax import console, demo, distributed, train_loop  # noqa: E402
 from msf_jax.checkpoint import CheckpointError  # noqa: E402
-from msf_jax.cli import hinted  # noqa: E402
 from msf_jax.config_utils import ConfigError  # noqa: E402
 from msf_jax.data import pipeline  # noqa: E402
 from msf_jax.data.sources import DatasetNotFoundError  # noqa: E402
@@ -83,9 +82,9 @@ def _prepare_workdir(workdir: str) -> None:
     with tempfile.TemporaryFile(dir=workdir):
       pass
   except OSError as e:
-    raise hinted(WorkdirError(f'--workdir={workdir} cannot be used: {e.strerror or e}.'),
-                 'Give a folder this user can create and write, e.g. --workdir=runs/NAME.'
-                 ) from e
+    raise cli.hinted(WorkdirError(f'--workdir={workdir} cannot be used: {e.strerror or e}.'),
+                     'Give a folder this user can create and write, e.g. --workdir=runs/NAME.'
+                     ) from e
 
 
 def _log_files() -> list[python_logging.FileHandler]:
@@ -137,7 +136,7 @@ def main(argv) -> None:
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:  # its own checks of the three flags
-    raise hinted(ConfigError(str(e)), FLAGS_HINT) from e
+    raise cli.hinted(ConfigError(str(e)), FLAGS_HINT) from e
   _RUN['process_index'] = jax.process_index()
   workdir = _WORKDIR.value
   _prepare_workdir(workdir)

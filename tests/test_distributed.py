@@ -173,14 +173,15 @@ def skip_without_cpu_collectives() -> None:
     pytest.skip('This jaxlib has no gloo: multi-process CPU collectives are unavailable.')
 
 
-def run_processes(commands: list[list[str]], before_waiting=lambda: None, env=None,
+def run_processes(commands: list[list[str]], before_waiting=lambda: None, extra_env=None,
                   expected_status: int = 0):
-  """Starts one CPU process per command (2 devices each, `env` added to the environment),
-  calls `before_waiting`, then waits for all of them (killing any left after the timeout);
-  returns its result and each process's output, having checked every exit status."""
+  """Starts one CPU process per command (2 devices each, `extra_env` added to the
+  environment), calls `before_waiting`, then waits for all of them (killing any left after
+  the timeout); returns its result and each process's output, having checked every exit
+  status."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
-         **(env or {})}
+         **(extra_env or {})}
   processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for command in commands]
   try:
@@ -316,7 +317,7 @@ def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path, fo
   programs = [['-m', 'msf_jax.main'], [os.path.join(REPO, 'tests', 'interrupt_worker.py')]]
   _, outputs = run_processes(
       [[sys.executable, *program, *flags, f'--process_id={p}'] for p, program in
-       enumerate(programs)], env={'CTRL_C_AFTER_STEP': '2'}, expected_status=130)
+       enumerate(programs)], extra_env={'CTRL_C_AFTER_STEP': '2'}, expected_status=130)
   stopped = [int(output.split('Stopping at step ')[1].split(';')[0]) for output in outputs]
   assert stopped[0] == stopped[1] > 2 and stopped[0] < 300, outputs
   assert 'Resume with: python -m msf_jax.main' in outputs[0]
