@@ -54,7 +54,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 FLAGS_HINT = 'python -m msf_jax.main --helpshort lists the flags.'
 
 
@@ -121,10 +120,10 @@ def run(argv: list[str] | None = None) -> None:
     cli.run(main, argv, FLAGS_HINT, USER_ERRORS, _tell)
   except train_loop.TrainingInterrupted as e:
     _tell([str(e), f'Resume with: {resume_command()}'])
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(train_loop.EXIT_INTERRUPTED)
   except KeyboardInterrupt as e:
     _tell(['Interrupted (Ctrl-C).'], e)
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(train_loop.EXIT_INTERRUPTED)
 
 
 def main(argv) -> None:

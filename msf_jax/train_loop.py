@@ -34,6 +34,9 @@ from msf_jax.train_state import MSFState, abstract_state, init_state, state_shar
 from msf_jax.workdir_lock import WorkdirBusyError, WorkdirLock
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -54,7 +57,7 @@ def _stop_at_once() -> None:
                   'the run resumes from the one before.')
   for handler in python_logging.getLogger().handlers:
     handler.flush()
-  os._exit(130)  # 128 + SIGINT, what a shell reports for Ctrl-C
+  os._exit(EXIT_INTERRUPTED)
 
 
 class _StopRequest:

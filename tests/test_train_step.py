@@ -12,6 +12,7 @@ from msf_jax import (create_state, load_config, make_mesh, make_train_step, mean
                      put_batch, put_replicated, put_state)
 from msf_jax.data import color
 from msf_jax.optim import learning_rate_schedule
+from msf_jax.plan.compiled import equations
 from msf_jax.train import make_train_step_fn
 
 from msf_jax.testing import random_batch, random_host_batch, small_config
@@ -143,18 +144,6 @@ def planted_bank(targets: np.ndarray, labels: np.ndarray, angles: np.ndarray,
   row_labels = np.concatenate([labels, rng.integers(0, 4, planted.shape[0] * len(angles))])
   return mean_shift.MemoryBank(jnp.asarray(rows), jnp.asarray(row_labels, jnp.int32),
                                jnp.zeros((), jnp.int32))
-
-
-def equations(jaxpr):
-  """Every equation of a jaxpr, those of the jaxprs inside it (jit, custom_vjp, scan) too."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      for inner in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(inner, jax.extend.core.ClosedJaxpr):
-          inner = inner.jaxpr
-        if isinstance(inner, jax.extend.core.Jaxpr):
-          yield from equations(inner)
 
 
 def operand_dtypes(jaxpr, primitive: str, has_shape=None) -> set[str]:

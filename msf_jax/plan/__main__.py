@@ -29,6 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 from msf_jax.config_utils import ConfigError  # noqa: E402
 from msf_jax.data.sources import DatasetNotFoundError  # noqa: E402
 from msf_jax.plan import planner, slices  # noqa: E402
+from msf_jax.plan.compiled import GIB  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -50,7 +51,6 @@ _INPUT_RATE = flags.DEFINE_float(
     '(benchmarks/input_benchmark.py); default: the 224 px figure in benchmarks/RESULTS.md.')
 flags.mark_flags_as_required(['config', 'topology'])
 
-GIB = 2**30
 FLAGS_HINT = 'python -m msf_jax.plan --helpshort lists the flags.'
 # What a user causes and can fix from the message alone: a setting, a slice name, no libtpu,
 # a dataset not prepared (only ImageNet's size is known without it).

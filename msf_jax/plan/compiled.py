@@ -6,7 +6,7 @@ check XLA's against."""
 import collections
 import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -131,20 +131,19 @@ def _equation_flops(equation) -> int:
   return 0
 
 
-def _jaxpr_flops(jaxpr) -> int:
-  total = 0
+def equations(jaxpr) -> Iterator:
+  """Every equation of a jaxpr, those of the jaxprs inside it (jit, custom_vjp, scan) too."""
   for equation in jaxpr.eqns:
-    total += _equation_flops(equation)
+    yield equation
     for param in equation.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else (param,):
-        if isinstance(sub, jax_core.ClosedJaxpr):
-          total += _jaxpr_flops(sub.jaxpr)
-        elif isinstance(sub, jax_core.Jaxpr):
-          total += _jaxpr_flops(sub)
-  return total
+      for inner in param if isinstance(param, (list, tuple)) else (param,):
+        if isinstance(inner, jax_core.ClosedJaxpr):
+          inner = inner.jaxpr
+        if isinstance(inner, jax_core.Jaxpr):
+          yield from equations(inner)
 
 
 def matmul_flops(fn: Callable, *args) -> int:
   """FLOPs of the convolutions and matrix products of `fn(*args)` as traced (shapes only:
   `args` may be `jax.ShapeDtypeStruct`s), counted from the architecture, not by XLA."""
-  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+  return sum(map(_equation_flops, equations(jax.make_jaxpr(fn)(*args).jaxpr)))
