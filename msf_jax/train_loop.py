@@ -158,11 +158,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
 CONFIG_FILE = 'config.json'
 
 
-def _record_config(config: ml_collections.ConfigDict, workdir: str,
-                   writer: metric_writers.MetricWriter) -> None:
-  """The resolved config as WORKDIR/config.json (evaluation reads the model from it, or from
-  the copy beside each checkpoint) and in TensorBoard as text and hyperparameters."""
-  settings = recorded_settings(config)
+def _record_config(settings: dict, workdir: str, writer: metric_writers.MetricWriter) -> None:
+  """The run's settings (`recorded_settings`) as WORKDIR/config.json (evaluation reads the
+  model from it, or from the copy beside each checkpoint) and in TensorBoard as text and
+  hyperparameters."""
   if jax.process_index() == 0:
     write_atomically(os.path.join(workdir, CONFIG_FILE),
                      json.dumps(settings, indent=2, sort_keys=True).encode())
@@ -200,7 +199,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
                                  random_flip=config.data.flip)
   train_step = make_train_step(config, mesh, steps_per_epoch)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  _record_config(config, workdir, writer)
+  settings = recorded_settings(config)  # the config is locked: once for the whole run
+  _record_config(settings, workdir, writer)
   if start == 0:  # what the two encoders are shown, before the first step
     visualize.write_pictures({'views': visualize.views_grid_from_config(config, mesh, split)},
                              workdir, 0, writer)
@@ -257,7 +257,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
         # Never save a non-finite state: the latest checkpoint stays the last good one.
         last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0
         _check_finite(step, last_loss, bool(_all_finite(state.trainable_params)))
-        checkpointer.save(step, state, force=True, metadata=recorded_settings(config))
+        checkpointer.save(step, state, force=True, metadata=settings)
       if preempted:
         logging.warning('Stopping at step %d; the run resumes from here.', step)
         break
