@@ -9,11 +9,14 @@
 # system). ImageNet has no public download: register at image-net.org, download
 # ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, and put both, unopened, in MANUAL_DIR
 # ($DATA_DIR/downloads/manual unless set). The build reads them and writes about as many
-# bytes of TFRecords: run it on a machine near the bucket. --dry-run prints the command.
+# bytes of array_record files (FILE_FORMAT; training reads them by index, a fresh order
+# every epoch; tfrecord files can only be read in sequence): run it on a machine near the
+# bucket. --dry-run prints the command.
 set -euo pipefail
 
 BUCKET=${BUCKET:-gs://my-bucket}             # placeholder: refused unless DATA_DIR is set
 DATA_DIR=${DATA_DIR:-}
+FILE_FORMAT=${FILE_FORMAT:-array_record}
 PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
 
 PLACEHOLDER_BUCKET=gs://my-bucket
@@ -23,7 +26,8 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$repo/launch/common.sh"
 
 usage() {
-  echo "usage: $0 [--dry-run] [NAME]   (settings: BUCKET or DATA_DIR, MANUAL_DIR)" >&2
+  echo "usage: $0 [--dry-run] [NAME]   (settings: BUCKET or DATA_DIR, MANUAL_DIR," \
+    "FILE_FORMAT)" >&2
   exit 2
 }
 
@@ -47,7 +51,7 @@ main() {
   resolve_data_dir
   cd "$repo"
   run "$PYTHON_BIN" -m msf_jax.data.prepare "$name" --data_dir="$DATA_DIR" \
-    --manual_dir="$MANUAL_DIR"
+    --manual_dir="$MANUAL_DIR" --file_format="$FILE_FORMAT"
 }
 
 main "$@"

@@ -245,11 +245,12 @@ def test_build_data_writes_to_the_bucket_and_refuses_the_placeholder():
   assert shlex.split(result.stdout) == [
       '.venv/bin/python', '-m', 'msf_jax.data.prepare', 'imagenet2012',
       '--data_dir=gs://b/tensorflow_datasets',
-      '--manual_dir=gs://b/tensorflow_datasets/downloads/manual']
+      '--manual_dir=gs://b/tensorflow_datasets/downloads/manual', '--file_format=array_record']
   result = run_script([os.path.join(LAUNCH, 'build_data.sh'), '--dry-run', 'cifar10'],
                       DATA_DIR='/shared/tfds')
   assert shlex.split(result.stdout)[3:] == ['cifar10', '--data_dir=/shared/tfds',
-                                            '--manual_dir=/shared/tfds/downloads/manual']
+                                            '--manual_dir=/shared/tfds/downloads/manual',
+                                            '--file_format=array_record']
   result = run_script([os.path.join(LAUNCH, 'build_data.sh'), '--dry-run'])
   assert result.returncode == 1 and 'export BUCKET=gs://<your bucket>' in result.stderr
 

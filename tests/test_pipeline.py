@@ -216,8 +216,8 @@ def test_prepare_names_missing_archives_first_and_builds_through_the_tfds_api(
   class Builder:
     info = type('Info', (), {'splits': {'train': type('S', (), {'num_examples': 3})()}})()
 
-    def __init__(self, name, data_dir):
-      built.append((name, data_dir))
+    def __init__(self, name, data_dir, file_format):
+      built.append((name, data_dir, file_format))
 
     def download_and_prepare(self, download_config):
       built.append(download_config.manual_dir)
@@ -225,7 +225,8 @@ def test_prepare_names_missing_archives_first_and_builds_through_the_tfds_api(
   import tensorflow_datasets as tfds
   monkeypatch.setattr(tfds, 'builder', Builder)
   assert prepare.main(['cifar10', f'--data_dir={tmp_path}']) == 0
-  assert built == [('cifar10', str(tmp_path)), str(tmp_path / 'downloads' / 'manual')]
+  assert built == [('cifar10', str(tmp_path), 'array_record'),
+                   str(tmp_path / 'downloads' / 'manual')]
   assert "cifar10 is in" in capsys.readouterr().out
 
 

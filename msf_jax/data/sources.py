@@ -61,10 +61,10 @@ def _indexed_reader(num_examples: int, lookup: Callable[[tf.Tensor], dict]) -> R
   return read
 
 
-def _indexed_namer(names: Sequence[str]) -> Namer:
+def _indexed_namer(num_examples: int, name_of_index: Callable[[int], str]) -> Namer:
   def name_at(process_index, process_count, shuffle_seed, position):
-    order = _order(len(names), process_index, process_count, shuffle_seed)
-    return names[int(order[position])]
+    order = _order(num_examples, process_index, process_count, shuffle_seed)
+    return name_of_index(int(order[position]))
   return name_at
 
 
@@ -100,7 +100,7 @@ def digits(split: str, image_size: int = 32) -> Split:
   lookup = lambda i: {'image': tf.gather(images, i), 'label': tf.gather(label_table, i)}
   names = [f'digits/{split}[{i}]' for i in range(len(encoded))]
   return Split(f'digits/{split}', len(encoded), 10, _indexed_reader(len(encoded), lookup),
-               _indexed_namer(names))
+               _indexed_namer(len(names), names.__getitem__))
 
 
 # --- Image folders --------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def image_folder(root: str, split: str, classes: Sequence[str] | None = None,
   lookup = lambda i: {'image': tf.io.read_file(tf.gather(path_table, i)),
                       'label': tf.gather(label_table, i)}
   return Split(f'{root}/{split}', len(paths), len(classes), _indexed_reader(len(paths), lookup),
-               _indexed_namer(paths))
+               _indexed_namer(len(paths), paths.__getitem__))
 
 
 # --- TFDS -----------------------------------------------------------------------------------
@@ -169,52 +169,119 @@ _MANUAL_DOWNLOADS = {
         '(about 150 GB of disk). On a TPU VM, build once and copy {data_dir} to a gs:// '
         'bucket, then set config.data.data_dir to it.'),
 }
+# TFRecord files have no index: a training epoch reads this many files at once, one record
+# from each in turn, through a seeded shuffle buffer (as the Flax ImageNet example does).
+TFRECORD_CYCLE_LENGTH = 16
+TFRECORD_SHUFFLE_BUFFER = 10_000
+
+
+def _int_seed(shuffle_seed: tf.Tensor) -> tf.Tensor:
+  """One int64 drawn from a [2] stateless seed, for tf.data ops that take a scalar seed. Both
+  seed elements count: `stateless_fold_in` varies only the second with the epoch."""
+  return tf.random.stateless_uniform([], shuffle_seed, minval=0, maxval=2**31 - 1,
+                                     dtype=tf.int64)
+
+
+def _tfds_random_access_reader(source, num_examples: int) -> Reader:
+  """Reads an `array_record` split by index, in the order of `_order`: every epoch is a
+  fresh permutation of the whole split, as a PyTorch DataLoader with shuffle=True reads."""
+  def fetch(index):
+    example = source[int(index)]
+    return example['image'], np.int32(example['label'])
+
+  def lookup(index):
+    image, label = tf.numpy_function(fetch, [index], (tf.string, tf.int32), stateful=False)
+    return {'image': tf.ensure_shape(image, []), 'label': tf.ensure_shape(label, [])}
+
+  return _indexed_reader(num_examples, lookup)
+
+
+def _tfds_sequential_reader(builder, split: str, shuffle_buffer: int) -> Reader:
+  """Reads a TFRecord split, which has no index. Unshuffled reads take this process's block
+  in stored order. A training epoch reads the process's files in an order drawn from the
+  seed, `TFRECORD_CYCLE_LENGTH` at a time, through a shuffle buffer seeded alike: a function
+  of the seed alone, different every epoch, yet not a full permutation (images stored close
+  together tend to stay close). Starting late reads and drops the records before `start`."""
+  import tensorflow_datasets as tfds
+  features = builder.info.features
+  decoders = {'image': tfds.decode.SkipDecoding()}
+
+  def parse(record):
+    example = features.deserialize_example(record, decoders=decoders)
+    return {'image': example['image'], 'label': tf.cast(example['label'], tf.int32)}
+
+  def read(process_index, process_count, shuffle_seed, start=0):
+    share = tfds.split_for_jax_process(split, process_index=process_index,
+                                       process_count=process_count)
+    if shuffle_seed is None:
+      ds = builder.as_dataset(split=share, shuffle_files=False, decoders=decoders,
+                              read_config=tfds.ReadConfig(interleave_cycle_length=1))
+      return ds.map(lambda x: {'image': x['image'],
+                               'label': tf.cast(x['label'], tf.int32)}).skip(start)
+    files = builder.info.splits[share].file_instructions
+    order = tf.random.experimental.stateless_shuffle(tf.range(len(files)), shuffle_seed)
+    chosen = tuple(tf.gather(tf.constant(values, dtype), order) for values, dtype in
+                   (([f.filename for f in files], tf.string),
+                    ([f.skip for f in files], tf.int64), ([f.take for f in files], tf.int64)))
+    records = tf.data.Dataset.from_tensor_slices(chosen).interleave(
+        lambda name, skip, count: tf.data.TFRecordDataset(name).skip(skip).take(count),
+        cycle_length=min(TFRECORD_CYCLE_LENGTH, len(files)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return (records.shuffle(shuffle_buffer, seed=_int_seed(shuffle_seed))
+            .skip(start).map(parse, num_parallel_calls=tf.data.AUTOTUNE))
+
+  return read
+
+
+def _random_access_source(builder, split: str):
+  """The split's random-access data source, or None where its files are TFRecord (read in
+  sequence only). Raises what TFDS raises for a dataset that is not prepared."""
+  import tensorflow_datasets as tfds
+  try:
+    return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
+  except NotImplementedError:
+    builder.as_dataset(split=split)  # cheap: opens the file list only
+    return None
 
 
 def tfds_split(name: str, split: str, data_dir: str | None = None,
-               shuffle_buffer: int = 10_000) -> Split:
+               shuffle_buffer: int = TFRECORD_SHUFFLE_BUFFER) -> Split:
   """A TFDS image-classification split read as encoded bytes (decoding is the pipeline's).
 
-  Never downloads: a dataset that is not prepared under `data_dir` is a DatasetNotFoundError
-  saying how to prepare it.
+  Stored as `array_record` (`python -m msf_jax.data.prepare`'s default), the split is read
+  by index: every training epoch is a fresh permutation, and a resumed run starts at its
+  index without reading what came before. Stored as TFRecord, it is read file by file
+  (`_tfds_sequential_reader`). Never downloads: a dataset that is not prepared under
+  `data_dir` is a DatasetNotFoundError saying how to prepare it.
   """
   import tensorflow_datasets as tfds
   builder = tfds.builder(name, data_dir=data_dir)
   where = data_dir or tfds.core.constants.DATA_DIR
   try:
-    builder.as_dataset(split=split)  # cheap: opens the file list only
-  except (AssertionError, FileNotFoundError) as e:
+    source = _random_access_source(builder, split)
+  except (AssertionError, FileNotFoundError, KeyError) as e:
+    if builder.info.splits:  # prepared: the split is what is wrong
+      raise
     how = _MANUAL_DOWNLOADS.get(name, 'Prepare it once with\n  {command}').format(
         data_dir=where, command=prepare.command(name, where))
     raise DatasetNotFoundError(f'TFDS dataset {name!r} is not prepared in {where}. {how}') from e
-  splits = builder.info.splits
-  num_examples = splits[split].num_examples if split in splits else None
   num_classes = builder.info.features['label'].num_classes
-
-  def read(process_index, process_count, shuffle_seed, start=0):
-    # Files in their stored order (TFDS shuffles examples when it writes them), then a
-    # seeded shuffle buffer: the order is a function of the seed tensor alone.
-    ds = builder.as_dataset(
-        split=tfds.split_for_jax_process(split, process_index=process_index,
-                                         process_count=process_count),
-        shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1),
-        decoders={'image': tfds.decode.SkipDecoding()})
-    if shuffle_seed is not None:
-      ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed[0] % (2**31 - 1))
-    ds = ds.map(lambda x: {'image': x['image'], 'label': tf.cast(x['label'], tf.int32)})
-    return ds.skip(start)
-
-  if num_examples is None:  # TFDS mock data has no split metadata: count once.
-    num_examples = sum(1 for _ in read(0, 1, None))
-  return Split(f'{name}/{split}', num_examples, num_classes, read)
+  if source is None:
+    return Split(f'{name}/{split}', builder.info.splits[split].num_examples, num_classes,
+                 _tfds_sequential_reader(builder, split, shuffle_buffer))
+  names = lambda index: f'{name}/{split}[{index}]'
+  return Split(f'{name}/{split}', len(source), num_classes,
+               _tfds_random_access_reader(source, len(source)),
+               _indexed_namer(len(source), names))
 
 
 def take(split: Split, num_examples: int) -> Split:
   """`num_examples` of a split (all of it if smaller), for quick evaluations such as the
   training's kNN monitor: every host keeps the first examples of its share, so over all hosts
   exactly `num_examples` are read. On one host, or for sources whose hosts take every
-  process_count-th example (digits, folders), these are the split's first; TFDS gives each
-  host a contiguous block, so there the subset depends on the number of hosts."""
+  process_count-th example (digits, folders, TFDS array_record), these are the split's
+  first; TFDS TFRecord gives each host a contiguous block, so there the subset depends on the
+  number of hosts."""
   if num_examples >= split.num_examples:
     return split
 
