@@ -171,6 +171,36 @@ def _record_config(settings: dict, workdir: str, writer: metric_writers.MetricWr
       for key, value in traverse_util.flatten_dict(settings, sep='.').items()})
 
 
+STREAM_METADATA = 'data_stream'  # every process's stream position, beside each checkpoint
+
+
+def _stream_positions(stream: pipeline.TrainStream, step: int) -> dict[str, list[int]]:
+  """Every process's stream position after `step`, for the checkpoint's metadata (a
+  collective: all processes call it at the same step)."""
+  position = stream.position_after(step)
+  gathered = multihost_utils.process_allgather(np.array([position.slot, position.skipped]))
+  gathered = np.asarray(gathered).reshape(-1, 2)
+  return {'slots': gathered[:, 0].tolist(), 'skipped': gathered[:, 1].tolist()}
+
+
+def _saved_stream_position(checkpointer: Checkpointer, step: int
+                           ) -> pipeline.StreamPosition | None:
+  """This process's stream position saved with the checkpoint at `step`, or None where the
+  checkpoint has none or was written by another number of processes (each host then reads
+  from slot step x host batch, which is exact while no image was skipped)."""
+  saved = (checkpointer.read_metadata(step) or {}).get(STREAM_METADATA)
+  if saved is None:
+    return None
+  if len(saved['slots']) != jax.process_count():
+    logging.warning('The checkpoint at step %d was written by %d processes and this run has '
+                    '%d: each starts its share of the data at slot step x host batch, and the '
+                    '%d images skipped so far are not counted again.', step,
+                    len(saved['slots']), jax.process_count(), sum(saved['skipped']))
+    return None
+  return pipeline.StreamPosition(saved['slots'][jax.process_index()],
+                                 saved['skipped'][jax.process_index()])
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   mesh = make_mesh()
   split = sources.build_split(config.data, 'train', config.image_size)
@@ -192,9 +222,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
       config, steps_per_epoch, split.num_examples, jax.device_count()), 'Resuming' if start else 'Starting',
       start, total_steps)
 
+  start_position = _saved_stream_position(checkpointer, start) if start else None
   stream = pipeline.train_stream(split, global_batch=config.batch_size,
                                  image_size=config.image_size, seed=config.seed,
                                  pairing=config.data.pairing, start_step=start,
+                                 start_position=start_position,
                                  crop_scale=tuple(config.data.crop_scale),
                                  random_flip=config.data.flip)
   train_step = make_train_step(config, mesh, steps_per_epoch)
@@ -257,7 +289,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
         # Never save a non-finite state: the latest checkpoint stays the last good one.
         last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0
         _check_finite(step, last_loss, bool(_all_finite(state.trainable_params)))
-        checkpointer.save(step, state, force=True, metadata=settings)
+        checkpointer.save(step, state, force=True, metadata={
+            **settings, STREAM_METADATA: _stream_positions(stream, step)})
       if preempted:
         logging.warning('Stopping at step %d; the run resumes from here.', step)
         break

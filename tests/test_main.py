@@ -20,6 +20,7 @@ import pytest
 from msf_jax import create_state, load_config
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.console import LOG_FILE
+from msf_jax.train_loop import STREAM_METADATA
 from msf_jax.sharding import make_mesh, replicated
 from msf_jax.train_state import abstract_state
 
@@ -33,8 +34,9 @@ EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
+  """24 images and 2 undecodable files: 3 steps of 8 an epoch, a few images skipped."""
   return write_folder(tmp_path_factory.mktemp('images'), 'train', classes=2, per_class=12,
-                      size=(30, 30))
+                      size=(30, 30), corrupt=2)
 
 
 def overrides(folder, **extra):
@@ -103,6 +105,12 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, folder, straight):
   resumed_step, resumed = final_state(tmp_path / 'killed', folder)
   assert straight_step == resumed_step == 9
   assert_trees_close(resumed, straight_state, rtol=1e-6)
+  # The stream resumed on the image the killed run would have read next, the skipped ones
+  # counted: both runs end at the same slot with the same count (and skipped some).
+  straight_stream, resumed_stream = (
+      Checkpointer(checkpoint_directory(str(w))).read_metadata(9)[STREAM_METADATA]
+      for w in (straight, tmp_path / 'killed'))
+  assert resumed_stream == straight_stream and straight_stream['skipped'][0] > 0
 
 
 @pytest.mark.slow

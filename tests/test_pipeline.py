@@ -145,6 +145,25 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path):
   assert split.name_at(0, 1, None, missing) == broken
 
 
+def test_a_stream_resumed_at_its_saved_position_reads_what_the_uninterrupted_one_does(
+    tmp_path):
+  split = sources.image_folder(write_folder(tmp_path, classes=2, per_class=6, corrupt=2),
+                               'train')
+  make = lambda **resume: pipeline.train_stream(split, global_batch=4, image_size=16, seed=1,
+                                                process_index=0, process_count=1, **resume)
+  uninterrupted = make()
+  batches = take(uninterrupted, 8)
+  assert uninterrupted.skipped > 0  # the broken files were drawn before step 5
+  saved = uninterrupted.position_after(5)
+  resumed = make(start_step=5, start_position=saved)
+  for a, b in zip(batches[5:], take(resumed, 3)):
+    np.testing.assert_array_equal(a['online'], b['online'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert (resumed.next_slot, resumed.skipped) == (uninterrupted.next_slot, uninterrupted.skipped)
+  with pytest.raises(ValueError, match='no position for step 0'):  # it keeps the last 8
+    uninterrupted.position_after(0)
+
+
 def test_every_split_of_a_folder_numbers_its_classes_like_the_training_split(tmp_path):
   root = write_folder(tmp_path, 'train', classes=3, per_class=2)
   write_folder(tmp_path, 'test', classes=3, per_class=2)

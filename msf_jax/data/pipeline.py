@@ -12,6 +12,7 @@ no hidden iterator state.
 """
 
 import collections
+import dataclasses
 from typing import Callable, Iterator
 
 import jax
@@ -54,21 +55,35 @@ def steps_per_epoch(split: Split, global_batch: int) -> int:
   return steps
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamPosition:
+  """Where a host's stream stands after a step: the slot of the next example it reads (slots
+  count every image, the undecodable ones too) and how many images it has skipped. Saved
+  with a checkpoint, it resumes the stream on the exact image the run would have read."""
+  slot: int
+  skipped: int
+
+
 class TrainStream:
   """An iterator of per-host two-view batches that counts the images it could not decode and
-  names them (`pop_skipped_names`), by file where the source can tell.
+  names them (`pop_skipped_names`), by file where the source can tell, and knows its
+  position after each recent batch (`position_after`).
 
   It is one pass over an endless stream: iterating it again continues where it stopped.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, start_slot: int,
+  def __init__(self, dataset: tf.data.Dataset, start_step: int, start: StreamPosition,
                name_of_slot: Callable[[int], str]):
     self.dataset = dataset
-    self.next_slot = start_slot  # stream slot of the next example expected
-    self.skipped = 0
+    self.next_slot = start.slot  # stream slot of the next example expected
+    self.skipped = start.skipped
     self._name_of_slot = name_of_slot
     self._skipped_slots: list[int] = []
     self._batches = None
+    self._step = start_step
+    # The positions after the last few steps: batches are fetched ahead of the steps that
+    # train on them (prefetch_to_mesh), and a checkpoint asks for its step's.
+    self._positions = collections.deque([(start_step, start)], maxlen=8)
 
   def __iter__(self) -> 'TrainStream':
     return self
@@ -82,7 +97,17 @@ class TrainStream:
       self._skipped_slots += range(self.next_slot, slot)
       self.skipped += slot - self.next_slot
       self.next_slot = slot + 1
+    self._step += 1
+    self._positions.append((self._step, StreamPosition(self.next_slot, self.skipped)))
     return batch
+
+  def position_after(self, step: int) -> StreamPosition:
+    """The position after the batch of `step` (one of the last few fetched)."""
+    for fetched_step, position in self._positions:
+      if fetched_step == step:
+        return position
+    raise ValueError(f'The stream has no position for step {step}: it knows steps '
+                     f'{[s for s, _ in self._positions]}.')
 
   def pop_skipped_names(self, limit: int = 5) -> list[str]:
     """Names of (at most `limit` of) the images skipped since the last call."""
@@ -99,14 +124,19 @@ def _global_slot_seed(seed: int, epoch: tf.Tensor, slot: tf.Tensor, process_inde
 
 def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
                  pairing: str = 'w/s', start_step: int = 0,
+                 start_position: StreamPosition | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  crop_scale: tuple[float, float] = augment.CROP_SCALE, random_flip: bool = True
                  ) -> TrainStream:
   """Endless two-view batches of this host's share, from `start_step` on: {'online',
   'target'} cropped and flipped, uint8, {'online_color', 'target_color'} their colour
-  parameters, 'label'. An image that cannot be decoded is dropped and counted in `skipped`."""
+  parameters, 'label'. An image that cannot be decoded is dropped and counted in `skipped`.
+  A resumed run passes the position saved at `start_step` (`TrainStream.position_after`);
+  without one, the stream starts at slot start_step x host batch, which is exact only while
+  no image was skipped."""
   return _augmented_stream(split, global_batch, seed, start_step, process_index, process_count,
-                           _two_views(image_size, pairing, crop_scale, random_flip))
+                           _two_views(image_size, pairing, crop_scale, random_flip),
+                           start_position)
 
 
 def probe_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
@@ -164,14 +194,15 @@ def eval_images_spec(global_batch: int, image_size: int) -> jax.ShapeDtypeStruct
 
 def _augmented_stream(split: Split, global_batch: int, seed: int, start_step: int,
                       process_index: int | None, process_count: int | None,
-                      augment_example: ExampleViews
-                      ) -> TrainStream:
+                      augment_example: ExampleViews,
+                      start_position: StreamPosition | None = None) -> TrainStream:
   """This host's share of `split`, epoch after epoch, each example mapped by
   `augment_example(encoded image, its seed) -> dict of views`, batched with its label."""
   process_index, process_count, host_batch = _this_host(global_batch, process_index,
                                                         process_count)
   host_per_epoch = steps_per_epoch(split, global_batch) * host_batch
-  start_epoch, start_offset = divmod(start_step * host_batch, host_per_epoch)
+  start = start_position or StreamPosition(start_step * host_batch, 0)
+  start_epoch, start_offset = divmod(start.slot, host_per_epoch)
 
   def order_seed(e):
     return tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), e)
@@ -200,7 +231,7 @@ def _augmented_stream(split: Split, global_batch: int, seed: int, start_step: in
              .ignore_errors()
              .batch(host_batch, drop_remainder=True)
              .prefetch(tf.data.AUTOTUNE))
-  return TrainStream(dataset, start_epoch * host_per_epoch + start_offset, name_of_slot)
+  return TrainStream(dataset, start_step, start, name_of_slot)
 
 
 def eval_batches(split: Split, *, global_batch: int, image_size: int,
