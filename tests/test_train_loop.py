@@ -54,3 +54,23 @@ def test_the_loop_reads_the_device_only_at_log_and_checkpoint_steps(monkeypatch,
   assert steps == 12
   # Before the first step (restore, the views picture) and at the log and final steps only.
   assert reads and set(reads) <= {0, 6, 12}, sorted(set(reads))
+
+
+class _SavedMetadata:
+  """A checkpointer whose checkpoint at any step holds `metadata`."""
+
+  def __init__(self, metadata):
+    self.metadata = metadata
+
+  def read_metadata(self, step):
+    return self.metadata
+
+
+def test_a_resume_takes_its_process_position_or_says_why_it_cannot(caplog):
+  two_processes = {train_loop.STREAM_METADATA: {'slots': [40, 41], 'skipped': [2, 3]}}
+  assert train_loop._saved_stream_position(_SavedMetadata({}), 5) is None  # an older one
+  one_process = {train_loop.STREAM_METADATA: {'slots': [41], 'skipped': [1]}}
+  position = train_loop._saved_stream_position(_SavedMetadata(one_process), 5)
+  assert (position.slot, position.skipped) == (41, 1)
+  assert train_loop._saved_stream_position(_SavedMetadata(two_processes), 5) is None
+  assert 'written by 2 processes and this run has 1' in caplog.text
