@@ -20,13 +20,16 @@ CONFIGS = os.path.join(REPO, 'configs')
 
 def small_config(depth: int = 18, image_size: int = 96, batch_size: int = 16,
                  bank_size: int = 64, topk: int = 5, small_stem: bool = False,
-                 param_dtype: str = 'float32') -> ml_collections.ConfigDict:
-  """The ImageNet config shrunk to CPU-test size (architecture and optimizer unchanged)."""
+                 param_dtype: str = 'float32', width: int = 64, bn_group_size: int = 0,
+                 shuffle_target: bool = False) -> ml_collections.ConfigDict:
+  """The ImageNet config shrunk to CPU-test size (architecture and optimizer unchanged);
+  BatchNorm over the whole batch and the target unshuffled unless asked (a single-GPU run)."""
   config = load_config(os.path.join(CONFIGS, 'imagenet_msf.py'))
   config.model.depth, config.model.small_stem = depth, small_stem
-  config.model.param_dtype = param_dtype
+  config.model.param_dtype, config.model.width = param_dtype, width
   config.image_size, config.batch_size = image_size, batch_size
   config.msf.bank_size, config.msf.topk, config.msf.bank_chunk_size = bank_size, topk, 0
+  config.model.bn_group_size, config.msf.shuffle_target = bn_group_size, shuffle_target
   config.num_epochs = 2
   return config
 
