@@ -176,7 +176,8 @@ def train_program(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch
   """The train step as `train_loop` builds it, for the abstract state and batch."""
   state = abstract_state(config, state_shardings(config, mesh))
   batch = _placed(pipeline.train_batch_spec(config.batch_size, config.image_size,
-                                            config.data.pairing), batch_sharded(mesh))
+                                            config.data.pairing, config.msf.shuffle_target),
+                  batch_sharded(mesh))
   return _compile(TRAIN_STEP, make_train_step(config, mesh, steps_per_epoch), (state, batch),
                   config.batch_size, mesh.devices.size, reading.bytes_per_device(state),
                   reading.bytes_per_device(batch), train_step_flops_per_image(config, state),
