@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from msf_jax import mean_shift
+from msf_jax.config_utils import ConfigError, bn_group_errors
 from msf_jax.data import color
 from msf_jax.models import build_networks
 from msf_jax.models.layers import BatchGroups
@@ -40,8 +41,11 @@ def search_k(config: ml_collections.ConfigDict) -> int:
 def batch_groups(config: ml_collections.ConfigDict, device_count: int) -> BatchGroups:
   """The BatchNorm groups of the step on `device_count` devices, as a device sees them:
   config.model.bn_group_size consecutive images of the global batch (0: all of them), inside
-  one device or spanning consecutive devices (the config check makes one divide the other)."""
+  one device or spanning consecutive devices (one must divide the other)."""
   size = config.model.get('bn_group_size', 0)
+  errors = bn_group_errors(size, config.batch_size, device_count)
+  if errors:
+    raise ConfigError(errors[0])
   per_device = config.batch_size // device_count
   if size <= per_device:
     return BatchGroups(size)

@@ -169,7 +169,7 @@ def test_bfloat16_step_matches_float32_step_within_bfloat16_tolerances():
   """One step computed in bfloat16 against float32, same weights, batch and bank.
 
   What runs in bfloat16: every convolution and dense product of the three networks, forward
-  and backward (checked on the traced step). What stays float32, and is checked exactly: the
+  and backward, but the heads' last Linear (checked on the traced step). What stays float32, and is checked exactly: the
   bank rows (normalised in float32: unit to 1e-6, where a bfloat16 normalisation is off by up
   to 2^-8), the search's and the loss's products, the EMA target (bit-identical) and every
   leaf of the new state.
@@ -217,6 +217,7 @@ def test_bfloat16_step_matches_float32_step_within_bfloat16_tolerances():
   traced = jax.make_jaxpr(make_train_step_fn(config, STEPS_PER_EPOCH, finish_views=False))(
       state, batch).jaxpr
   assert operand_dtypes(traced, 'conv_general_dilated') == {'bfloat16'}
+  assert operand_dtypes(traced, 'dot_general', has_shape=(256, 32)) == {'float32'}  # fc_3
   assert operand_dtypes(traced, 'dot_general', has_shape=(32, 64)) == {'float32'}  # search
   assert operand_dtypes(traced, 'dot_general', has_shape=(16, 4, 32)) == {'float32'}  # loss
   assert {x.dtype for x in jax.tree.leaves(bf16)} == {np.dtype(np.float32), np.dtype(np.int32)}

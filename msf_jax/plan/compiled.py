@@ -69,12 +69,24 @@ def _shape_bytes(shape: str) -> int:
              for m in _ARRAY_SHAPE.finditer(shape))
 
 
+def collectives(hlo_text: str) -> list[tuple[str, dict[str, int]]]:
+  """(kind, {dtype: result bytes per device}) of each collective written in the optimized
+  HLO, in order: a tuple all-reduce is one collective of several arrays."""
+  found = []
+  for match in _COLLECTIVE_LINE.finditer(hlo_text):
+    by_dtype = collections.Counter()
+    for array in _ARRAY_SHAPE.finditer(match['shape']):
+      by_dtype[array['dtype']] += _shape_bytes(array[0])
+    found.append((match['op'], dict(by_dtype)))
+  return found
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """{collective: result bytes per device} summed over the collectives written in the
   optimized HLO. One in a loop body counts once (the train step has none)."""
   found = collections.Counter()
-  for match in _COLLECTIVE_LINE.finditer(hlo_text):
-    found[match['op']] += _shape_bytes(match['shape'])
+  for kind, by_dtype in collectives(hlo_text):
+    found[kind] += sum(by_dtype.values())
   return dict(found)
 
 

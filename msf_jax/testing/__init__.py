@@ -58,10 +58,14 @@ def random_color_params(rng: np.random.Generator, batch_size: int) -> np.ndarray
 def random_host_batch(rng: np.random.Generator, config: ml_collections.ConfigDict,
                       num_classes: int = 4) -> dict[str, np.ndarray]:
   """The host stage's batch (uint8 views with their colour parameters), which the train
-  step finishes itself: both views carry strong parameters, whatever the pairing."""
+  step finishes itself: both views carry strong parameters, whatever the pairing. With
+  config.msf.shuffle_target, a random 'target_order' (the views are random already)."""
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   views = {name: rng.integers(0, 256, shape, np.uint8) for name in ('online', 'target')}
   colors = {f'{name}_color': random_color_params(rng, config.batch_size)
             for name in ('online', 'target')}
-  return {**views, **colors,
-          'label': rng.integers(0, num_classes, config.batch_size).astype(np.int32)}
+  batch = {**views, **colors,
+           'label': rng.integers(0, num_classes, config.batch_size).astype(np.int32)}
+  if config.msf.get('shuffle_target', False):
+    batch['target_order'] = rng.permutation(config.batch_size).astype(np.int32)
+  return batch
