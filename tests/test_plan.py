@@ -69,6 +69,8 @@ def test_collective_bytes_are_read_from_the_optimized_hlo():
   assert compiled.collective_bytes(hlo) == {'all-reduce': 4000 + 200, 'all-gather': 64}
   assert compiled.collectives(hlo) == [('all-reduce', {'f32': 4000, 'bf16': 200}),
                                        ('all-gather', {'f32': 64})]
+  assert compiled.collective_counts(hlo + '\n' + hlo) == {
+      'all-reduce': {'count': 2, 'f32': 8000, 'bf16': 400}, 'all-gather': {'count': 2, 'f32': 128}}
   line, size = compiled.largest_collective(hlo)
   assert size == 4200 and 'all-reduce(' in line
 
@@ -193,6 +195,8 @@ def test_small_recipe_compiles_for_tpu_topologies(topology, tmp_path):
   assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'],
                                                    rel=0.05)
   assert train['collectives']['all-reduce'] > 11e6 * 2  # ResNet-18's gradients, at least bf16
+  # BatchNorm over each chip's own images: the gradients are summed in float32.
+  assert train['collective_counts']['all-reduce']['f32'] > 11e6 * 4
   assert plan['run']['step_seconds'] > 0 and plan['run']['chip_hours'] > 0
 
 

@@ -81,6 +81,17 @@ def collectives(hlo_text: str) -> list[tuple[str, dict[str, int]]]:
   return found
 
 
+def collective_counts(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{collective: {'count': how many, dtype: result bytes per device}} over the optimized
+  HLO: a step's latency grows with the count of collectives it waits on, not only with their
+  bytes, and the dtypes tell a float32 gradient sum from a bfloat16 one. A collective the
+  compiler copies into several fusions (TPU) counts once for each copy."""
+  found: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for kind, by_dtype in collectives(hlo_text):
+    found[kind].update({'count': 1, **by_dtype})
+  return {kind: dict(counts) for kind, counts in found.items()}
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """{collective: result bytes per device} summed over the collectives written in the
   optimized HLO. One in a loop body counts once (the train step has none)."""
