@@ -26,11 +26,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.width = 64  # channels of the first stage (torchvision's 64)
   config.model.dtype = 'auto'  # compute: bfloat16 on GPU and TPU, float32 on the CPU
   config.model.param_dtype = 'float32'
+  # BatchNorm statistics over groups of this many consecutive images of the global batch, as
+  # the official run (nn.DataParallel, 4 GPUs x 64 images) made them; 0: the whole batch.
+  config.model.bn_group_size = 64
 
   config.msf = ml_collections.ConfigDict()
   config.msf.topk = 5
   config.msf.bank_size = 1_024_000
   config.msf.ema_momentum = 0.99
+  # The target view's batch shuffled before the target encoder and its embeddings put back
+  # in order after (the official ShuffleBN): a query's target is normalized with other images.
+  config.msf.shuffle_target = True
   # k grows linearly from 1 (BYOL's loss) to topk over this many epochs; 0 (the paper):
   # topk from the first step.
   config.msf.topk_ramp_epochs = 0

@@ -78,6 +78,19 @@ def minimum_image_size(model_config: ml_collections.ConfigDict) -> int:
   return 8 if model_config.small_stem else 32
 
 
+def bn_group_errors(size: int, batch: int, device_count: int) -> list[str]:
+  """A BatchNorm group is consecutive images of the batch: it divides the batch, and a device
+  holds whole groups or a group whole devices (a batch that does not divide among the
+  devices has its own error)."""
+  if size == 0 or batch < 1 or batch % device_count:
+    return []
+  per_device = batch // device_count
+  if size > 0 and batch % size == 0 and (per_device % size == 0 or size % per_device == 0):
+    return []
+  return [f'model.bn_group_size={size} must divide batch_size={batch}, and divide or be a '
+          f'multiple of the {per_device} images of a device (0: the whole batch).']
+
+
 def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
                            process_count: int = 1) -> list[str]:
   """Every setting of a training config that cannot work, each naming its keys and what
@@ -97,6 +110,7 @@ def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
   if batch >= 1 and (bank < batch or bank % batch):
     errors.append(f'msf.bank_size={bank} must be a multiple of batch_size={batch} (whole '
                   f'batches are enqueued), e.g. {max(batch, bank - bank % batch)}.')
+  errors += bn_group_errors(config.model.get('bn_group_size', 0), batch, device_count)
   if not 1 <= topk <= bank:
     errors.append(f'msf.topk={topk} must be between 1 and msf.bank_size={bank}.')
   candidates = config.msf.bank_search_candidates

@@ -228,7 +228,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
                                  pairing=config.data.pairing, start_step=start,
                                  start_position=start_position,
                                  crop_scale=tuple(config.data.crop_scale),
-                                 random_flip=config.data.flip)
+                                 random_flip=config.data.flip,
+                                 shuffle_target=config.msf.shuffle_target)
   train_step = make_train_step(config, mesh, steps_per_epoch)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   settings = recorded_settings(config)  # the config is locked: once for the whole run

@@ -18,19 +18,30 @@ STEP_SEED = 0
 EPOCHS_READ = 2
 
 
+PROCESSES = 2
+
+
 def step_config() -> ml_collections.ConfigDict:
   """The job's model: ResNet-18 with the small stem at 32 px, global batch 8, in float64
   (needs x64), where other reduction orders across processes stay far below the tolerance
-  instead of flipping near-zero ReLU inputs as in float32."""
+  instead of flipping near-zero ReLU inputs as in float32. As the official run: BatchNorm
+  over groups of 2 images (a device's), the target views shuffled within each host."""
   from msf_jax.testing import small_config
   return small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32,
-                      param_dtype='float64')
+                      param_dtype='float64', bn_group_size=2, shuffle_target=True)
 
 
 def global_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """The same global batch in every process (and in the single-process reference)."""
+  """The same global batch in every process (and in the single-process reference), its
+  target views permuted within each process's half as the host stage permutes them, with
+  'target_order' counting in that half."""
   from msf_jax.testing import random_batch
-  return random_batch(np.random.default_rng(STEP_SEED), config, dtype=np.float64)
+  rng = np.random.default_rng(STEP_SEED)
+  batch = random_batch(rng, config, dtype=np.float64)
+  size = config.batch_size // PROCESSES
+  permutation = np.concatenate([p * size + rng.permutation(size) for p in range(PROCESSES)])
+  return {**batch, 'target': batch['target'][permutation],
+          'target_order': (np.argsort(permutation) % size).astype(np.int32)}
 
 
 def host_share(batch: dict[str, np.ndarray], process_index: int, process_count: int

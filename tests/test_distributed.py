@@ -19,13 +19,13 @@ from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.sharding import replicated
 from msf_jax.train_state import abstract_state
 
-from distributed_worker import EPOCHS_READ, global_batch, step_config
+from distributed_worker import EPOCHS_READ, PROCESSES, global_batch, step_config
 from helpers import REPO, assert_trees_close
 from test_main import CONFIG as TRAIN_CONFIG, overrides as main_overrides
 from test_pipeline import write_folder
 
 WORKER = os.path.join(REPO, 'tests', 'distributed_worker.py')
-PROCESSES, DEVICES_PER_PROCESS = 2, 2
+DEVICES_PER_PROCESS = 2
 FOLDER_IMAGES = 27  # one image per class, so a label names its image; 27 = 3 x 8 + 3
 JOB_TIMEOUT_S = 600
 SLURM = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[003-004]', 'SLURM_NTASKS': '2',
@@ -211,7 +211,11 @@ def one_process_reference():
     mesh = make_mesh(jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
     state = put_state(create_state(config, jax.random.key(0)), config, mesh)
     train_step = make_train_step(config, mesh, steps_per_epoch=1, finish_views=False)
-    state, metrics = train_step(state, put_batch(global_batch(config), mesh))
+    batch = global_batch(config)
+    # One process holds the whole batch: the target order counts in all of it.
+    half = config.batch_size // PROCESSES
+    batch['target_order'] += np.arange(config.batch_size, dtype=np.int32) // half * half
+    state, metrics = train_step(state, put_batch(batch, mesh))
     return jax.device_get(state), float(metrics['loss'])
 
 
@@ -282,19 +286,22 @@ def test_each_epoch_reads_every_example_at_most_once_across_processes(job):
 
 
 
-def two_process_flags(workdir, folder, num_epochs: int) -> list[str]:
+def two_process_flags(workdir, folder, num_epochs: int, **settings) -> list[str]:
   """msf_jax.main's flags for both processes of a job on `folder` (all but --process_id),
-  checkpointing every 2 steps of 3 an epoch."""
+  checkpointing every 2 steps of 3 an epoch, with more config `settings`."""
   return [f'--config={TRAIN_CONFIG}', f'--workdir={workdir}',
-          *main_overrides(folder, num_epochs=num_epochs, **{'checkpoint.every_epochs': 2 / 3}),
+          *main_overrides(folder, num_epochs=num_epochs,
+                          **{'checkpoint.every_epochs': 2 / 3, **settings}),
           f'--coordinator_address=127.0.0.1:{free_port()}', f'--num_processes={PROCESSES}']
 
 
 @pytest.mark.slow
 def test_training_program_runs_as_two_processes(tmp_path, folder):
-  # 27 images, batch 8: 3 steps, checkpoints at 2 and 3, written by both processes.
+  # 27 images, batch 8: 3 steps, checkpoints at 2 and 3, written by both processes. As the
+  # official run: BatchNorm over each device's 2 images, each host shuffling its targets.
   skip_without_cpu_collectives()
-  flags = two_process_flags(tmp_path, folder, num_epochs=1)
+  flags = two_process_flags(tmp_path, folder, num_epochs=1, **{
+      'model.bn_group_size': 2, 'msf.shuffle_target': True})
   _, outputs = run_processes([[sys.executable, '-m', 'msf_jax.main', *flags,
                                f'--process_id={p}'] for p in range(PROCESSES)])
   for p, output in enumerate(outputs):

@@ -242,6 +242,9 @@ def test_an_msf_jax_checkpoint_with_nan_weights_is_refused(tmp_path):
      'and at most msf.bank_size=1440'),
     ({'msf.bank_layout': 'striped'},
      "msf.bank_layout='striped' is not one of replicated, sharded, auto"),
+    ({'model.bn_group_size': 12}, 'model.bn_group_size=12 must divide batch_size=32'),
+    ({'batch_size': 48, 'model.bn_group_size': 16},
+     'divide or be a multiple of the 6 images of a device'),
 ])
 def test_config_errors_name_the_key_and_what_is_valid(settings, message):
   config = load_config(DIGITS)

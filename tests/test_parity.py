@@ -36,14 +36,27 @@ from helpers import max_scaled_error  # noqa: E402
 ZERO_GRADIENT_BIASES = ('encoder_q.fc.0.bias', 'encoder_q.fc.3.bias', 'predict_q.0.bias')
 
 
-def run_both(tmp_path, config, steps, seed=0):
-  """Runs `steps` iterations of the reference and of msf_jax from the same weights, in the
-  precision of `config.model.param_dtype`."""
+def shuffled_target(batch, rng):
+  """`batch` with its target views permuted as the host stage permutes them, and the
+  permutation (the official `get_shuffle_ids`'s forward ids) for the reference."""
+  permutation = rng.permutation(len(batch['label']))
+  return ({**batch, 'target': batch['target'][permutation],
+           'target_order': np.argsort(permutation).astype(np.int32)},
+          torch.from_numpy(permutation))
+
+
+def run_both(tmp_path, config, steps, seed=0, devices=1):
+  """Runs `steps` iterations of the reference and of msf_jax (on `devices` host devices)
+  from the same weights, in the precision of `config.model.param_dtype`; the reference with
+  DataParallel's chunks of config.model.bn_group_size and, with config.msf.shuffle_target,
+  the same random target permutation as msf_jax."""
   float64 = config.model.param_dtype == 'float64'
   torch.manual_seed(seed)
   model = torch_reference.MeanShift(config.model.depth, m=config.msf.ema_momentum,
                                     mem_bank_size=config.msf.bank_size,
-                                    topk=config.msf.topk, small_stem=config.model.small_stem)
+                                    topk=config.msf.topk, small_stem=config.model.small_stem,
+                                    width=config.model.width,
+                                    bn_group_size=config.model.bn_group_size)
   dtype = np.float64 if float64 else np.float32
   if float64:
     model = model.double()
@@ -53,7 +66,7 @@ def run_both(tmp_path, config, steps, seed=0):
              path)
   state, config = tc.load_official_checkpoint(str(path), config, jax.random.key(seed))
   optimizer = torch_reference.make_optimizer(model, peak_learning_rate(config))
-  mesh = make_mesh(jax.devices()[:1])
+  mesh = make_mesh(jax.devices()[:devices])
   state = put_state(state, config, mesh)
   train_step = make_train_step(config, mesh, steps_per_epoch=10, finish_views=False)
 
@@ -62,9 +75,14 @@ def run_both(tmp_path, config, steps, seed=0):
   for _ in range(steps):
     batch = random_batch(rng, config, dtype=dtype)
     to_torch = lambda x: torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    ref_target = to_torch(batch['target'])
+    permutation = None
+    if config.msf.shuffle_target:
+      batch, permutation = shuffled_target(batch, rng)
     ref = torch_reference.train_iteration(model, optimizer, to_torch(batch['online']),
-                                          to_torch(batch['target']),
-                                          torch.from_numpy(batch['label'].astype(np.int64)))
+                                          ref_target,
+                                          torch.from_numpy(batch['label'].astype(np.int64)),
+                                          permutation)
     state, ours = train_step(state, put_batch(batch, mesh))
     metrics.append((ref, (float(ours['loss']), float(ours['purity']))))
   return state, model, optimizer, metrics
@@ -131,11 +149,11 @@ def test_resnet18_one_step_float32(tmp_path):
           backbone_rtol=1e-3)
 
 
-def check_float64_parity(tmp_path, steps, **config_kwargs):
+def check_float64_parity(tmp_path, steps, devices=1, **config_kwargs):
   """Both sides in float64 (jax x64, torch double): every tensor to 1e-9."""
   with jax.enable_x64(True):
     config = small_config(param_dtype='float64', **config_kwargs)
-    compare(*run_both(tmp_path, config, steps), rtol=1e-9, bias_atol=1e-12)
+    compare(*run_both(tmp_path, config, steps, devices=devices), rtol=1e-9, bias_atol=1e-12)
 
 
 @pytest.mark.slow
@@ -153,3 +171,13 @@ def test_resnet50_one_step_float64(tmp_path):
 def test_small_stem_one_step_float64(tmp_path):
   check_float64_parity(tmp_path, 1, depth=18, image_size=32, batch_size=16, bank_size=48,
                        topk=3, small_stem=True)
+
+
+@pytest.mark.parametrize('devices', [1, 4, 8])
+def test_data_parallel_groups_and_shuffled_target_three_steps_float64(tmp_path, devices):
+  """The official run's BatchNorm (DataParallel: groups of 4 of a batch of 16, the target
+  batch shuffled, running statistics of the first group) on 1 host device (4 groups on it),
+  4 (a group each) and 8 (a group over 2 devices). A narrow ResNet-18 at 16 px."""
+  check_float64_parity(tmp_path, 3, devices, depth=18, image_size=16, batch_size=16,
+                       bank_size=48, topk=3, small_stem=True, width=8, bn_group_size=4,
+                       shuffle_target=True)

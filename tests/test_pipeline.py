@@ -67,6 +67,29 @@ def test_same_seed_same_batches_and_resume_is_exact():
   assert not np.allclose(batch['online'], batch['target'])  # two independent views
 
 
+def test_shuffled_target_views_are_the_same_views_permuted_with_their_order():
+  """Each host batch's target views and colours permuted, the online views and labels
+  unchanged, 'target_order' putting them back; another permutation at each step and on each
+  host, the same on a resumed stream."""
+  split = sources.digits('train', 8)
+  make = lambda shuffle, start=0, process=0: take(pipeline.train_stream(
+      split, global_batch=32, image_size=8, seed=3, start_step=start, process_index=process,
+      process_count=2, shuffle_target=shuffle), 2)
+  plain, shuffled = make(False), make(True)
+  for a, b in zip(plain, shuffled):
+    for key in ('online', 'online_color', 'label'):
+      np.testing.assert_array_equal(b[key], a[key])
+    order = b['target_order']
+    assert order.dtype == np.int32 and sorted(order) == list(range(16))
+    for key in ('target', 'target_color'):
+      np.testing.assert_array_equal(b[key][order], a[key])
+  orders = [batch['target_order'] for batch in shuffled + make(True, process=1)]
+  assert all((x != orders[0]).any() for x in orders[1:])
+  np.testing.assert_array_equal(make(True, start=1)[0]['target_order'], orders[1])
+  spec = pipeline.train_batch_spec(32, 8, shuffle_target=True)['target_order']
+  assert (spec.shape, spec.dtype) == ((32,), np.int32)
+
+
 def test_an_epoch_reads_every_example_once_across_hosts():
   split = sources.digits('train', 8)
   global_batch, hosts = 64, 2

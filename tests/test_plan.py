@@ -13,16 +13,22 @@ import numpy as np
 import pytest
 
 from msf_jax.config_utils import load_config
+from msf_jax.data import pipeline
 from msf_jax.plan import compiled, parse_slice, planner, slices
+from msf_jax.sharding import batch_sharded, make_mesh
 from msf_jax.testing import REPO
+from msf_jax.train import make_train_step
+from msf_jax.train_state import abstract_state, state_shardings
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed: '
                                   'pip install "jax[tpu]==0.10.2" to plan for TPU slices')
-# The ImageNet recipe made small: ResNet-18 at 32 px, 32 images a step, a 4,096-row bank.
+# The ImageNet recipe made small: ResNet-18 at 32 px, 32 images a step, a 4,096-row bank,
+# BatchNorm over groups of 8 (a chip's images on 4 chips; the recipe's 64 would not divide).
 SMALL_RECIPE = ['--config=configs/imagenet_msf.py', '--config.model.depth=18',
                 '--config.image_size=32', '--config.batch_size=32',
-                '--config.msf.bank_size=4096', '--config.msf.bank_chunk_size=0']
+                '--config.msf.bank_size=4096', '--config.msf.bank_chunk_size=0',
+                '--config.model.bn_group_size=8']
 
 
 @pytest.mark.parametrize('name, topology, chips, hosts', [
@@ -61,6 +67,10 @@ def test_collective_bytes_are_read_from_the_optimized_hlo():
       '  %all-gather-done = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) %all-gather-start)',
       '  ROOT %add = f32[16]{0} add(f32[16]{0} %d, f32[16]{0} %e)'])
   assert compiled.collective_bytes(hlo) == {'all-reduce': 4000 + 200, 'all-gather': 64}
+  assert compiled.collectives(hlo) == [('all-reduce', {'f32': 4000, 'bf16': 200}),
+                                       ('all-gather', {'f32': 64})]
+  assert compiled.collective_counts(hlo + '\n' + hlo) == {
+      'all-reduce': {'count': 2, 'f32': 8000, 'bf16': 400}, 'all-gather': {'count': 2, 'f32': 128}}
   line, size = compiled.largest_collective(hlo)
   assert size == 4200 and 'all-reduce(' in line
 
@@ -159,7 +169,7 @@ def test_a_sharded_bank_too_large_is_refused_with_the_bank_that_fits(monkeypatch
   """200,000,000 rows of 128-d embeddings and labels (96 GiB), a quarter a chip: 24.2 GiB."""
   plan = _plan_here(('train',), 'v5e:2x2', monkeypatch, **{
       'model.depth': 18, 'image_size': 32, 'batch_size': 32, 'msf.bank_size': 200_000_000,
-      'msf.bank_chunk_size': 0})
+      'msf.bank_chunk_size': 0, 'model.bn_group_size': 8})
   [sentence] = plan['does_not_fit']
   assert sentence.startswith('The train step needs 24.2 GiB a chip and a v5e chip has 16.0 '
                              'GiB: it would fit with ')
@@ -185,7 +195,39 @@ def test_small_recipe_compiles_for_tpu_topologies(topology, tmp_path):
   assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'],
                                                    rel=0.05)
   assert train['collectives']['all-reduce'] > 11e6 * 2  # ResNet-18's gradients, at least bf16
+  # BatchNorm over each chip's own images: the gradients are summed in float32.
+  assert train['collective_counts']['all-reduce']['f32'] > 11e6 * 4
   assert plan['run']['step_seconds'] > 0 and plan['run']['chip_hours'] > 0
+
+
+@needs_libtpu
+@pytest.mark.slow  # 2 to 3 minutes of compilation on a shared 2-core machine
+def test_small_recipe_with_a_batchnorm_group_a_chip_all_reduces_only_what_it_must(
+    monkeypatch):
+  """The small recipe in bfloat16 on a v5e:2x2, BatchNorm over each chip's 8 images: no
+  statistic crosses chips in the forward or backward pass. What is left: the labels and the
+  target order gathered for the bank (XLA writes these all-gathers as all-reduces of int32),
+  the bank's neighbour rows and their labels (exact sums over the sharded rows), and one
+  float32 all-reduce of every gradient with the loss and the first group's running
+  statistics. With bn_group_size=0 the same step held 80 all-reduces, its gradients summed
+  in bfloat16."""
+  monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  config = load_config(os.path.join(REPO, 'configs', 'imagenet_msf.py'))
+  config.model.depth, config.model.dtype, config.model.bn_group_size = 18, 'bfloat16', 8
+  config.image_size, config.batch_size = 32, 32
+  config.msf.bank_size, config.msf.bank_chunk_size = 4096, 0
+  mesh = make_mesh(slices.tpu_devices(parse_slice('v5e:2x2')))
+  state = abstract_state(config, state_shardings(config, mesh))
+  batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharded(mesh)),
+      pipeline.train_batch_spec(32, 32, shuffle_target=True))
+  hlo = make_train_step(config, mesh, 100).lower(state, batch).compile().as_text()
+  all_reduces = [by_dtype for kind, by_dtype in compiled.collectives(hlo)
+                 if kind == 'all-reduce']
+  assert sorted(sorted(dtypes) for dtypes in all_reduces) == [['f32'], ['f32'], ['s32'],
+                                                               ['s32']]
+  gradients = max(all_reduces, key=lambda dtypes: sum(dtypes.values()))
+  assert gradients['f32'] > 4 * 11.5e6  # ResNet-18 and its heads: 11.5M parameters
 
 
 def _plan_here(programs: tuple[str, ...], topology: str, monkeypatch, train_examples=None,

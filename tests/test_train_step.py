@@ -2,6 +2,7 @@
 
 import math
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from msf_jax import (create_state, load_config, make_mesh, make_train_step, mean
 from msf_jax.data import color
 from msf_jax.optim import learning_rate_schedule
 from msf_jax.plan.compiled import equations
-from msf_jax.train import make_train_step_fn
+from msf_jax.train import make_train_step_fn, target_sources
 
 from msf_jax.testing import random_batch, random_host_batch, small_config
 from helpers import REPO, assert_trees_close, relative_tree_error
@@ -63,6 +64,16 @@ def test_eight_devices_equal_one_device_float64_three_steps():
     one, _ = run_steps(config, jax.devices()[:1], batches)
     eight, _ = run_steps(config, jax.devices()[:8], batches)
     assert_trees_close(eight, one, rtol=1e-9)
+
+
+def test_target_sources_map_each_hosts_order_to_its_own_rows():
+  """Two processes whose devices alternate in the mesh: process 0 holds rows 0-1 and 4-5,
+  process 1 rows 2-3 and 6-7; each row's 'target_order' counts in its own host's rows."""
+  device = lambda process: types.SimpleNamespace(process_index=process)
+  mesh = types.SimpleNamespace(devices=np.array([device(p) for p in (0, 1, 0, 1)]))
+  order = np.array([3, 0, 0, 1, 1, 2, 2, 3])
+  np.testing.assert_array_equal(target_sources(order, mesh), [5, 0, 2, 3, 1, 4, 6, 7])
+  np.testing.assert_array_equal(target_sources(order, make_mesh(jax.devices()[:4])), order)
 
 
 def test_step_updates_bank_pointer_target_and_metrics():
@@ -158,7 +169,7 @@ def test_bfloat16_step_matches_float32_step_within_bfloat16_tolerances():
   """One step computed in bfloat16 against float32, same weights, batch and bank.
 
   What runs in bfloat16: every convolution and dense product of the three networks, forward
-  and backward (checked on the traced step). What stays float32, and is checked exactly: the
+  and backward, but the heads' last Linear (checked on the traced step). What stays float32, and is checked exactly: the
   bank rows (normalised in float32: unit to 1e-6, where a bfloat16 normalisation is off by up
   to 2^-8), the search's and the loss's products, the EMA target (bit-identical) and every
   leaf of the new state.
@@ -206,6 +217,7 @@ def test_bfloat16_step_matches_float32_step_within_bfloat16_tolerances():
   traced = jax.make_jaxpr(make_train_step_fn(config, STEPS_PER_EPOCH, finish_views=False))(
       state, batch).jaxpr
   assert operand_dtypes(traced, 'conv_general_dilated') == {'bfloat16'}
+  assert operand_dtypes(traced, 'dot_general', has_shape=(256, 32)) == {'float32'}  # fc_3
   assert operand_dtypes(traced, 'dot_general', has_shape=(32, 64)) == {'float32'}  # search
   assert operand_dtypes(traced, 'dot_general', has_shape=(16, 4, 32)) == {'float32'}  # loss
   assert {x.dtype for x in jax.tree.leaves(bf16)} == {np.dtype(np.float32), np.dtype(np.int32)}

@@ -186,10 +186,10 @@ def apply_view_colors(images: jax.Array, params: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames='pairing')
 def finish_views(batch: dict[str, jax.Array], pairing: str = 'w/s') -> dict[str, jax.Array]:
   """The train step's batch from the pipeline's (uint8 views): {'online', 'target', 'label'},
-  normalized float32.
+  normalized float32, and 'target_order' where the target views come shuffled.
   `pairing` (target/online, as the pipeline's) lets weak views skip the colour ops, whose
   parameters would switch them all off anyway."""
-  finished = {'label': batch['label']}
+  finished = {key: batch[key] for key in ('label', 'target_order') if key in batch}
   for key, kind in zip(('target', 'online'), pairing.split('/')):
     images = batch[key]
     finished[key] = (apply_view_colors(images, batch[f'{key}_color']) if kind == 's'

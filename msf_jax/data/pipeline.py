@@ -8,7 +8,8 @@ parameters; the train step applies them on the accelerator
 Determinism: epoch e reads its split in the order of shuffle seed (seed, e), and the
 augmentation of the example in slot s of that epoch uses the stateless seed
 fold_in(fold_in(seed, e), s). A run resumed at step t rebuilds the stream from step t with
-no hidden iterator state.
+no hidden iterator state. A shuffled target batch (`shuffle_target`) is permuted by a
+function of (seed, step, process).
 """
 
 import collections
@@ -26,6 +27,8 @@ from msf_jax.sharding import batch_sharded
 
 # (encoded image, its stateless seed) -> {name: view} of one example.
 ExampleViews = Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
+# (a number of the step and process, a host's batch) -> the batch the host hands over.
+BatchMap = Callable[[tf.Tensor, dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 
 
 def hide_accelerators_from_tensorflow() -> None:
@@ -126,17 +129,36 @@ def train_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
                  pairing: str = 'w/s', start_step: int = 0,
                  start_position: StreamPosition | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 crop_scale: tuple[float, float] = augment.CROP_SCALE, random_flip: bool = True
-                 ) -> TrainStream:
+                 crop_scale: tuple[float, float] = augment.CROP_SCALE, random_flip: bool = True,
+                 shuffle_target: bool = False) -> TrainStream:
   """Endless two-view batches of this host's share, from `start_step` on: {'online',
   'target'} cropped and flipped, uint8, {'online_color', 'target_color'} their colour
   parameters, 'label'. An image that cannot be decoded is dropped and counted in `skipped`.
   A resumed run passes the position saved at `start_step` (`TrainStream.position_after`);
   without one, the stream starts at slot start_step x host batch, which is exact only while
-  no image was skipped."""
+  no image was skipped. With `shuffle_target`, the target views (and their colours) of this
+  host's batch come permuted, with 'target_order' (`shuffled_target`)."""
   return _augmented_stream(split, global_batch, seed, start_step, process_index, process_count,
                            _two_views(image_size, pairing, crop_scale, random_flip),
-                           start_position)
+                           start_position, shuffled_target(seed) if shuffle_target else None)
+
+
+def shuffled_target(seed: int) -> BatchMap:
+  """A host batch whose target views and their colour parameters are permuted, as the
+  official step permutes the target batch before the target encoder (`get_shuffle_ids`), so
+  that each image's target is normalized in another BatchNorm group than its online view;
+  'target_order' [host batch] int32 holds the position of each row's target view, which the
+  train step uses to put the embeddings back in order. The permutation is a function of
+  (seed, step, process): each host permutes its own share, no image moves between hosts."""
+  def shuffle(batch_id: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    step_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 2], tf.int64),
+                                                         batch_id)
+    permutation = tf.argsort(tf.random.stateless_uniform(tf.shape(batch['label']), step_seed))
+    return {**batch, 'target': tf.gather(batch['target'], permutation),
+            'target_color': tf.gather(batch['target_color'], permutation),
+            'target_order': tf.math.invert_permutation(permutation)}
+
+  return shuffle
 
 
 def probe_stream(split: Split, *, global_batch: int, image_size: int, seed: int,
@@ -174,12 +196,14 @@ def _global_batch_spec(views: ExampleViews, global_batch: int
           for key, s in spec.items()}
 
 
-def train_batch_spec(global_batch: int, image_size: int, pairing: str = 'w/s'
-                     ) -> dict[str, jax.ShapeDtypeStruct]:
+def train_batch_spec(global_batch: int, image_size: int, pairing: str = 'w/s',
+                     shuffle_target: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
   """What `train_stream` hands the train step (over all hosts), without reading any data:
   the shapes a run is planned and compiled with ahead of time."""
-  return _global_batch_spec(_two_views(image_size, pairing, augment.CROP_SCALE, True),
+  spec = _global_batch_spec(_two_views(image_size, pairing, augment.CROP_SCALE, True),
                             global_batch)
+  order = {'target_order': jax.ShapeDtypeStruct((global_batch,), np.int32)}
+  return {**spec, **order} if shuffle_target else spec
 
 
 def probe_batch_spec(global_batch: int, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -195,9 +219,11 @@ def eval_images_spec(global_batch: int, image_size: int) -> jax.ShapeDtypeStruct
 def _augmented_stream(split: Split, global_batch: int, seed: int, start_step: int,
                       process_index: int | None, process_count: int | None,
                       augment_example: ExampleViews,
-                      start_position: StreamPosition | None = None) -> TrainStream:
+                      start_position: StreamPosition | None = None,
+                      map_batch: BatchMap | None = None) -> TrainStream:
   """This host's share of `split`, epoch after epoch, each example mapped by
-  `augment_example(encoded image, its seed) -> dict of views`, batched with its label."""
+  `augment_example(encoded image, its seed) -> dict of views`, batched with its label, each
+  batch then by `map_batch(step * processes + process, batch)` if given."""
   process_index, process_count, host_batch = _this_host(global_batch, process_index,
                                                         process_count)
   host_per_epoch = steps_per_epoch(split, global_batch) * host_batch
@@ -229,8 +255,11 @@ def _augmented_stream(split: Split, global_batch: int, seed: int, start_step: in
   dataset = (tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
              .map(views, num_parallel_calls=tf.data.AUTOTUNE)
              .ignore_errors()
-             .batch(host_batch, drop_remainder=True)
-             .prefetch(tf.data.AUTOTUNE))
+             .batch(host_batch, drop_remainder=True))
+  if map_batch is not None:
+    dataset = dataset.enumerate(start_step).map(
+        lambda step, batch: map_batch(step * process_count + process_index, batch))
+  dataset = dataset.prefetch(tf.data.AUTOTUNE)
   return TrainStream(dataset, start_step, start, name_of_slot)
 
 

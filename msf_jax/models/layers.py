@@ -1,6 +1,7 @@
 """Layers with PyTorch's initialisation and BatchNorm semantics, so that weights and
 statistics move between msf_jax and the official PyTorch code without drift."""
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -40,18 +41,55 @@ class TorchDense(nn.Module):
     return x @ kernel + bias
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchGroups:
+  """Which images a BatchNorm normalizes together in training mode.
+
+  The official run is `nn.DataParallel` on 4 GPUs: each GPU normalizes its own consecutive
+  share of the batch. Here a group is `size` consecutive images of what the layer sees (0:
+  all of them, which under `jit` on a sharded batch is the global batch), or, when `devices`
+  > 1, all the images of that many consecutive devices along `axis_name` (inside
+  `jax.shard_map`). Such a group's sums are reduced by a `psum` with `axis_index_groups`
+  over its devices only (jax's shard_map supports it; a 2-D mesh would change the bank's
+  axis, and an all-gather would move every device's sums to every device), in two passes
+  (mean, then squared deviations) as a single device computes them.
+  """
+  size: int = 0
+  axis_name: str | None = None
+  devices: int = 1
+
+  def device_groups(self) -> list[list[int]] | None:
+    """The `axis_index_groups` of a group spanning devices, None when it does not."""
+    if self.devices == 1:
+      return None
+    count = jax.lax.axis_size(self.axis_name)
+    return [list(range(start, start + self.devices)) for start in range(0, count, self.devices)]
+
+
 class BatchNorm(nn.Module):
-  """BatchNorm with torch.nn.BatchNorm semantics.
+  """BatchNorm with torch.nn.BatchNorm semantics, over the groups of `groups`.
 
   The batch is normalised with the biased variance while the running variance is updated
   with the unbiased one, as PyTorch does (Flax's BatchNorm uses the biased one for both).
-  Statistics are computed in at least float32 whatever the compute dtype. Under `jit` with
-  a batch sharded over a mesh, the means are over the global batch.
+  Statistics are computed in at least float32 whatever the compute dtype. The running
+  statistics are those of the first group, as `nn.DataParallel` keeps the updates of its
+  first replica only; the unbiased variance counts that group's values.
   """
   momentum: float = 0.1  # PyTorch's convention: weight of the new batch statistics.
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  groups: BatchGroups = BatchGroups()
+
+  def _group_mean(self, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Mean of each group over `axes` (kept), summed over the group's devices if it spans
+    several."""
+    if self.groups.devices == 1:
+      return x.mean(axes, keepdims=True)
+    count = self.groups.devices * (x.size // (x.shape[0] * x.shape[-1]))
+    total = jax.lax.psum(x.sum(axes, keepdims=True), self.groups.axis_name,
+                         axis_index_groups=self.groups.device_groups())
+    return total / count
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -62,21 +100,24 @@ class BatchNorm(nn.Module):
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), self.param_dtype)
 
     stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    normalize = lambda v, mean, var: (v - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     xs = x.astype(stat_dtype)
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = xs.mean(axes)
-      var = jnp.square(xs - mean).mean(axes)
-      if not self.is_initializing():
-        count = x.size // features
-        unbiased_var = var * (count / max(count - 1, 1))
-        running_mean.value = ((1 - self.momentum) * running_mean.value +
-                              self.momentum * mean).astype(running_mean.value.dtype)
-        running_var.value = ((1 - self.momentum) * running_var.value +
-                             self.momentum * unbiased_var).astype(running_var.value.dtype)
-    else:
-      mean, var = running_mean.value, running_var.value
-    y = (xs - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    if not train:
+      return normalize(xs, running_mean.value, running_var.value).astype(self.dtype or x.dtype)
+    size = self.groups.size or x.shape[0]
+    grouped = xs.reshape((x.shape[0] // size, size) + x.shape[1:])  # [groups, size, ..., C]
+    axes = tuple(range(1, grouped.ndim - 1))
+    mean = self._group_mean(grouped, axes)
+    var = self._group_mean(jnp.square(grouped - mean), axes)
+    if not self.is_initializing():
+      count = self.groups.devices * (grouped[0].size // features)
+      first_mean, first_var = mean[0].reshape(features), var[0].reshape(features)
+      unbiased_var = first_var * (count / max(count - 1, 1))
+      running_mean.value = ((1 - self.momentum) * running_mean.value +
+                            self.momentum * first_mean).astype(running_mean.value.dtype)
+      running_var.value = ((1 - self.momentum) * running_var.value +
+                           self.momentum * unbiased_var).astype(running_var.value.dtype)
+    y = normalize(grouped, mean, var).reshape(x.shape)
     return y.astype(self.dtype or x.dtype)
 
 

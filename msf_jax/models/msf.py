@@ -9,6 +9,7 @@ import flax.linen as nn
 import ml_collections
 
 from msf_jax.models.heads import MLPHead
+from msf_jax.models.layers import BatchGroups
 from msf_jax.models.resnet import ResNet, feature_dim
 
 Variables = dict[str, Any]  # {'params': ..., 'batch_stats': ...} of one network
@@ -21,11 +22,13 @@ class Encoder(nn.Module):
   width: int = 64
   dtype: Any | None = None
   param_dtype: Any = jnp.float32
+  groups: BatchGroups = BatchGroups()
 
   def setup(self):
     dim = feature_dim(self.depth, self.width)
-    self.backbone = ResNet(self.depth, self.small_stem, self.width, self.dtype, self.param_dtype)
-    self.projector = MLPHead(2 * dim, dim // 4, self.dtype, self.param_dtype)
+    self.backbone = ResNet(self.depth, self.small_stem, self.width, self.dtype, self.param_dtype,
+                           self.groups)
+    self.projector = MLPHead(2 * dim, dim // 4, self.dtype, self.param_dtype, self.groups)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     return self.projector(self.backbone(x, train), train)
@@ -55,16 +58,18 @@ def parse_dtype(name: str | None) -> Any:
   return None if name in (None, '', 'none') else jnp.dtype(name)
 
 
-def build_networks(model_config: ml_collections.ConfigDict) -> tuple[Encoder, MLPHead]:
-  """The encoder (shared architecture of online and target) and the predictor of a config."""
+def build_networks(model_config: ml_collections.ConfigDict, groups: BatchGroups = BatchGroups()
+                   ) -> tuple[Encoder, MLPHead]:
+  """The encoder (shared architecture of online and target) and the predictor of a config,
+  their BatchNorms over `groups` (the train step's: `msf_jax.train.batch_groups`)."""
   dtype = parse_dtype(model_config.dtype)
   # float32 compute means "whatever the parameters are": float64 tests then run in float64.
   compute = None if dtype == jnp.float32 else dtype
   param_dtype = parse_dtype(model_config.param_dtype)
   dim = feature_dim(model_config.depth, model_config.width)
   encoder = Encoder(model_config.depth, model_config.small_stem, model_config.width, compute,
-                    param_dtype)
-  predictor = MLPHead(2 * dim, dim // 4, compute, param_dtype)
+                    param_dtype, groups)
+  predictor = MLPHead(2 * dim, dim // 4, compute, param_dtype, groups)
   return encoder, predictor
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from msf_jax.models.layers import BatchNorm, conv_kernel_init, max_pool_3x3_s2
+from msf_jax.models.layers import BatchGroups, BatchNorm, conv_kernel_init, max_pool_3x3_s2
 
 Dtype = Any
 
@@ -43,11 +43,13 @@ class ResidualBlock(nn.Module):
   bottleneck: bool
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  groups: BatchGroups = BatchGroups()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype,
+                             groups=self.groups)
     p, s = self.planes, self.stride
     layers = ((1, p, 1), (3, p, s), (1, 4 * p, 1)) if self.bottleneck else ((3, p, s), (3, p, 1))
     y = x
@@ -66,12 +68,14 @@ class ResNet(nn.Module):
 
   `small_stem` swaps the 7x7/2 conv and max-pool for one 3x3/1 conv, for 32-64 px images.
   `width` is the first stage's channel count (torchvision: 64); narrower nets suit CPU demos.
+  `groups`: the images each BatchNorm normalizes together (`BatchGroups`).
   """
   depth: int = 50
   small_stem: bool = False
   width: int = 64
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  groups: BatchGroups = BatchGroups()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -84,7 +88,8 @@ class ResNet(nn.Module):
       x = _conv(self.width, 3, 1, 'conv1', self.dtype, self.param_dtype)(x)
     else:
       x = _conv(self.width, 7, 2, 'conv1', self.dtype, self.param_dtype)(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='bn1')(x, train))
+    x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, groups=self.groups,
+                          name='bn1')(x, train))
     if not self.small_stem:
       x = max_pool_3x3_s2(x)
     in_planes = self.width
@@ -95,6 +100,6 @@ class ResNet(nn.Module):
         out_planes = planes * expansion
         x = ResidualBlock(planes, stride, downsample=stride != 1 or in_planes != out_planes,
                           bottleneck=bottleneck, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=f'layer{stage + 1}_{index}')(x, train)
+                          groups=self.groups, name=f'layer{stage + 1}_{index}')(x, train)
         in_planes = out_planes
     return jnp.mean(x, axis=(1, 2))

@@ -117,6 +117,10 @@ def render(plan: dict) -> str:
     if p['collectives']:
       lines.append(f"    {p['name']}: " + ', '.join(
           f'{op} {_megabytes(size)}' for op, size in sorted(p['collectives'].items())))
+    for op, counts in sorted(p.get('collective_counts', {}).items()):
+      dtypes = ', '.join(f'{dtype} {_megabytes(size)}' for dtype, size in sorted(counts.items())
+                         if dtype != 'count')
+      lines.append(f"      {counts['count']} {op}: {dtypes}")
   lines.append(row('compile seconds', [f"{p['compile_seconds']:.0f}" for p in programs]))
   if plan['fits'] is not None:
     lines.append('Fits: ' + ('yes' if plan['fits'] else 'no'))

@@ -69,12 +69,35 @@ def _shape_bytes(shape: str) -> int:
              for m in _ARRAY_SHAPE.finditer(shape))
 
 
+def collectives(hlo_text: str) -> list[tuple[str, dict[str, int]]]:
+  """(kind, {dtype: result bytes per device}) of each collective written in the optimized
+  HLO, in order: a tuple all-reduce is one collective of several arrays."""
+  found = []
+  for match in _COLLECTIVE_LINE.finditer(hlo_text):
+    by_dtype = collections.Counter()
+    for array in _ARRAY_SHAPE.finditer(match['shape']):
+      by_dtype[array['dtype']] += _shape_bytes(array[0])
+    found.append((match['op'], dict(by_dtype)))
+  return found
+
+
+def collective_counts(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{collective: {'count': how many, dtype: result bytes per device}} over the optimized
+  HLO: a step's latency grows with the count of collectives it waits on, not only with their
+  bytes, and the dtypes tell a float32 gradient sum from a bfloat16 one. A collective the
+  compiler copies into several fusions (TPU) counts once for each copy."""
+  found: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for kind, by_dtype in collectives(hlo_text):
+    found[kind].update({'count': 1, **by_dtype})
+  return {kind: dict(counts) for kind, counts in found.items()}
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """{collective: result bytes per device} summed over the collectives written in the
   optimized HLO. One in a loop body counts once (the train step has none)."""
   found = collections.Counter()
-  for match in _COLLECTIVE_LINE.finditer(hlo_text):
-    found[match['op']] += _shape_bytes(match['shape'])
+  for kind, by_dtype in collectives(hlo_text):
+    found[kind] += sum(by_dtype.values())
   return dict(found)
 
 

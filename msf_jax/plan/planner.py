@@ -47,7 +47,8 @@ TRAIN_STEP, KNN_SEARCH = 'train step', 'kNN search'  # the programs' names, as p
 class ProgramPlan:
   """One compiled program: per-device memory by kind (bytes), XLA's FLOPs and bytes accessed
   per device and step (each loop body counted once: `while_loops`), the architecture's FLOPs
-  per image, collective bytes per step."""
+  per image, collective bytes per step, and the collectives' count and bytes by dtype
+  (`compiled.collective_counts`)."""
   name: str
   global_batch: int
   devices: int
@@ -58,6 +59,7 @@ class ProgramPlan:
   collectives: dict[str, int]
   compile_seconds: float
   while_loops: int = 0
+  collective_counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
   @property
   def flops_per_image(self) -> float:
@@ -136,7 +138,8 @@ def _compile(name: str, jitted: Callable, args: tuple, global_batch: int, device
   cost, hlo = reading.cost(executable), executable.as_text()
   return plan(memory=reading.memory(executable, state_bytes, batch_bytes), flops=cost['flops'],
               bytes_accessed=cost['bytes_accessed'], collectives=reading.collective_bytes(hlo),
-              compile_seconds=seconds, while_loops=reading.while_loops(hlo))
+              compile_seconds=seconds, while_loops=reading.while_loops(hlo),
+              collective_counts=reading.collective_counts(hlo))
 
 
 def _memory_of_parts(parts: dict[str, int]) -> dict[str, int]:
@@ -176,7 +179,8 @@ def train_program(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch
   """The train step as `train_loop` builds it, for the abstract state and batch."""
   state = abstract_state(config, state_shardings(config, mesh))
   batch = _placed(pipeline.train_batch_spec(config.batch_size, config.image_size,
-                                            config.data.pairing), batch_sharded(mesh))
+                                            config.data.pairing, config.msf.shuffle_target),
+                  batch_sharded(mesh))
   return _compile(TRAIN_STEP, make_train_step(config, mesh, steps_per_epoch), (state, batch),
                   config.batch_size, mesh.devices.size, reading.bytes_per_device(state),
                   reading.bytes_per_device(batch), train_step_flops_per_image(config, state),

@@ -20,13 +20,16 @@ CONFIGS = os.path.join(REPO, 'configs')
 
 def small_config(depth: int = 18, image_size: int = 96, batch_size: int = 16,
                  bank_size: int = 64, topk: int = 5, small_stem: bool = False,
-                 param_dtype: str = 'float32') -> ml_collections.ConfigDict:
-  """The ImageNet config shrunk to CPU-test size (architecture and optimizer unchanged)."""
+                 param_dtype: str = 'float32', width: int = 64, bn_group_size: int = 0,
+                 shuffle_target: bool = False) -> ml_collections.ConfigDict:
+  """The ImageNet config shrunk to CPU-test size (architecture and optimizer unchanged);
+  BatchNorm over the whole batch and the target unshuffled unless asked (a single-GPU run)."""
   config = load_config(os.path.join(CONFIGS, 'imagenet_msf.py'))
   config.model.depth, config.model.small_stem = depth, small_stem
-  config.model.param_dtype = param_dtype
+  config.model.param_dtype, config.model.width = param_dtype, width
   config.image_size, config.batch_size = image_size, batch_size
   config.msf.bank_size, config.msf.topk, config.msf.bank_chunk_size = bank_size, topk, 0
+  config.model.bn_group_size, config.msf.shuffle_target = bn_group_size, shuffle_target
   config.num_epochs = 2
   return config
 
@@ -55,10 +58,14 @@ def random_color_params(rng: np.random.Generator, batch_size: int) -> np.ndarray
 def random_host_batch(rng: np.random.Generator, config: ml_collections.ConfigDict,
                       num_classes: int = 4) -> dict[str, np.ndarray]:
   """The host stage's batch (uint8 views with their colour parameters), which the train
-  step finishes itself: both views carry strong parameters, whatever the pairing."""
+  step finishes itself: both views carry strong parameters, whatever the pairing. With
+  config.msf.shuffle_target, a random 'target_order' (the views are random already)."""
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   views = {name: rng.integers(0, 256, shape, np.uint8) for name in ('online', 'target')}
   colors = {f'{name}_color': random_color_params(rng, config.batch_size)
             for name in ('online', 'target')}
-  return {**views, **colors,
-          'label': rng.integers(0, num_classes, config.batch_size).astype(np.int32)}
+  batch = {**views, **colors,
+           'label': rng.integers(0, num_classes, config.batch_size).astype(np.int32)}
+  if config.msf.get('shuffle_target', False):
+    batch['target_order'] = rng.permutation(config.batch_size).astype(np.int32)
+  return batch

@@ -1,9 +1,12 @@
 """A PyTorch reference of one MSF iteration, written for the parity tests.
 
 It follows the official MSF code (MeanShift module, get_mlp, the training iteration) and
-torchvision's ResNet layout and init, on one CPU device: DataParallel and ShuffleBN are left
-out, which on one device changes nothing but the order of the batch inside BatchNorm.
-`state_dict()` keys are those of the official checkpoints.
+torchvision's ResNet layout and init, on one CPU device. The official run wraps each network
+in `nn.DataParallel` over 4 GPUs and shuffles the target batch (ShuffleBN); with
+`bn_group_size`, `data_parallel` computes what that does on one device (each chunk of the
+batch through the network on its own, the first chunk's running statistics kept), and a
+`shuffle` permutation of the target batch is taken as `get_shuffle_ids` draws one. Without,
+it is one GPU's run. `state_dict()` keys are those of the official checkpoints.
 """
 
 import torch
@@ -53,20 +56,20 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-  def __init__(self, block, layers, small_stem=False):
+  def __init__(self, block, layers, small_stem=False, width=64):
     super().__init__()
-    self.inplanes = 64
+    self.inplanes = width
     if small_stem:
-      self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+      self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
       self.maxpool = nn.Identity()
     else:
-      self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+      self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
       self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-    self.bn1 = nn.BatchNorm2d(64)
-    self.layer1 = self._make_layer(block, 64, layers[0])
-    self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-    self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-    self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.layer1 = self._make_layer(block, width, layers[0])
+    self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+    self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
+    self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
     self.avgpool = nn.AdaptiveAvgPool2d(1)
     self.fc = nn.Identity()
     for m in self.modules():
@@ -93,9 +96,9 @@ class ResNet(nn.Module):
     return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet(depth, small_stem=False):
+def resnet(depth, small_stem=False, width=64):
   block, layers = {18: (BasicBlock, [2, 2, 2, 2]), 50: (Bottleneck, [3, 4, 6, 3])}[depth]
-  return ResNet(block, layers, small_stem)
+  return ResNet(block, layers, small_stem, width)
 
 
 def get_mlp(inp_dim, hidden_dim, out_dim):
@@ -103,15 +106,38 @@ def get_mlp(inp_dim, hidden_dim, out_dim):
                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
-class MeanShift(nn.Module):
-  """The official MeanShift module (train_msf.py), one device."""
+def data_parallel(module, x, chunk_size):
+  """module(x) as `nn.DataParallel` computes it over len(x) / chunk_size GPUs: each chunk
+  through its own replica (BatchNorm over that chunk), the outputs concatenated, and the
+  buffers (running statistics) those of the first replica, the only one DataParallel keeps.
+  The gradients reach the shared parameters from every chunk, as DataParallel sums them."""
+  if not chunk_size:
+    return module(x)
+  first, *others = x.split(chunk_size)
+  outputs = [module(first)]
+  # The other replicas update copies (swapped in, not written over: autograd holds these).
+  kept = [(owner, name, buffer) for owner in module.modules()
+          for name, buffer in owner.named_buffers(recurse=False)]
+  for owner, name, buffer in kept:
+    setattr(owner, name, buffer.clone())
+  outputs += [module(chunk) for chunk in others]
+  for owner, name, buffer in kept:
+    setattr(owner, name, buffer)
+  return torch.cat(outputs)
 
-  def __init__(self, depth, m=0.99, mem_bank_size=128000, topk=5, small_stem=False):
+
+class MeanShift(nn.Module):
+  """The official MeanShift module (train_msf.py): one GPU, or with `bn_group_size` its
+  DataParallel run on GPUs of that many images each."""
+
+  def __init__(self, depth, m=0.99, mem_bank_size=128000, topk=5, small_stem=False, width=64,
+               bn_group_size=0):
     super().__init__()
     self.m, self.mem_bank_size, self.topk = m, mem_bank_size, topk
-    self.encoder_q = resnet(depth, small_stem)
-    self.encoder_t = resnet(depth, small_stem)
-    feat_dim = 2048 if depth == 50 else 512
+    self.bn_group_size = bn_group_size
+    self.encoder_q = resnet(depth, small_stem, width)
+    self.encoder_t = resnet(depth, small_stem, width)
+    feat_dim = width * (32 if depth == 50 else 8)
     hidden_dim, proj_dim = feat_dim * 2, feat_dim // 4
     self.encoder_t.fc = get_mlp(feat_dim, hidden_dim, proj_dim)
     self.encoder_q.fc = get_mlp(feat_dim, hidden_dim, proj_dim)
@@ -138,11 +164,16 @@ class MeanShift(nn.Module):
     self.labels[ptr:ptr + batch_size] = labels
     self.queue_ptr[0] = (ptr + batch_size) % self.mem_bank_size
 
-  def forward(self, im_q, im_t, labels):
-    query = F.normalize(self.predict_q(self.encoder_q(im_q)), dim=1)
+  def forward(self, im_q, im_t, labels, shuffle=None):
+    """`shuffle`: the permutation of the target batch (`get_shuffle_ids`'s forward ids)."""
+    chunks = self.bn_group_size
+    query = F.normalize(data_parallel(self.predict_q, data_parallel(self.encoder_q, im_q, chunks),
+                                      chunks), dim=1)
     with torch.no_grad():
       self._momentum_update_target_encoder()
-      current_target = F.normalize(self.encoder_t(im_t), dim=1).detach()
+      order = torch.arange(len(im_t)) if shuffle is None else shuffle
+      current_target = F.normalize(data_parallel(self.encoder_t, im_t[order], chunks), dim=1)
+      current_target = current_target[torch.argsort(order)].detach()
       self._dequeue_and_enqueue(current_target, labels)
     targets = self.queue.clone().detach()
     dist_t = 2 - 2 * torch.einsum('bc,kc->bk', [current_target, targets])
@@ -164,10 +195,10 @@ def make_optimizer(model, lr, momentum=0.9, weight_decay=1e-4):
   return torch.optim.SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def train_iteration(model, optimizer, im_q, im_t, labels):
+def train_iteration(model, optimizer, im_q, im_t, labels, shuffle=None):
   """One official training iteration (model.train(), forward, backward, step)."""
   model.train()
-  loss, purity = model(im_q, im_t, labels)
+  loss, purity = model(im_q, im_t, labels, shuffle)
   optimizer.zero_grad()
   loss.backward()
   optimizer.step()
