@@ -209,6 +209,7 @@ def xla_flops(compiled: 'jax.stages.Compiled') -> float | None:
 def measure_msf_jax(settings: dict) -> dict:
   import jax
   import numpy as np
+
   import msf_jax
   from msf_jax.testing import random_host_batch
   info = device_info(settings)
@@ -242,6 +243,7 @@ def measure_bank_search(settings: dict) -> dict:
   product against `msf.bank_search_dtype='bfloat16'` (candidates re-scored in float32)."""
   import jax
   import numpy as np
+
   from msf_jax import mean_shift
   from msf_jax.models.resnet import feature_dim
   info = device_info(settings)

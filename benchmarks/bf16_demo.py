@@ -23,7 +23,6 @@ import sys
 import time
 
 import numpy as np
-
 import small_data_study as study
 
 DTYPES = ('float32', 'bfloat16')

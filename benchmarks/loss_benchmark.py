@@ -48,6 +48,7 @@ def run_variant(variant: str, batch: int, dim: int, size: int, k: int, chunk: in
                 runs: int) -> dict:
   import jax
   import jax.numpy as jnp
+
   from msf_jax import mean_shift
 
   keys = jax.random.split(jax.random.key(0), 3)

@@ -113,9 +113,9 @@ def texture_patches(photo: np.ndarray, rng: np.random.Generator
 
 def write_textures(root: str) -> str:
   """The textures image folder at root/{train,test}/<photo>/<i>.png (once; seed 0)."""
-  from PIL import Image
   import skimage.color
   import skimage.data
+  from PIL import Image
   if os.path.isdir(os.path.join(root, 'test')):
     return root
   rng = np.random.default_rng(0)

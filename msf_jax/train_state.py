@@ -10,9 +10,9 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msf_jax import mean_shift
-from msf_jax.sharding import replicated, resolve_bank_layout, row_spec
 from msf_jax.models import Variables, init_encoder, init_predictor, parse_dtype, projection_dim
 from msf_jax.optim import init_optimizer_state
+from msf_jax.sharding import replicated, resolve_bank_layout, row_spec
 
 
 @struct.dataclass

@@ -16,9 +16,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from scipy import stats
 
 from msf_jax.data import augment, color
-
-from msf_jax.testing.pil_reference import (smooth_image, torchvision_crop_params,
-                                          torchvision_pil_hue)
+from msf_jax.testing.pil_reference import smooth_image, torchvision_crop_params, torchvision_pil_hue
 
 
 def encode(image: np.ndarray, fmt: str = 'JPEG') -> bytes:

@@ -13,8 +13,15 @@ import jax
 import numpy as np
 import pytest
 
-from msf_jax import (create_state, distributed, load_config, make_mesh, make_train_step,
-                     put_batch, put_state)
+from msf_jax import (
+  create_state,
+  distributed,
+  load_config,
+  make_mesh,
+  make_train_step,
+  put_batch,
+  put_state,
+)
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.sharding import replicated
 from msf_jax.train_state import abstract_state

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from msf_jax import checkpoint, load_config, train_loop, workdir_lock
-from msf_jax.checkpoint import CheckpointError, Checkpointer
+from msf_jax.checkpoint import Checkpointer, CheckpointError
 from msf_jax.config_utils import training_config_errors
 from msf_jax.evaluate import run
 from msf_jax.interop import backbones

@@ -13,8 +13,7 @@ import safetensors.numpy
 torch = pytest.importorskip(
     'torch', reason='interop tests need PyTorch (CPU): pip install torch==2.13.0')
 
-from msf_jax.interop import backbones  # noqa: E402
-from msf_jax.interop import torch_checkpoint as tc  # noqa: E402
+from msf_jax.interop import backbones, torch_checkpoint as tc  # noqa: E402
 from msf_jax.models import backbone_only  # noqa: E402
 from msf_jax.testing import small_config, torch_reference  # noqa: E402
 

@@ -177,6 +177,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, folder):
 
 def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatch, tmp_path):
   from absl import flags
+
   from msf_jax import main as main_module
   calls = []
   monkeypatch.setattr(main_module.pipeline, 'hide_accelerators_from_tensorflow',
@@ -199,6 +200,7 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
 def run_in_process(args, capfd):
   """`python -m msf_jax.main ARGS` in this process: (exit status, console output)."""
   from absl import flags
+
   from msf_jax import main as main_module
   before = set(logging.getLogger().handlers)
   capfd.readouterr()

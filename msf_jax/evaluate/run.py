@@ -22,11 +22,11 @@ from clu import metric_writers
 from msf_jax.checkpoint import manager_directory
 from msf_jax.config_utils import ConfigError
 from msf_jax.data import sources
-from msf_jax.interop import backbones
 from msf_jax.evaluate.features import cached_features, write_atomically
 from msf_jax.evaluate.knn import knn_accuracies
 from msf_jax.evaluate.linear_probe import linear_probe, linear_probe_on_features
 from msf_jax.evaluate.transfer import TRANSFER_DATASETS, logistic_regression_transfer
+from msf_jax.interop import backbones
 from msf_jax.sharding import make_mesh
 
 TASKS = ('knn', 'linear_fast', 'linear', 'transfer')

@@ -3,9 +3,9 @@ statistics move between msf_jax and the official PyTorch code without drift."""
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Dtype = Any
 

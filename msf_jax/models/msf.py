@@ -3,9 +3,9 @@ the online-only predictor. Dimensions follow the official code: F -> 2F -> F/4."
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import ml_collections
 
 from msf_jax.models.heads import MLPHead

@@ -24,8 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from msf_jax.config_utils import ConfigError, check_training_config
 from msf_jax.data import pipeline, sources
-from msf_jax.evaluate import features as feature_extraction
-from msf_jax.evaluate import knn, linear_probe
+from msf_jax.evaluate import features as feature_extraction, knn, linear_probe
 from msf_jax.models import build_networks, feature_dim, resolve_dtype_name
 from msf_jax.models.msf import projection_dim
 from msf_jax.plan import compiled as reading
