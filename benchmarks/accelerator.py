@@ -147,7 +147,6 @@ def device_info(settings: dict) -> dict:
 def measure_matmul_peak(settings: dict) -> dict:
   """FLOP/s of a jitted chain of square matrix products on the first device."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   info = device_info(settings)
   n, chain, dtype = settings['matmul_size'], settings['matmul_chain'], settings['compute_dtype']

@@ -4,7 +4,6 @@ and parameters as the replicated bank, and no bank-sized collective in the compi
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
