@@ -57,6 +57,11 @@ import sys
 import tempfile
 import time
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: each part imports JAX in its own process, when it runs
+  import jax
+  import ml_collections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_TRAIN_IMAGES = 1_281_167  # steps per epoch for the learning-rate schedule
