@@ -129,7 +129,7 @@ def main() -> None:
       rates[which].append(float(out.stdout.strip().splitlines()[-1]))
   tf_rate, pil_rate = statistics.median(rates['tf']), statistics.median(rates['pil'])
   # This VM's speed drifts between runs: the ratio of each back-to-back pair is steadier.
-  ratios = [t / p for t, p in zip(rates['tf'], rates['pil'])]
+  ratios = [t / p for t, p in zip(rates['tf'], rates['pil'], strict=True)]
   colors = statistics.median(rates['colors_cpu'])
   both = 1 / (1 / tf_rate + 1 / colors)
   print(f'runs: {rates}')

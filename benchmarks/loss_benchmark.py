@@ -108,7 +108,7 @@ def main() -> None:
                            capture_output=True, text=True, check=True)
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(json.dumps(rows[-1]), flush=True)
-  print(f'\n| bank K | variant | median s | speed-up | peak temp memory GiB (XLA) | memory ratio | RSS growth GiB | loss |')
+  print('\n| bank K | variant | median s | speed-up | peak temp memory GiB (XLA) | memory ratio | RSS growth GiB | loss |')
   print('|---|---|---|---|---|---|---|---|')
   for row in rows:
     base = next(r for r in rows if r['bank'] == row['bank'] and r['variant'] == 'official')

@@ -118,10 +118,10 @@ def retrieval_grid(query_images: np.ndarray, query_labels: np.ndarray,
   rows = []
   for query, label, neighbours, labels in zip(_enlarged(query_images, zoom), query_labels,
                                               _enlarged(neighbour_images, zoom),
-                                              neighbour_labels):
+                                              neighbour_labels, strict=True):
     rows.append([_framed(query, QUERY_COLOR, border)] + [
         _framed(image, SAME_CLASS_COLOR if other == label else WRONG_CLASS_COLOR, border)
-        for image, other in zip(neighbours, labels)])
+        for image, other in zip(neighbours, labels, strict=True)])
   return _mosaic(np.asarray(rows), gap)
 
 
@@ -220,7 +220,7 @@ def centre_crop_images(split: sources.Split, positions: np.ndarray, image_size: 
                                  process_index=p, process_count=count)[0].as_numpy_iterator()
            for p in range(count)]
   images, labels, seen = {}, {}, 0
-  for batches in zip(*hosts):
+  for batches in zip(*hosts, strict=True):
     batch = {key: np.concatenate([b[key][b['mask']] for b in batches])
              for key in ('image', 'label')}
     for position in wanted[(wanted >= seen) & (wanted < seen + len(batch['label']))]:

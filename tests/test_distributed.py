@@ -199,7 +199,7 @@ def run_processes(commands: list[list[str]], before_waiting=lambda: None, extra_
       if process.poll() is None:
         process.kill()
         process.wait()
-  for p, (process, output) in enumerate(zip(processes, outputs)):
+  for p, (process, output) in enumerate(zip(processes, outputs, strict=True)):
     assert process.returncode == expected_status, (
         f'process {p} exited {process.returncode}, not {expected_status}:\n{output[-5000:]}')
   return result, outputs

@@ -34,7 +34,7 @@ def write_folder(root, split='train', classes=3, per_class=7, size=(40, 56), cor
 
 
 def take(stream, n):
-  return [batch for _, batch in zip(range(n), stream)]
+  return [batch for _, batch in zip(range(n), stream, strict=False)]  # stream: endless
 
 
 def test_digits_split_is_fixed_and_real():
@@ -54,11 +54,11 @@ def test_same_seed_same_batches_and_resume_is_exact():
       process_index=0, process_count=1)
   first = take(make(), 4)
   again = take(make(), 4)
-  for a, b in zip(first, again):
+  for a, b in zip(first, again, strict=True):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   resumed = take(make(start=2), 2)
-  for a, b in zip(first[2:], resumed):
+  for a, b in zip(first[2:], resumed, strict=True):
     np.testing.assert_array_equal(a['online'], b['online'])
   other = take(make(seed=4), 1)[0]
   assert not np.allclose(other['online'], first[0]['online'])
@@ -101,7 +101,7 @@ def eval_digests(split, global_batch, process_count):
     for batch in dataset.as_numpy_iterator():
       count += 1
       assert len(batch['mask']) == global_batch // process_count
-      digests += [image_digest(x) for x, m in zip(batch['image'], batch['mask']) if m]
+      digests += [image_digest(x) for x, m in zip(batch['image'], batch['mask'], strict=True) if m]
     assert count == num_batches
     batches.add(count)
   assert len(batches) == 1  # every host runs the same number of steps

@@ -6,7 +6,6 @@ import ast
 import os
 import re
 
-
 from helpers import REPO
 
 PACKAGE = 'msf_jax'

@@ -190,7 +190,7 @@ def finish_views(batch: dict[str, jax.Array], pairing: str = 'w/s') -> dict[str,
   `pairing` (target/online, as the pipeline's) lets weak views skip the colour ops, whose
   parameters would switch them all off anyway."""
   finished = {'label': batch['label']}
-  for key, kind in zip(('target', 'online'), pairing.split('/')):
+  for key, kind in zip(('target', 'online'), pairing.split('/'), strict=True):
     images = batch[key]
     finished[key] = (apply_view_colors(images, batch[f'{key}_color']) if kind == 's'
                      else normalize(images))

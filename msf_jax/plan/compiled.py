@@ -111,10 +111,10 @@ def _conv_flops(equation) -> int:
   lhs, kernel = equation.invars[0].aval.shape, equation.invars[1].aval.shape
   out = equation.outvars[0].aval.shape
   taps = math.prod(
-      _valid_taps(lhs[l], out[o], kernel[r], stride, low, input_dilation, kernel_dilation)
-      for l, r, o, stride, (low, _), input_dilation, kernel_dilation in zip(
+      _valid_taps(lhs[i], out[o], kernel[k], stride, low, input_dilation, kernel_dilation)
+      for i, k, o, stride, (low, _), input_dilation, kernel_dilation in zip(
           lhs_spec[2:], rhs_spec[2:], out_spec[2:], params['window_strides'],
-          params['padding'], params['lhs_dilation'], params['rhs_dilation']))
+          params['padding'], params['lhs_dilation'], params['rhs_dilation'], strict=True))
   return 2 * out[out_spec[0]] * kernel[rhs_spec[0]] * kernel[rhs_spec[1]] * taps
 
 

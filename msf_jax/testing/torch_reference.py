@@ -116,7 +116,8 @@ class MeanShift(nn.Module):
     self.encoder_t.fc = get_mlp(feat_dim, hidden_dim, proj_dim)
     self.encoder_q.fc = get_mlp(feat_dim, hidden_dim, proj_dim)
     self.predict_q = get_mlp(proj_dim, hidden_dim, proj_dim)
-    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters()):
+    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters(),
+                                strict=True):
       param_t.data.copy_(param_q.data)
       param_t.requires_grad = False
     self.register_buffer('queue', torch.randn(self.mem_bank_size, proj_dim))
@@ -126,7 +127,8 @@ class MeanShift(nn.Module):
 
   @torch.no_grad()
   def _momentum_update_target_encoder(self):
-    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters()):
+    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters(),
+                                strict=True):
       param_t.data = param_t.data * self.m + param_q.data * (1. - self.m)
 
   @torch.no_grad()
