@@ -43,6 +43,8 @@ def memory(compiled: jax.stages.Compiled, state_bytes: int, batch_bytes: int
   not reuse a donated argument, temporaries and code; `total` is their sum, what the program
   needs resident at its peak."""
   analysis = compiled.memory_analysis()
+  if analysis is None:
+    raise RuntimeError('XLA gave no memory analysis of the compiled program.')
   kinds = {
       'state': state_bytes,
       'batch': batch_bytes,
@@ -56,7 +58,7 @@ def memory(compiled: jax.stages.Compiled, state_bytes: int, batch_bytes: int
 
 def cost(compiled: jax.stages.Compiled) -> dict[str, float]:
   """XLA's count for one device and one run of the program: 'flops' and 'bytes accessed'."""
-  analysis = compiled.cost_analysis()
+  analysis = compiled.cost_analysis() or {}  # None where XLA counts nothing
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict a device program
     analysis = analysis[0]
   return {'flops': float(analysis.get('flops', 0.0)),
@@ -72,7 +74,7 @@ def _shape_bytes(shape: str) -> int:
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """{collective: result bytes per device} summed over the collectives written in the
   optimized HLO. One in a loop body counts once (the train step has none)."""
-  found = collections.Counter()
+  found: collections.Counter[str] = collections.Counter()
   for match in _COLLECTIVE_LINE.finditer(hlo_text):
     found[match['op']] += _shape_bytes(match['shape'])
   return dict(found)
