@@ -184,7 +184,8 @@ def tsne_plot(embedding: np.ndarray, labels: np.ndarray, title: str = '',
   colours = matplotlib.colormaps['tab10' if len(classes) <= 10 else 'tab20']
   for i, label in enumerate(classes):
     chosen = labels == label
-    axes.scatter(*embedding[chosen].T, s=8, color=colours(i % colours.N), label=str(label))
+    x, y = embedding[chosen].T
+    axes.scatter(x, y, s=8, color=colours(i % colours.N), label=str(label))
   if len(classes) <= 20:
     axes.legend(loc='best', fontsize='small', markerscale=2, title='class')
   axes.set_xticks([])
@@ -291,7 +292,7 @@ def write_pictures(pictures: dict[str, np.ndarray], workdir: str, step: int,
       Image.fromarray(picture).save(buffer, format='PNG')
       write_atomically(paths[name], buffer.getvalue())
   own_writer = writer is None
-  if own_writer:
+  if writer is None:
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
   writer.write_images(step, {name: picture[None] for name, picture in pictures.items()})

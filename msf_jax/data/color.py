@@ -17,6 +17,7 @@ them. A view's parameters travel as one float32 vector per example, laid out as
 
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -140,9 +141,9 @@ def _box_pass(images: jax.Array, kernels: jax.Array, axis: int) -> jax.Array:
   pad[axis] = (half_width, half_width)
   padded = jnp.pad(images, pad, mode='edge')
   size = images.shape[axis]
-  return sum(_per_image(kernels[:, tap], images) *
-             jax.lax.slice_in_dim(padded, tap, tap + size, axis=axis)
-             for tap in range(kernels.shape[1]))
+  return functools.reduce(operator.add, (
+      _per_image(kernels[:, tap], images) * jax.lax.slice_in_dim(padded, tap, tap + size, axis=axis)
+      for tap in range(kernels.shape[1])))
 
 
 def gaussian_blur(images: jax.Array, sigma: jax.Array, max_sigma: float = BLUR_SIGMA[1]

@@ -1,7 +1,7 @@
 """The networks of MSF: an encoder (backbone + projection) used online and as the target, and
 the online-only predictor. Dimensions follow the official code: F -> 2F -> F/4."""
 
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -79,7 +79,7 @@ def init_encoder(model_config: ml_collections.ConfigDict, image_size: int,
   `jax.eval_shape`, their shapes and dtypes without any computation."""
   encoder, _ = build_networks(model_config)
   images = jnp.zeros((1, image_size, image_size, 3), parse_dtype(model_config.param_dtype))
-  return encoder.init(rng, images, train=False)
+  return cast(Variables, encoder.init(rng, images, train=False))  # flax returns a plain dict
 
 
 def init_predictor(model_config: ml_collections.ConfigDict, rng: jax.Array) -> Variables:
@@ -87,7 +87,7 @@ def init_predictor(model_config: ml_collections.ConfigDict, rng: jax.Array) -> V
   _, predictor = build_networks(model_config)
   projections = jnp.zeros((1, projection_dim(model_config)),
                           parse_dtype(model_config.param_dtype))
-  return predictor.init(rng, projections, train=False)
+  return cast(Variables, predictor.init(rng, projections, train=False))
 
 
 def backbone_only(variables: Variables) -> Variables:

@@ -58,7 +58,7 @@ class ResNet(nn.Module):
     self.inplanes = 64
     if small_stem:
       self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
-      self.maxpool = nn.Identity()
+      self.maxpool: nn.Module = nn.Identity()
     else:
       self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
       self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -105,6 +105,9 @@ def get_mlp(inp_dim, hidden_dim, out_dim):
 
 class MeanShift(nn.Module):
   """The official MeanShift module (train_msf.py), one device."""
+  queue: torch.Tensor  # buffers (register_buffer), declared for the type checker
+  labels: torch.Tensor
+  queue_ptr: torch.Tensor
 
   def __init__(self, depth, m=0.99, mem_bank_size=128000, topk=5, small_stem=False):
     super().__init__()
