@@ -57,6 +57,11 @@ import sys
 import tempfile
 import time
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: each part imports JAX in its own process, when it runs
+  import jax
+  import ml_collections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_TRAIN_IMAGES = 1_281_167  # steps per epoch for the learning-rate schedule
@@ -147,7 +152,6 @@ def device_info(settings: dict) -> dict:
 def measure_matmul_peak(settings: dict) -> dict:
   """FLOP/s of a jitted chain of square matrix products on the first device."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   info = device_info(settings)
   n, chain, dtype = settings['matmul_size'], settings['matmul_chain'], settings['compute_dtype']
@@ -209,6 +213,7 @@ def xla_flops(compiled: 'jax.stages.Compiled') -> float | None:
 def measure_msf_jax(settings: dict) -> dict:
   import jax
   import numpy as np
+
   import msf_jax
   from msf_jax.testing import random_host_batch
   info = device_info(settings)
@@ -242,6 +247,7 @@ def measure_bank_search(settings: dict) -> dict:
   product against `msf.bank_search_dtype='bfloat16'` (candidates re-scored in float32)."""
   import jax
   import numpy as np
+
   from msf_jax import mean_shift
   from msf_jax.models.resnet import feature_dim
   info = device_info(settings)

@@ -16,6 +16,7 @@ two at a time, each pinned to its own core. The report prints a markdown table a
 OUT/bf16_demo.md.
 """
 
+import functools
 import json
 import os
 import queue
@@ -23,7 +24,6 @@ import sys
 import time
 
 import numpy as np
-
 import small_data_study as study
 
 DTYPES = ('float32', 'bfloat16')
@@ -106,6 +106,11 @@ def at_epochs(record: dict, tag: str) -> dict[int, float]:
           if step % per_epoch == 0}
 
 
+def _difference(record: dict, reference: dict, tag: str, epoch: int) -> float:
+  """record's value of tag at epoch minus reference's."""
+  return at_epochs(record, tag)[epoch] - at_epochs(reference, tag)[epoch]
+
+
 def _row(cells: list) -> str:
   return '| ' + ' | '.join(str(c) for c in cells) + ' |'
 
@@ -129,13 +134,13 @@ def table(records: dict[tuple[str, int], dict]) -> str:
                          f'{record["seconds"] / 60:.1f}']))
   for seed in study.SEEDS:
     if ('float32', seed) in records and ('bfloat16', seed) in records:
-      pair = [records['bfloat16', seed], records['float32', seed]]
-      diff = lambda tag, e: at_epochs(pair[0], tag)[e] - at_epochs(pair[1], tag)[e]
+      bf16, f32 = records['bfloat16', seed], records['float32', seed]
+      diff = functools.partial(_difference, bf16, f32)
       lines.append(_row(['bf16 - f32', seed] + [f'{diff("loss", e):+.4f}' for e in epochs]
                         + [f'{100 * diff("monitor/knn_k20", e):+.1f}' for e in epochs]
                         + [f'{100 * diff("monitor/knn_k1", epochs[-1]):+.1f}',
                            f'{diff("purity_others", epochs[-1]):+.3f}',
-                           f'{(pair[0]["seconds"] / pair[1]["seconds"]):.2f}x']))
+                           f'{(bf16["seconds"] / f32["seconds"]):.2f}x']))
   return '\n'.join(lines)
 
 

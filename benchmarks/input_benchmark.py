@@ -44,6 +44,7 @@ def make_photos(folder: str, count: int) -> list[str]:
 
 def time_tf(paths: list[str], samples: int, size: int) -> float:
   import tensorflow as tf
+
   from msf_jax.data import augment
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -70,8 +71,9 @@ def time_device_colors_on_cpu(paths: list[str], samples: int, size: int) -> floa
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from msf_jax.data import augment, color
   import tensorflow as tf
+
+  from msf_jax.data import augment, color
   batch = 64
   views = [augment.two_views(tf.constant(open(paths[i % len(paths)], 'rb').read()),
                              tf.constant([i, 0], tf.int64), size) for i in range(batch)]
@@ -88,6 +90,7 @@ def time_device_colors_on_cpu(paths: list[str], samples: int, size: int) -> floa
 def time_pil(paths: list[str], samples: int, size: int) -> float:
   import numpy as np
   from PIL import Image
+
   from msf_jax.testing import pil_reference
   rng = np.random.default_rng(0)
   encoded = [open(p, 'rb').read() for p in paths]
@@ -126,7 +129,7 @@ def main() -> None:
       rates[which].append(float(out.stdout.strip().splitlines()[-1]))
   tf_rate, pil_rate = statistics.median(rates['tf']), statistics.median(rates['pil'])
   # This VM's speed drifts between runs: the ratio of each back-to-back pair is steadier.
-  ratios = [t / p for t, p in zip(rates['tf'], rates['pil'])]
+  ratios = [t / p for t, p in zip(rates['tf'], rates['pil'], strict=True)]
   colors = statistics.median(rates['colors_cpu'])
   both = 1 / (1 / tf_rate + 1 / colors)
   print(f'runs: {rates}')

@@ -21,7 +21,6 @@ import time
 import tracemalloc
 
 import numpy as np
-
 from loss_benchmark import PeakRss, resident_bytes
 
 VARIANTS = ('numpy', 'msf_jax')
@@ -66,6 +65,7 @@ def xla_bytes(train, train_labels, queries, k, num_classes, chunk_size, train_ch
   """(temp bytes, argument bytes) of msf_jax's two compiled programs for one query chunk."""
   import jax
   import jax.numpy as jnp
+
   from msf_jax.evaluate import knn
   chunk = jax.ShapeDtypeStruct((chunk_size, queries.shape[1]), jnp.float32)
   search = knn._chunk_neighbours.lower(

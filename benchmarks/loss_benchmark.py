@@ -48,6 +48,7 @@ def run_variant(variant: str, batch: int, dim: int, size: int, k: int, chunk: in
                 runs: int) -> dict:
   import jax
   import jax.numpy as jnp
+
   from msf_jax import mean_shift
 
   keys = jax.random.split(jax.random.key(0), 3)
@@ -107,7 +108,7 @@ def main() -> None:
                            capture_output=True, text=True, check=True)
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(json.dumps(rows[-1]), flush=True)
-  print(f'\n| bank K | variant | median s | speed-up | peak temp memory GiB (XLA) | memory ratio | RSS growth GiB | loss |')
+  print('\n| bank K | variant | median s | speed-up | peak temp memory GiB (XLA) | memory ratio | RSS growth GiB | loss |')
   print('|---|---|---|---|---|---|---|---|')
   for row in rows:
     base = next(r for r in rows if r['bank'] == row['bank'] and r['variant'] == 'official')

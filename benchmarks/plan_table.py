@@ -134,14 +134,14 @@ def main() -> None:
     print('| slice | bank rows | layout | state GiB | temporaries GiB | total GiB a chip | fits '
           '| collectives a step |')
     print('|---|---|---|---|---|---|---|---|')
-    print('\n'.join(bank_row(job, result) for job, result in zip(jobs, results)))
+    print('\n'.join(bank_row(job, result) for job, result in zip(jobs, results, strict=True)))
   else:
     print('| slice | global batch | fits | GiB a chip | GFLOP an image, XLA (architecture) | '
           'collective MB a step | step ms, bound-estimate (images/s) | feed a host at the '
           'bound, images/s = cores | chip-hours for 200 epochs, bound-estimate |')
     print('|---|---|---|---|---|---|---|---|---|')
-    print('\n'.join(row(job, result) for job, result in zip(jobs, results)))
-  for job, result in zip(jobs, results):
+    print('\n'.join(row(job, result) for job, result in zip(jobs, results, strict=True)))
+  for job, result in zip(jobs, results, strict=True):
     for sentence in result.get('does_not_fit', []):
       print(f'\n{job.stem}: {sentence}')
 

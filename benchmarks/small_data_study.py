@@ -105,7 +105,8 @@ def texture_patches(photo: np.ndarray, rng: np.random.Generator
   def patches(top_min, top_max, count):
     tops = rng.integers(top_min, top_max + 1, count)
     lefts = rng.integers(0, width - PATCH_SIZE + 1, count)
-    return [photo[t:t + PATCH_SIZE, l:l + PATCH_SIZE] for t, l in zip(tops, lefts)]
+    return [photo[top:top + PATCH_SIZE, left:left + PATCH_SIZE]
+            for top, left in zip(tops, lefts, strict=True)]
 
   return (patches(0, boundary - PATCH_SIZE, TRAIN_PATCHES),
           patches(boundary, height - PATCH_SIZE, TEST_PATCHES))
@@ -113,9 +114,9 @@ def texture_patches(photo: np.ndarray, rng: np.random.Generator
 
 def write_textures(root: str) -> str:
   """The textures image folder at root/{train,test}/<photo>/<i>.png (once; seed 0)."""
-  from PIL import Image
   import skimage.color
   import skimage.data
+  from PIL import Image
   if os.path.isdir(os.path.join(root, 'test')):
     return root
   rng = np.random.default_rng(0)
@@ -126,7 +127,8 @@ def write_textures(root: str) -> str:
       photo = skimage.color.rgb2gray(photo[..., :3])
     photo = np.asarray(photo, np.float64)
     photo = np.round(255 * photo / photo.max()).astype(np.uint8) if photo.max() <= 1 else photo
-    for split, split_patches in zip(('train', 'test'), texture_patches(photo.astype(np.uint8), rng)):
+    patches = texture_patches(photo.astype(np.uint8), rng)
+    for split, split_patches in zip(('train', 'test'), patches, strict=True):
       os.makedirs(os.path.join(partial, split, name), exist_ok=True)
       for i, patch in enumerate(split_patches):
         Image.fromarray(patch).convert('RGB').save(os.path.join(partial, split, name, f'{i:04d}.png'))

@@ -31,8 +31,9 @@ XLA_CPU_VARIANTS = {'defaults': '',
 def time_msf_jax(image_size, small_stem, batch, bank, runs):
   import jax
   import numpy as np
-  from msf_jax.testing import random_batch, small_config
+
   from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_state
+  from msf_jax.testing import random_batch, small_config
   config = small_config(image_size=image_size, small_stem=small_stem, batch_size=batch,
                         bank_size=bank)
   mesh = make_mesh(jax.devices()[:1])
@@ -50,6 +51,7 @@ def time_msf_jax(image_size, small_stem, batch, bank, runs):
 
 def time_torch(image_size, small_stem, batch, bank, runs):
   import torch
+
   from msf_jax.testing import torch_reference
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)

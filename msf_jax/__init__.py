@@ -6,3 +6,15 @@ from msf_jax.train import make_train_step
 from msf_jax.train_state import MSFState, create_state, init_state, put_state
 
 __version__ = '0.1.0'
+
+__all__ = [
+  'MSFState',
+  'create_state',
+  'init_state',
+  'load_config',
+  'make_mesh',
+  'make_train_step',
+  'put_batch',
+  'put_replicated',
+  'put_state',
+]

@@ -6,7 +6,7 @@ MSF_JAX_TRACEBACK=1). Nothing here imports TensorFlow."""
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, TypeVar
 
 import ml_collections
 from absl import app, flags
@@ -26,9 +26,12 @@ def quiet_tensorflow() -> None:
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 
-def hinted(error: Exception, hint: str) -> Exception:
+HintedError = TypeVar('HintedError', bound=Exception)
+
+
+def hinted(error: HintedError, hint: str) -> HintedError:
   """`error` with a `hint` line to print under it."""
-  error.hint = hint
+  error.hint = hint  # type: ignore[attr-defined]  # any exception may carry one; read by getattr
   return error
 
 

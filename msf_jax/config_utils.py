@@ -3,6 +3,7 @@ the paper's variants that every training config takes as its argument."""
 
 import importlib.util
 import os
+from typing import Any
 
 import ml_collections
 
@@ -24,6 +25,8 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No config file at {path!r}.')
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or spec.loader is None:  # no loader for the file's extension
+    raise ConfigError(f'{path!r} is not a Python file: a config file ends in .py.')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg is not None else module.get_config()
@@ -35,8 +38,8 @@ SOURCE_SETTINGS = {'tfds': ('name', 'data_dir'), 'folder': ('root',), 'digits': 
 
 def _only_read(settings: dict) -> dict:
   """`settings` with every data section (one with a `source`) cut to what its source reads."""
-  out = {key: _only_read(value) if isinstance(value, dict) else value
-         for key, value in settings.items()}
+  out: dict[str, Any] = {key: _only_read(value) if isinstance(value, dict) else value
+                         for key, value in settings.items()}
   if 'source' in out:
     others = {key for keys in SOURCE_SETTINGS.values() for key in keys}
     unread = others - set(SOURCE_SETTINGS.get(out['source'], others))

@@ -100,7 +100,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     raise ValueError(f'Give all of --coordinator_address, --num_processes and --process_id, '
                      f'or none of them (on a Cloud TPU pod or under SLURM they are detected); '
                      f'missing: {", ".join("--" + name for name in missing)}.')
-  if not missing:
+  if coordinator_address is not None and num_processes is not None and process_id is not None:
     _check_explicit(coordinator_address, num_processes, process_id)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif (cluster := detected_cluster()) is not None:

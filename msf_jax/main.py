@@ -46,8 +46,10 @@ RESULTS = {'train': {}, 'evaluate': {'Results': evaluation.RESULTS_FILE},
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints and metrics.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flag_as_required('config')
+# required=True (rather than marking it after) types its value as a str, never None.
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints and metrics.',
+                               required=True)
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'Multi-process jobs: host:port of process 0. With '
     '--num_processes and --process_id; all three are detected on Cloud TPU pods and SLURM.')

@@ -228,6 +228,8 @@ def nearest_neighbors(queries: jax.Array, bank: jax.Array, k: int,
   the bank is split by rows over that mesh axis (inside `jax.shard_map`)."""
   if search_dtype == 'float32':
     return top_k_similar(queries, bank, k, chunk_size, axis_name=axis_name)[1]
+  if candidates is None:
+    raise ValueError(f'search_dtype={search_dtype!r} needs `candidates`, the rows to re-score.')
   return top_k_similar_rescored(queries, bank, k, candidates, chunk_size, search_dtype,
                                 axis_name)[1]
 

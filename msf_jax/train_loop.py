@@ -14,8 +14,8 @@ import threading
 import time
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -32,7 +32,6 @@ from msf_jax.sharding import make_mesh
 from msf_jax.train import make_train_step
 from msf_jax.train_state import MSFState, abstract_state, init_state, state_shardings
 from msf_jax.workdir_lock import WorkdirBusyError, WorkdirLock
-
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 

@@ -1,6 +1,6 @@
 """MSFState: everything a training step reads and writes, as one pytree."""
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +10,12 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msf_jax import mean_shift
-from msf_jax.sharding import replicated, resolve_bank_layout, row_spec
 from msf_jax.models import Variables, init_encoder, init_predictor, parse_dtype, projection_dim
 from msf_jax.optim import init_optimizer_state
+from msf_jax.sharding import replicated, resolve_bank_layout, row_spec
 
 
-@struct.dataclass
-class MSFState:
+class MSFState(struct.PyTreeNode):  # struct.dataclass, with `replace` typed
   """The whole training state.
 
   `online` is the online encoder (backbone + projection), `predictor` the online-only
@@ -69,7 +68,10 @@ def bank_layout(config: ml_collections.ConfigDict, device_count: int) -> str:
 def bank_specs(layout: str) -> mean_shift.MemoryBank:
   """The bank's PartitionSpecs: rows (and their labels) split over the data axis when
   sharded; the pointer always replicated."""
-  return mean_shift.MemoryBank(row_spec(2, layout), row_spec(1, layout), P())
+  # A MemoryBank of specs where it holds arrays: the pytree structure jit and device_put match
+  # (so too the MemoryBank of shardings and the MSFState of shardings below).
+  specs = (row_spec(2, layout), row_spec(1, layout), P())
+  return mean_shift.MemoryBank(*specs)  # type: ignore[arg-type]
 
 
 def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> MSFState:
@@ -77,8 +79,9 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> MSFState:
   config.msf.bank_layout on this mesh."""
   shapes = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
   specs = bank_specs(bank_layout(config, mesh.devices.size))
+  bank = [NamedSharding(mesh, spec) for spec in specs]  # type: ignore[arg-type]
   return jax.tree.map(lambda _: replicated(mesh), shapes).replace(
-      bank=mean_shift.MemoryBank(*(NamedSharding(mesh, spec) for spec in specs)))
+      bank=mean_shift.MemoryBank(*bank))  # type: ignore[arg-type]
 
 
 def put_state(state: MSFState, config: ml_collections.ConfigDict, mesh: Mesh) -> MSFState:
@@ -90,7 +93,8 @@ def init_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array) ->
   """`create_state` placed on the mesh as the train step takes it. A sharded bank is drawn
   shard by shard, so no device ever holds all of it (the same draw; see `init_bank`)."""
   shardings = state_shardings(config, mesh)
-  return put_state(create_state(config, rng, shardings.bank.embeddings), config, mesh)
+  bank_sharding = cast(NamedSharding, shardings.bank.embeddings)  # see bank_specs
+  return put_state(create_state(config, rng, bank_sharding), config, mesh)
 
 
 def abstract_state(config: ml_collections.ConfigDict,

@@ -118,10 +118,10 @@ def retrieval_grid(query_images: np.ndarray, query_labels: np.ndarray,
   rows = []
   for query, label, neighbours, labels in zip(_enlarged(query_images, zoom), query_labels,
                                               _enlarged(neighbour_images, zoom),
-                                              neighbour_labels):
+                                              neighbour_labels, strict=True):
     rows.append([_framed(query, QUERY_COLOR, border)] + [
         _framed(image, SAME_CLASS_COLOR if other == label else WRONG_CLASS_COLOR, border)
-        for image, other in zip(neighbours, labels)])
+        for image, other in zip(neighbours, labels, strict=True)])
   return _mosaic(np.asarray(rows), gap)
 
 
@@ -184,7 +184,8 @@ def tsne_plot(embedding: np.ndarray, labels: np.ndarray, title: str = '',
   colours = matplotlib.colormaps['tab10' if len(classes) <= 10 else 'tab20']
   for i, label in enumerate(classes):
     chosen = labels == label
-    axes.scatter(*embedding[chosen].T, s=8, color=colours(i % colours.N), label=str(label))
+    x, y = embedding[chosen].T
+    axes.scatter(x, y, s=8, color=colours(i % colours.N), label=str(label))
   if len(classes) <= 20:
     axes.legend(loc='best', fontsize='small', markerscale=2, title='class')
   axes.set_xticks([])
@@ -220,7 +221,7 @@ def centre_crop_images(split: sources.Split, positions: np.ndarray, image_size: 
                                  process_index=p, process_count=count)[0].as_numpy_iterator()
            for p in range(count)]
   images, labels, seen = {}, {}, 0
-  for batches in zip(*hosts):
+  for batches in zip(*hosts, strict=True):
     batch = {key: np.concatenate([b[key][b['mask']] for b in batches])
              for key in ('image', 'label')}
     for position in wanted[(wanted >= seen) & (wanted < seen + len(batch['label']))]:
@@ -291,7 +292,7 @@ def write_pictures(pictures: dict[str, np.ndarray], workdir: str, step: int,
       Image.fromarray(picture).save(buffer, format='PNG')
       write_atomically(paths[name], buffer.getvalue())
   own_writer = writer is None
-  if own_writer:
+  if writer is None:
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
   writer.write_images(step, {name: picture[None] for name, picture in pictures.items()})

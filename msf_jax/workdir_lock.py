@@ -116,7 +116,7 @@ class WorkdirLock:
     if not _write(self.path, me, exclusive=True):
       holder = _read(self.path)
       reason = stale_reason(holder, me) if holder else 'it vanished'
-      if reason is None:
+      if holder and reason is None:  # (reason is None only for a holder)
         raise WorkdirBusyError(
             f'{os.path.dirname(self.path)} is in use by process {holder.pid} on {holder.host} '
             f'(heartbeat {me.heartbeat - holder.heartbeat:.0f} s ago): use another --workdir, '

@@ -62,6 +62,7 @@ def local_copy(tree):
 
 def train_one_step(out_dir: str) -> dict[str, np.ndarray]:
   import jax
+
   from msf_jax import create_state, make_mesh, make_train_step, put_state
   from msf_jax.checkpoint import Checkpointer, checkpoint_directory
   from msf_jax.data import pipeline
@@ -94,6 +95,7 @@ def read_epochs(folder: str) -> dict[str, np.ndarray]:
 
 def main(port: str, process_id: str, num_processes: str, folder: str, out_dir: str) -> None:
   import jax
+
   from msf_jax import distributed
   start = time.perf_counter()
   progress = lambda what: print(f'process {process_id}: {what} after '

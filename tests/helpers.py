@@ -23,14 +23,15 @@ def assert_trees_close(actual, expected, rtol: float) -> None:
   flat_a = jax.tree_util.tree_leaves_with_path(jax.device_get(actual))
   flat_e = jax.tree.leaves(jax.device_get(expected))
   errors = {jax.tree_util.keystr(path): max_scaled_error(a, e)
-            for (path, a), e in zip(flat_a, flat_e)}
+            for (path, a), e in zip(flat_a, flat_e, strict=True)}
   bad = {k: v for k, v in errors.items() if not v <= rtol}
   assert not bad, f'{len(bad)} leaves differ by more than {rtol}: {sorted(bad.items())[:10]}'
 
 
 def relative_tree_error(actual, expected) -> float:
   """||actual - expected|| / ||expected|| over all leaves of two pytrees (Frobenius norm)."""
-  pairs = zip(jax.tree.leaves(jax.device_get(actual)), jax.tree.leaves(jax.device_get(expected)))
+  pairs = zip(jax.tree.leaves(jax.device_get(actual)), jax.tree.leaves(jax.device_get(expected)),
+              strict=True)
   diff = total = 0.0
   for a, e in pairs:
     diff += float(np.sum((np.asarray(a, np.float64) - np.asarray(e, np.float64))**2))

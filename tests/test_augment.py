@@ -16,9 +16,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from scipy import stats
 
 from msf_jax.data import augment, color
-
-from msf_jax.testing.pil_reference import (smooth_image, torchvision_crop_params,
-                                          torchvision_pil_hue)
+from msf_jax.testing.pil_reference import smooth_image, torchvision_crop_params, torchvision_pil_hue
 
 
 def encode(image: np.ndarray, fmt: str = 'JPEG') -> bytes:
@@ -225,7 +223,7 @@ def test_all_pairings_produce_normalized_views(pairing):
   batch['label'] = jnp.zeros(4, jnp.int32)
   assert batch['online'].dtype == batch['target'].dtype == jnp.uint8
   finished = color.finish_views(batch, pairing)
-  for key, kind in zip(('target', 'online'), pairing.split('/')):
+  for key, kind in zip(('target', 'online'), pairing.split('/'), strict=True):
     if kind == 'w':  # weak views only get normalized
       np.testing.assert_allclose(finished[key], color.normalize(batch[key]), atol=1e-6)
     else:  # of four strong views, some are jittered, greyed or blurred

@@ -4,7 +4,6 @@ and parameters as the replicated bank, and no bank-sized collective in the compi
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -78,8 +77,8 @@ def test_sharded_bank_steps_equal_the_replicated_ones(topk, chunk_size, search_d
     config.msf.bank_chunk_size, config.msf.bank_search_dtype = chunk_size, search_dtype
     config.msf.bank_search_candidates = 12
     results[layout] = run_bank_steps(config, mesh, bank, batches)
-  for replicated, sharded in zip(results['replicated'], results['sharded']):
-    for r, s in zip(jax.tree.leaves(replicated), jax.tree.leaves(sharded)):
+  for replicated, sharded in zip(results['replicated'], results['sharded'], strict=True):
+    for r, s in zip(jax.tree.leaves(replicated), jax.tree.leaves(sharded), strict=True):
       np.testing.assert_array_equal(s, r)
   last_bank = results['sharded'][-1][0]
   assert int(last_bank.ptr) == 4 * BATCH % BANK  # wrapped
@@ -132,7 +131,7 @@ def test_three_float64_steps_with_a_sharded_bank_equal_the_replicated_bank(topk)
   np.testing.assert_array_equal(sharded.bank.labels, replicated.bank.labels)
   np.testing.assert_array_equal(sharded.bank.embeddings, replicated.bank.embeddings)
   assert_trees_close(sharded, replicated, rtol=1e-12)  # every parameter and buffer
-  for s, r in zip(sharded_metrics, replicated_metrics):
+  for s, r in zip(sharded_metrics, replicated_metrics, strict=True):
     assert float(s['loss']) == pytest.approx(float(r['loss']), rel=1e-12, abs=0)
     assert float(s['purity']) == float(r['purity'])
     assert float(s['purity_others']) == float(r['purity_others'])

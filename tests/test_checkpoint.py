@@ -5,12 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from jax.sharding import PartitionSpec as P
 
 from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_replicated, put_state
-from msf_jax.checkpoint import (CheckpointError, Checkpointer, checkpoint_directory,
-                                find_checkpoint_directory, resolve_step)
+from msf_jax.checkpoint import (
+  Checkpointer,
+  CheckpointError,
+  checkpoint_directory,
+  find_checkpoint_directory,
+  resolve_step,
+)
 from msf_jax.sharding import replicated
 from msf_jax.testing import random_batch, small_config
 from msf_jax.train_state import abstract_state, state_shardings

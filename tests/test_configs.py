@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from msf_jax import create_state, load_config
-from msf_jax.config_utils import SOURCE_SETTINGS, recorded_settings
+from msf_jax.config_utils import SOURCE_SETTINGS, ConfigError, recorded_settings
 from msf_jax.data import pipeline, sources
 from msf_jax.optim import learning_rate_schedule
 
@@ -85,6 +85,13 @@ def test_imagenet_variants_set_what_they_say():
     load_config(IMAGENET, 'aug=x/y')
   with pytest.raises(ValueError, match='bank=N'):
     load_config(IMAGENET, 'topk=3')
+
+
+def test_a_config_file_that_is_not_python_is_a_config_error(tmp_path):
+  path = tmp_path / 'digits.cfg'
+  path.write_text('batch_size = 8\n')
+  with pytest.raises(ConfigError, match='not a Python file'):
+    load_config(str(path))
 
 
 def test_cifar10_is_resnet18_small_stem_at_32px_with_a_bank_under_one_epoch():

@@ -13,8 +13,15 @@ import jax
 import numpy as np
 import pytest
 
-from msf_jax import (create_state, distributed, load_config, make_mesh, make_train_step,
-                     put_batch, put_state)
+from msf_jax import (
+  create_state,
+  distributed,
+  load_config,
+  make_mesh,
+  make_train_step,
+  put_batch,
+  put_state,
+)
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.sharding import replicated
 from msf_jax.train_state import abstract_state
@@ -192,7 +199,7 @@ def run_processes(commands: list[list[str]], before_waiting=lambda: None, extra_
       if process.poll() is None:
         process.kill()
         process.wait()
-  for p, (process, output) in enumerate(zip(processes, outputs)):
+  for p, (process, output) in enumerate(zip(processes, outputs, strict=True)):
     assert process.returncode == expected_status, (
         f'process {p} exited {process.returncode}, not {expected_status}:\n{output[-5000:]}')
   return result, outputs

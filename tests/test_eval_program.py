@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -19,16 +18,15 @@ import tensorflow_datasets as tfds
 from msf_jax import create_state, load_config, make_mesh
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.data import sources
-from msf_jax.evaluate import features as features_module
-from msf_jax.evaluate import run
+from msf_jax.evaluate import features as features_module, run
 from msf_jax.evaluate.features import cached_features, write_atomically
 from msf_jax.evaluate.transfer import DEFAULT_REGULARIZATIONS
 from msf_jax.interop import torch_checkpoint as tc
 from msf_jax.interop.__main__ import main as interop_main
 from msf_jax.interop.backbones import load_encoder, random_encoder
 from msf_jax.models import backbone_only, build_networks
-
 from msf_jax.testing import small_config
+
 from helpers import REPO
 from test_distributed import PROCESSES, free_port, run_processes, skip_without_cpu_collectives
 

@@ -8,8 +8,8 @@ from msf_jax import create_state, make_mesh
 from msf_jax.data import sources
 from msf_jax.evaluate.features import extract_features
 from msf_jax.evaluate.knn import knn_accuracy, knn_predict
-
 from msf_jax.testing import small_config
+
 from test_pipeline import write_folder
 
 

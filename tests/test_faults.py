@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from msf_jax import checkpoint, load_config, train_loop, workdir_lock
-from msf_jax.checkpoint import CheckpointError, Checkpointer
+from msf_jax.checkpoint import Checkpointer, CheckpointError
 from msf_jax.config_utils import training_config_errors
 from msf_jax.evaluate import run
 from msf_jax.interop import backbones
@@ -184,7 +184,7 @@ def test_every_unreadable_torch_file_is_one_clear_sentence(tmp_path):
                        r'1 entries are not tensors: conv1.weight \(int\)')
   torch.save({'conv1.weight': torch.full((2,), float('nan'))}, tmp_path / 'nan.pth')
   cases['nan.pth'] = (str(tmp_path / 'nan.pth'), 'NaN or infinite weights in 1 tensors')
-  for name, (path, message) in cases.items():
+  for path, message in cases.values():
     with pytest.raises(CheckpointError, match=message):
       backbones.backbone_state_dict(path, 'torchvision')
   # The security refusal stays for files that really pickle other objects.

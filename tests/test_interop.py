@@ -13,8 +13,7 @@ import safetensors.numpy
 torch = pytest.importorskip(
     'torch', reason='interop tests need PyTorch (CPU): pip install torch==2.13.0')
 
-from msf_jax.interop import backbones  # noqa: E402
-from msf_jax.interop import torch_checkpoint as tc  # noqa: E402
+from msf_jax.interop import backbones, torch_checkpoint as tc  # noqa: E402
 from msf_jax.models import backbone_only  # noqa: E402
 from msf_jax.testing import small_config, torch_reference  # noqa: E402
 
@@ -111,7 +110,8 @@ def test_export_has_torchvision_shapes_and_reads_back_as_the_same_variables(tmp_
                                             config.model, config.image_size, out)
   expected = jax.device_get(backbone_only(state.online))
   assert jax.tree.structure(back) == jax.tree.structure(expected)
-  for got, want in zip(jax.tree.leaves(jax.device_get(back)), jax.tree.leaves(expected)):
+  for got, want in zip(jax.tree.leaves(jax.device_get(back)), jax.tree.leaves(expected),
+                       strict=True):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
 

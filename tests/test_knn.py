@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from msf_jax import make_mesh
-from msf_jax.evaluate.knn import (knn_accuracies, knn_accuracy, knn_predict, nearest_neighbours,
-                                  place_train_features, train_features_spec)
+from msf_jax.evaluate.knn import (
+  knn_accuracies,
+  knn_accuracy,
+  knn_predict,
+  nearest_neighbours,
+  place_train_features,
+  train_features_spec,
+)
 
 from test_evaluate import brute_force_votes
 

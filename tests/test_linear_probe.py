@@ -8,10 +8,14 @@ import pytest
 
 from msf_jax import create_state, make_mesh
 from msf_jax.data import pipeline, sources
-from msf_jax.evaluate.linear_probe import (linear_probe, linear_probe_on_features,
-                                           standardization, top_k_accuracies)
-
+from msf_jax.evaluate.linear_probe import (
+  linear_probe,
+  linear_probe_on_features,
+  standardization,
+  top_k_accuracies,
+)
 from msf_jax.testing import small_config
+
 from test_pipeline import write_folder
 
 

@@ -20,8 +20,8 @@ import pytest
 from msf_jax import create_state, load_config
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.console import LOG_FILE
-from msf_jax.train_loop import STREAM_METADATA
 from msf_jax.sharding import make_mesh, replicated
+from msf_jax.train_loop import STREAM_METADATA
 from msf_jax.train_state import abstract_state
 
 from helpers import REPO, assert_trees_close
@@ -185,6 +185,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, folder):
 
 def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatch, tmp_path):
   from absl import flags
+
   from msf_jax import main as main_module
   calls = []
   monkeypatch.setattr(main_module.pipeline, 'hide_accelerators_from_tensorflow',
@@ -207,6 +208,7 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
 def run_in_process(args, capfd):
   """`python -m msf_jax.main ARGS` in this process: (exit status, console output)."""
   from absl import flags
+
   from msf_jax import main as main_module
   before = set(logging.getLogger().handlers)
   capfd.readouterr()

@@ -111,6 +111,12 @@ def test_bfloat16_search_rescored_in_float32_equals_the_float32_search(chunk_siz
   assert list(search('bfloat16', 20)[0, :2]) == [2, 900]
 
 
+def test_a_bfloat16_search_needs_its_candidates():
+  rows = jnp.asarray(unit_rows(np.random.default_rng(12), 8, 4))
+  with pytest.raises(ValueError, match='needs `candidates`'):
+    mean_shift.nearest_neighbors(rows[:2], rows, 3, search_dtype='bfloat16')
+
+
 @pytest.mark.parametrize('chunk_size', [None, 3])
 def test_rescoring_orders_rows_that_bfloat16_cannot_tell_apart(chunk_size):
   """Rows at angles of 0.035 down to 0.005 from the query: every bfloat16 similarity rounds

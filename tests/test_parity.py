@@ -23,12 +23,11 @@ import pytest
 torch = pytest.importorskip(
     'torch', reason='parity tests need the PyTorch CPU reference: pip install torch==2.13.0')
 
-from msf_jax import make_mesh, put_batch, put_state, make_train_step  # noqa: E402
+from msf_jax import make_mesh, make_train_step, put_batch, put_state  # noqa: E402
 from msf_jax.interop import torch_checkpoint as tc  # noqa: E402
 from msf_jax.optim import peak_learning_rate  # noqa: E402
+from msf_jax.testing import random_batch, small_config, torch_reference  # noqa: E402
 
-from msf_jax.testing import torch_reference  # noqa: E402
-from msf_jax.testing import random_batch, small_config  # noqa: E402
 from helpers import max_scaled_error  # noqa: E402
 
 # Biases whose true gradient is exactly zero: each feeds a BatchNorm directly, or (the

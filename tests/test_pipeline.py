@@ -34,7 +34,7 @@ def write_folder(root, split='train', classes=3, per_class=7, size=(40, 56), cor
 
 
 def take(stream, n):
-  return [batch for _, batch in zip(range(n), stream)]
+  return [batch for _, batch in zip(range(n), stream, strict=False)]  # stream: endless
 
 
 def test_digits_split_is_fixed_and_real():
@@ -54,11 +54,11 @@ def test_same_seed_same_batches_and_resume_is_exact():
       process_index=0, process_count=1)
   first = take(make(), 4)
   again = take(make(), 4)
-  for a, b in zip(first, again):
+  for a, b in zip(first, again, strict=True):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   resumed = take(make(start=2), 2)
-  for a, b in zip(first[2:], resumed):
+  for a, b in zip(first[2:], resumed, strict=True):
     np.testing.assert_array_equal(a['online'], b['online'])
   other = take(make(seed=4), 1)[0]
   assert not np.allclose(other['online'], first[0]['online'])
@@ -76,7 +76,7 @@ def test_shuffled_target_views_are_the_same_views_permuted_with_their_order():
       split, global_batch=32, image_size=8, seed=3, start_step=start, process_index=process,
       process_count=2, shuffle_target=shuffle), 2)
   plain, shuffled = make(False), make(True)
-  for a, b in zip(plain, shuffled):
+  for a, b in zip(plain, shuffled, strict=True):
     for key in ('online', 'online_color', 'label'):
       np.testing.assert_array_equal(b[key], a[key])
     order = b['target_order']
@@ -124,7 +124,7 @@ def eval_digests(split, global_batch, process_count):
     for batch in dataset.as_numpy_iterator():
       count += 1
       assert len(batch['mask']) == global_batch // process_count
-      digests += [image_digest(x) for x, m in zip(batch['image'], batch['mask']) if m]
+      digests += [image_digest(x) for x, m in zip(batch['image'], batch['mask'], strict=True) if m]
     assert count == num_batches
     batches.add(count)
   assert len(batches) == 1  # every host runs the same number of steps
@@ -179,7 +179,7 @@ def test_a_stream_resumed_at_its_saved_position_reads_what_the_uninterrupted_one
   assert uninterrupted.skipped > 0  # the broken files were drawn before step 5
   saved = uninterrupted.position_after(5)
   resumed = make(start_step=5, start_position=saved)
-  for a, b in zip(batches[5:], take(resumed, 3)):
+  for a, b in zip(batches[5:], take(resumed, 3), strict=True):
     np.testing.assert_array_equal(a['online'], b['online'])
     np.testing.assert_array_equal(a['label'], b['label'])
   assert (resumed.next_slot, resumed.skipped) == (uninterrupted.next_slot, uninterrupted.skipped)

@@ -6,8 +6,6 @@ import ast
 import os
 import re
 
-import pytest
-
 from helpers import REPO
 
 PACKAGE = 'msf_jax'

@@ -1,7 +1,6 @@
 """The training loop keeps the device busy: between log points it never reads a device value,
 so the host runs ahead and the next step is queued while the current one computes."""
 
-import jax
 import jax.numpy as jnp
 import pytest
 

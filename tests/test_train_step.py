@@ -9,16 +9,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msf_jax import (create_state, load_config, make_mesh, make_train_step, mean_shift,
-                     put_batch, put_replicated, put_state)
+from msf_jax import (
+  create_state,
+  load_config,
+  make_mesh,
+  make_train_step,
+  mean_shift,
+  put_batch,
+  put_replicated,
+  put_state,
+)
 from msf_jax.data import color
 from msf_jax.optim import learning_rate_schedule
 from msf_jax.plan.compiled import equations
+from msf_jax.testing import random_batch, random_host_batch, small_config
 from msf_jax.train import make_train_step_fn, target_sources
 
-from msf_jax.testing import random_batch, random_host_batch, small_config
 from helpers import REPO, assert_trees_close, relative_tree_error
-
 
 STEPS_PER_EPOCH = 10
 

@@ -23,7 +23,8 @@ def informative_features(rng, num, num_classes, informative, noise_dims, separat
 
 def splits(features, labels, sizes):
   bounds = np.cumsum(sizes)[:-1]
-  return [x for pair in zip(np.split(features, bounds), np.split(labels, bounds)) for x in pair]
+  pairs = zip(np.split(features, bounds), np.split(labels, bounds), strict=True)
+  return [x for pair in pairs for x in pair]
 
 
 def test_noisy_high_dimensional_features_choose_stronger_regularization():

@@ -14,8 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from msf_jax import load_config, make_mesh
-from msf_jax import visualize as vis
+from msf_jax import load_config, make_mesh, visualize as vis
 from msf_jax.data import color, pipeline, sources
 from msf_jax.evaluate.features import extract_features
 from msf_jax.interop.backbones import random_encoder

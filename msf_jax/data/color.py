@@ -17,6 +17,7 @@ them. A view's parameters travel as one float32 vector per example, laid out as
 
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -140,9 +141,9 @@ def _box_pass(images: jax.Array, kernels: jax.Array, axis: int) -> jax.Array:
   pad[axis] = (half_width, half_width)
   padded = jnp.pad(images, pad, mode='edge')
   size = images.shape[axis]
-  return sum(_per_image(kernels[:, tap], images) *
-             jax.lax.slice_in_dim(padded, tap, tap + size, axis=axis)
-             for tap in range(kernels.shape[1]))
+  return functools.reduce(operator.add, (
+      _per_image(kernels[:, tap], images) * jax.lax.slice_in_dim(padded, tap, tap + size, axis=axis)
+      for tap in range(kernels.shape[1])))
 
 
 def gaussian_blur(images: jax.Array, sigma: jax.Array, max_sigma: float = BLUR_SIGMA[1]
@@ -189,8 +190,9 @@ def finish_views(batch: dict[str, jax.Array], pairing: str = 'w/s') -> dict[str,
   normalized float32, and 'target_order' where the target views come shuffled.
   `pairing` (target/online, as the pipeline's) lets weak views skip the colour ops, whose
   parameters would switch them all off anyway."""
-  finished = {key: batch[key] for key in ('label', 'target_order') if key in batch}
-  for key, kind in zip(('target', 'online'), pairing.split('/')):
+  finished: dict[str, jax.Array] = {key: batch[key] for key in ('label', 'target_order')
+                                     if key in batch}
+  for key, kind in zip(('target', 'online'), pairing.split('/'), strict=True):
     images = batch[key]
     finished[key] = (apply_view_colors(images, batch[f'{key}_color']) if kind == 's'
                      else normalize(images))

@@ -82,7 +82,7 @@ class TrainStream:
     self.skipped = start.skipped
     self._name_of_slot = name_of_slot
     self._skipped_slots: list[int] = []
-    self._batches = None
+    self._batches: Iterator[dict[str, np.ndarray]] | None = None
     self._step = start_step
     # The positions after the last few steps: batches are fetched ahead of the steps that
     # train on them (prefetch_to_mesh), and a checkpoint asks for its step's.
@@ -308,7 +308,7 @@ def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, depth
                      ) -> Iterator[dict[str, jax.Array]]:
   """The batches as global arrays on the mesh, `depth` of them placed ahead: the next
   batch's host-to-device copy runs while the current step computes, not after it."""
-  placed = collections.deque()
+  placed: collections.deque[dict[str, jax.Array]] = collections.deque()
   for batch in batches:
     placed.append(to_global(batch, mesh))
     if len(placed) == depth:

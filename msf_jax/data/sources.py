@@ -92,7 +92,7 @@ def digits(split: str, image_size: int = 32) -> Split:
   encoded, labels = [], []
   for i in chosen[split]:
     grey = Image.fromarray(np.round(data.images[i] * 255 / 16).astype(np.uint8))
-    rgb = grey.resize((image_size, image_size), Image.BILINEAR).convert('RGB')
+    rgb = grey.resize((image_size, image_size), Image.Resampling.BILINEAR).convert('RGB')
     encoded.append(_encode_png(np.asarray(rgb)))
     labels.append(data.target[i])
   images = tf.constant(encoded)
@@ -136,7 +136,7 @@ def image_folder(root: str, split: str, classes: Sequence[str] | None = None,
   class_dir = os.path.join(root, class_split)
   if classes is None:  # a folder without a training split numbers its own classes
     own = split == class_split or not tf.io.gfile.isdir(class_dir)
-    classes = images if own else _images_by_class(class_dir)
+    classes = list(images if own else _images_by_class(class_dir))
   classes = list(classes)
   unknown = sorted(set(images) - set(classes))
   if unknown:

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import uuid
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +57,12 @@ def make_feature_step(config: ml_collections.ConfigDict, mesh: Mesh
   chip) split along the batch. The weights are an argument, not closed over, which jit would
   embed as constants."""
   encoder, _ = build_networks(config.model)
-  return jax.jit(lambda variables, images: encoder.apply(
-      variables, color.normalize(images), method=encoder.features).astype(jnp.float32),
-                 in_shardings=(replicated(mesh), batch_sharded(mesh)),
+
+  def forward(variables: dict, images: jax.Array) -> jax.Array:
+    features = encoder.apply(variables, color.normalize(images), method=encoder.features)
+    return cast(jax.Array, features).astype(jnp.float32)  # no `mutable`: the output alone
+
+  return jax.jit(forward, in_shardings=(replicated(mesh), batch_sharded(mesh)),
                  out_shardings=batch_sharded(mesh))
 
 
@@ -73,7 +76,7 @@ def extract_split(variables: dict, split: Split, config: ml_collections.ConfigDi
   variables = put_replicated(variables, mesh)
   dataset, _ = pipeline.eval_batches(split, global_batch=batch_size,
                                      image_size=config.image_size)
-  features, labels, positions = [], [], set()
+  feature_parts, label_parts, positions = [], [], set()
   for host_batch in dataset.as_numpy_iterator():
     positions.update(host_batch.pop('position')[host_batch['mask']].tolist())
     batch = pipeline.to_global(host_batch, mesh)
@@ -81,9 +84,9 @@ def extract_split(variables: dict, split: Split, config: ml_collections.ConfigDi
         {'features': forward(variables, batch['image']), 'label': batch['label'],
          'mask': batch['mask']}, tiled=True)
     keep = np.asarray(gathered['mask'])
-    features.append(np.asarray(gathered['features'])[keep])
-    labels.append(np.asarray(gathered['label'])[keep])
-  features, labels = np.concatenate(features), np.concatenate(labels)
+    feature_parts.append(np.asarray(gathered['features'])[keep])
+    label_parts.append(np.asarray(gathered['label'])[keep])
+  features, labels = np.concatenate(feature_parts), np.concatenate(label_parts)
   skipped = split.num_examples - len(labels)
   names = _names_of_gaps(split, positions) if skipped else ()
   if skipped:

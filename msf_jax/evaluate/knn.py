@@ -62,7 +62,8 @@ def chunk_search(k: int, train_chunk_size: int, mesh: Mesh | None, num_train: in
 def place_train_features(train: np.ndarray, mesh: Mesh | None) -> jax.Array:
   """The train features on one device (no mesh, or a mesh of one), else split by rows over
   the mesh, padded with zero rows to a multiple of its devices."""
-  if search_mesh(mesh) is None:
+  mesh = search_mesh(mesh)
+  if mesh is None:
     return jax.device_put(train)
   padding = -len(train) % mesh.devices.size
   return jax.device_put(np.pad(train, ((0, padding), (0, 0))), rows_sharded(mesh))
@@ -107,12 +108,12 @@ def nearest_neighbours(train_features, query_features, k: int, *,
   chunk_size = min(chunk_size, max(len(queries), 1))
   mesh = search_mesh(mesh)
   search = chunk_search(k, train_chunk_size, mesh, len(train) if mesh else None)
-  train = place_train_features(train, mesh)
+  placed = place_train_features(train, mesh)
   out = []
   for start in range(0, len(queries), chunk_size):
     chunk = queries[start:start + chunk_size]
     padded = np.pad(chunk, ((0, chunk_size - len(chunk)), (0, 0)))  # one compiled shape
-    out.append(search(padded, train))  # async dispatch
+    out.append(search(padded, placed))  # async dispatch
   if not out:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
   num_queries = len(queries)

@@ -11,7 +11,7 @@ The layer starts as torch.nn.Linear does (U(+-1/sqrt(F)) kernel and bias), as th
 code, so that both see the same starting point; with standardized inputs it hardly matters.
 """
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -153,9 +153,9 @@ def linear_probe_on_features(train_features: np.ndarray, train_labels: np.ndarra
     mask = (jnp.arange(num_batches * batch_size) < num_train).astype(jnp.float32)
 
     def step(carry, batch):
-      index, batch_mask = batch
-      return _sgd_step(*carry, optimizer, standardized[index], labels[index], num_classes,
-                       batch_mask), None
+      (params, opt_state), (index, batch_mask) = carry, batch
+      return _sgd_step(params, opt_state, optimizer, standardized[index], labels[index],
+                       num_classes, batch_mask), None
 
     batches = (order.reshape(num_batches, batch_size), mask.reshape(num_batches, batch_size))
     return jax.lax.scan(step, (params, opt_state), batches)[0]
@@ -177,8 +177,8 @@ def make_probe_step(config: ml_collections.ConfigDict, mesh: Mesh,
   encoder, _ = build_networks(config.model)
 
   def train_step(params, opt_state, backbone, stats, batch):
-    features = encoder.apply(backbone, color.normalize(batch['image']),
-                             method=encoder.features)
+    features = cast(jax.Array, encoder.apply(backbone, color.normalize(batch['image']),
+                                             method=encoder.features))  # no `mutable`
     return _sgd_step(params, opt_state, optimizer, _standardize(features, stats),
                      batch['label'], num_classes)
 

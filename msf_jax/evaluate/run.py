@@ -22,11 +22,11 @@ from clu import metric_writers
 from msf_jax.checkpoint import manager_directory
 from msf_jax.config_utils import ConfigError
 from msf_jax.data import sources
-from msf_jax.interop import backbones
 from msf_jax.evaluate.features import cached_features, write_atomically
 from msf_jax.evaluate.knn import knn_accuracies
 from msf_jax.evaluate.linear_probe import linear_probe, linear_probe_on_features
 from msf_jax.evaluate.transfer import TRANSFER_DATASETS, logistic_regression_transfer
+from msf_jax.interop import backbones
 from msf_jax.sharding import make_mesh
 
 TASKS = ('knn', 'linear_fast', 'linear', 'transfer')
@@ -41,8 +41,8 @@ Features = tuple[np.ndarray, np.ndarray]
 def parse_names(value: str | Sequence[str], allowed: Sequence[str], key: str
                 ) -> tuple[str, ...]:
   """Names from a comma-separated string or a sequence, each checked against `allowed`."""
-  names = value.split(',') if isinstance(value, str) else list(value)
-  names = tuple(dict.fromkeys(name.strip() for name in names if name.strip()))
+  given = value.split(',') if isinstance(value, str) else list(value)
+  names = tuple(dict.fromkeys(name.strip() for name in given if name.strip()))
   unknown = [name for name in names if name not in allowed]
   if unknown or not names:
     problem = f'unknown {unknown}' if unknown else 'nothing to run'
@@ -64,9 +64,11 @@ def _transfer_splits(name: str, config: ml_collections.ConfigDict
   if dataset.tfds_name is None:
     raise sources.DatasetNotFoundError(f'The transfer dataset {name!r} has no TFDS version: '
                                        f'{dataset.note}')
-  return tuple(_split(config, sources.tfds_split(dataset.tfds_name, split,
-                                                 config.data.get('data_dir') or None))
-               for split in (dataset.train_split, dataset.val_split, dataset.test_split))
+  train, validation, test = (
+      _split(config, sources.tfds_split(dataset.tfds_name, split,
+                                        config.data.get('data_dir') or None))
+      for split in (dataset.train_split, dataset.val_split, dataset.test_split))
+  return train, validation, test
 
 
 def _prefixed(prefix: str, results: dict[str, float]) -> dict[str, float]:

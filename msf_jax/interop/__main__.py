@@ -18,8 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from msf_jax.interop import backbones
-from msf_jax.interop import torch_checkpoint as tc
+from msf_jax.interop import backbones, torch_checkpoint as tc
 from msf_jax.models import init_encoder, init_predictor
 
 

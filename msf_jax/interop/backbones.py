@@ -22,10 +22,10 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import logging
 import numpy as np
 import safetensors.numpy
 import tensorflow as tf
+from absl import logging
 
 from msf_jax import checkpoint
 from msf_jax.config_utils import ConfigError

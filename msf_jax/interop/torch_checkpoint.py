@@ -78,7 +78,7 @@ def read_torch_file(path: str) -> dict[str, Any]:
   except (EOFError, RuntimeError, KeyError, ValueError) as e:
     raise CheckpointError(f'{path} is a damaged PyTorch file ({type(e).__name__}: '
                           f'{str(e).strip()[:200]}).') from e
-  if not isinstance(loaded, Mapping):
+  if not isinstance(loaded, dict):  # weights_only unpickles no other mapping
     raise CheckpointError(f'{path} holds a {type(loaded).__name__}, not a state dict (a dict '
                           'of tensors).')
   return loaded

@@ -2,9 +2,9 @@
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from msf_jax.models.layers import BatchGroups, BatchNorm, TorchDense
 

@@ -4,9 +4,9 @@ statistics move between msf_jax and the official PyTorch code without drift."""
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Dtype = Any
 
@@ -64,6 +64,9 @@ class BatchGroups:
       return None
     count = jax.lax.axis_size(self.axis_name)
     return [list(range(start, start + self.devices)) for start in range(0, count, self.devices)]
+
+
+WHOLE_BATCH = BatchGroups()  # BatchNorm over everything a layer sees
 
 
 class BatchNorm(nn.Module):

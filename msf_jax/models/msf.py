@@ -1,15 +1,15 @@
 """The networks of MSF: an encoder (backbone + projection) used online and as the target, and
 the online-only predictor. Dimensions follow the official code: F -> 2F -> F/4."""
 
-from typing import Any
+from typing import Any, cast
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import ml_collections
 
 from msf_jax.models.heads import MLPHead
-from msf_jax.models.layers import BatchGroups
+from msf_jax.models.layers import WHOLE_BATCH, BatchGroups
 from msf_jax.models.resnet import ResNet, feature_dim
 
 Variables = dict[str, Any]  # {'params': ..., 'batch_stats': ...} of one network
@@ -58,7 +58,7 @@ def parse_dtype(name: str | None) -> Any:
   return None if name in (None, '', 'none') else jnp.dtype(name)
 
 
-def build_networks(model_config: ml_collections.ConfigDict, groups: BatchGroups = BatchGroups()
+def build_networks(model_config: ml_collections.ConfigDict, groups: BatchGroups = WHOLE_BATCH
                    ) -> tuple[Encoder, MLPHead]:
   """The encoder (shared architecture of online and target) and the predictor of a config,
   their BatchNorms over `groups` (the train step's: `msf_jax.train.batch_groups`)."""
@@ -84,7 +84,7 @@ def init_encoder(model_config: ml_collections.ConfigDict, image_size: int,
   `jax.eval_shape`, their shapes and dtypes without any computation."""
   encoder, _ = build_networks(model_config)
   images = jnp.zeros((1, image_size, image_size, 3), parse_dtype(model_config.param_dtype))
-  return encoder.init(rng, images, train=False)
+  return cast(Variables, encoder.init(rng, images, train=False))  # flax returns a plain dict
 
 
 def init_predictor(model_config: ml_collections.ConfigDict, rng: jax.Array) -> Variables:
@@ -92,7 +92,7 @@ def init_predictor(model_config: ml_collections.ConfigDict, rng: jax.Array) -> V
   _, predictor = build_networks(model_config)
   projections = jnp.zeros((1, projection_dim(model_config)),
                           parse_dtype(model_config.param_dtype))
-  return predictor.init(rng, projections, train=False)
+  return cast(Variables, predictor.init(rng, projections, train=False))
 
 
 def backbone_only(variables: Variables) -> Variables:

@@ -7,9 +7,9 @@ that `msf_jax.interop` maps weights one to one.
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from msf_jax.models.layers import BatchGroups, BatchNorm, conv_kernel_init, max_pool_3x3_s2
 

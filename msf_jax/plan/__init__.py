@@ -5,3 +5,10 @@ The package imports only the slices (no TensorFlow), so that the command line ca
 TensorFlow's logs before the planner imports it."""
 
 from msf_jax.plan.slices import GENERATIONS, Slice, SliceError, parse_slice
+
+__all__ = [
+  'GENERATIONS',
+  'Slice',
+  'SliceError',
+  'parse_slice',
+]

@@ -33,9 +33,10 @@ from msf_jax.plan.compiled import GIB  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
-_TOPOLOGY = flags.DEFINE_string(
+_TOPOLOGY = flags.DEFINE_string(  # required=True: its value typed a str, not None
     'topology', None, 'Slice: an accelerator type (v5e-64, v5litepod-16, v4-32, v5p-8, '
-    'v6e-8), a compiler topology (v5e:2x2) or cpu:N (XLA host devices, no libtpu).')
+    'v6e-8), a compiler topology (v5e:2x2) or cpu:N (XLA host devices, no libtpu).',
+    required=True)
 _JSON = flags.DEFINE_string('json', None, 'Also write the plan to this JSON file.')
 _CACHE_DIR = flags.DEFINE_string(
     'cache_dir', os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
@@ -49,7 +50,7 @@ _NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'Classes, for the linea
 _INPUT_RATE = flags.DEFINE_float(
     'input_samples_per_core', None, 'Two-view samples/s one host core makes '
     '(benchmarks/input_benchmark.py); default: the 224 px figure in benchmarks/RESULTS.md.')
-flags.mark_flags_as_required(['config', 'topology'])
+flags.mark_flag_as_required('config')
 
 FLAGS_HINT = 'python -m msf_jax.plan --helpshort lists the flags.'
 # What a user causes and can fix from the message alone: a setting, a slice name, no libtpu,
@@ -147,7 +148,8 @@ def _ask_for_cpu_devices(count: int) -> None:
   """cpu:N plans on N host devices: asked for before JAX starts its backends (a process that
   already started them keeps its own count, which `planner.devices_of` checks)."""
   try:
-    jax.config.update('jax_num_cpu_devices', max(count, jax.config.jax_num_cpu_devices))
+    current = jax.config.jax_num_cpu_devices  # type: ignore[attr-defined]  # set at run time
+    jax.config.update('jax_num_cpu_devices', max(count, current))
   except RuntimeError:
     pass
 

@@ -43,6 +43,8 @@ def memory(compiled: jax.stages.Compiled, state_bytes: int, batch_bytes: int
   not reuse a donated argument, temporaries and code; `total` is their sum, what the program
   needs resident at its peak."""
   analysis = compiled.memory_analysis()
+  if analysis is None:
+    raise RuntimeError('XLA gave no memory analysis of the compiled program.')
   kinds = {
       'state': state_bytes,
       'batch': batch_bytes,
@@ -56,7 +58,7 @@ def memory(compiled: jax.stages.Compiled, state_bytes: int, batch_bytes: int
 
 def cost(compiled: jax.stages.Compiled) -> dict[str, float]:
   """XLA's count for one device and one run of the program: 'flops' and 'bytes accessed'."""
-  analysis = compiled.cost_analysis()
+  analysis = compiled.cost_analysis() or {}  # None where XLA counts nothing
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict a device program
     analysis = analysis[0]
   return {'flops': float(analysis.get('flops', 0.0)),
@@ -72,9 +74,9 @@ def _shape_bytes(shape: str) -> int:
 def collectives(hlo_text: str) -> list[tuple[str, dict[str, int]]]:
   """(kind, {dtype: result bytes per device}) of each collective written in the optimized
   HLO, in order: a tuple all-reduce is one collective of several arrays."""
-  found = []
+  found: list[tuple[str, dict[str, int]]] = []
   for match in _COLLECTIVE_LINE.finditer(hlo_text):
-    by_dtype = collections.Counter()
+    by_dtype: collections.Counter[str] = collections.Counter()
     for array in _ARRAY_SHAPE.finditer(match['shape']):
       by_dtype[array['dtype']] += _shape_bytes(array[0])
     found.append((match['op'], dict(by_dtype)))
@@ -95,7 +97,7 @@ def collective_counts(hlo_text: str) -> dict[str, dict[str, int]]:
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """{collective: result bytes per device} summed over the collectives written in the
   optimized HLO. One in a loop body counts once (the train step has none)."""
-  found = collections.Counter()
+  found: collections.Counter[str] = collections.Counter()
   for kind, by_dtype in collectives(hlo_text):
     found[kind] += sum(by_dtype.values())
   return dict(found)
@@ -134,10 +136,10 @@ def _conv_flops(equation) -> int:
   lhs, kernel = equation.invars[0].aval.shape, equation.invars[1].aval.shape
   out = equation.outvars[0].aval.shape
   taps = math.prod(
-      _valid_taps(lhs[l], out[o], kernel[r], stride, low, input_dilation, kernel_dilation)
-      for l, r, o, stride, (low, _), input_dilation, kernel_dilation in zip(
+      _valid_taps(lhs[i], out[o], kernel[k], stride, low, input_dilation, kernel_dilation)
+      for i, k, o, stride, (low, _), input_dilation, kernel_dilation in zip(
           lhs_spec[2:], rhs_spec[2:], out_spec[2:], params['window_strides'],
-          params['padding'], params['lhs_dilation'], params['rhs_dilation']))
+          params['padding'], params['lhs_dilation'], params['rhs_dilation'], strict=True))
   return 2 * out[out_spec[0]] * kernel[rhs_spec[0]] * kernel[rhs_spec[1]] * taps
 
 

@@ -24,8 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from msf_jax.config_utils import ConfigError, check_training_config
 from msf_jax.data import pipeline, sources
-from msf_jax.evaluate import features as feature_extraction
-from msf_jax.evaluate import knn, linear_probe
+from msf_jax.evaluate import features as feature_extraction, knn, linear_probe
 from msf_jax.models import build_networks, feature_dim, resolve_dtype_name
 from msf_jax.models.msf import projection_dim
 from msf_jax.plan import compiled as reading
@@ -125,7 +124,8 @@ def _compile(name: str, jitted: Callable, args: tuple, global_batch: int, device
                 collectives={}, compile_seconds=0.0)
   start = time.perf_counter()
   try:
-    executable = jitted.lower(*args).compile()
+    # The builders' steps are jax.jit's, typed by their makers as the functions they run.
+    executable = jitted.lower(*args).compile()  # type: ignore[attr-defined]
   except Exception as error:  # the compiler's out-of-memory error is a plain runtime error
     needed = _out_of_memory_bytes(str(error))
     if needed is None:
@@ -135,7 +135,7 @@ def _compile(name: str, jitted: Callable, args: tuple, global_batch: int, device
                 flops=math.nan, bytes_accessed=math.nan, collectives={},
                 compile_seconds=time.perf_counter() - start)
   seconds = time.perf_counter() - start
-  cost, hlo = reading.cost(executable), executable.as_text()
+  cost, hlo = reading.cost(executable), executable.as_text() or ''  # None: no HLO text kept
   return plan(memory=reading.memory(executable, state_bytes, batch_bytes), flops=cost['flops'],
               bytes_accessed=cost['bytes_accessed'], collectives=reading.collective_bytes(hlo),
               compile_seconds=seconds, while_loops=reading.while_loops(hlo),
@@ -247,7 +247,7 @@ def _gib(size: float) -> float:
   return size / reading.GIB
 
 
-def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_bytes: int
+def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_bytes: float
                ) -> list[str]:
   """Settings under which the program would fit a chip of `hbm_bytes`, from its memory by
   kind: a smaller batch per chip (what grows with it: the batch and the temporaries), a
@@ -277,7 +277,7 @@ def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_byte
   return advice
 
 
-def knn_fit_advice(program: ProgramPlan, hbm_bytes: int) -> list[str]:
+def knn_fit_advice(program: ProgramPlan, hbm_bytes: float) -> list[str]:
   """The smallest slice (a power of two of chips) over which the train features would fit:
   each chip holds its share of them beside what does not shrink with their number (queries,
   code, the search's temporaries)."""
@@ -293,12 +293,13 @@ def knn_fit_advice(program: ProgramPlan, hbm_bytes: int) -> list[str]:
 def does_not_fit_sentence(program: ProgramPlan, config: ml_collections.ConfigDict,
                           tpu_slice: Slice) -> str:
   """One sentence: what the program needs, what a chip has, and what would make it fit."""
-  hbm = tpu_slice.generation.hbm_gib * reading.GIB
+  generation = tpu_slice.tpu_generation
+  hbm = generation.hbm_gib * reading.GIB
   advice = fit_advice(program, config, hbm)
   remedy = (f'it would fit with {" or ".join(advice)}' if advice else
             'no smaller batch or bank fits it: use a generation with more memory a chip')
   return (f'The {program.name} needs {_gib(program.memory["total"]):.1f} GiB a chip and a '
-          f'{tpu_slice.generation.name} chip has {tpu_slice.generation.hbm_gib:.1f} GiB: '
+          f'{generation.name} chip has {generation.hbm_gib:.1f} GiB: '
           f'{remedy}.')
 
 
@@ -357,7 +358,7 @@ def run_estimate(train: ProgramPlan, tpu_slice: Slice, total_steps: int,
   estimated from above with XLA's bytes accessed (every operation's operands and results, as
   if nothing stayed on chip) in place of the arguments; then the images/s ceiling, the feed
   each host must keep up with at it, and the whole run's hours and chip-hours at it."""
-  generation = tpu_slice.generation
+  generation = tpu_slice.tpu_generation
   bandwidth = generation.hbm_gb_per_s * 1e9
   compute_seconds = train.flops / (generation.peak_bf16_tflops * 1e12)
   arguments = train.memory['state'] + train.memory['batch'] + train.memory['other_arguments']

@@ -65,6 +65,13 @@ class Slice:
     return 'cpu' if self.generation is None else 'tpu'
 
   @property
+  def tpu_generation(self) -> Generation:
+    """The generation of a TPU slice; a CPU slice has none."""
+    if self.generation is None:
+      raise SliceError(f'{self.name} is not a TPU slice.')
+    return self.generation
+
+  @property
   def host_vcpus(self) -> int | None:
     if self.generation is None:
       return None
@@ -122,7 +129,7 @@ def _generation(prefix: str, name: str) -> Generation:
 def tpu_devices(tpu_slice: Slice) -> list:
   """The devices of `tpu_slice` as JAX on the real slice sees them (one a chip: megacore on
   v4 and v5p), from the TPU compiler's topology description: no TPU needed, libtpu is."""
-  chip_config = 'megacore' if tpu_slice.generation.megacore else 'default'
+  chip_config = 'megacore' if tpu_slice.tpu_generation.megacore else 'default'
   try:
     description = topologies.get_topology_desc(
         topology_name=tpu_slice.topology, platform='tpu', chip_config_name=chip_config,

@@ -68,15 +68,15 @@ def to_normalized(image: Image.Image) -> np.ndarray:
 
 def weak_view(image: Image.Image, rng, size: int) -> np.ndarray:
   top, left, h, w = torchvision_crop_params(rng, image.height, image.width)
-  view = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+  view = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
   if rng.uniform() < 0.5:
-    view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return to_normalized(view)
 
 
 def strong_view(image: Image.Image, rng, size: int) -> np.ndarray:
   top, left, h, w = torchvision_crop_params(rng, image.height, image.width)
-  view = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+  view = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
   if rng.uniform() < 0.8:
     view = color_jitter(view, rng)
   if rng.uniform() < 0.2:
@@ -84,5 +84,5 @@ def strong_view(image: Image.Image, rng, size: int) -> np.ndarray:
   if rng.uniform() < 0.5:
     view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
   if rng.uniform() < 0.5:
-    view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return to_normalized(view)

@@ -61,7 +61,7 @@ class ResNet(nn.Module):
     self.inplanes = width
     if small_stem:
       self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
-      self.maxpool = nn.Identity()
+      self.maxpool: nn.Module = nn.Identity()
     else:
       self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
       self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -129,6 +129,9 @@ def data_parallel(module, x, chunk_size):
 class MeanShift(nn.Module):
   """The official MeanShift module (train_msf.py): one GPU, or with `bn_group_size` its
   DataParallel run on GPUs of that many images each."""
+  queue: torch.Tensor  # buffers (register_buffer), declared for the type checker
+  labels: torch.Tensor
+  queue_ptr: torch.Tensor
 
   def __init__(self, depth, m=0.99, mem_bank_size=128000, topk=5, small_stem=False, width=64,
                bn_group_size=0):
@@ -142,7 +145,8 @@ class MeanShift(nn.Module):
     self.encoder_t.fc = get_mlp(feat_dim, hidden_dim, proj_dim)
     self.encoder_q.fc = get_mlp(feat_dim, hidden_dim, proj_dim)
     self.predict_q = get_mlp(proj_dim, hidden_dim, proj_dim)
-    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters()):
+    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters(),
+                                strict=True):
       param_t.data.copy_(param_q.data)
       param_t.requires_grad = False
     self.register_buffer('queue', torch.randn(self.mem_bank_size, proj_dim))
@@ -152,7 +156,8 @@ class MeanShift(nn.Module):
 
   @torch.no_grad()
   def _momentum_update_target_encoder(self):
-    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters()):
+    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters(),
+                                strict=True):
       param_t.data = param_t.data * self.m + param_q.data * (1. - self.m)
 
   @torch.no_grad()
