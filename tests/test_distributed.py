@@ -5,7 +5,6 @@ each epoch's examples at most once between them; the training program as two pro
 
 import glob
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,14 +19,12 @@ from msf_jax.sharding import replicated
 from msf_jax.train_state import abstract_state
 
 from distributed_worker import EPOCHS_READ, global_batch, step_config
-from helpers import REPO, assert_trees_close
-from test_main import CONFIG as TRAIN_CONFIG, overrides as main_overrides
-from test_pipeline import write_folder
+from helpers import (DEVICES_PER_PROCESS, PROCESSES, REPO, TRAIN_CONFIG, assert_trees_close,
+                     free_port, run_processes, skip_without_cpu_collectives, write_folder)
+from helpers import overrides as main_overrides
 
 WORKER = os.path.join(REPO, 'tests', 'distributed_worker.py')
-PROCESSES, DEVICES_PER_PROCESS = 2, 2
 FOLDER_IMAGES = 27  # one image per class, so a label names its image; 27 = 3 x 8 + 3
-JOB_TIMEOUT_S = 600
 SLURM = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[003-004]', 'SLURM_NTASKS': '2',
          'SLURM_PROCID': '1', 'SLURM_LOCALID': '0'}
 OMPI = {'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.96.0.1:34911'}
@@ -159,43 +156,6 @@ def test_main_rejects_half_given_flags_before_training(tmp_path):
 
 
 # --- A real two-process job -----------------------------------------------------------------
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def skip_without_cpu_collectives() -> None:
-  from jax._src.lib import _jax
-  if not hasattr(_jax, 'make_gloo_tcp_collectives'):
-    pytest.skip('This jaxlib has no gloo: multi-process CPU collectives are unavailable.')
-
-
-def run_processes(commands: list[list[str]], before_waiting=lambda: None, extra_env=None,
-                  expected_status: int = 0):
-  """Starts one CPU process per command (2 devices each, `extra_env` added to the
-  environment), calls `before_waiting`, then waits for all of them (killing any left after
-  the timeout); returns its result and each process's output, having checked every exit
-  status."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
-         **(extra_env or {})}
-  processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for command in commands]
-  try:
-    result = before_waiting()
-    outputs = [process.communicate(timeout=JOB_TIMEOUT_S)[0] for process in processes]
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-  for p, (process, output) in enumerate(zip(processes, outputs)):
-    assert process.returncode == expected_status, (
-        f'process {p} exited {process.returncode}, not {expected_status}:\n{output[-5000:]}')
-  return result, outputs
 
 
 @pytest.fixture(scope='module')

@@ -29,8 +29,7 @@ from msf_jax.interop.backbones import load_encoder, random_encoder
 from msf_jax.models import backbone_only, build_networks
 
 from msf_jax.testing import small_config
-from helpers import REPO
-from test_distributed import PROCESSES, free_port, run_processes, skip_without_cpu_collectives
+from helpers import PROCESSES, REPO, free_port, run_processes, skip_without_cpu_collectives
 
 EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 WIDTH = 8  # first-stage channels: a ResNet-18 narrow enough for fast CPU tests

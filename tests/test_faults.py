@@ -20,32 +20,12 @@ from msf_jax.evaluate import run
 from msf_jax.interop import backbones
 from msf_jax.testing import small_config
 
-from helpers import REPO
-from test_pipeline import write_folder
+from helpers import REPO, write_folder, write_lock
 
 DIGITS = os.path.join(REPO, 'configs', 'digits_msf.py')
 
 
 # --- One run per workdir --------------------------------------------------------------------
-
-
-@pytest.fixture
-def sleeper():
-  """A live process that is not this one."""
-  process = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
-  yield process
-  process.kill()
-  process.wait()
-
-
-def write_lock(workdir, **holder):
-  os.makedirs(workdir, exist_ok=True)
-  me = workdir_lock.this_process()
-  record = {'host': me.host, 'pid': me.pid, 'job': '', 'heartbeat': me.heartbeat, **holder}
-  path = os.path.join(workdir, workdir_lock.LOCK_FILE)
-  with open(f'{path}.tmp', 'w') as f:  # whole or not at all, as a heartbeat thread reads it
-    json.dump(record, f)
-  os.replace(f'{path}.tmp', path)
 
 
 def read_lock(path):

@@ -9,7 +9,7 @@ from msf_jax import make_mesh
 from msf_jax.evaluate.knn import (knn_accuracies, knn_accuracy, knn_predict, nearest_neighbours,
                                   place_train_features, train_features_spec)
 
-from test_evaluate import brute_force_votes
+from helpers import brute_force_votes
 
 
 def clustered(rng, num_classes, per_class, dim, noise):

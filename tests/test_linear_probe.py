@@ -12,7 +12,7 @@ from msf_jax.evaluate.linear_probe import (linear_probe, linear_probe_on_feature
                                            standardization, top_k_accuracies)
 
 from msf_jax.testing import small_config
-from test_pipeline import write_folder
+from helpers import write_folder
 
 
 def gaussian_clusters(rng, num_classes, per_class, dim, spread):

@@ -23,11 +23,9 @@ from msf_jax.console import LOG_FILE
 from msf_jax.sharding import make_mesh, replicated
 from msf_jax.train_state import abstract_state
 
-from helpers import REPO, assert_trees_close
-from test_faults import sleeper, write_lock  # noqa: F401 (sleeper: a fixture)
-from test_pipeline import write_folder
+from helpers import (REPO, TRAIN_CONFIG as CONFIG, assert_trees_close, overrides, write_folder,
+                     write_lock)
 
-CONFIG = os.path.join(REPO, 'configs', 'digits_msf.py')
 EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 
 
@@ -35,13 +33,6 @@ EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 def folder(tmp_path_factory):
   return write_folder(tmp_path_factory.mktemp('images'), 'train', classes=2, per_class=12,
                       size=(30, 30))
-
-
-def overrides(folder, **extra):
-  settings = {'data.source': 'folder', 'data.root': folder, 'batch_size': 8,
-              'msf.bank_size': 32, 'num_epochs': 3, 'checkpoint.every_epochs': 4 / 3,
-              'log_every_epochs': 2 / 3, **extra}
-  return [f'--config.{k}={v}' for k, v in settings.items()]
 
 
 def start(workdir, args, program=('-m', 'msf_jax.main'), env=None):

@@ -16,21 +16,8 @@ from msf_jax.plan.compiled import equations
 from msf_jax.train import make_train_step_fn
 
 from msf_jax.testing import random_batch, random_host_batch, small_config
-from helpers import REPO, assert_trees_close, relative_tree_error
-
-
-STEPS_PER_EPOCH = 10
-
-
-def run_steps(config, devices, batches, seed=0):
-  mesh = make_mesh(devices)
-  state = put_state(create_state(config, jax.random.key(seed)), config, mesh)
-  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False)
-  metrics = []
-  for batch in batches:
-    state, step_metrics = train_step(state, put_batch(batch, mesh))
-    metrics.append(jax.device_get(step_metrics))
-  return jax.device_get(state), metrics
+from helpers import (REPO, STEPS_PER_EPOCH, assert_trees_close, relative_tree_error,
+                     run_steps)
 
 
 def test_eight_devices_equal_one_device_float32():
