@@ -127,6 +127,63 @@ def test_forced_tpu_init_makes_a_cloud_tpu_vm(clean_env, tmp_path, monkeypatch):
   assert distributed._running_in_cloud_tpu_vm()
 
 
+@pytest.fixture
+def platforms_chosen(monkeypatch, clean_env, tmp_path):
+  """The jax_platforms `cpu_alone_without_accelerators` sets, on a machine of no TPU chip and
+  no GPU until a test adds them (under tmp_path) or sets JAX_PLATFORMS."""
+  chosen = []
+  monkeypatch.setattr(jax.config, 'update', lambda name, value: chosen.append((name, value)))
+  monkeypatch.delenv('JAX_PLATFORMS')  # conftest sets it
+  monkeypatch.setattr(distributed, '_PCI_DEVICES', str(tmp_path / 'pci'))
+  monkeypatch.setattr(distributed, '_GPU_DEVICE_FILES', (str(tmp_path / 'nvidia0'),))
+  return chosen
+
+
+def add_pci_device(root, vendor: str, device: str) -> None:
+  folder = root / 'pci' / f'0000:00:{len(list(root.glob("pci/*"))) + 4:02x}.0'
+  folder.mkdir(parents=True)
+  (folder / 'vendor').write_text(vendor + '\n')
+  (folder / 'device').write_text(device + '\n')
+
+
+def test_a_machine_without_accelerators_runs_jax_on_the_cpu_alone(platforms_chosen, tmp_path):
+  add_pci_device(tmp_path, *GVNIC)
+  assert distributed.cpu_alone_without_accelerators()
+  assert platforms_chosen == [('jax_platforms', 'cpu')]
+
+
+@pytest.mark.parametrize('machine', ['tpu chip', 'gpu', 'forced tpu', 'platforms given'])
+def test_an_accelerator_or_the_users_choice_keeps_jaxs_platforms(platforms_chosen, tmp_path,
+                                                                 monkeypatch, machine):
+  if machine == 'tpu chip':
+    add_pci_device(tmp_path, *V5E)
+  elif machine == 'gpu':
+    (tmp_path / 'nvidia0').write_text('')
+  elif machine == 'forced tpu':
+    monkeypatch.setenv('JAX_FORCE_TPU_INIT', '1')
+  else:
+    monkeypatch.setenv('JAX_PLATFORMS', 'cpu,tpu')
+  assert not distributed.cpu_alone_without_accelerators()
+  assert platforms_chosen == []
+
+
+def test_a_cpu_run_does_not_load_libtpu():
+  """What the function is for, in a process of its own without JAX_PLATFORMS: jax would load
+  libtpu (installed with the test requirements) and libtpu print its errors."""
+  if distributed._tpu_chips_attached() or any(map(os.path.exists, distributed._GPU_DEVICE_FILES)):
+    pytest.skip('This machine has an accelerator.')
+  if not os.path.exists('/proc/self/maps'):
+    pytest.skip('The loaded libraries are read from Linux\'s /proc/self/maps.')
+  code = ('from msf_jax import distributed; import jax; '
+          'assert distributed.cpu_alone_without_accelerators(); jax.devices(); '
+          "print('libtpu loaded:', 'libtpu' in open('/proc/self/maps').read())")
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.stdout.strip() == 'libtpu loaded: False', result.stdout + result.stderr
+  assert 'TPU' not in result.stderr, result.stderr
+
+
 def test_explicit_values_are_passed_on(joins):
   distributed.initialize('10.0.0.1:1234', 4, 3)
   assert joins == [('10.0.0.1:1234', 4, 3)]

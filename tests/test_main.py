@@ -173,6 +173,8 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
   monkeypatch.setattr(main_module.pipeline, 'hide_accelerators_from_tensorflow',
                       lambda: calls.append('hide'))
   monkeypatch.setattr(main_module.distributed, 'initialize', lambda *args: calls.append('join'))
+  monkeypatch.setattr(main_module.distributed, 'cpu_alone_without_accelerators',
+                      lambda: calls.append('cpu'))
   monkeypatch.setattr(main_module.console, 'quiet_console', lambda: calls.append('quiet'))
   monkeypatch.setattr(main_module.console, 'log_to_file', lambda *args: calls.append('logs'))
   monkeypatch.setitem(main_module.MODES, 'train', lambda config, workdir: calls.append('train'))
@@ -181,7 +183,7 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
     main_module.main(['main'])
   finally:
     flags.FLAGS.unparse_flags()
-  assert calls == ['quiet', 'hide', 'join', 'logs', 'train']
+  assert calls == ['quiet', 'hide', 'cpu', 'join', 'logs', 'train']
 
 
 # --- A user's mistakes: one line each; a bug: its traceback ---------------------------------
