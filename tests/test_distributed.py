@@ -201,6 +201,7 @@ def test_bad_or_half_given_values_are_clear_errors(joins, args, message):
   assert joins == []
 
 
+@pytest.mark.slow  # python -m msf_jax.main
 def test_main_rejects_half_given_flags_before_training(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'msf_jax.main', f'--config={REPO}/configs/digits_msf.py',

@@ -57,6 +57,7 @@ def test_features_of_a_split_once_each_over_eight_devices(tmp_path):
   np.testing.assert_allclose(features, single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a ResNet-18 state and its kNN monitor over 8 devices
 def test_knn_monitor_finds_each_training_image_as_its_own_neighbour():
   from msf_jax.evaluate.monitor import KnnMonitor
   config = small_config(image_size=24, small_stem=True)

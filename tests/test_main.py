@@ -151,6 +151,7 @@ def test_ctrl_c_again_during_the_save_exits_at_once_keeping_the_checkpoint_befor
   assert code == 0 and ('Resuming at step 4' in output or 'Resuming at step 5' in output), output
 
 
+@pytest.mark.slow  # python -m msf_jax.main
 def test_misspelt_config_key_is_named(tmp_path):
   code, output = run(tmp_path, ['--config.msf.topkk=3'], timeout=120)
   assert code != 0 and 'topkk' in output
@@ -258,9 +259,10 @@ def error_case(name, tmp_path, folder, holder):
 @pytest.mark.parametrize('case', ['config file', 'config key', 'config setting',
                                   'workdir cannot be created', 'workdir busy',
                                   'dataset missing', 'no checkpoint to evaluate',
-                                  'bank differs from the checkpoint'])
+                                  pytest.param('bank differs from the checkpoint',
+                                               marks=pytest.mark.slow)])  # saves a state
 def test_a_users_mistake_is_one_error_line_and_the_traceback_goes_to_the_log(
-    case, tmp_path, folder, sleeper, capfd):  # noqa: F811 (sleeper: the fixture imported)
+    case, tmp_path, folder, sleeper, capfd):
   args, words, logged = error_case(case, tmp_path, folder, sleeper)
   code, console = run_in_process(args, capfd)
   errors = [line for line in console.splitlines() if line.startswith('error: ')]
@@ -283,6 +285,7 @@ def test_the_traceback_of_a_users_mistake_is_shown_when_asked_for(tmp_path, fold
   assert console.rstrip().splitlines()[-1].startswith('error: The config cannot train')
 
 
+@pytest.mark.slow  # python -m msf_jax.main
 def test_a_bug_shows_its_traceback(tmp_path, folder):
   program = ['-c', 'import sys; from msf_jax import main\n'
              'def bug(config, workdir): raise RuntimeError("injected bug")\n'
