@@ -27,6 +27,8 @@ _PCI_DEVICES = '/sys/bus/pci/devices'
 _GOOGLE_PCI_VENDOR = '0x1ae0'
 _TPU_PCI_DEVICE_IDS = frozenset({'0x0027', '0x0056', '0x005e', '0x0062', '0x0063', '0x006f',
                                  '0x0076'})
+# A GPU's device files: NVIDIA's and WSL2's, as jax looks for them, and AMD's ROCm driver.
+_GPU_DEVICE_FILES = ('/dev/nvidia0', '/dev/nvidiactl', '/dev/dxg', '/dev/kfd')
 
 
 def _is_tpu_chip(pci_device: str) -> bool:
@@ -42,13 +44,32 @@ def _libtpu_found() -> bool:
           or find_spec('libtpu') is not None)
 
 
+def _tpu_chips_attached() -> bool:
+  return any(_is_tpu_chip(os.path.dirname(vendor))
+             for vendor in glob.glob(f'{_PCI_DEVICES}/*/vendor'))
+
+
 def _running_in_cloud_tpu_vm() -> bool:
   """Whether jax takes this machine for a Cloud TPU VM, the only place its TPU clusters exist:
   libtpu is found and TPU chips are attached, or JAX_FORCE_TPU_INIT says so regardless."""
   if 'JAX_FORCE_TPU_INIT' in os.environ:
     return True
-  return _libtpu_found() and any(
-      _is_tpu_chip(os.path.dirname(vendor)) for vendor in glob.glob(f'{_PCI_DEVICES}/*/vendor'))
+  return _libtpu_found() and _tpu_chips_attached()
+
+
+def cpu_alone_without_accelerators() -> bool:
+  """Has JAX use the CPU alone (jax_platforms 'cpu') on a machine with no TPU chip and no GPU;
+  returns whether it did. Called before anything touches a backend.
+
+  Where libtpu is installed (the test requirements install it for the planner), jax loads it
+  on any machine, and libtpu, finding no TPU, prints four lines of errors that read as a broken
+  install. A TPU chip on the PCI bus, a GPU's device file, JAX_FORCE_TPU_INIT or a
+  JAX_PLATFORMS of the user's leaves jax's own choice, so no accelerator is ever hidden."""
+  if (os.environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in os.environ
+      or _tpu_chips_attached() or any(map(os.path.exists, _GPU_DEVICE_FILES))):
+    return False
+  jax.config.update('jax_platforms', 'cpu')
+  return True
 
 
 def detected_cluster() -> str | None:

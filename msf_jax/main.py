@@ -134,6 +134,7 @@ def main(argv) -> None:
   console.quiet_console()
   # TensorFlow (tf.data on the host CPU) must not reserve accelerator memory JAX needs.
   pipeline.hide_accelerators_from_tensorflow()
+  distributed.cpu_alone_without_accelerators()  # no libtpu errors on a CPU machine
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:  # its own checks of the three flags

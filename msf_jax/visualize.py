@@ -353,6 +353,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   console.quiet_console()
   pipeline.hide_accelerators_from_tensorflow()
+  distributed.cpu_alone_without_accelerators()  # no libtpu errors on a CPU machine
   distributed.initialize()
   options = flags.FLAGS
   visualize(options.config, options.workdir, queries=options.queries,

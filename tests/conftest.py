@@ -1,7 +1,44 @@
-"""Eight fake CPU devices for the sharding tests; set before JAX is first imported."""
+"""Eight fake CPU devices for the sharding tests, and one compilation cache for the session;
+both set before JAX is first imported."""
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # Tests run on the CPU, even on a GPU box.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+def _own_compilation_cache() -> str | None:
+  """JAX's persistent compilation cache in a folder this session makes and removes: tests
+  that build the same step (every `make_train_step` is a fresh closure, so JAX's in-memory
+  cache misses) and the programs they start in subprocesses compile it once. The pytest-xdist
+  workers and the subprocesses inherit the variable, so only the first process (the one the
+  command started) makes the folder. None when the cache was given from outside."""
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    return None
+  folder = tempfile.mkdtemp(prefix='msf_jax_test_jit_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = folder
+  return folder
+
+
+_CACHE = _own_compilation_cache()
+
+
+def pytest_unconfigure(config):
+  if _CACHE is not None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def sleeper():
+  """A live process that is not this one."""
+  process = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  yield process
+  process.kill()
+  process.wait()

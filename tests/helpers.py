@@ -1,13 +1,24 @@
-"""Tree comparisons and the pyproject reads shared by the tests (small configs and batches:
-msf_jax.testing)."""
+"""What several test modules share (no test module imports another, so a change to one file
+reaches only the files that use what changed here): tree comparisons, the pyproject reads,
+the few train steps, image folders, the notebook's cells, the training program's settings and
+multi-process runs. Small configs and batches: msf_jax.testing."""
 
+import io
+import json
 import os
+import socket
+import subprocess
 import tomllib
 
 import jax
 import numpy as np
+import pytest
+from PIL import Image
 
+from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_state, workdir_lock
 from msf_jax.testing import REPO
+
+STEPS_PER_EPOCH = 10
 
 
 def max_scaled_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -47,3 +58,129 @@ def pyproject() -> dict:
 def home() -> str:
   """The project's home, pyproject's Repository: every link to the project derives from it."""
   return pyproject()['project']['urls']['Repository']
+
+
+def run_steps(config, devices, batches, seed=0):
+  """`batches` (finished views) through a fresh state's train step on `devices`: the final
+  state and each step's metrics, on the host."""
+  mesh = make_mesh(devices)
+  state = put_state(create_state(config, jax.random.key(seed)), config, mesh)
+  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False)
+  metrics = []
+  for batch in batches:
+    state, step_metrics = train_step(state, put_batch(batch, mesh))
+    metrics.append(jax.device_get(step_metrics))
+  return jax.device_get(state), metrics
+
+
+def write_folder(root, split='train', classes=3, per_class=7, size=(40, 56), corrupt=0):
+  """root/split/class_k/*.jpg|png with distinct images; `corrupt` extra unreadable JPEGs."""
+  rng = np.random.default_rng(0)
+  for k in range(classes):
+    os.makedirs(os.path.join(root, split, f'class_{k}'), exist_ok=True)
+    for i in range(per_class):
+      image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+      fmt = 'PNG' if i % 2 else 'JPEG'
+      Image.fromarray(image).save(os.path.join(root, split, f'class_{k}', f'{i}.{fmt.lower()}'),
+                                  format=fmt)
+  for i in range(corrupt):
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, 'JPEG')
+    with open(os.path.join(root, split, 'class_0', f'broken_{i}.jpg'), 'wb') as f:
+      f.write(buffer.getvalue()[:200])  # a header, then nothing: undecodable
+  return str(root)
+
+
+def brute_force_votes(train, train_labels, queries, k, num_classes, weighted, temperature=0.07):
+  """Each query's kNN class scores by direct numpy: cosine similarity, the k nearest, one vote
+  each or exp(similarity / temperature)."""
+  train = train / np.linalg.norm(train, axis=1, keepdims=True)
+  queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+  similarity = queries @ train.T
+  index = np.argsort(-similarity, axis=1, kind='stable')[:, :k]
+  scores = np.zeros((len(queries), num_classes))
+  for q in range(len(queries)):
+    for i in index[q]:
+      scores[q, train_labels[i]] += np.exp(similarity[q, i] / temperature) if weighted else 1
+  return scores
+
+
+# --- The notebook ---------------------------------------------------------------------------
+
+NOTEBOOK = os.path.join(REPO, 'notebooks', 'msf_demo.ipynb')
+
+
+def load_notebook() -> dict:
+  with open(NOTEBOOK, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def code_sources(notebook: dict) -> list[str]:
+  return [''.join(cell['source']) for cell in notebook['cells'] if cell['cell_type'] == 'code']
+
+
+# --- The training program -------------------------------------------------------------------
+
+TRAIN_CONFIG = os.path.join(REPO, 'configs', 'digits_msf.py')
+
+
+def overrides(folder, **extra):
+  """`--config.` flags that train the digits config on a small image folder in seconds."""
+  settings = {'data.source': 'folder', 'data.root': folder, 'batch_size': 8,
+              'msf.bank_size': 32, 'num_epochs': 3, 'checkpoint.every_epochs': 4 / 3,
+              'log_every_epochs': 2 / 3, **extra}
+  return [f'--config.{k}={v}' for k, v in settings.items()]
+
+
+def write_lock(workdir, **holder):
+  """A workdir lock held by this process, or by the holder's fields given."""
+  os.makedirs(workdir, exist_ok=True)
+  me = workdir_lock.this_process()
+  record = {'host': me.host, 'pid': me.pid, 'job': '', 'heartbeat': me.heartbeat, **holder}
+  path = os.path.join(workdir, workdir_lock.LOCK_FILE)
+  with open(f'{path}.tmp', 'w') as f:  # whole or not at all, as a heartbeat thread reads it
+    json.dump(record, f)
+  os.replace(f'{path}.tmp', path)
+
+
+# --- Multi-process jobs ---------------------------------------------------------------------
+
+PROCESSES, DEVICES_PER_PROCESS = 2, 2
+JOB_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def skip_without_cpu_collectives() -> None:
+  from jax._src.lib import _jax
+  if not hasattr(_jax, 'make_gloo_tcp_collectives'):
+    pytest.skip('This jaxlib has no gloo: multi-process CPU collectives are unavailable.')
+
+
+def run_processes(commands: list[list[str]], before_waiting=lambda: None, extra_env=None,
+                  expected_status: int = 0):
+  """Starts one CPU process per command (2 devices each, `extra_env` added to the
+  environment), calls `before_waiting`, then waits for all of them (killing any left after
+  the timeout); returns its result and each process's output, having checked every exit
+  status."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
+         **(extra_env or {})}
+  processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for command in commands]
+  try:
+    result = before_waiting()
+    outputs = [process.communicate(timeout=JOB_TIMEOUT_S)[0] for process in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  for p, (process, output) in enumerate(zip(processes, outputs, strict=True)):
+    assert process.returncode == expected_status, (
+        f'process {p} exited {process.returncode}, not {expected_status}:\n{output[-5000:]}')
+  return result, outputs

@@ -41,6 +41,7 @@ def assert_levels(actual: np.ndarray, expected: np.ndarray, max_levels: float,
 # --- RandomResizedCrop ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # thousands of crops drawn, against torchvision
 def test_crop_windows_follow_torchvision_distribution():
   height, width, n = 375, 500, 3000
   windows = np.stack([augment.crop_window(tf.constant([7, i]), height, width).numpy()
@@ -141,6 +142,7 @@ def test_color_jitter_applies_each_examples_ops_in_its_order():
     np.testing.assert_allclose(got[b], expected[0], atol=1e-6)
 
 
+@pytest.mark.slow  # thousands of colour draws, against torchvision
 def test_strong_color_params_follow_torchvision_sampling():
   params = np.stack([augment.strong_color_params(tf.constant([5, i], tf.int64)).numpy()
                      for i in range(2000)])

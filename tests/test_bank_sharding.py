@@ -14,10 +14,8 @@ from msf_jax.testing import random_batch, small_config
 from msf_jax.train import bank_step_fn, make_train_step_fn
 from msf_jax.train_state import abstract_state, bank_layout, state_shardings
 
-from helpers import assert_trees_close
-from test_train_step import run_steps
+from helpers import STEPS_PER_EPOCH, assert_trees_close, run_steps
 
-STEPS_PER_EPOCH = 10
 # 8 devices hold 6 rows each; batches of 16 straddle shard boundaries (rows 0-15 end inside
 # shard 2, 16-31 inside shard 5) and the pointer wraps after three steps.
 BANK, BATCH, DEVICES = 48, 16, 8

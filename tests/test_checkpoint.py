@@ -29,6 +29,7 @@ def test_restore_of_an_empty_directory_is_none(tmp_path):
   assert Checkpointer(str(tmp_path)).restore(abstract) is None
 
 
+@pytest.mark.slow  # ResNet-18 steps on one and on eight devices
 def test_saved_state_restores_exactly_onto_eight_devices_and_trains_on(tmp_path):
   config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=16)
   one = make_mesh(jax.devices()[:1])

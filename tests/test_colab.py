@@ -14,8 +14,7 @@ import types
 
 import pytest
 
-from helpers import REPO, home, pyproject
-from test_notebook import code_sources, load_notebook
+from helpers import REPO, code_sources, home, load_notebook, pyproject
 
 NOTEBOOK_PATH = 'notebooks/msf_demo.ipynb'
 BADGE_IMAGE = 'https://colab.research.google.com/assets/colab-badge.svg'

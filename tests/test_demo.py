@@ -16,6 +16,7 @@ from msf_jax.evaluate import run
 from helpers import REPO
 
 DEMO_CONFIG = os.path.join(REPO, 'configs', 'demo.py')
+CHECK_README = os.path.join(REPO, 'scripts', 'check_readme_demo.py')
 
 
 def test_comparison_table_lists_each_metric_for_each_encoder():
@@ -75,3 +76,35 @@ def test_demo_trains_then_compares_with_a_random_encoder(tmp_path):
   evaluation = load_config(os.path.join(REPO, 'configs', 'eval.py'), 'digits')
   evaluation.checkpoint, evaluation.tasks = str(tmp_path), 'knn'
   assert run.evaluate(evaluation, str(tmp_path / 'eval_plain'))['knn/majority/k=1'] > 0.5
+
+
+def check_readme(tmp_path, demo_output: str, *args) -> subprocess.CompletedProcess:
+  """scripts/check_readme_demo.py on `demo_output` as the demo's console output."""
+  (tmp_path / 'demo.out').write_text(demo_output)
+  return subprocess.run([sys.executable, CHECK_README, str(tmp_path / 'demo.out'), *args],
+                        capture_output=True, text=True, timeout=60)
+
+
+def readme_text() -> str:
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    return f.read()
+
+
+def test_readme_check_passes_readmes_own_table_and_names_a_changed_digit(tmp_path):
+  readme = readme_text()
+  table = readme.split('## Try it: the offline demo')[1].split('```')[3]
+  assert table.lstrip().startswith('MSF on digits') and table.count('%') == 12
+  assert check_readme(tmp_path, readme).returncode == 0
+  first_row = next(line for line in table.splitlines() if line.startswith('knn/majority/k=1 '))
+  value = first_row.split()[1]
+  changed = f'{float(value[:-1]) - 0.1:.1f}%'
+  result = check_readme(tmp_path, readme.replace(first_row, first_row.replace(value, changed)))
+  assert result.returncode == 1
+  assert f'-{first_row}' in result.stderr and changed in result.stderr
+  assert check_readme(tmp_path, readme.replace(first_row, first_row.replace(value, changed)),
+                      '--tolerance=0.1').returncode == 0
+
+
+def test_readme_check_fails_without_a_table(tmp_path):
+  result = check_readme(tmp_path, 'Traceback (most recent call last):\n')
+  assert result.returncode == 1 and 'no results table' in result.stderr

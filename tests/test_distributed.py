@@ -5,7 +5,6 @@ each epoch's examples at most once between them; the training program as two pro
 
 import glob
 import os
-import socket
 import subprocess
 import sys
 
@@ -26,15 +25,22 @@ from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.sharding import replicated
 from msf_jax.train_state import abstract_state
 
-from distributed_worker import EPOCHS_READ, PROCESSES, global_batch, step_config
-from helpers import REPO, assert_trees_close
-from test_main import CONFIG as TRAIN_CONFIG, overrides as main_overrides
-from test_pipeline import write_folder
+from distributed_worker import EPOCHS_READ, global_batch, step_config
+from helpers import (
+  DEVICES_PER_PROCESS,
+  PROCESSES,
+  REPO,
+  TRAIN_CONFIG,
+  assert_trees_close,
+  free_port,
+  overrides as main_overrides,
+  run_processes,
+  skip_without_cpu_collectives,
+  write_folder,
+)
 
 WORKER = os.path.join(REPO, 'tests', 'distributed_worker.py')
-DEVICES_PER_PROCESS = 2
 FOLDER_IMAGES = 27  # one image per class, so a label names its image; 27 = 3 x 8 + 3
-JOB_TIMEOUT_S = 600
 SLURM = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[003-004]', 'SLURM_NTASKS': '2',
          'SLURM_PROCID': '1', 'SLURM_LOCALID': '0'}
 OMPI = {'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.96.0.1:34911'}
@@ -137,6 +143,63 @@ def test_forced_tpu_init_makes_a_cloud_tpu_vm(clean_env, tmp_path, monkeypatch):
   assert distributed._running_in_cloud_tpu_vm()
 
 
+@pytest.fixture
+def platforms_chosen(monkeypatch, clean_env, tmp_path):
+  """The jax_platforms `cpu_alone_without_accelerators` sets, on a machine of no TPU chip and
+  no GPU until a test adds them (under tmp_path) or sets JAX_PLATFORMS."""
+  chosen = []
+  monkeypatch.setattr(jax.config, 'update', lambda name, value: chosen.append((name, value)))
+  monkeypatch.delenv('JAX_PLATFORMS')  # conftest sets it
+  monkeypatch.setattr(distributed, '_PCI_DEVICES', str(tmp_path / 'pci'))
+  monkeypatch.setattr(distributed, '_GPU_DEVICE_FILES', (str(tmp_path / 'nvidia0'),))
+  return chosen
+
+
+def add_pci_device(root, vendor: str, device: str) -> None:
+  folder = root / 'pci' / f'0000:00:{len(list(root.glob("pci/*"))) + 4:02x}.0'
+  folder.mkdir(parents=True)
+  (folder / 'vendor').write_text(vendor + '\n')
+  (folder / 'device').write_text(device + '\n')
+
+
+def test_a_machine_without_accelerators_runs_jax_on_the_cpu_alone(platforms_chosen, tmp_path):
+  add_pci_device(tmp_path, *GVNIC)
+  assert distributed.cpu_alone_without_accelerators()
+  assert platforms_chosen == [('jax_platforms', 'cpu')]
+
+
+@pytest.mark.parametrize('machine', ['tpu chip', 'gpu', 'forced tpu', 'platforms given'])
+def test_an_accelerator_or_the_users_choice_keeps_jaxs_platforms(platforms_chosen, tmp_path,
+                                                                 monkeypatch, machine):
+  if machine == 'tpu chip':
+    add_pci_device(tmp_path, *V5E)
+  elif machine == 'gpu':
+    (tmp_path / 'nvidia0').write_text('')
+  elif machine == 'forced tpu':
+    monkeypatch.setenv('JAX_FORCE_TPU_INIT', '1')
+  else:
+    monkeypatch.setenv('JAX_PLATFORMS', 'cpu,tpu')
+  assert not distributed.cpu_alone_without_accelerators()
+  assert platforms_chosen == []
+
+
+def test_a_cpu_run_does_not_load_libtpu():
+  """What the function is for, in a process of its own without JAX_PLATFORMS: jax would load
+  libtpu (installed with the test requirements) and libtpu print its errors."""
+  if distributed._tpu_chips_attached() or any(map(os.path.exists, distributed._GPU_DEVICE_FILES)):
+    pytest.skip('This machine has an accelerator.')
+  if not os.path.exists('/proc/self/maps'):
+    pytest.skip('The loaded libraries are read from Linux\'s /proc/self/maps.')
+  code = ('from msf_jax import distributed; import jax; '
+          'assert distributed.cpu_alone_without_accelerators(); jax.devices(); '
+          "print('libtpu loaded:', 'libtpu' in open('/proc/self/maps').read())")
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.stdout.strip() == 'libtpu loaded: False', result.stdout + result.stderr
+  assert 'TPU' not in result.stderr, result.stderr
+
+
 def test_explicit_values_are_passed_on(joins):
   distributed.initialize('10.0.0.1:1234', 4, 3)
   assert joins == [('10.0.0.1:1234', 4, 3)]
@@ -154,6 +217,7 @@ def test_bad_or_half_given_values_are_clear_errors(joins, args, message):
   assert joins == []
 
 
+@pytest.mark.slow  # python -m msf_jax.main
 def test_main_rejects_half_given_flags_before_training(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'msf_jax.main', f'--config={REPO}/configs/digits_msf.py',
@@ -166,43 +230,6 @@ def test_main_rejects_half_given_flags_before_training(tmp_path):
 
 
 # --- A real two-process job -----------------------------------------------------------------
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def skip_without_cpu_collectives() -> None:
-  from jax._src.lib import _jax
-  if not hasattr(_jax, 'make_gloo_tcp_collectives'):
-    pytest.skip('This jaxlib has no gloo: multi-process CPU collectives are unavailable.')
-
-
-def run_processes(commands: list[list[str]], before_waiting=lambda: None, extra_env=None,
-                  expected_status: int = 0):
-  """Starts one CPU process per command (2 devices each, `extra_env` added to the
-  environment), calls `before_waiting`, then waits for all of them (killing any left after
-  the timeout); returns its result and each process's output, having checked every exit
-  status."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
-         **(extra_env or {})}
-  processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for command in commands]
-  try:
-    result = before_waiting()
-    outputs = [process.communicate(timeout=JOB_TIMEOUT_S)[0] for process in processes]
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-  for p, (process, output) in enumerate(zip(processes, outputs, strict=True)):
-    assert process.returncode == expected_status, (
-        f'process {p} exited {process.returncode}, not {expected_status}:\n{output[-5000:]}')
-  return result, outputs
 
 
 @pytest.fixture(scope='module')

@@ -27,8 +27,7 @@ from msf_jax.interop.backbones import load_encoder, random_encoder
 from msf_jax.models import backbone_only, build_networks
 from msf_jax.testing import small_config
 
-from helpers import REPO
-from test_distributed import PROCESSES, free_port, run_processes, skip_without_cpu_collectives
+from helpers import PROCESSES, REPO, free_port, run_processes, skip_without_cpu_collectives
 
 EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 WIDTH = 8  # first-stage channels: a ResNet-18 narrow enough for fast CPU tests
@@ -107,6 +106,7 @@ def test_official_checkpoint_exports_to_pth_and_safetensors_with_the_same_tensor
       np.testing.assert_array_equal(tensors[key], value, err_msg=key)
 
 
+@pytest.mark.slow  # each format's features of the digits
 @pytest.mark.parametrize('encoder', ['online', 'target'])
 def test_every_format_loads_the_same_encoder(tmp_path, state, workdir, images, encoder):
   expected = backbone_features(backbone_of(state, encoder), images)
@@ -167,6 +167,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, workdir):
     load_encoder(eval_config(checkpoint=workdir, checkpoint_format='safetensors'))
 
 
+@pytest.mark.slow  # feature extractions of the digits, cached and not
 def test_feature_cache_skips_the_forward_pass_and_misses_for_another_encoder(
     tmp_path, monkeypatch):
   config = eval_config()
@@ -225,6 +226,7 @@ def test_ctrl_c_during_feature_extraction_caches_nothing(tmp_path, monkeypatch):
   assert len(batches) == 2 and not (cache.exists() and os.listdir(cache))
 
 
+@pytest.mark.slow  # features and a linear probe of the 1,797 digits
 def test_evaluate_a_random_encoder_on_digits(tmp_path):
   config = eval_config(checkpoint_format='random', tasks='knn,linear_fast,linear', batch_size=32,
                        **{'data.max_examples': 96, 'linear.epochs': 3,
@@ -251,6 +253,7 @@ def test_evaluate_a_random_encoder_on_digits(tmp_path):
       tmp_path / 'projector_config.pbtxt').read_text()
 
 
+@pytest.mark.slow  # an evaluation of the digits
 def test_evaluate_records_the_step_of_an_msf_jax_checkpoint(tmp_path, workdir):
   config = eval_config(checkpoint=workdir, checkpoint_format='msf_jax', tasks='knn',
                        **{'data.max_examples': 24, 'knn.ks': (1, 3)})
@@ -260,6 +263,7 @@ def test_evaluate_records_the_step_of_an_msf_jax_checkpoint(tmp_path, workdir):
   assert set(results) == {f'knn/{vote}/k={k}' for vote in ('majority', 'weighted') for k in (1, 3)}
 
 
+@pytest.mark.slow  # TFDS mock datasets and a transfer run
 def test_transfer_reads_tfds_datasets_and_names_a_missing_one(tmp_path):
   config = eval_config(checkpoint_format='random', tasks='transfer', batch_size=16,
                        **{'transfer.datasets': 'cifar10', 'data.data_dir': str(tmp_path)})
@@ -306,6 +310,7 @@ def test_main_evaluates_in_evaluate_mode(tmp_path):
   assert set(record['results']) == KNN_KEYS
 
 
+@pytest.mark.slow  # python -m msf_jax.main, twice
 def test_main_names_a_wrong_format_and_a_misspelt_key(tmp_path):
   result = run_main(tmp_path, '--config.checkpoint_format=onnx')
   assert result.returncode == 1 and "got 'onnx'" in result.stderr, result.stderr[-3000:]

@@ -10,19 +10,7 @@ from msf_jax.evaluate.features import extract_features
 from msf_jax.evaluate.knn import knn_accuracy, knn_predict
 from msf_jax.testing import small_config
 
-from test_pipeline import write_folder
-
-
-def brute_force_votes(train, train_labels, queries, k, num_classes, weighted, temperature=0.07):
-  train = train / np.linalg.norm(train, axis=1, keepdims=True)
-  queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-  similarity = queries @ train.T
-  index = np.argsort(-similarity, axis=1, kind='stable')[:, :k]
-  scores = np.zeros((len(queries), num_classes))
-  for q in range(len(queries)):
-    for i in index[q]:
-      scores[q, train_labels[i]] += np.exp(similarity[q, i] / temperature) if weighted else 1
-  return scores
+from helpers import brute_force_votes, write_folder
 
 
 @pytest.mark.parametrize('k', [1, 5, 20])
@@ -69,6 +57,7 @@ def test_features_of_a_split_once_each_over_eight_devices(tmp_path):
   np.testing.assert_allclose(features, single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a ResNet-18 state and its kNN monitor over 8 devices
 def test_knn_monitor_finds_each_training_image_as_its_own_neighbour():
   from msf_jax.evaluate.monitor import KnnMonitor
   config = small_config(image_size=24, small_stem=True)

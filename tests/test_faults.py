@@ -20,32 +20,12 @@ from msf_jax.evaluate import run
 from msf_jax.interop import backbones
 from msf_jax.testing import small_config
 
-from helpers import REPO
-from test_pipeline import write_folder
+from helpers import REPO, write_folder, write_lock
 
 DIGITS = os.path.join(REPO, 'configs', 'digits_msf.py')
 
 
 # --- One run per workdir --------------------------------------------------------------------
-
-
-@pytest.fixture
-def sleeper():
-  """A live process that is not this one."""
-  process = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
-  yield process
-  process.kill()
-  process.wait()
-
-
-def write_lock(workdir, **holder):
-  os.makedirs(workdir, exist_ok=True)
-  me = workdir_lock.this_process()
-  record = {'host': me.host, 'pid': me.pid, 'job': '', 'heartbeat': me.heartbeat, **holder}
-  path = os.path.join(workdir, workdir_lock.LOCK_FILE)
-  with open(f'{path}.tmp', 'w') as f:  # whole or not at all, as a heartbeat thread reads it
-    json.dump(record, f)
-  os.replace(f'{path}.tmp', path)
 
 
 def read_lock(path):
@@ -168,6 +148,7 @@ def write_bytes(path, payload):
   return str(path)
 
 
+@pytest.mark.slow  # torch, and python -m msf_jax.interop
 def test_every_unreadable_torch_file_is_one_clear_sentence(tmp_path):
   torch = pytest.importorskip('torch', reason='torch files need PyTorch')
   cases = {
@@ -207,6 +188,7 @@ def test_unreadable_safetensors_are_clear_errors(tmp_path):
       backbones.backbone_state_dict(path, 'safetensors')
 
 
+@pytest.mark.slow  # a ResNet-18 state to create and save
 def test_an_msf_jax_checkpoint_with_nan_weights_is_refused(tmp_path):
   from msf_jax import create_state
   config = small_config(image_size=24, small_stem=True, bank_size=16)
@@ -265,6 +247,7 @@ def test_every_shipped_training_config_is_sound():
 # --- Undecodable images in evaluation -------------------------------------------------------
 
 
+@pytest.mark.slow  # an evaluation of an image folder
 def test_evaluation_counts_and_names_undecodable_images(tmp_path):
   root = write_folder(tmp_path / 'data', 'train', classes=2, per_class=4, size=(24, 24))
   write_folder(tmp_path / 'data', 'test', classes=2, per_class=3, size=(24, 24), corrupt=1)

@@ -57,6 +57,7 @@ def test_official_checkpoint_round_trips(tmp_path, reference, wrap):
       np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
+@pytest.mark.slow  # two ResNet-18 states created and converted both ways
 def test_narrow_model_round_trips_with_its_architecture():
   from msf_jax import create_state
   config = small_config(image_size=32, small_stem=True, bank_size=16)
@@ -132,6 +133,7 @@ def test_missing_and_mismatched_keys_are_clear_errors(tmp_path, reference):
     tc.official_state_dict({'state_dict': {'conv1.weight': torch.zeros(1)}})
 
 
+@pytest.mark.slow  # python -m msf_jax.interop, with torch
 def test_command_line_exports_a_backbone(tmp_path, reference):
   path = save(tmp_path / 'ckpt.pth.tar', reference.state_dict())
   out = tmp_path / 'backbone.pth'

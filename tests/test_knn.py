@@ -15,7 +15,7 @@ from msf_jax.evaluate.knn import (
   train_features_spec,
 )
 
-from test_evaluate import brute_force_votes
+from helpers import brute_force_votes
 
 
 def clustered(rng, num_classes, per_class, dim, noise):

@@ -16,7 +16,7 @@ from msf_jax.evaluate.linear_probe import (
 )
 from msf_jax.testing import small_config
 
-from test_pipeline import write_folder
+from helpers import write_folder
 
 
 def gaussian_clusters(rng, num_classes, per_class, dim, spread):

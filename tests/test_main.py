@@ -24,11 +24,15 @@ from msf_jax.sharding import make_mesh, replicated
 from msf_jax.train_loop import STREAM_METADATA
 from msf_jax.train_state import abstract_state
 
-from helpers import REPO, assert_trees_close
-from test_faults import sleeper, write_lock  # noqa: F401 (sleeper: a fixture)
-from test_pipeline import write_folder
+from helpers import (
+  REPO,
+  TRAIN_CONFIG as CONFIG,
+  assert_trees_close,
+  overrides,
+  write_folder,
+  write_lock,
+)
 
-CONFIG = os.path.join(REPO, 'configs', 'digits_msf.py')
 EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 
 
@@ -37,13 +41,6 @@ def folder(tmp_path_factory):
   """24 images and 2 undecodable files: 3 steps of 8 an epoch, a few images skipped."""
   return write_folder(tmp_path_factory.mktemp('images'), 'train', classes=2, per_class=12,
                       size=(30, 30), corrupt=2)
-
-
-def overrides(folder, **extra):
-  settings = {'data.source': 'folder', 'data.root': folder, 'batch_size': 8,
-              'msf.bank_size': 32, 'num_epochs': 3, 'checkpoint.every_epochs': 4 / 3,
-              'log_every_epochs': 2 / 3, **extra}
-  return [f'--config.{k}={v}' for k, v in settings.items()]
 
 
 def start(workdir, args, program=('-m', 'msf_jax.main'), env=None):
@@ -168,6 +165,7 @@ def test_ctrl_c_again_during_the_save_exits_at_once_keeping_the_checkpoint_befor
   assert code == 0 and ('Resuming at step 4' in output or 'Resuming at step 5' in output), output
 
 
+@pytest.mark.slow  # python -m msf_jax.main
 def test_misspelt_config_key_is_named(tmp_path):
   code, output = run(tmp_path, ['--config.msf.topkk=3'], timeout=120)
   assert code != 0 and 'topkk' in output
@@ -191,6 +189,8 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
   monkeypatch.setattr(main_module.pipeline, 'hide_accelerators_from_tensorflow',
                       lambda: calls.append('hide'))
   monkeypatch.setattr(main_module.distributed, 'initialize', lambda *args: calls.append('join'))
+  monkeypatch.setattr(main_module.distributed, 'cpu_alone_without_accelerators',
+                      lambda: calls.append('cpu'))
   monkeypatch.setattr(main_module.console, 'quiet_console', lambda: calls.append('quiet'))
   monkeypatch.setattr(main_module.console, 'log_to_file', lambda *args: calls.append('logs'))
   monkeypatch.setitem(main_module.MODES, 'train', lambda config, workdir: calls.append('train'))
@@ -199,7 +199,7 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
     main_module.main(['main'])
   finally:
     flags.FLAGS.unparse_flags()
-  assert calls == ['quiet', 'hide', 'join', 'logs', 'train']
+  assert calls == ['quiet', 'hide', 'cpu', 'join', 'logs', 'train']
 
 
 # --- A user's mistakes: one line each; a bug: its traceback ---------------------------------
@@ -275,9 +275,10 @@ def error_case(name, tmp_path, folder, holder):
 @pytest.mark.parametrize('case', ['config file', 'config key', 'config setting',
                                   'workdir cannot be created', 'workdir busy',
                                   'dataset missing', 'no checkpoint to evaluate',
-                                  'bank differs from the checkpoint'])
+                                  pytest.param('bank differs from the checkpoint',
+                                               marks=pytest.mark.slow)])  # saves a state
 def test_a_users_mistake_is_one_error_line_and_the_traceback_goes_to_the_log(
-    case, tmp_path, folder, sleeper, capfd):  # noqa: F811 (sleeper: the fixture imported)
+    case, tmp_path, folder, sleeper, capfd):
   args, words, logged = error_case(case, tmp_path, folder, sleeper)
   code, console = run_in_process(args, capfd)
   errors = [line for line in console.splitlines() if line.startswith('error: ')]
@@ -300,6 +301,7 @@ def test_the_traceback_of_a_users_mistake_is_shown_when_asked_for(tmp_path, fold
   assert console.rstrip().splitlines()[-1].startswith('error: The config cannot train')
 
 
+@pytest.mark.slow  # python -m msf_jax.main
 def test_a_bug_shows_its_traceback(tmp_path, folder):
   program = ['-c', 'import sys; from msf_jax import main\n'
              'def bug(config, workdir): raise RuntimeError("injected bug")\n'

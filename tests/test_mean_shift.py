@@ -8,7 +8,7 @@ import pytest
 from msf_jax import mean_shift
 from msf_jax.testing import random_batch, small_config
 
-from test_train_step import run_steps
+from helpers import run_steps
 
 
 def unit_rows(rng, n, d):

@@ -2,29 +2,18 @@
 
 import ast
 import base64
-import json
 import os
 import re
 import sys
 
 import pytest
 
-from helpers import REPO, home
+from helpers import NOTEBOOK, REPO, code_sources, home, load_notebook
 
-NOTEBOOK = os.path.join(REPO, 'notebooks', 'msf_demo.ipynb')
 INSTALL = 'pip install -r requirements.txt && pip install --no-deps -e .'
 EPOCHS_LINE = re.compile(r'^EPOCHS = \d+', re.MULTILINE)
 KNN_METRICS = {'knn/majority/k=1', 'knn/majority/k=20', 'knn/weighted/k=1', 'knn/weighted/k=20'}
 PROBE_METRICS = {'linear_probe/top1', 'linear_probe/top5'}
-
-
-def load_notebook() -> dict:
-  with open(NOTEBOOK, encoding='utf-8') as f:
-    return json.load(f)
-
-
-def code_sources(notebook: dict) -> list[str]:
-  return [''.join(cell['source']) for cell in notebook['cells'] if cell['cell_type'] == 'code']
 
 
 def test_notebook_is_clean_nbformat_4():

@@ -142,6 +142,7 @@ def optax_trace(state):
   return optax.tree_utils.tree_get(state.opt_state, 'trace')
 
 
+@pytest.mark.slow  # a ResNet-18 step at 96 px, in JAX and in torch
 def test_resnet18_one_step_float32(tmp_path):
   config = small_config(depth=18, image_size=96, batch_size=16, bank_size=64, topk=5)
   compare(*run_both(tmp_path, config, steps=1), rtol=1e-5, bias_atol=1e-7, grad_rtol=5e-5,

@@ -1,7 +1,6 @@
 """Sources and tf.data pipelines: determinism, per-host shares, padding, bad data."""
 
 import hashlib
-import io
 import os
 import shutil
 
@@ -14,23 +13,7 @@ from PIL import Image
 from msf_jax import make_mesh
 from msf_jax.data import pipeline, sources
 
-
-def write_folder(root, split='train', classes=3, per_class=7, size=(40, 56), corrupt=0):
-  """root/split/class_k/*.jpg|png with distinct images; `corrupt` extra unreadable JPEGs."""
-  rng = np.random.default_rng(0)
-  for k in range(classes):
-    os.makedirs(os.path.join(root, split, f'class_{k}'), exist_ok=True)
-    for i in range(per_class):
-      image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-      fmt = 'PNG' if i % 2 else 'JPEG'
-      Image.fromarray(image).save(os.path.join(root, split, f'class_{k}', f'{i}.{fmt.lower()}'),
-                                  format=fmt)
-  for i in range(corrupt):
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, 'JPEG')
-    with open(os.path.join(root, split, 'class_0', f'broken_{i}.jpg'), 'wb') as f:
-      f.write(buffer.getvalue()[:200])  # a header, then nothing: undecodable
-  return str(root)
+from helpers import write_folder
 
 
 def take(stream, n):

@@ -42,6 +42,7 @@ def test_slice_names_map_to_compiler_topologies(name, topology, chips, hosts):
   assert (tpu_slice.topology, tpu_slice.chips, tpu_slice.hosts) == (topology, chips, hosts)
 
 
+@pytest.mark.slow  # python -m msf_jax.plan
 def test_a_slice_it_does_not_know_is_one_error_line(tmp_path):
   """No traceback and nothing from TensorFlow on the console: the one line that says what
   the planner knows."""
@@ -114,6 +115,7 @@ runpy.run_module('msf_jax.plan', run_name='__main__', alter_sys=True)
 ''']
 
 
+@pytest.mark.slow  # python -m msf_jax.plan, twice
 def test_cpu_plan_runs_without_libtpu_and_is_cached(tmp_path):
   """cpu:N plans on XLA's host devices: memory by kind, FLOPs from XLA next to the
   architecture's, the gradient's all-reduce; a second identical call reads the cache.
@@ -149,6 +151,7 @@ def test_tpu_topology_without_libtpu_says_how_to_install_it(monkeypatch):
     slices.tpu_devices(parse_slice('v5e-8'))
 
 
+@pytest.mark.slow  # python -m msf_jax.plan
 @needs_libtpu
 def test_a_bank_that_cannot_fit_exits_1_with_one_sentence(tmp_path):
   """Refused before compiling (the state alone overflows a v5e chip's 16 GiB), with one
@@ -164,6 +167,7 @@ def test_a_bank_that_cannot_fit_exits_1_with_one_sentence(tmp_path):
   assert '--config.msf.bank_layout=sharded' in sentence and 'Fits: no' in result.stdout
 
 
+@pytest.mark.slow  # a step compiled for a TPU slice (libtpu)
 @needs_libtpu
 def test_a_sharded_bank_too_large_is_refused_with_the_bank_that_fits(monkeypatch):
   """200,000,000 rows of 128-d embeddings and labels (96 GiB), a quarter a chip: 24.2 GiB."""
@@ -247,6 +251,7 @@ def _knn_plan(topology: str, train_examples: int, monkeypatch, depth: int = 50) 
   return _plan_here(('knn',), topology, monkeypatch, train_examples, **{'model.depth': depth})
 
 
+@pytest.mark.slow  # a kNN program compiled for a TPU slice (libtpu)
 @needs_libtpu
 def test_the_knn_search_holds_a_share_of_the_train_features_and_gathers_no_more(monkeypatch):
   """100,000 train features of ResNet-18 (512 floats) over a v5e:2x2: a quarter a chip, the

@@ -6,8 +6,7 @@ import pytest
 
 from msf_jax import load_config, train_loop
 
-from helpers import REPO
-from test_pipeline import write_folder
+from helpers import REPO, write_folder
 
 
 def device_reads_by_step(monkeypatch, config, workdir):

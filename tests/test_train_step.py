@@ -25,22 +25,10 @@ from msf_jax.plan.compiled import equations
 from msf_jax.testing import random_batch, random_host_batch, small_config
 from msf_jax.train import make_train_step_fn, target_sources
 
-from helpers import REPO, assert_trees_close, relative_tree_error
-
-STEPS_PER_EPOCH = 10
+from helpers import REPO, STEPS_PER_EPOCH, assert_trees_close, relative_tree_error, run_steps
 
 
-def run_steps(config, devices, batches, seed=0):
-  mesh = make_mesh(devices)
-  state = put_state(create_state(config, jax.random.key(seed)), config, mesh)
-  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False)
-  metrics = []
-  for batch in batches:
-    state, step_metrics = train_step(state, put_batch(batch, mesh))
-    metrics.append(jax.device_get(step_metrics))
-  return jax.device_get(state), metrics
-
-
+@pytest.mark.slow  # two ResNet-18 steps at 96 px to compile
 def test_eight_devices_equal_one_device_float32():
   assert jax.device_count() >= 8, 'conftest.py sets 8 fake CPU devices'
   config = small_config(image_size=96, batch_size=16, bank_size=64)
@@ -103,6 +91,7 @@ def test_step_updates_bank_pointer_target_and_metrics():
   assert metrics[1]['purity_others'] <= metrics[1]['purity']
 
 
+@pytest.mark.slow  # a ResNet-18 step to compile
 def test_topk_ramp_starts_as_k_equals_one_and_reaches_k():
   """With every label distinct, the official purity is the share of the query's own row
   among the active neighbours: 1 when one neighbour counts, 1/5 when five do."""
@@ -134,6 +123,7 @@ def test_schedules():
     learning_rate_schedule(config, steps_per_epoch=10)
 
 
+@pytest.mark.slow  # a ResNet-18 step in bfloat16 to compile
 def test_bfloat16_compute_keeps_float32_parameters():
   config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=16)
   config.model.dtype = 'bfloat16'
@@ -291,6 +281,7 @@ def test_auto_compute_dtype_is_bfloat16_on_accelerators_only(monkeypatch, backen
   assert encoder.param_dtype == jnp.float32
 
 
+@pytest.mark.slow  # a ResNet-18 of width 16 created and applied
 def test_width_scales_every_stage_and_the_heads():
   from msf_jax.models import build_networks, feature_dim
   config = small_config(image_size=32, small_stem=True)
@@ -307,6 +298,7 @@ def test_width_scales_every_stage_and_the_heads():
   assert features.shape == (2, 128)
 
 
+@pytest.mark.slow  # two ResNet-18 steps to compile
 def test_fused_colour_stage_equals_finishing_the_views_first():
   """One device program (colour ops inside the step) against two (`color.finish_views`,
   then the step on finished views), on two devices."""
@@ -339,6 +331,7 @@ def assert_same_step(step, other, rtol=1e-6):
   assert metrics['purity'] == other_metrics['purity']
 
 
+@pytest.mark.slow  # a ResNet-18 step and the colour stage, three times
 def test_step_on_uint8_views_equals_the_step_on_their_float_levels():
   """The host ships uint8 views and the step converts them on the chip: the same views given
   as float32 k / 255 make the same step to float32 rounding, not bit for bit: XLA divides by
@@ -365,6 +358,7 @@ def test_step_on_uint8_views_equals_the_step_on_their_float_levels():
   assert relative_tree_error(wrong.bank.embeddings, from_uint8[0].bank.embeddings) > 1e-2
 
 
+@pytest.mark.slow  # a ResNet-18 step at README's size
 def test_the_readme_python_api_example_runs(monkeypatch):
   with open(os.path.join(REPO, 'README.md')) as f:
     example = f.read().split('## The Python API', 1)[1].split('```python', 1)[1].split('```')[0]

@@ -135,6 +135,7 @@ def test_spread_queries_takes_the_classes_in_turn():
   np.testing.assert_array_equal(vis.spread_queries(labels, 10), [0, 3, 5, 1, 4, 2])
 
 
+@pytest.mark.slow  # t-SNE
 def test_tsne_separates_clusters_and_plots_one_colour_a_class():
   rng = np.random.default_rng(0)
   centres = rng.standard_normal((3, 16)) * 10
@@ -203,6 +204,7 @@ def test_retrieval_grid_from_features_finds_each_query_first(split, config, mesh
     assert tuple(first[0, 0]) == vis.SAME_CLASS_COLOR
 
 
+@pytest.mark.slow  # the views grid and the digits' training stream
 def test_views_grid_from_config_shows_the_first_views_of_training(config, mesh):
   train = sources.take(sources.digits('train', config.image_size), 32)
   grid = vis.views_grid_from_config(config, mesh, train, count=3)

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from msf_jax import distributed
 from msf_jax.interop import backbones, torch_checkpoint as tc
 from msf_jax.models import init_encoder, init_predictor
 
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
                  help='step of an msf_jax checkpoint (default: the latest)')
   p.set_defaults(run=export_backbone)
   args = parser.parse_args(argv)
+  distributed.cpu_alone_without_accelerators()  # no libtpu errors on a CPU machine
   try:
     args.run(args)
   except (tc.CheckpointError, ImportError, FileNotFoundError) as e:
