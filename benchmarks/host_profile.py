@@ -1,0 +1,201 @@
+"""Where one host core's time goes in the two-view stage, and its rate before and after a
+change, side by side in one command.
+
+The profile builds `augment.two_views` up one part at a time, each a tf.data map on one
+thread over the same ImageNet-sized JPEGs (`input_benchmark.make_photos`: about 500x375,
+quality 90, from scikit-learn's photos): decoding, then the two crop windows' scalar ops,
+the two antialiased resizes (crop, resize, round to uint8), the flips, the colour
+parameters, then batching (64). Each part's share is the time it adds. All parts are timed
+in turns in one process pinned to one core, several rounds, medians.
+
+With `--repo`, `augment.two_views` of each checkout (this one first) is timed in turns, each
+run a fresh process pinned to the same core, and the rates' medians and paired ratios are
+printed:
+
+  python benchmarks/host_profile.py --samples 300 --runs 5
+  python benchmarks/host_profile.py --repo /path/to/old/checkout --samples 300 --runs 9
+"""
+
+import argparse
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 64
+
+
+def _stages(size: int) -> dict:
+  """Cumulative map functions (encoded, seed) -> tensors: each adds one part of two_views
+  to the one before, drawing its seeds as two_views does. Every stage returns what it made,
+  so that none of it is pruned."""
+  import tensorflow as tf
+
+  from msf_jax.data import augment
+
+  def split(seed, n):
+    return tf.unstack(tf.random.experimental.stateless_split(seed, n))
+
+  def view_seeds(seed):
+    """(crop seed, flip seed) of each view, as the w/s views split theirs."""
+    target_seed, online_seed = split(seed, 2)
+    online_crop_seed, _ = split(online_seed, 2)
+    return [split(target_seed, 2), split(online_crop_seed, 2)]
+
+  def windows(encoded, seed):
+    image = augment.decode(encoded)
+    shape = tf.shape(image)
+    return image, [augment.crop_window(crop, shape[0], shape[1]) for crop, _ in view_seeds(seed)]
+
+  def resized(encoded, seed):
+    image, boxes = windows(encoded, seed)
+    return [augment.resize(image[top:top + h, left:left + w], [size, size])
+            for top, left, h, w in map(tf.unstack, boxes)]
+
+  def flipped(encoded, seed):
+    return [augment.flip(view, flip) for view, (_, flip) in zip(resized(encoded, seed),
+                                                                view_seeds(seed), strict=True)]
+
+  def params(encoded, seed):
+    _, online_seed = split(seed, 2)
+    return flipped(encoded, seed), augment.strong_color_params(split(online_seed, 2)[1])
+
+  def two_views(encoded, seed):
+    return augment.two_views(encoded, seed, size)
+
+  return {'tf.data, reading the cached bytes': lambda encoded, seed: (encoded, seed),
+          'decoding (full decode_jpeg)': lambda encoded, seed: augment.decode(encoded),
+          'crop windows (2, scalar ops)': windows,
+          'crop + antialiased resize to uint8 (2)': resized,
+          'flips (2)': flipped,
+          'colour parameters': params,
+          'augment.two_views itself': two_views,
+          f'batching ({BATCH})': two_views}
+
+
+def _dataset(encoded: list[bytes], fn, batch: int):
+  import tensorflow as tf
+  files = tf.data.Dataset.from_tensor_slices(encoded).repeat()
+  seeds = tf.data.Dataset.range(10**9).map(lambda i: tf.stack([i, 0]))
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  options.experimental_optimization.map_fusion = False  # nothing of fn may be pruned
+  dataset = tf.data.Dataset.zip(files, seeds).map(fn)
+  return (dataset.batch(batch) if batch > 1 else dataset).with_options(options)
+
+
+def _rate(dataset, samples: int, batch: int) -> float:
+  """Samples a second through `dataset`, consumed inside TensorFlow (no Python step per
+  sample); the second of two calls, the first one traced."""
+  import tensorflow as tf
+  steps = max(1, samples // batch)
+  sink = dataset.map(lambda *x: tf.size(tf.nest.flatten(x)[0]))
+  count = tf.function(lambda: sink.take(steps).reduce(0, lambda n, size: n + 1))
+  count()
+  start = time.perf_counter()
+  count()
+  return steps * batch / (time.perf_counter() - start)
+
+
+def _read(folder: str) -> list[bytes]:
+  return [open(os.path.join(folder, f), 'rb').read() for f in sorted(os.listdir(folder))]
+
+
+def profile_child(encoded: list[bytes], samples: int, size: int) -> None:
+  """One round: every stage's rate in this process, printed as name<TAB>rate."""
+  import tensorflow as tf
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  for name, fn in _stages(size).items():
+    batch = BATCH if name.startswith('batching') else 1
+    print(f'{name}\t{_rate(_dataset(encoded, fn, batch), samples, batch)}')
+
+
+def rate_child(encoded: list[bytes], samples: int, size: int) -> None:
+  import tensorflow as tf
+
+  from msf_jax.data import augment
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  fn = lambda encoded, seed: augment.two_views(encoded, seed, size)
+  print(_rate(_dataset(encoded, fn, 1), samples, 1))
+
+
+def _child(which: str, folder: str, repo: str, args) -> list[str]:
+  env = {**os.environ, 'PYTHONPATH': repo, 'CUDA_VISIBLE_DEVICES': '',
+         'TF_CPP_MIN_LOG_LEVEL': '2'}
+  out = subprocess.run(['taskset', '-c', str(args.core), sys.executable, __file__, '--child',
+                        which, folder, '--samples', str(args.samples), '--size', str(args.size)],
+                       capture_output=True, text=True, check=True, env=env)
+  return out.stdout.strip().splitlines()
+
+
+def print_profile(rounds: list[list[str]]) -> None:
+  """Each part's added time is taken within a round (this VM's speed drifts between
+  rounds), then the median over rounds."""
+  timings = [{name: 1e6 / float(rate) for name, rate in (line.split('\t') for line in lines)}
+             for lines in rounds]
+  names = list(timings[0])
+  steps = [(names[0], None)] + [(name, before) for before, name in itertools.pairwise(names)
+                                if not name.startswith('augment')]
+  whole = 'augment.two_views itself'
+  total = statistics.median(t[whole] for t in timings)
+  print('| part | µs a sample (added; median of rounds) | share of the two-view sample |')
+  print('|---|---|---|')
+  for name, before in steps:
+    added = statistics.median(t[name] - (t[before] if before else 0.0) for t in timings)
+    print(f'| {name} | {added:.0f} | {100 * added / total:.1f}% |')
+  print(f'| augment.two_views, one sample ({1e6 / total:.1f}/s) | {total:.0f} | 100% |')
+  built = statistics.median(t[names[-3]] / t[whole] for t in timings)
+  print(f'| the parts built up, as a share of two_views\' own time | | {100 * built:.1f}% |')
+
+
+def print_rates(rates: dict[str, list[float]]) -> None:
+  first, *others = rates
+  print(f'runs: {rates}')
+  print('| checkout | two-view samples/s on one core (median) | '
+        'the first checkout\'s rate over this one\'s, paired: median (min-max) |')
+  print('|---|---|---|')
+  for repo in [first, *others]:
+    ratios = [a / b for a, b in zip(rates[first], rates[repo], strict=True)]
+    print(f'| {repo} | {statistics.median(rates[repo]):.1f} | '
+          f'{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |')
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('--images', type=int, default=64)
+  parser.add_argument('--samples', type=int, default=300)
+  parser.add_argument('--runs', type=int, default=5)
+  parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--core', type=int, default=0)
+  parser.add_argument('--repo', nargs='*', default=None,
+                      help='other checkouts: time two_views of each against this one')
+  parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    which, folder = args.child
+    {'profile': profile_child, 'rate': rate_child}[which](_read(folder), args.samples,
+                                                          args.size)
+    return
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  from input_benchmark import make_photos
+  folder = tempfile.mkdtemp()
+  make_photos(folder, args.images)
+  if args.repo is None:
+    print_profile([_child('profile', folder, REPO, args) for _ in range(args.runs)])
+    return
+  rates = {repo: [] for repo in [REPO, *args.repo]}
+  for _ in range(args.runs):
+    for repo, runs in rates.items():
+      runs.append(float(_child('rate', folder, repo, args)[-1]))
+  print_rates(rates)
+
+
+if __name__ == '__main__':
+  main()
