@@ -70,20 +70,48 @@ RESERVE_S = 45  # the least of the budget each part after the running one keeps
 PACKAGES = ('jax', 'jaxlib', 'flax', 'torch', 'tensorflow', 'tensorflow-cpu')  # versions
 
 FULL = {
-    'depth': 50, 'width': 64, 'small_stem': False, 'image_size': 224, 'batch_per_device': 256,
-    'bank_size': 1_024_000, 'topk': 5, 'bank_chunk_size': None,  # None: the config's
-    'compute_dtype': 'bfloat16', 'warmup_steps': 5, 'timed_steps': 20, 'accelerator': True,
-    'matmul_size': 8192, 'matmul_chain': 16, 'matmul_runs': 10,
-    'torch_device': 'cuda', 'torch_width': 64,
-    'pipeline_photos': 64, 'pipeline_warmup_batches': 5, 'pipeline_timed_batches': 20,
+  'depth': 50,
+  'width': 64,
+  'small_stem': False,
+  'image_size': 224,
+  'batch_per_device': 256,
+  'bank_size': 1_024_000,
+  'topk': 5,
+  'bank_chunk_size': None,  # None: the config's
+  'compute_dtype': 'bfloat16',
+  'warmup_steps': 5,
+  'timed_steps': 20,
+  'accelerator': True,
+  'matmul_size': 8192,
+  'matmul_chain': 16,
+  'matmul_runs': 10,
+  'torch_device': 'cuda',
+  'torch_width': 64,
+  'pipeline_photos': 64,
+  'pipeline_warmup_batches': 5,
+  'pipeline_timed_batches': 20,
 }
 TINY = {
-    'depth': 18, 'width': 8, 'small_stem': True, 'image_size': 32, 'batch_per_device': 8,
-    'bank_size': 64, 'topk': 5, 'bank_chunk_size': 0,
-    'compute_dtype': 'float32', 'warmup_steps': 1, 'timed_steps': 2, 'accelerator': False,
-    'matmul_size': 1024, 'matmul_chain': 4, 'matmul_runs': 5,
-    'torch_device': 'cpu', 'torch_width': 64,
-    'pipeline_photos': 8, 'pipeline_warmup_batches': 2, 'pipeline_timed_batches': 4,
+  'depth': 18,
+  'width': 8,
+  'small_stem': True,
+  'image_size': 32,
+  'batch_per_device': 8,
+  'bank_size': 64,
+  'topk': 5,
+  'bank_chunk_size': 0,
+  'compute_dtype': 'float32',
+  'warmup_steps': 1,
+  'timed_steps': 2,
+  'accelerator': False,
+  'matmul_size': 1024,
+  'matmul_chain': 4,
+  'matmul_runs': 5,
+  'torch_device': 'cpu',
+  'torch_width': 64,
+  'pipeline_photos': 8,
+  'pipeline_warmup_batches': 2,
+  'pipeline_timed_batches': 4,
 }
 
 
@@ -94,6 +122,7 @@ def resnet_forward_macs(depth: int, width: int, image_size: int, small_stem: boo
   """Multiply-accumulates of one image through a torchvision-layout ResNet's convolutions
   (BatchNorm, ReLU, pooling and the residual adds are well under 1% of them)."""
   from msf_jax.models.resnet import BOTTLENECK_DEPTHS, STAGE_SIZES
+
   bottleneck = depth in BOTTLENECK_DEPTHS
   size = image_size if small_stem else -(-image_size // 2)  # every stride 2 here: ceil(n/2)
   macs = size * size * 3 * width * (9 if small_stem else 49)
@@ -115,17 +144,22 @@ def resnet_forward_macs(depth: int, width: int, image_size: int, small_stem: boo
   return macs
 
 
-def msf_model_flops(depth: int, width: int, image_size: int, small_stem: bool,
-                    bank_size: int) -> dict:
+def msf_model_flops(
+  depth: int, width: int, image_size: int, small_stem: bool, bank_size: int
+) -> dict:
   """FLOP of one image of an MSF step, by part: the online encoder and predictor forward and
   backward (3 forwards), the target encoder forward, and the target's product with the bank."""
   from msf_jax.models.resnet import feature_dim
+
   feature = feature_dim(depth, width)
   projector = feature * 2 * feature + 2 * feature * feature // 4  # F -> 2F -> F/4
   predictor = feature // 4 * 2 * feature + 2 * feature * feature // 4  # F/4 -> 2F -> F/4
   backbone = resnet_forward_macs(depth, width, image_size, small_stem)
-  parts = {'online_macs': 3 * (backbone + projector + predictor),
-           'target_macs': backbone + projector, 'bank_search_macs': bank_size * feature // 4}
+  parts = {
+    'online_macs': 3 * (backbone + projector + predictor),
+    'target_macs': backbone + projector,
+    'bank_search_macs': bank_size * feature // 4,
+  }
   return {**parts, 'backbone_forward_macs': backbone, 'flops': 2 * sum(parts.values())}
 
 
@@ -133,8 +167,13 @@ def spread(times: list[float]) -> dict:
   """Median, extremes and interquartile range of step times (inclusive quartiles, so that
   two timed steps give a range inside them)."""
   q1, _, q3 = statistics.quantiles(times, n=4, method='inclusive')
-  return {'times_s': times, 'median_s': statistics.median(times), 'min_s': min(times),
-          'max_s': max(times), 'iqr_s': q3 - q1}
+  return {
+    'times_s': times,
+    'median_s': statistics.median(times),
+    'min_s': min(times),
+    'max_s': max(times),
+    'iqr_s': q3 - q1,
+  }
 
 
 # --- Parts, each in its own process ------------------------------------------------------------
@@ -143,16 +182,22 @@ def spread(times: list[float]) -> dict:
 def device_info(settings: dict) -> dict:
   """The devices JAX runs on; at full size, a CPU backend ends the part (hours, not minutes)."""
   import jax
+
   if settings['accelerator'] and jax.default_backend() == 'cpu':
     sys.exit('JAX sees no accelerator (backend cpu); --tiny is the CPU run')
-  return {'device_kind': jax.devices()[0].device_kind, 'device_count': jax.local_device_count(),
-          'platform': jax.default_backend(), 'jax': jax.__version__}
+  return {
+    'device_kind': jax.devices()[0].device_kind,
+    'device_count': jax.local_device_count(),
+    'platform': jax.default_backend(),
+    'jax': jax.__version__,
+  }
 
 
 def measure_matmul_peak(settings: dict) -> dict:
   """FLOP/s of a jitted chain of square matrix products on the first device."""
   import jax
   import numpy as np
+
   info = device_info(settings)
   n, chain, dtype = settings['matmul_size'], settings['matmul_chain'], settings['compute_dtype']
   x_key, w_key = jax.random.split(jax.random.key(0))
@@ -173,13 +218,21 @@ def measure_matmul_peak(settings: dict) -> dict:
     jax.block_until_ready(products(x, w))
     times.append(time.perf_counter() - start)
   flop = 2 * n**3 * chain
-  return {**info, **spread(times), 'dtype': dtype, 'size': n, 'chain': chain,
-          'flop_per_run': flop, 'flops_per_s': flop / statistics.median(times)}
+  return {
+    **info,
+    **spread(times),
+    'dtype': dtype,
+    'size': n,
+    'chain': chain,
+    'flop_per_run': flop,
+    'flops_per_s': flop / statistics.median(times),
+  }
 
 
 def msf_jax_config(settings: dict, device_count: int) -> 'ml_collections.ConfigDict':
   """The ImageNet config at the benchmark's size, global batch over `device_count`."""
   from msf_jax import load_config
+
   config = load_config(os.path.join(REPO, 'configs', 'imagenet_msf.py'))
   config.model.depth, config.model.width = settings['depth'], settings['width']
   config.model.small_stem, config.model.dtype = settings['small_stem'], settings['compute_dtype']
@@ -194,12 +247,15 @@ def msf_jax_config(settings: dict, device_count: int) -> 'ml_collections.ConfigD
 def peak_memory(compiled: 'jax.stages.Compiled') -> tuple[int, str]:
   """(bytes, where from): the device allocator's peak, else XLA's estimate of the step."""
   import jax
+
   stats = jax.local_devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     return stats['peak_bytes_in_use'], 'device peak_bytes_in_use'
   analysis = compiled.memory_analysis()
-  return (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes,
-          'XLA memory_analysis temp + arguments')
+  return (
+    analysis.temp_size_in_bytes + analysis.argument_size_in_bytes,
+    'XLA memory_analysis temp + arguments',
+  )
 
 
 def xla_flops(compiled: 'jax.stages.Compiled') -> float | None:
@@ -216,6 +272,7 @@ def measure_msf_jax(settings: dict) -> dict:
 
   import msf_jax
   from msf_jax.testing import random_host_batch
+
   info = device_info(settings)
   devices = jax.local_devices()
   config = msf_jax_config(settings, len(devices))
@@ -224,8 +281,9 @@ def measure_msf_jax(settings: dict) -> dict:
   create_state = jax.jit(functools.partial(msf_jax.create_state, config))
   state = msf_jax.put_state(create_state(jax.random.key(0)), config, mesh)
   batch = msf_jax.put_batch(random_host_batch(np.random.default_rng(0), config), mesh)
-  train_step = msf_jax.make_train_step(config, mesh, IMAGENET_TRAIN_IMAGES // config.batch_size,
-                                       donate=True)
+  train_step = msf_jax.make_train_step(
+    config, mesh, IMAGENET_TRAIN_IMAGES // config.batch_size, donate=True
+  )
   start = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -235,11 +293,18 @@ def measure_msf_jax(settings: dict) -> dict:
     state, metrics = jax.block_until_ready(compiled(state, batch))
     times.append(time.perf_counter() - start)
   memory, memory_source = peak_memory(compiled)
-  return {**info, **spread(times[settings['warmup_steps']:]),
-          'warmup_times_s': times[:settings['warmup_steps']], 'compile_s': compile_s,
-          'global_batch': config.batch_size, 'xla_flops_per_step_per_device': xla_flops(compiled),
-          'peak_memory_bytes': memory, 'memory_source': memory_source,
-          'last_loss': float(metrics['loss']), 'config': config.to_dict()}
+  return {
+    **info,
+    **spread(times[settings['warmup_steps'] :]),
+    'warmup_times_s': times[: settings['warmup_steps']],
+    'compile_s': compile_s,
+    'global_batch': config.batch_size,
+    'xla_flops_per_step_per_device': xla_flops(compiled),
+    'peak_memory_bytes': memory,
+    'memory_source': memory_source,
+    'last_loss': float(metrics['loss']),
+    'config': config.to_dict(),
+  }
 
 
 def measure_bank_search(settings: dict) -> dict:
@@ -250,18 +315,25 @@ def measure_bank_search(settings: dict) -> dict:
 
   from msf_jax import mean_shift
   from msf_jax.models.resnet import feature_dim
+
   info = device_info(settings)
   config = msf_jax_config(settings, 1)
   dim = feature_dim(settings['depth'], settings['width']) // 4  # the projection's width
   bank = mean_shift.init_bank(jax.random.key(0), config.msf.bank_size, dim).embeddings
-  queries = bank[-settings['batch_per_device']:]
+  queries = bank[-settings['batch_per_device'] :]
   candidates = min(config.msf.bank_search_candidates, config.msf.bank_size // 2)
   k = max(config.msf.topk, 2)  # as the step searches
   found, timings = {}, {}
   for dtype in mean_shift.SEARCH_DTYPES:
-    search = jax.jit(functools.partial(
-        mean_shift.nearest_neighbors, k=k, chunk_size=config.msf.bank_chunk_size,
-        search_dtype=dtype, candidates=candidates))
+    search = jax.jit(
+      functools.partial(
+        mean_shift.nearest_neighbors,
+        k=k,
+        chunk_size=config.msf.bank_chunk_size,
+        search_dtype=dtype,
+        candidates=candidates,
+      )
+    )
     found[dtype] = np.asarray(search(queries, bank))
     times = []
     for _ in range(settings['matmul_runs']):
@@ -270,10 +342,18 @@ def measure_bank_search(settings: dict) -> dict:
       times.append(time.perf_counter() - start)
     timings[dtype] = spread(times)
   same = np.mean(np.all(found['float32'] == found['bfloat16'], axis=1))
-  return {**info, 'float32': timings['float32'], 'bfloat16': timings['bfloat16'],
-          'queries': len(queries), 'rows': config.msf.bank_size, 'dim': dim, 'k': k,
-          'chunk_size': config.msf.bank_chunk_size, 'candidates': candidates,
-          'same_neighbours': float(same)}
+  return {
+    **info,
+    'float32': timings['float32'],
+    'bfloat16': timings['bfloat16'],
+    'queries': len(queries),
+    'rows': config.msf.bank_size,
+    'dim': dim,
+    'k': k,
+    'chunk_size': config.msf.bank_chunk_size,
+    'candidates': candidates,
+    'same_neighbours': float(same),
+  }
 
 
 def load_torch_reference() -> types.ModuleType:
@@ -288,6 +368,7 @@ def load_torch_reference() -> types.ModuleType:
 
 def measure_torch(settings: dict, autocast: bool) -> dict:
   import torch
+
   reference = load_torch_reference()
   device = torch.device(settings['torch_device'])
   if device.type == 'cuda' and not torch.cuda.is_available():
@@ -296,14 +377,19 @@ def measure_torch(settings: dict, autocast: bool) -> dict:
   torch.backends.cudnn.benchmark = True  # as the official train_msf.py
   torch.manual_seed(0)
   batch, size = settings['batch_per_device'], settings['image_size']
-  model = reference.MeanShift(settings['depth'], mem_bank_size=settings['bank_size'],
-                              topk=settings['topk'], small_stem=settings['small_stem']).to(device)
+  model = reference.MeanShift(
+    settings['depth'],
+    mem_bank_size=settings['bank_size'],
+    topk=settings['topk'],
+    small_stem=settings['small_stem'],
+  ).to(device)
   optimizer = reference.make_optimizer(model, 0.05 * batch / 256)
   im_q, im_t = (torch.randn(batch, 3, size, size, device=device) for _ in range(2))
   labels = torch.randint(0, 4, (batch,), device=device)
   # Around the whole iteration: backward ops take the forward's dtypes anyway, SGD none.
-  precision = lambda: (torch.autocast(device.type, dtype=torch.bfloat16) if autocast
-                       else contextlib.nullcontext())
+  precision = lambda: (
+    torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+  )
   synchronize = torch.cuda.synchronize if cuda else lambda: None
   times = []
   for _ in range(settings['warmup_steps'] + settings['timed_steps']):
@@ -313,21 +399,27 @@ def measure_torch(settings: dict, autocast: bool) -> dict:
       loss, _ = reference.train_iteration(model, optimizer, im_q, im_t, labels)
     synchronize()
     times.append(time.perf_counter() - start)
-  return {**spread(times[settings['warmup_steps']:]),
-          'warmup_times_s': times[:settings['warmup_steps']], 'torch': torch.__version__,
-          'device': torch.cuda.get_device_name() if cuda else 'cpu', 'batch': batch,
-          'width': settings['torch_width'], 'precision': 'bf16 autocast' if autocast else 'fp32',
-          'cudnn_allow_tf32': torch.backends.cudnn.allow_tf32,
-          'matmul_allow_tf32': torch.backends.cuda.matmul.allow_tf32,
-          'peak_memory_bytes': torch.cuda.max_memory_allocated() if cuda else None,
-          'memory_source': 'torch.cuda.max_memory_allocated' if cuda else 'not tracked on CPU',
-          'last_loss': loss}
+  return {
+    **spread(times[settings['warmup_steps'] :]),
+    'warmup_times_s': times[: settings['warmup_steps']],
+    'torch': torch.__version__,
+    'device': torch.cuda.get_device_name() if cuda else 'cpu',
+    'batch': batch,
+    'width': settings['torch_width'],
+    'precision': 'bf16 autocast' if autocast else 'fp32',
+    'cudnn_allow_tf32': torch.backends.cudnn.allow_tf32,
+    'matmul_allow_tf32': torch.backends.cuda.matmul.allow_tf32,
+    'peak_memory_bytes': torch.cuda.max_memory_allocated() if cuda else None,
+    'memory_source': 'torch.cuda.max_memory_allocated' if cuda else 'not tracked on CPU',
+    'last_loss': loss,
+  }
 
 
 def write_image_folder(root: str, num_files: int, num_photos: int, num_classes: int = 10) -> None:
   """root/train/class_<k>/<i>.jpg: `num_photos` ImageNet-like JPEGs (input_benchmark's),
   hard-linked over and over up to `num_files`; a repeated file costs a full decode again."""
   from input_benchmark import make_photos
+
   photos = make_photos(tempfile.mkdtemp(dir=root), num_photos)
   for i in range(num_files):
     folder = os.path.join(root, 'train', f'class_{i % num_classes}')
@@ -338,6 +430,7 @@ def write_image_folder(root: str, num_files: int, num_photos: int, num_classes: 
 def measure_pipeline(settings: dict, global_batch: int) -> dict:
   from msf_jax import load_config
   from msf_jax.data import pipeline, sources
+
   pipeline.hide_accelerators_from_tensorflow()
   size = settings['image_size']
   with tempfile.TemporaryDirectory() as root:
@@ -354,9 +447,15 @@ def measure_pipeline(settings: dict, global_batch: int) -> dict:
       next(stream)
     elapsed = time.perf_counter() - start
   samples = settings['pipeline_timed_batches'] * global_batch
-  return {'samples_per_s': samples / elapsed, 'timed_samples': samples, 'seconds': elapsed,
-          'global_batch': global_batch, 'image_size': size, 'files': num_files,
-          'cpu_cores': len(os.sched_getaffinity(0))}
+  return {
+    'samples_per_s': samples / elapsed,
+    'timed_samples': samples,
+    'seconds': elapsed,
+    'global_batch': global_batch,
+    'image_size': size,
+    'files': num_files,
+    'cpu_cores': len(os.sched_getaffinity(0)),
+  }
 
 
 def run_part(settings: dict, part: str, global_batch: int) -> dict:
@@ -384,12 +483,24 @@ def part_environment(part: str, tiny: bool) -> dict:
 
 def spawn(part: str, args, global_batch: int, timeout: float) -> dict:
   """One part in a fresh process: its JSON, or why it was not measured."""
-  command = [sys.executable, __file__, '--part', part, '--global-batch', str(global_batch),
-             *(['--tiny'] if args.tiny else [])]
+  command = [
+    sys.executable,
+    __file__,
+    '--part',
+    part,
+    '--global-batch',
+    str(global_batch),
+    *(['--tiny'] if args.tiny else []),
+  ]
   start = time.perf_counter()
   try:
-    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                         env=part_environment(part, args.tiny))
+    out = subprocess.run(
+      command,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env=part_environment(part, args.tiny),
+    )
   except subprocess.TimeoutExpired:
     return {'measured': False, 'reason': f'timed out after {timeout:.0f} s', 'wall_s': timeout}
   wall_s = time.perf_counter() - start
@@ -410,11 +521,20 @@ def derive(results: dict, settings: dict) -> None:
   """Rates, model FLOP, MFU and ratios, added to the parts' results in place."""
   peak = results['matmul_peak'].get('flops_per_s')
   step = results['msf_jax']
-  jax_model = msf_model_flops(settings['depth'], settings['width'], settings['image_size'],
-                              settings['small_stem'], settings['bank_size'])
-  torch_model = msf_model_flops(settings['depth'], settings['torch_width'],
-                                settings['image_size'], settings['small_stem'],
-                                settings['bank_size'])
+  jax_model = msf_model_flops(
+    settings['depth'],
+    settings['width'],
+    settings['image_size'],
+    settings['small_stem'],
+    settings['bank_size'],
+  )
+  torch_model = msf_model_flops(
+    settings['depth'],
+    settings['torch_width'],
+    settings['image_size'],
+    settings['small_stem'],
+    settings['bank_size'],
+  )
   per_device_flops = settings['batch_per_device'] * jax_model['flops']
   if step['measured']:
     step['images_per_s'] = step['global_batch'] / step['median_s']
@@ -434,8 +554,11 @@ def derive(results: dict, settings: dict) -> None:
     row['model_flops_per_step'] = row['batch'] * torch_model['flops']
     row['mfu'] = row['model_flops_per_step'] / row['median_s'] / peak if peak else None
     same_model = settings['torch_width'] == settings['width']
-    row['msf_jax_over_this'] = (step['images_per_s_per_device'] / row['images_per_s']
-                                if step['measured'] and same_model else None)
+    row['msf_jax_over_this'] = (
+      step['images_per_s_per_device'] / row['images_per_s']
+      if step['measured'] and same_model
+      else None
+    )
   search = results['bank_search']
   if search['measured']:
     search['bfloat16_speedup'] = search['float32']['median_s'] / search['bfloat16']['median_s']
@@ -460,8 +583,7 @@ def binary(size: int | None, source: str) -> str:
 
 def step_cells(row: dict) -> str:
   ms = lambda s: f'{1e3 * s:.1f}'
-  return (f"{ms(row['median_s'])} ({ms(row['min_s'])}-{ms(row['max_s'])}; "
-          f"IQR {ms(row['iqr_s'])})")
+  return f'{ms(row["median_s"])} ({ms(row["min_s"])}-{ms(row["max_s"])}; IQR {ms(row["iqr_s"])})'
 
 
 def optional(value: float | None, fmt: str) -> str:
@@ -473,25 +595,31 @@ def table(results: dict, settings: dict) -> list[str]:
   step, peak, data = results['msf_jax'], results['matmul_peak'], results['pipeline']
   devices = step.get('device_count') or peak.get('device_count') or 1
   stem = ', small stem' if s['small_stem'] else ''
-  model = lambda width: f"ResNet-{s['depth']} w{width}{stem}, {s['image_size']} px"
+  model = lambda width: f'ResNet-{s["depth"]} w{width}{stem}, {s["image_size"]} px'
   names = {
-      'msf_jax': (f"msf_jax step ({model(s['width'])}, {s['compute_dtype']}, "
-                  f"{s['batch_per_device']}/device x {devices}, bank {s['bank_size']:,}, "
-                  f"k {s['topk']}, colour aug inside)"),
-      'torch_fp32': f"PyTorch official step, fp32 ({model(s['torch_width'])}, "
-                    f"batch {s['batch_per_device']}, one device)",
-      'torch_bf16': f"PyTorch official step, autocast bf16 ({model(s['torch_width'])}, "
-                    f"batch {s['batch_per_device']}, one device)",
-      'matmul_peak': f"matmul peak ({s['compute_dtype']} {s['matmul_size']}^3 x "
-                     f"{s['matmul_chain']}, device 0)",
-      'bank_search': (f"bank search alone ({s['batch_per_device']} queries x "
-                      f"{s['bank_size']:,} rows, float32 / bfloat16 re-scored)"),
-      'pipeline': f"input pipeline (tf.data two views, {s['image_size']} px, "
-                  f"{data.get('cpu_cores', os.cpu_count())} CPU cores)",
+    'msf_jax': (
+      f'msf_jax step ({model(s["width"])}, {s["compute_dtype"]}, '
+      f'{s["batch_per_device"]}/device x {devices}, bank {s["bank_size"]:,}, '
+      f'k {s["topk"]}, colour aug inside)'
+    ),
+    'torch_fp32': f'PyTorch official step, fp32 ({model(s["torch_width"])}, '
+    f'batch {s["batch_per_device"]}, one device)',
+    'torch_bf16': f'PyTorch official step, autocast bf16 ({model(s["torch_width"])}, '
+    f'batch {s["batch_per_device"]}, one device)',
+    'matmul_peak': f'matmul peak ({s["compute_dtype"]} {s["matmul_size"]}^3 x '
+    f'{s["matmul_chain"]}, device 0)',
+    'bank_search': (
+      f'bank search alone ({s["batch_per_device"]} queries x '
+      f'{s["bank_size"]:,} rows, float32 / bfloat16 re-scored)'
+    ),
+    'pipeline': f'input pipeline (tf.data two views, {s["image_size"]} px, '
+    f'{data.get("cpu_cores", os.cpu_count())} CPU cores)',
   }
-  lines = ['| measured | rate | step ms: median (min-max; IQR) | peak memory | '
-           'model / XLA FLOP per step per device | MFU (XLA) | vs msf_jax step |',
-           '|---|---|---|---|---|---|---|']
+  lines = [
+    '| measured | rate | step ms: median (min-max; IQR) | peak memory | '
+    'model / XLA FLOP per step per device | MFU (XLA) | vs msf_jax step |',
+    '|---|---|---|---|---|---|---|',
+  ]
   for part in PARTS:
     row = results[part]
     if not row['measured']:
@@ -500,45 +628,63 @@ def table(results: dict, settings: dict) -> list[str]:
     elif part == 'msf_jax':
       xla = row['xla_flops_per_step_per_device']
       lines.append(
-          f"| {names[part]} | {row['images_per_s']:,.1f} img/s | {step_cells(row)} | "
-          f"{binary(row['peak_memory_bytes'], row['memory_source'])} | "
-          f"{si(row['model_flops_per_step_per_device'], 'FLOP')} / "
-          f"{si(xla, 'FLOP') if xla else '—'} | {optional(row.get('mfu'), '.3f')} "
-          f"({optional(row.get('mfu_xla'), '.3f')}) | 1.00 |")
+        f'| {names[part]} | {row["images_per_s"]:,.1f} img/s | {step_cells(row)} | '
+        f'{binary(row["peak_memory_bytes"], row["memory_source"])} | '
+        f'{si(row["model_flops_per_step_per_device"], "FLOP")} / '
+        f'{si(xla, "FLOP") if xla else "—"} | {optional(row.get("mfu"), ".3f")} '
+        f'({optional(row.get("mfu_xla"), ".3f")}) | 1.00 |'
+      )
     elif part.startswith('torch'):
       ratio = row['msf_jax_over_this']
-      versus = (f'msf_jax/this: {ratio:.2f}' if ratio else
-                'no ratio: other width' if s['torch_width'] != s['width'] else '—')
+      versus = (
+        f'msf_jax/this: {ratio:.2f}'
+        if ratio
+        else 'no ratio: other width'
+        if s['torch_width'] != s['width']
+        else '—'
+      )
       lines.append(
-          f"| {names[part]} | {row['images_per_s']:,.1f} img/s | {step_cells(row)} | "
-          f"{binary(row['peak_memory_bytes'], row['memory_source'])} | "
-          f"{si(row['model_flops_per_step'], 'FLOP')} / — | {optional(row['mfu'], '.3f')} | "
-          f"{versus} |")
+        f'| {names[part]} | {row["images_per_s"]:,.1f} img/s | {step_cells(row)} | '
+        f'{binary(row["peak_memory_bytes"], row["memory_source"])} | '
+        f'{si(row["model_flops_per_step"], "FLOP")} / — | {optional(row["mfu"], ".3f")} | '
+        f'{versus} |'
+      )
     elif part == 'bank_search':
-      ms = lambda timing: f"{1e3 * timing['median_s']:.2f}"
-      lines.append(f"| {names[part]} | {ms(row['float32'])} / {ms(row['bfloat16'])} ms | "
-                   f"{step_cells(row['bfloat16'])} (bfloat16) | — | — | — | bfloat16 "
-                   f"{row['bfloat16_speedup']:.2f}x faster, same neighbours for "
-                   f"{100 * row['same_neighbours']:.1f}% |")
+      ms = lambda timing: f'{1e3 * timing["median_s"]:.2f}'
+      lines.append(
+        f'| {names[part]} | {ms(row["float32"])} / {ms(row["bfloat16"])} ms | '
+        f'{step_cells(row["bfloat16"])} (bfloat16) | — | — | — | bfloat16 '
+        f'{row["bfloat16_speedup"]:.2f}x faster, same neighbours for '
+        f'{100 * row["same_neighbours"]:.1f}% |'
+      )
     elif part == 'matmul_peak':
-      lines.append(f"| {names[part]} | {si(row['flops_per_s'], 'FLOP/s')} | {step_cells(row)} "
-                   f"| — | {si(row['flop_per_run'], 'FLOP')} a run | — | — |")
+      lines.append(
+        f'| {names[part]} | {si(row["flops_per_s"], "FLOP/s")} | {step_cells(row)} '
+        f'| — | {si(row["flop_per_run"], "FLOP")} a run | — | — |'
+      )
     else:
       ratio = row.get('pipeline_over_step')
-      versus = (f"this/msf_jax: {ratio:.2f} ({'data keeps up' if ratio >= 1 else 'data-bound'})"
-                if ratio else '—')
-      lines.append(f"| {names[part]} | {row['samples_per_s']:,.1f} two-view samples/s | — | — "
-                   f"| — | — | {versus} |")
+      versus = (
+        f'this/msf_jax: {ratio:.2f} ({"data keeps up" if ratio >= 1 else "data-bound"})'
+        if ratio
+        else '—'
+      )
+      lines.append(
+        f'| {names[part]} | {row["samples_per_s"]:,.1f} two-view samples/s | — | — '
+        f'| — | — | {versus} |'
+      )
   return lines
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--out', help='the JSON file of all results (required)')
   parser.add_argument('--tiny', action='store_true', help='CPU only, tiny sizes')
-  parser.add_argument('--budget-s', type=float, default=450.0,
-                      help='wall-clock seconds for all the parts together')
+  parser.add_argument(
+    '--budget-s', type=float, default=450.0, help='wall-clock seconds for all the parts together'
+  )
   parser.add_argument('--part', choices=PARTS, help=argparse.SUPPRESS)
   parser.add_argument('--global-batch', type=int, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -557,25 +703,28 @@ def main() -> None:
     results[part] = spawn(part, args, settings['batch_per_device'] * devices, timeout)
     devices = results[part].get('device_count', devices)
     row = results[part]
-    status = 'measured' if row['measured'] else f"not measured: {row['reason']}"
-    print(f"{part}: {status} ({row['wall_s']:.0f} s)", flush=True)
+    status = 'measured' if row['measured'] else f'not measured: {row["reason"]}'
+    print(f'{part}: {status} ({row["wall_s"]:.0f} s)', flush=True)
   derive(results, settings)
   jax_part = next((results[p] for p in ('msf_jax', 'matmul_peak') if results[p]['measured']), {})
   report = {
-      'command': shlex.join(['python', *sys.argv]),
-      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'mode': 'tiny' if args.tiny else 'full',
-      'budget_s': args.budget_s, 'wall_s': time.perf_counter() - started,
-      'machine': {
-          **{key: jax_part.get(key) for key in ('device_kind', 'device_count', 'platform')},
-          'cpu_cores': os.cpu_count(), 'python': sys.version.split()[0],
-          **{package: version(package) for package in PACKAGES}},
-      'settings': settings,
-      'results': results,
+    'command': shlex.join(['python', *sys.argv]),
+    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    'mode': 'tiny' if args.tiny else 'full',
+    'budget_s': args.budget_s,
+    'wall_s': time.perf_counter() - started,
+    'machine': {
+      **{key: jax_part.get(key) for key in ('device_kind', 'device_count', 'platform')},
+      'cpu_cores': os.cpu_count(),
+      'python': sys.version.split()[0],
+      **{package: version(package) for package in PACKAGES},
+    },
+    'settings': settings,
+    'results': results,
   }
   with open(args.out, 'w') as f:
     json.dump(report, f, indent=1)
-  print(f"\n{report['mode']} run, {report['wall_s']:.0f} s, results in {args.out}\n")
+  print(f'\n{report["mode"]} run, {report["wall_s"]:.0f} s, results in {args.out}\n')
   print('\n'.join(table(results, settings)))
 
 

@@ -31,15 +31,22 @@ from msf_jax.train_state import abstract_state, state_shardings  # noqa: E402
 
 LAYOUTS = ('replicated', 'sharded')
 GIB = 2**30
-COLLECTIVE = re.compile(r'= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|'
-                        r'reduce-scatter)(-start)?\(')
+COLLECTIVE = re.compile(
+  r'= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|'
+  r'reduce-scatter)(-start)?\('
+)
 SHAPE = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
 BYTES = {'f32': 4, 'f64': 8, 's32': 4, 'u32': 4, 'bf16': 2, 'pred': 1, 's8': 1, 'u8': 1}
 
 
 def benchmark_config(args, layout: str, bank_size: int):
-  config = small_config(depth=args.depth, image_size=args.image_size, small_stem=True,
-                        batch_size=args.batch_size, bank_size=bank_size)
+  config = small_config(
+    depth=args.depth,
+    image_size=args.image_size,
+    small_stem=True,
+    batch_size=args.batch_size,
+    bank_size=bank_size,
+  )
   config.model.width = args.width
   config.msf.bank_chunk_size = args.chunk
   config.msf.bank_layout = layout
@@ -59,9 +66,10 @@ def largest_collective(hlo: str) -> tuple[str, int]:
 
 def compiled(config, mesh):
   step = make_train_step(config, mesh, steps_per_epoch=1000, finish_views=False)
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                      sharding=NamedSharding(mesh, P(DATA_AXIS))),
-                       random_batch(np.random.default_rng(0), config))
+  batch = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P(DATA_AXIS))),
+    random_batch(np.random.default_rng(0), config),
+  )
   return step.lower(abstract_state(config, state_shardings(config, mesh)), batch).compile()
 
 
@@ -74,16 +82,21 @@ def memory(args) -> list[dict]:
       executable = compiled(benchmark_config(args, layout, bank_size), mesh)
       analysis = executable.memory_analysis()
       collective, collective_bytes = largest_collective(executable.as_text())
-      row = {'bank_rows': bank_size, 'layout': layout,
-             'arguments_gib': analysis.argument_size_in_bytes / GIB,
-             'temporaries_gib': analysis.temp_size_in_bytes / GIB,
-             'outputs_gib': analysis.output_size_in_bytes / GIB,
-             'aliased_gib': analysis.alias_size_in_bytes / GIB,
-             'largest_collective': collective, 'largest_collective_mib': collective_bytes / 2**20,
-             'compile_s': time.perf_counter() - start}
+      row = {
+        'bank_rows': bank_size,
+        'layout': layout,
+        'arguments_gib': analysis.argument_size_in_bytes / GIB,
+        'temporaries_gib': analysis.temp_size_in_bytes / GIB,
+        'outputs_gib': analysis.output_size_in_bytes / GIB,
+        'aliased_gib': analysis.alias_size_in_bytes / GIB,
+        'largest_collective': collective,
+        'largest_collective_mib': collective_bytes / 2**20,
+        'compile_s': time.perf_counter() - start,
+      }
       # Donated state: the outputs reuse the arguments' buffers.
-      row['peak_gib'] = (row['arguments_gib'] + row['temporaries_gib'] + row['outputs_gib']
-                         - row['aliased_gib'])
+      row['peak_gib'] = (
+        row['arguments_gib'] + row['temporaries_gib'] + row['outputs_gib'] - row['aliased_gib']
+      )
       print(json.dumps(row), flush=True)
       rows.append(row)
   return rows

@@ -36,12 +36,15 @@ import numpy as np
 
 from msf_jax import checkpoint, mean_shift
 
-WORKDIRS = ('runs/demo', 'runs/demo60_s0',
-            'runs/small_data_study/work/digits/k5_lr0.3_bank1x_m0.99_ramp0/seed0',
-            'runs/small_data_study/work/digits/k10_lr0.1_bank2x_m0.99_ramp0/seed0',
-            'runs/small_data_study/work/textures/k5_lr0.3_bank1x_m0.99_ramp0/seed0',
-            'runs/small_data_study/work/textures/k2_lr0.3_bank1x_m0.99_ramp0/seed1',
-            'runs/small_data_study/work/textures/k5_lr1_bank1x_m0.99_ramp0/seed1')
+WORKDIRS = (
+  'runs/demo',
+  'runs/demo60_s0',
+  'runs/small_data_study/work/digits/k5_lr0.3_bank1x_m0.99_ramp0/seed0',
+  'runs/small_data_study/work/digits/k10_lr0.1_bank2x_m0.99_ramp0/seed0',
+  'runs/small_data_study/work/textures/k5_lr0.3_bank1x_m0.99_ramp0/seed0',
+  'runs/small_data_study/work/textures/k2_lr0.3_bank1x_m0.99_ramp0/seed1',
+  'runs/small_data_study/work/textures/k5_lr1_bank1x_m0.99_ramp0/seed1',
+)
 # Where the bank rows sit in a checkpoint: MSFState's MemoryBank, and the flat state of the
 # earlier msf_jax that wrote the small-data study.
 BANK_PATHS = (('bank', 'embeddings'), ('bank',))
@@ -66,13 +69,13 @@ def restore_bank(workdir: str) -> np.ndarray:
     checkpointer.close()
 
 
-search = jax.jit(mean_shift.nearest_neighbors,
-                 static_argnames=('k', 'chunk_size', 'search_dtype', 'candidates'))
+search = jax.jit(
+  mean_shift.nearest_neighbors, static_argnames=('k', 'chunk_size', 'search_dtype', 'candidates')
+)
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'chunk_size'))
-def bf16_alone(queries: jax.Array, bank: jax.Array, k: int, chunk_size: int | None
-               ) -> jax.Array:
+def bf16_alone(queries: jax.Array, bank: jax.Array, k: int, chunk_size: int | None) -> jax.Array:
   """A bfloat16 search without re-scoring, to show what the re-scoring buys."""
   return mean_shift.top_k_similar(queries, bank, k, chunk_size, dtype=jnp.bfloat16)[1]
 
@@ -99,18 +102,22 @@ def candidates_needed(queries: jax.Array, bank: jax.Array, k: int) -> jax.Array:
   return jnp.max(jax.lax.map(position, expected.T)) + 1
 
 
-def compare_row(queries: jax.Array, bank: jax.Array, k: int, chunk_size: int | None,
-                batch_size: int) -> list[str]:
+def compare_row(
+  queries: jax.Array, bank: jax.Array, k: int, chunk_size: int | None, batch_size: int
+) -> list[str]:
   """The cells of one table row against the float32 search: its own rounding noise (the
   same search in chunks of another size), bf16 alone, each candidate count, and the count
   needed."""
   expected = search(queries, bank, k=k, chunk_size=chunk_size)
   expected_loss = batch_losses(queries, bank[expected], batch_size)
-  variants = [functools.partial(search, chunk_size=bank.shape[0] // 3 + 1),
-              functools.partial(bf16_alone, chunk_size=chunk_size)] + [
-      functools.partial(search, chunk_size=chunk_size, search_dtype='bfloat16',
-                        candidates=count)
-      for count in CANDIDATES if count <= bank.shape[0]]
+  variants = [
+    functools.partial(search, chunk_size=bank.shape[0] // 3 + 1),
+    functools.partial(bf16_alone, chunk_size=chunk_size),
+  ] + [
+    functools.partial(search, chunk_size=chunk_size, search_dtype='bfloat16', candidates=count)
+    for count in CANDIDATES
+    if count <= bank.shape[0]
+  ]
   cells = []
   for variant in variants:
     found = variant(queries, bank, k=k)
@@ -122,8 +129,11 @@ def compare_row(queries: jax.Array, bank: jax.Array, k: int, chunk_size: int | N
 
 
 def table(rows: list[list[str]]) -> str:
-  header = (['bank', 'rows x dim', 'queries', 'k', 'float32, other chunks', 'bf16 alone']
-            + [f'c = {count}' for count in CANDIDATES] + ['c needed'])
+  header = (
+    ['bank', 'rows x dim', 'queries', 'k', 'float32, other chunks', 'bf16 alone']
+    + [f'c = {count}' for count in CANDIDATES]
+    + ['c needed']
+  )
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
 
@@ -134,30 +144,44 @@ def real_rows(workdirs: list[str], batch_size: int) -> list[list[str]]:
     bank = jnp.asarray(restore_bank(workdir))
     size = f'{bank.shape[0]} x {bank.shape[1]}'
     for k in KS:
-      rows.append([workdir.removeprefix('runs/'), size, f'{bank.shape[0]} (all rows)', str(k)]
-                  + compare_row(bank, bank, k, None, batch_size))
+      rows.append(
+        [workdir.removeprefix('runs/'), size, f'{bank.shape[0]} (all rows)', str(k)]
+        + compare_row(bank, bank, k, None, batch_size)
+      )
   return rows
 
 
 def synthetic_rows(num_rows: int) -> list[list[str]]:
   bank = mean_shift.init_bank(jax.random.key(0), num_rows, SYNTHETIC_DIM).embeddings
   queries = bank[-SYNTHETIC_QUERIES:]
-  return [[f'synthetic (random, chunks of {SYNTHETIC_CHUNK:,})', f'{num_rows} x {SYNTHETIC_DIM}',
-           f'{SYNTHETIC_QUERIES} (last rows)', str(k)]
-          + compare_row(queries, bank, k, SYNTHETIC_CHUNK, SYNTHETIC_QUERIES) for k in KS]
+  return [
+    [
+      f'synthetic (random, chunks of {SYNTHETIC_CHUNK:,})',
+      f'{num_rows} x {SYNTHETIC_DIM}',
+      f'{SYNTHETIC_QUERIES} (last rows)',
+      str(k),
+    ]
+    + compare_row(queries, bank, k, SYNTHETIC_CHUNK, SYNTHETIC_QUERIES)
+    for k in KS
+  ]
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('workdirs', nargs='*', default=list(WORKDIRS))
-  parser.add_argument('--batch_size', type=int, default=32,
-                      help="the runs' batch: the bank was written in blocks of this many rows")
+  parser.add_argument(
+    '--batch_size',
+    type=int,
+    default=32,
+    help="the runs' batch: the bank was written in blocks of this many rows",
+  )
   parser.add_argument('--synthetic_rows', type=int, default=1_024_000, help='0: none')
   args = parser.parse_args()
   print(f'Command: {" ".join([os.path.relpath(sys.executable), *sys.argv])}\n')
   start = time.perf_counter()
-  print('Real trained features (each cell: identical neighbours / max |loss difference| of '
-        'a batch):\n')
+  print(
+    'Real trained features (each cell: identical neighbours / max |loss difference| of a batch):\n'
+  )
   print(table(real_rows(args.workdirs, args.batch_size)))
   print(f'\n({time.perf_counter() - start:.0f} s)')
   if args.synthetic_rows:

@@ -39,6 +39,7 @@ def run_one(dtype: str, seed: int, out: str, epochs: int, monitor_every: int) ->
   """Trains one (dtype, seed) with the training program; writes its JSON record last. A run
   already recorded is not rerun (its record keeps the time it took)."""
   from msf_jax import train_loop
+
   if os.path.exists(record_path(out, dtype, seed)):
     print(f'{dtype} seed {seed}: already recorded.')
     return
@@ -51,8 +52,14 @@ def run_one(dtype: str, seed: int, out: str, epochs: int, monitor_every: int) ->
   steps_per_epoch = study.train_size(DATASET) // study.BATCH_SIZE
   if int(state.step) < epochs * steps_per_epoch:
     sys.exit(f'Stopped at step {int(state.step)} (SIGTERM?): no record; a rerun resumes it.')
-  record = {'dtype': dtype, 'seed': seed, 'epochs': epochs, 'steps_per_epoch': steps_per_epoch,
-            'curves': study.read_curves(workdir), 'seconds': time.time() - start}
+  record = {
+    'dtype': dtype,
+    'seed': seed,
+    'epochs': epochs,
+    'steps_per_epoch': steps_per_epoch,
+    'curves': study.read_curves(workdir),
+    'seconds': time.time() - start,
+  }
   path = record_path(out, dtype, seed)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w') as f:
@@ -76,11 +83,25 @@ def run_all(out: str, epochs: int, monitor_every: int, workers: int) -> None:
       except queue.Empty:
         return
       log = os.path.join(out, 'logs', f'{dtype}_seed{seed}.log')
-      code = study.run_pinned(__file__, ['--out', out, '--epochs', str(epochs),
-                                         '--monitor-every', str(monitor_every),
-                                         '--run', json.dumps([dtype, seed])], log, core)
-      print(f'{"done" if code == 0 else f"FAILED ({code}), see " + log}: {dtype} seed {seed}',
-            flush=True)
+      code = study.run_pinned(
+        __file__,
+        [
+          '--out',
+          out,
+          '--epochs',
+          str(epochs),
+          '--monitor-every',
+          str(monitor_every),
+          '--run',
+          json.dumps([dtype, seed]),
+        ],
+        log,
+        core,
+      )
+      print(
+        f'{"done" if code == 0 else f"FAILED ({code}), see " + log}: {dtype} seed {seed}',
+        flush=True,
+      )
 
   study.on_cores(worker, workers)
 
@@ -102,8 +123,9 @@ def load_records(out: str) -> dict[tuple[str, int], dict]:
 def at_epochs(record: dict, tag: str) -> dict[int, float]:
   """{epoch: value} of one logged curve, at whole epochs."""
   per_epoch = record['steps_per_epoch']
-  return {step // per_epoch: value for step, value in record['curves'][tag]
-          if step % per_epoch == 0}
+  return {
+    step // per_epoch: value for step, value in record['curves'][tag] if step % per_epoch == 0
+  }
 
 
 def _difference(record: dict, reference: dict, tag: str, epoch: int) -> float:
@@ -121,26 +143,44 @@ def table(records: dict[tuple[str, int], dict]) -> str:
   float32 seed by seed."""
   monitored = sorted(at_epochs(next(iter(records.values())), 'monitor/knn_k20'))
   epochs = [e for e in monitored if e in (monitored[0], monitored[-1]) or e % 10 == 0]
-  header = (['dtype', 'seed'] + [f'loss e{e}' for e in epochs] + [f'20-NN e{e}' for e in epochs]
-            + ['final 1-NN', 'final purity_others', 'minutes'])
+  header = (
+    ['dtype', 'seed']
+    + [f'loss e{e}' for e in epochs]
+    + [f'20-NN e{e}' for e in epochs]
+    + ['final 1-NN', 'final purity_others', 'minutes']
+  )
   lines = [_row(header), _row(['---'] * len(header))]
   percent = lambda value: f'{100 * value:.1f}'
   for (dtype, seed), record in records.items():
     loss, knn = at_epochs(record, 'loss'), at_epochs(record, 'monitor/knn_k20')
-    lines.append(_row([dtype, seed] + [f'{loss[e]:.4f}' for e in epochs]
-                      + [percent(knn[e]) for e in epochs]
-                      + [percent(at_epochs(record, 'monitor/knn_k1')[epochs[-1]]),
-                         f'{at_epochs(record, "purity_others")[epochs[-1]]:.3f}',
-                         f'{record["seconds"] / 60:.1f}']))
+    lines.append(
+      _row(
+        [dtype, seed]
+        + [f'{loss[e]:.4f}' for e in epochs]
+        + [percent(knn[e]) for e in epochs]
+        + [
+          percent(at_epochs(record, 'monitor/knn_k1')[epochs[-1]]),
+          f'{at_epochs(record, "purity_others")[epochs[-1]]:.3f}',
+          f'{record["seconds"] / 60:.1f}',
+        ]
+      )
+    )
   for seed in study.SEEDS:
     if ('float32', seed) in records and ('bfloat16', seed) in records:
       bf16, f32 = records['bfloat16', seed], records['float32', seed]
       diff = functools.partial(_difference, bf16, f32)
-      lines.append(_row(['bf16 - f32', seed] + [f'{diff("loss", e):+.4f}' for e in epochs]
-                        + [f'{100 * diff("monitor/knn_k20", e):+.1f}' for e in epochs]
-                        + [f'{100 * diff("monitor/knn_k1", epochs[-1]):+.1f}',
-                           f'{diff("purity_others", epochs[-1]):+.3f}',
-                           f'{(bf16["seconds"] / f32["seconds"]):.2f}x']))
+      lines.append(
+        _row(
+          ['bf16 - f32', seed]
+          + [f'{diff("loss", e):+.4f}' for e in epochs]
+          + [f'{100 * diff("monitor/knn_k20", e):+.1f}' for e in epochs]
+          + [
+            f'{100 * diff("monitor/knn_k1", epochs[-1]):+.1f}',
+            f'{diff("purity_others", epochs[-1]):+.3f}',
+            f'{(bf16["seconds"] / f32["seconds"]):.2f}x',
+          ]
+        )
+      )
   return '\n'.join(lines)
 
 
@@ -152,16 +192,20 @@ def summary(records: dict[tuple[str, int], dict]) -> str:
     if not runs:
       continue
     last = lambda r, tag: at_epochs(r, tag)[r['epochs']]
-    values = {tag: np.array([last(r, tag) for r in runs])
-              for tag in ('loss', 'monitor/knn_k1', 'monitor/knn_k20')}
-    lines.append(f'- {dtype} ({len(runs)} seeds): final loss {values["loss"].mean():.4f} '
-                 f'(range {values["loss"].min():.4f}-{values["loss"].max():.4f}); 1-NN '
-                 f'{100 * values["monitor/knn_k1"].mean():.1f}% '
-                 f'({100 * values["monitor/knn_k1"].min():.1f}-'
-                 f'{100 * values["monitor/knn_k1"].max():.1f}); 20-NN '
-                 f'{100 * values["monitor/knn_k20"].mean():.1f}% '
-                 f'({100 * values["monitor/knn_k20"].min():.1f}-'
-                 f'{100 * values["monitor/knn_k20"].max():.1f}).')
+    values = {
+      tag: np.array([last(r, tag) for r in runs])
+      for tag in ('loss', 'monitor/knn_k1', 'monitor/knn_k20')
+    }
+    lines.append(
+      f'- {dtype} ({len(runs)} seeds): final loss {values["loss"].mean():.4f} '
+      f'(range {values["loss"].min():.4f}-{values["loss"].max():.4f}); 1-NN '
+      f'{100 * values["monitor/knn_k1"].mean():.1f}% '
+      f'({100 * values["monitor/knn_k1"].min():.1f}-'
+      f'{100 * values["monitor/knn_k1"].max():.1f}); 20-NN '
+      f'{100 * values["monitor/knn_k20"].mean():.1f}% '
+      f'({100 * values["monitor/knn_k20"].min():.1f}-'
+      f'{100 * values["monitor/knn_k20"].max():.1f}).'
+    )
   return '\n'.join(lines)
 
 

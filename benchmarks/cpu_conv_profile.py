@@ -29,11 +29,17 @@ import time
 
 SETTINGS = {'96px_imagenet_stem': (96, False), '32px_small_stem': (32, True)}
 LIBRARY_CONVOLUTION = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
-XLA_CPU_FLAGS = ('', '--xla_cpu_use_xnnpack=true', '--xla_cpu_experimental_onednn_custom_call=true',
-                 '--xla_cpu_use_onednn=true',
-                 '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT',  # Eigen
-                 *(f'--xla_cpu_experimental_{library}_fusion_type={LIBRARY_CONVOLUTION}'
-                   for library in ('xnn', 'ynn', 'onednn')))
+XLA_CPU_FLAGS = (
+  '',
+  '--xla_cpu_use_xnnpack=true',
+  '--xla_cpu_experimental_onednn_custom_call=true',
+  '--xla_cpu_use_onednn=true',
+  '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT',  # Eigen
+  *(
+    f'--xla_cpu_experimental_{library}_fusion_type={LIBRARY_CONVOLUTION}'
+    for library in ('xnn', 'ynn', 'onednn')
+  ),
+)
 
 
 def conv_shapes(image_size: int, small_stem: bool) -> list[tuple[int, int, int, int, int]]:
@@ -66,21 +72,26 @@ def time_xla(shape, batch: int, runs: int) -> dict[str, float]:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   size, cin, cout, kernel, stride = shape
   pad = (kernel - 1) // 2
   conv = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((kernel, kernel, cin, cout)) * 0.05, jnp.float32)
   forward = jax.jit(conv)
   backward = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
-  return {'forward': _median_ms(lambda: jax.block_until_ready(forward(x, w)), runs),
-          'forward_backward': _median_ms(lambda: jax.block_until_ready(backward(x, w)), runs)}
+  return {
+    'forward': _median_ms(lambda: jax.block_until_ready(forward(x, w)), runs),
+    'forward_backward': _median_ms(lambda: jax.block_until_ready(backward(x, w)), runs),
+  }
 
 
 def time_torch(shape, batch: int, runs: int) -> dict[str, float]:
   import torch
+
   torch.set_num_threads(os.cpu_count())
   size, cin, cout, kernel, stride = shape
   x = torch.randn(batch, cin, size, size, requires_grad=True)
@@ -93,8 +104,11 @@ def time_torch(shape, batch: int, runs: int) -> dict[str, float]:
 
   def forward_backward():
     (conv() ** 2).sum().backward()
-  return {'forward': _median_ms(forward, runs), 'forward_backward': _median_ms(forward_backward,
-                                                                              runs)}
+
+  return {
+    'forward': _median_ms(forward, runs),
+    'forward_backward': _median_ms(forward_backward, runs),
+  }
 
 
 def count_convolution_paths() -> dict:
@@ -102,13 +116,18 @@ def count_convolution_paths() -> dict:
   library fusion, and which libraries (YNNPACK's fusions are named `ynn_fusion`)."""
   import jax
   import jax.numpy as jnp
+
   conv = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   gradient = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
   text = gradient.lower(jnp.ones((64, 32, 32, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
   libraries = re.findall(r'%(\w+?)_fusion(?:\.\d+)? = \S+ fusion\([^)]*\), kind=kCustom', text)
-  return {'convolutions': len(re.findall(r'\sconvolution\(', text)),
-          'in_library': len(libraries), 'libraries': sorted(set(libraries))}
+  return {
+    'convolutions': len(re.findall(r'\sconvolution\(', text)),
+    'in_library': len(libraries),
+    'libraries': sorted(set(libraries)),
+  }
 
 
 def main():
@@ -124,29 +143,56 @@ def main():
   if args.child:
     framework, setting = args.child
     timer = {'xla': time_xla, 'torch': time_torch}[framework]
-    print(json.dumps([timer(shape, args.batch, args.runs)
-                      for shape in conv_shapes(*SETTINGS[setting])]))
+    print(
+      json.dumps([timer(shape, args.batch, args.runs) for shape in conv_shapes(*SETTINGS[setting])])
+    )
     return
-  print('| setting | framework | convolutions of one step, ms (2 forwards + 1 backward) | '
-        'of which backward, ms |')
+  print(
+    '| setting | framework | convolutions of one step, ms (2 forwards + 1 backward) | '
+    'of which backward, ms |'
+  )
   print('|---|---|---|---|')
   for setting in SETTINGS:
     for framework in ('xla', 'torch'):
-      out = subprocess.run([sys.executable, __file__, '--child', framework, setting, '--batch',
-                            str(args.batch), '--runs', str(args.runs)], capture_output=True,
-                           text=True, check=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+      out = subprocess.run(
+        [
+          sys.executable,
+          __file__,
+          '--child',
+          framework,
+          setting,
+          '--batch',
+          str(args.batch),
+          '--runs',
+          str(args.runs),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+      )
       layers = json.loads(out.stdout.strip().splitlines()[-1])
       step = sum(t['forward'] + t['forward_backward'] for t in layers)
       backward = sum(t['forward_backward'] - t['forward'] for t in layers)
-      print(f'| ResNet-18, batch {args.batch}, {setting} | {framework} | {step:.0f} | '
-            f'{backward:.0f} |', flush=True)
+      print(
+        f'| ResNet-18, batch {args.batch}, {setting} | {framework} | {step:.0f} | {backward:.0f} |',
+        flush=True,
+      )
   print('\n| XLA_FLAGS | convolutions | in a library fusion | libraries |\n|---|---|---|---|')
   for flags in XLA_CPU_FLAGS:
-    out = subprocess.run([sys.executable, __file__, '--count'], capture_output=True, text=True,
-                         check=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags})
+    out = subprocess.run(
+      [sys.executable, __file__, '--count'],
+      capture_output=True,
+      text=True,
+      check=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags},
+    )
     counts = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"| `{flags or '(defaults)'}` | {counts['convolutions']} | {counts['in_library']} | "
-          f"{', '.join(counts['libraries']) or 'none: Eigen'} |", flush=True)
+    print(
+      f'| `{flags or "(defaults)"}` | {counts["convolutions"]} | {counts["in_library"]} | '
+      f'{", ".join(counts["libraries"]) or "none: Eigen"} |',
+      flush=True,
+    )
 
 
 if __name__ == '__main__':

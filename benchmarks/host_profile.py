@@ -53,12 +53,16 @@ def _stages(size: int) -> dict:
 
   def resized(encoded, seed):
     image, boxes = windows(encoded, seed)
-    return [augment.resize(image[top:top + h, left:left + w], [size, size])
-            for top, left, h, w in map(tf.unstack, boxes)]
+    return [
+      augment.resize(image[top : top + h, left : left + w], [size, size])
+      for top, left, h, w in map(tf.unstack, boxes)
+    ]
 
   def flipped(encoded, seed):
-    return [augment.flip(view, flip) for view, (_, flip) in zip(resized(encoded, seed),
-                                                                view_seeds(seed), strict=True)]
+    return [
+      augment.flip(view, flip)
+      for view, (_, flip) in zip(resized(encoded, seed), view_seeds(seed), strict=True)
+    ]
 
   def params(encoded, seed):
     _, online_seed = split(seed, 2)
@@ -67,18 +71,21 @@ def _stages(size: int) -> dict:
   def two_views(encoded, seed):
     return augment.two_views(encoded, seed, size)
 
-  return {'tf.data, reading the cached bytes': lambda encoded, seed: (encoded, seed),
-          'decoding (full decode_jpeg)': lambda encoded, seed: augment.decode(encoded),
-          'crop windows (2, scalar ops)': windows,
-          'crop + antialiased resize to uint8 (2)': resized,
-          'flips (2)': flipped,
-          'colour parameters': params,
-          'augment.two_views itself': two_views,
-          f'batching ({BATCH})': two_views}
+  return {
+    'tf.data, reading the cached bytes': lambda encoded, seed: (encoded, seed),
+    'decoding (full decode_jpeg)': lambda encoded, seed: augment.decode(encoded),
+    'crop windows (2, scalar ops)': windows,
+    'crop + antialiased resize to uint8 (2)': resized,
+    'flips (2)': flipped,
+    'colour parameters': params,
+    'augment.two_views itself': two_views,
+    f'batching ({BATCH})': two_views,
+  }
 
 
 def _dataset(encoded: list[bytes], fn, batch: int):
   import tensorflow as tf
+
   files = tf.data.Dataset.from_tensor_slices(encoded).repeat()
   seeds = tf.data.Dataset.range(10**9).map(lambda i: tf.stack([i, 0]))
   options = tf.data.Options()
@@ -93,6 +100,7 @@ def _rate(dataset, samples: int, batch: int) -> float:
   """Samples a second through `dataset`, consumed inside TensorFlow (no Python step per
   sample); the second of two calls, the first one traced."""
   import tensorflow as tf
+
   steps = max(1, samples // batch)
   sink = dataset.map(lambda *x: tf.size(tf.nest.flatten(x)[0]))
   count = tf.function(lambda: sink.take(steps).reduce(0, lambda n, size: n + 1))
@@ -109,6 +117,7 @@ def _read(folder: str) -> list[bytes]:
 def profile_child(encoded: list[bytes], samples: int, size: int) -> None:
   """One round: every stage's rate in this process, printed as name<TAB>rate."""
   import tensorflow as tf
+
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
   for name, fn in _stages(size).items():
@@ -120,6 +129,7 @@ def rate_child(encoded: list[bytes], samples: int, size: int) -> None:
   import tensorflow as tf
 
   from msf_jax.data import augment
+
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
   fn = lambda encoded, seed: augment.two_views(encoded, seed, size)
@@ -127,22 +137,41 @@ def rate_child(encoded: list[bytes], samples: int, size: int) -> None:
 
 
 def _child(which: str, folder: str, repo: str, args) -> list[str]:
-  env = {**os.environ, 'PYTHONPATH': repo, 'CUDA_VISIBLE_DEVICES': '',
-         'TF_CPP_MIN_LOG_LEVEL': '2'}
-  out = subprocess.run(['taskset', '-c', str(args.core), sys.executable, __file__, '--child',
-                        which, folder, '--samples', str(args.samples), '--size', str(args.size)],
-                       capture_output=True, text=True, check=True, env=env)
+  env = {**os.environ, 'PYTHONPATH': repo, 'CUDA_VISIBLE_DEVICES': '', 'TF_CPP_MIN_LOG_LEVEL': '2'}
+  out = subprocess.run(
+    [
+      'taskset',
+      '-c',
+      str(args.core),
+      sys.executable,
+      __file__,
+      '--child',
+      which,
+      folder,
+      '--samples',
+      str(args.samples),
+      '--size',
+      str(args.size),
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+    env=env,
+  )
   return out.stdout.strip().splitlines()
 
 
 def print_profile(rounds: list[list[str]]) -> None:
   """Each part's added time is taken within a round (this VM's speed drifts between
   rounds), then the median over rounds."""
-  timings = [{name: 1e6 / float(rate) for name, rate in (line.split('\t') for line in lines)}
-             for lines in rounds]
+  timings = [
+    {name: 1e6 / float(rate) for name, rate in (line.split('\t') for line in lines)}
+    for lines in rounds
+  ]
   names = list(timings[0])
-  steps = [(names[0], None)] + [(name, before) for before, name in itertools.pairwise(names)
-                                if not name.startswith('augment')]
+  steps = [(names[0], None)] + [
+    (name, before) for before, name in itertools.pairwise(names) if not name.startswith('augment')
+  ]
   whole = 'augment.two_views itself'
   total = statistics.median(t[whole] for t in timings)
   print('| part | µs a sample (added; median of rounds) | share of the two-view sample |')
@@ -152,19 +181,23 @@ def print_profile(rounds: list[list[str]]) -> None:
     print(f'| {name} | {added:.0f} | {100 * added / total:.1f}% |')
   print(f'| augment.two_views, one sample ({1e6 / total:.1f}/s) | {total:.0f} | 100% |')
   built = statistics.median(t[names[-3]] / t[whole] for t in timings)
-  print(f'| the parts built up, as a share of two_views\' own time | | {100 * built:.1f}% |')
+  print(f"| the parts built up, as a share of two_views' own time | | {100 * built:.1f}% |")
 
 
 def print_rates(rates: dict[str, list[float]]) -> None:
   first, *others = rates
   print(f'runs: {rates}')
-  print('| checkout | two-view samples/s on one core (median) | '
-        'the first checkout\'s rate over this one\'s, paired: median (min-max) |')
+  print(
+    '| checkout | two-view samples/s on one core (median) | '
+    "the first checkout's rate over this one's, paired: median (min-max) |"
+  )
   print('|---|---|---|')
   for repo in [first, *others]:
     ratios = [a / b for a, b in zip(rates[first], rates[repo], strict=True)]
-    print(f'| {repo} | {statistics.median(rates[repo]):.1f} | '
-          f'{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |')
+    print(
+      f'| {repo} | {statistics.median(rates[repo]):.1f} | '
+      f'{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |'
+    )
 
 
 def main() -> None:
@@ -174,17 +207,21 @@ def main() -> None:
   parser.add_argument('--runs', type=int, default=5)
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--core', type=int, default=0)
-  parser.add_argument('--repo', nargs='*', default=None,
-                      help='other checkouts: time two_views of each against this one')
+  parser.add_argument(
+    '--repo',
+    nargs='*',
+    default=None,
+    help='other checkouts: time two_views of each against this one',
+  )
   parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     which, folder = args.child
-    {'profile': profile_child, 'rate': rate_child}[which](_read(folder), args.samples,
-                                                          args.size)
+    {'profile': profile_child, 'rate': rate_child}[which](_read(folder), args.samples, args.size)
     return
   sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
   from input_benchmark import make_photos
+
   folder = tempfile.mkdtemp()
   make_photos(folder, args.images)
   if args.repo is None:

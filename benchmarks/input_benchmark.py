@@ -27,6 +27,7 @@ def make_photos(folder: str, count: int) -> list[str]:
   import numpy as np
   from PIL import Image
   from sklearn.datasets import load_sample_images
+
   rng = np.random.default_rng(0)
   photos = load_sample_images().images
   paths = []
@@ -35,7 +36,7 @@ def make_photos(folder: str, count: int) -> list[str]:
     h, w = rng.integers(300, photo.shape[0] + 1), rng.integers(400, photo.shape[1] + 1)
     top, left = rng.integers(0, photo.shape[0] - h + 1), rng.integers(0, photo.shape[1] - w + 1)
     size = (500, 375) if rng.uniform() < 0.7 else (375, 500)
-    image = Image.fromarray(photo[top:top + h, left:left + w]).resize(size, Image.BICUBIC)
+    image = Image.fromarray(photo[top : top + h, left : left + w]).resize(size, Image.BICUBIC)
     path = os.path.join(folder, f'{i:04d}.jpg')
     image.save(path, 'JPEG', quality=90)
     paths.append(path)
@@ -46,6 +47,7 @@ def time_tf(paths: list[str], samples: int, size: int) -> float:
   import tensorflow as tf
 
   from msf_jax.data import augment
+
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
   files = tf.data.Dataset.from_tensor_slices(paths).map(tf.io.read_file).cache().repeat()
@@ -53,9 +55,11 @@ def time_tf(paths: list[str], samples: int, size: int) -> float:
   options = tf.data.Options()
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1
-  dataset = (tf.data.Dataset.zip(files, seeds)
-             .map(lambda image, seed: augment.two_views(image, seed, size, 'w/s'))
-             .with_options(options))
+  dataset = (
+    tf.data.Dataset.zip(files, seeds)
+    .map(lambda image, seed: augment.two_views(image, seed, size, 'w/s'))
+    .with_options(options)
+  )
   iterator = iter(dataset)
   for _ in range(50):  # warm-up: tracing, file cache
     next(iterator)
@@ -74,9 +78,14 @@ def time_device_colors_on_cpu(paths: list[str], samples: int, size: int) -> floa
   import tensorflow as tf
 
   from msf_jax.data import augment, color
+
   batch = 64
-  views = [augment.two_views(tf.constant(open(paths[i % len(paths)], 'rb').read()),
-                             tf.constant([i, 0], tf.int64), size) for i in range(batch)]
+  views = [
+    augment.two_views(
+      tf.constant(open(paths[i % len(paths)], 'rb').read()), tf.constant([i, 0], tf.int64), size
+    )
+    for i in range(batch)
+  ]
   data = {k: jnp.asarray(np.stack([v[k].numpy() for v in views])) for k in views[0]}
   data['label'] = jnp.zeros(batch, jnp.int32)
   jax.block_until_ready(color.finish_views(data, 'w/s'))
@@ -92,6 +101,7 @@ def time_pil(paths: list[str], samples: int, size: int) -> float:
   from PIL import Image
 
   from msf_jax.testing import pil_reference
+
   rng = np.random.default_rng(0)
   encoded = [open(p, 'rb').read() for p in paths]
   start = time.perf_counter()
@@ -114,7 +124,8 @@ def main() -> None:
     which, folder = args.child
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     rate = {'tf': time_tf, 'pil': time_pil, 'colors_cpu': time_device_colors_on_cpu}[which](
-        paths, args.samples, args.size)
+      paths, args.samples, args.size
+    )
     print(rate)
     return
   folder = tempfile.mkdtemp()
@@ -122,10 +133,26 @@ def main() -> None:
   rates = {'tf': [], 'pil': [], 'colors_cpu': []}
   for _ in range(args.runs):  # alternate, each run in a fresh process pinned to one core
     for which in rates:
-      out = subprocess.run(['taskset', '-c', '0', sys.executable, __file__, '--child', which,
-                            folder, '--samples', str(args.samples), '--size', str(args.size)],
-                           capture_output=True, text=True, check=True,
-                           env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'JAX_PLATFORMS': 'cpu'})
+      out = subprocess.run(
+        [
+          'taskset',
+          '-c',
+          '0',
+          sys.executable,
+          __file__,
+          '--child',
+          which,
+          folder,
+          '--samples',
+          str(args.samples),
+          '--size',
+          str(args.size),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'JAX_PLATFORMS': 'cpu'},
+      )
       rates[which].append(float(out.stdout.strip().splitlines()[-1]))
   tf_rate, pil_rate = statistics.median(rates['tf']), statistics.median(rates['pil'])
   # This VM's speed drifts between runs: the ratio of each back-to-back pair is steadier.
@@ -140,8 +167,10 @@ def main() -> None:
   print(f'| msf_jax both stages on one CPU core | {both:.1f} ({both / pil_rate:.2f}x PIL) |')
   print(f'| PIL, official torchvision transforms | {pil_rate:.1f} |')
   print(f'| ratio of medians | {tf_rate / pil_rate:.2f}x |')
-  print(f'| median of paired ratios (min-max) | {statistics.median(ratios):.2f}x '
-        f'({min(ratios):.2f}-{max(ratios):.2f}) |')
+  print(
+    f'| median of paired ratios (min-max) | {statistics.median(ratios):.2f}x '
+    f'({min(ratios):.2f}-{max(ratios):.2f}) |'
+  )
 
 
 if __name__ == '__main__':

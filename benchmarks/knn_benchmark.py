@@ -39,8 +39,10 @@ def make_features(args) -> tuple[np.ndarray, np.ndarray]:
     noise = rng.standard_normal((len(labels), args.dim), dtype=np.float32)
     return centres[labels] + np.float32(args.noise) * noise
 
-  return (around(make_labels(args.train, args.classes)),
-          around(make_labels(args.queries, args.classes)))
+  return (
+    around(make_labels(args.train, args.classes)),
+    around(make_labels(args.queries, args.classes)),
+  )
 
 
 def numpy_knn(train, train_labels, queries, k, num_classes, chunk_size, seed=0):
@@ -49,7 +51,7 @@ def numpy_knn(train, train_labels, queries, k, num_classes, chunk_size, seed=0):
   train = train / np.linalg.norm(train, axis=1, keepdims=True)
   predictions, neighbours = [], []
   for start in range(0, len(queries), chunk_size):
-    chunk = queries[start:start + chunk_size]
+    chunk = queries[start : start + chunk_size]
     similarity = (chunk / np.linalg.norm(chunk, axis=1, keepdims=True)) @ train.T
     # The k largest, copied out so that the [chunk, N] index array is freed.
     index = np.argpartition(similarity, -k, axis=1)[:, -k:].copy()
@@ -67,16 +69,31 @@ def xla_bytes(train, train_labels, queries, k, num_classes, chunk_size, train_ch
   import jax.numpy as jnp
 
   from msf_jax.evaluate import knn
+
   chunk = jax.ShapeDtypeStruct((chunk_size, queries.shape[1]), jnp.float32)
-  search = knn._chunk_neighbours.lower(
-      chunk, jax.ShapeDtypeStruct(train.shape, jnp.float32), k,
-      train_chunk_size).compile().memory_analysis()
-  vote = knn._vote.lower(
+  search = (
+    knn._chunk_neighbours.lower(
+      chunk, jax.ShapeDtypeStruct(train.shape, jnp.float32), k, train_chunk_size
+    )
+    .compile()
+    .memory_analysis()
+  )
+  vote = (
+    knn._vote.lower(
       jax.ShapeDtypeStruct((chunk_size, k), jnp.float32),
-      jax.ShapeDtypeStruct((chunk_size, k), jnp.int32), jax.random.key(0), num_classes,
-      'majority', knn.DEFAULT_TEMPERATURE).compile().memory_analysis()
-  return (max(search.temp_size_in_bytes, vote.temp_size_in_bytes),
-          search.argument_size_in_bytes + vote.argument_size_in_bytes)
+      jax.ShapeDtypeStruct((chunk_size, k), jnp.int32),
+      jax.random.key(0),
+      num_classes,
+      'majority',
+      knn.DEFAULT_TEMPERATURE,
+    )
+    .compile()
+    .memory_analysis()
+  )
+  return (
+    max(search.temp_size_in_bytes, vote.temp_size_in_bytes),
+    search.argument_size_in_bytes + vote.argument_size_in_bytes,
+  )
 
 
 def run_variant(args, out_dir: str) -> dict:
@@ -88,11 +105,20 @@ def run_variant(args, out_dir: str) -> dict:
     from msf_jax.evaluate import knn
 
     def run(q):  # knn_predict's two stages, to keep the neighbours for the comparison
-      similarity, index = knn.nearest_neighbours(train, q, args.k, chunk_size=args.chunk,
-                                                 train_chunk_size=args.train_chunk)
-      return knn._votes(similarity, train_labels[index], args.classes, 'majority',
-                        knn.DEFAULT_TEMPERATURE, 0, args.chunk), index
-  run(queries[:args.chunk])  # warm-up (compiles msf_jax's programs for these shapes)
+      similarity, index = knn.nearest_neighbours(
+        train, q, args.k, chunk_size=args.chunk, train_chunk_size=args.train_chunk
+      )
+      return knn._votes(
+        similarity,
+        train_labels[index],
+        args.classes,
+        'majority',
+        knn.DEFAULT_TEMPERATURE,
+        0,
+        args.chunk,
+      ), index
+
+  run(queries[: args.chunk])  # warm-up (compiles msf_jax's programs for these shapes)
   rss_before = resident_bytes()  # data and compiled programs in place
   times = []
   tracemalloc.start()  # sees numpy's buffers, not XLA's; numpy allocates few, large ones
@@ -101,14 +127,19 @@ def run_variant(args, out_dir: str) -> dict:
       start = time.perf_counter()
       predictions, neighbours = run(queries)
       times.append(time.perf_counter() - start)
-  row = {'variant': args.variant, 'median_s': statistics.median(times), 'times_s': times,
-         'peak_rss_over_inputs_gib': (rss.peak - rss_before) / 2**30,
-         'traced_peak_gib': tracemalloc.get_traced_memory()[1] / 2**30,
-         'load_average': os.getloadavg()}
+  row = {
+    'variant': args.variant,
+    'median_s': statistics.median(times),
+    'times_s': times,
+    'peak_rss_over_inputs_gib': (rss.peak - rss_before) / 2**30,
+    'traced_peak_gib': tracemalloc.get_traced_memory()[1] / 2**30,
+    'load_average': os.getloadavg(),
+  }
   tracemalloc.stop()
   if args.variant == 'msf_jax':
-    temp, arguments = xla_bytes(train, train_labels, queries, args.k, args.classes, args.chunk,
-                                args.train_chunk)
+    temp, arguments = xla_bytes(
+      train, train_labels, queries, args.k, args.classes, args.chunk, args.train_chunk
+    )
     row['xla_temp_gib'], row['xla_arguments_gib'] = temp / 2**30, arguments / 2**30
   np.save(os.path.join(out_dir, f'{args.variant}_predictions.npy'), predictions)
   np.save(os.path.join(out_dir, f'{args.variant}_neighbours.npy'), neighbours)
@@ -125,15 +156,20 @@ def compare(out_dir: str, args) -> dict:
   jax_neighbours = np.sort(load('msf_jax_neighbours.npy'), axis=1)
   votes = np.zeros((args.queries, args.classes))
   np.add.at(votes, (np.arange(args.queries)[:, None], labels[numpy_neighbours]), 1.0)
-  jax_predictions, numpy_predictions = load('msf_jax_predictions.npy'), load('numpy_predictions.npy')
+  jax_predictions, numpy_predictions = (
+    load('msf_jax_predictions.npy'),
+    load('numpy_predictions.npy'),
+  )
   query_labels = make_labels(args.queries, args.classes)
   return {
-      'same_neighbour_sets': float(np.mean((numpy_neighbours == jax_neighbours).all(axis=1))),
-      'same_predictions': float(np.mean(jax_predictions == numpy_predictions)),
-      'msf_jax_prediction_has_most_numpy_votes': float(np.mean(
-          votes[np.arange(args.queries), jax_predictions] == votes.max(axis=1))),
-      'accuracy_numpy': float(np.mean(numpy_predictions == query_labels)),
-      'accuracy_msf_jax': float(np.mean(jax_predictions == query_labels))}
+    'same_neighbour_sets': float(np.mean((numpy_neighbours == jax_neighbours).all(axis=1))),
+    'same_predictions': float(np.mean(jax_predictions == numpy_predictions)),
+    'msf_jax_prediction_has_most_numpy_votes': float(
+      np.mean(votes[np.arange(args.queries), jax_predictions] == votes.max(axis=1))
+    ),
+    'accuracy_numpy': float(np.mean(numpy_predictions == query_labels)),
+    'accuracy_msf_jax': float(np.mean(jax_predictions == query_labels)),
+  }
 
 
 def main() -> None:
@@ -142,7 +178,9 @@ def main() -> None:
   parser.add_argument('--queries', type=int, default=10_000)
   parser.add_argument('--dim', type=int, default=2048)
   parser.add_argument('--classes', type=int, default=1000)
-  parser.add_argument('--noise', type=float, default=6.0, help='noise std against centres ~ N(0, 1)')
+  parser.add_argument(
+    '--noise', type=float, default=6.0, help='noise std against centres ~ N(0, 1)'
+  )
   parser.add_argument('--k', type=int, default=20)
   parser.add_argument('--chunk', type=int, default=1024, help='queries per chunk (both variants)')
   parser.add_argument('--train-chunk', type=int, default=16384, help='msf_jax train rows per chunk')
@@ -156,8 +194,11 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as out_dir:
     rows = {}
     for variant in VARIANTS:  # one after the other, never at the same time
-      out = subprocess.run([sys.executable, __file__, *sys.argv[1:], '--variant', variant,
-                            '--out-dir', out_dir], capture_output=True, text=True)
+      out = subprocess.run(
+        [sys.executable, __file__, *sys.argv[1:], '--variant', variant, '--out-dir', out_dir],
+        capture_output=True,
+        text=True,
+      )
       if out.returncode:
         sys.exit(f'{variant} failed:\n{out.stderr[-3000:]}')
       rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -165,15 +206,20 @@ def main() -> None:
     agreement = compare(out_dir, args)
   print(json.dumps(agreement))
   base, ours = rows['numpy'], rows['msf_jax']
-  print(f'\nN = {args.train:,} x {args.dim}, Q = {args.queries:,}, k = {args.k}, '
-        f'{args.runs} runs\n')
+  print(
+    f'\nN = {args.train:,} x {args.dim}, Q = {args.queries:,}, k = {args.k}, {args.runs} runs\n'
+  )
   print('| variant | median s | speed-up | peak memory GiB | peak RSS growth GiB |')
   print('|---|---|---|---|---|')
-  print(f"| numpy brute force | {base['median_s']:.1f} | 1.00x | "
-        f"{base['traced_peak_gib']:.2f} (tracemalloc) | {base['peak_rss_over_inputs_gib']:.2f} |")
-  print(f"| msf_jax knn_predict | {ours['median_s']:.1f} | "
-        f"{base['median_s'] / ours['median_s']:.2f}x | {ours['xla_temp_gib']:.3f} temp + "
-        f"{ours['xla_arguments_gib']:.2f} inputs (XLA) | {ours['peak_rss_over_inputs_gib']:.2f} |")
+  print(
+    f'| numpy brute force | {base["median_s"]:.1f} | 1.00x | '
+    f'{base["traced_peak_gib"]:.2f} (tracemalloc) | {base["peak_rss_over_inputs_gib"]:.2f} |'
+  )
+  print(
+    f'| msf_jax knn_predict | {ours["median_s"]:.1f} | '
+    f'{base["median_s"] / ours["median_s"]:.2f}x | {ours["xla_temp_gib"]:.3f} temp + '
+    f'{ours["xla_arguments_gib"]:.2f} inputs (XLA) | {ours["peak_rss_over_inputs_gib"]:.2f} |'
+  )
 
 
 if __name__ == '__main__':

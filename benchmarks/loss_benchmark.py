@@ -44,8 +44,9 @@ class PeakRss:
     self._thread.join()
 
 
-def run_variant(variant: str, batch: int, dim: int, size: int, k: int, chunk: int,
-                runs: int) -> dict:
+def run_variant(
+  variant: str, batch: int, dim: int, size: int, k: int, chunk: int, runs: int
+) -> dict:
   import jax
   import jax.numpy as jnp
 
@@ -65,8 +66,11 @@ def run_variant(variant: str, batch: int, dim: int, size: int, k: int, chunk: in
     idx = mean_shift.nearest_neighbors(u, bank, k, chunk_size)
     return mean_shift.mean_shift_loss(v, bank[idx])
 
-  fn = {'official': official, 'msf_jax': ours,
-        'msf_jax_chunked': lambda v, u, b: ours(v, u, b, chunk)}[variant]
+  fn = {
+    'official': official,
+    'msf_jax': ours,
+    'msf_jax_chunked': lambda v, u, b: ours(v, u, b, chunk),
+  }[variant]
   step = jax.jit(jax.value_and_grad(fn))
   compiled = step.lower(predictions, targets, bank).compile()
   temp_bytes = compiled.memory_analysis().temp_size_in_bytes
@@ -79,9 +83,15 @@ def run_variant(variant: str, batch: int, dim: int, size: int, k: int, chunk: in
       start = time.perf_counter()
       loss, _ = jax.block_until_ready(compiled(predictions, targets, bank))
       times.append(time.perf_counter() - start)
-  return {'variant': variant, 'bank': size, 'median_s': statistics.median(times),
-          'times_s': times, 'xla_temp_gib': temp_bytes / 2**30,
-          'peak_rss_over_inputs_gib': (rss.peak - rss_before) / 2**30, 'loss': float(loss)}
+  return {
+    'variant': variant,
+    'bank': size,
+    'median_s': statistics.median(times),
+    'times_s': times,
+    'xla_temp_gib': temp_bytes / 2**30,
+    'peak_rss_over_inputs_gib': (rss.peak - rss_before) / 2**30,
+    'loss': float(loss),
+  }
 
 
 def main() -> None:
@@ -96,27 +106,61 @@ def main() -> None:
   parser.add_argument('--size', type=int, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.variant:  # Child process: one variant, one size.
-    print(json.dumps(run_variant(args.variant, args.batch, args.dim, args.size, args.k,
-                                 min(args.chunk, args.size), args.runs)))
+    print(
+      json.dumps(
+        run_variant(
+          args.variant,
+          args.batch,
+          args.dim,
+          args.size,
+          args.k,
+          min(args.chunk, args.size),
+          args.runs,
+        )
+      )
+    )
     return
   rows = []
   for size in args.sizes:
     for variant in VARIANTS:
-      out = subprocess.run([sys.executable, __file__, '--variant', variant, '--size', str(size),
-                            '--batch', str(args.batch), '--dim', str(args.dim), '--k',
-                            str(args.k), '--chunk', str(args.chunk), '--runs', str(args.runs)],
-                           capture_output=True, text=True, check=True)
+      out = subprocess.run(
+        [
+          sys.executable,
+          __file__,
+          '--variant',
+          variant,
+          '--size',
+          str(size),
+          '--batch',
+          str(args.batch),
+          '--dim',
+          str(args.dim),
+          '--k',
+          str(args.k),
+          '--chunk',
+          str(args.chunk),
+          '--runs',
+          str(args.runs),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+      )
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(json.dumps(rows[-1]), flush=True)
-  print('\n| bank K | variant | median s | speed-up | peak temp memory GiB (XLA) | memory ratio | RSS growth GiB | loss |')
+  print(
+    '\n| bank K | variant | median s | speed-up | peak temp memory GiB (XLA) | memory ratio | RSS growth GiB | loss |'
+  )
   print('|---|---|---|---|---|---|---|---|')
   for row in rows:
     base = next(r for r in rows if r['bank'] == row['bank'] and r['variant'] == 'official')
-    print(f"| {row['bank']:,} | {row['variant']} | {row['median_s']:.2f} | "
-          f"{base['median_s'] / row['median_s']:.2f}x | {row['xla_temp_gib']:.2f} | "
-          f"{row['xla_temp_gib'] / base['xla_temp_gib']:.2f} | "
-          f"{row['peak_rss_over_inputs_gib']:.2f} | "
-          f"{row['loss']:.6f} |")
+    print(
+      f'| {row["bank"]:,} | {row["variant"]} | {row["median_s"]:.2f} | '
+      f'{base["median_s"] / row["median_s"]:.2f}x | {row["xla_temp_gib"]:.2f} | '
+      f'{row["xla_temp_gib"] / base["xla_temp_gib"]:.2f} | '
+      f'{row["peak_rss_over_inputs_gib"]:.2f} | '
+      f'{row["loss"]:.6f} |'
+    )
 
 
 if __name__ == '__main__':

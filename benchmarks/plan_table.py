@@ -29,6 +29,7 @@ BATCHES = (256, 4096)  # the paper's; a large-batch variant (lr scales with batc
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One plan: a slice and global batch, and optionally a bank size and layout."""
+
   slice_name: str
   batch: int
   bank: int | None = None
@@ -51,9 +52,18 @@ def plan(job: Job, out: str, config: str, extra: list[str]) -> dict:
   if os.path.exists(f'{stem}.json'):  # made by an earlier call: --out is the record
     with open(f'{stem}.json') as f:
       return json.load(f)
-  command = [sys.executable, '-m', 'msf_jax.plan', f'--config={config}',
-             f'--topology={job.slice_name}', f'--config.batch_size={job.batch}',
-             '--programs=train', f'--json={stem}.json', *job.flags, *extra]
+  command = [
+    sys.executable,
+    '-m',
+    'msf_jax.plan',
+    f'--config={config}',
+    f'--topology={job.slice_name}',
+    f'--config.batch_size={job.batch}',
+    '--programs=train',
+    f'--json={stem}.json',
+    *job.flags,
+    *extra,
+  ]
   with open(f'{stem}.txt', 'w') as log:
     status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
   if not os.path.exists(f'{stem}.json'):
@@ -66,13 +76,18 @@ def run_figures(result: dict) -> dict:
   """The run's figures from a plan's JSON by the planner's own `run_estimate` (a plan made by
   an older planner gets today's figures)."""
   from msf_jax.plan import planner, slices
+
   fields = {f.name for f in dataclasses.fields(planner.ProgramPlan)}
-  train = planner.ProgramPlan(**{k: v for k, v in result['programs']['train step'].items()
-                                 if k in fields})
+  train = planner.ProgramPlan(
+    **{k: v for k, v in result['programs']['train step'].items() if k in fields}
+  )
   config = result['config']
-  return planner.run_estimate(train, slices.parse_slice(result['slice']['name']),
-                              config['num_epochs'] * config['steps_per_epoch'],
-                              planner.INPUT_SAMPLES_PER_CORE)
+  return planner.run_estimate(
+    train,
+    slices.parse_slice(result['slice']['name']),
+    config['num_epochs'] * config['steps_per_epoch'],
+    planner.INPUT_SAMPLES_PER_CORE,
+  )
 
 
 def row(job: Job, result: dict) -> str:
@@ -82,16 +97,23 @@ def row(job: Job, result: dict) -> str:
   fits = 'yes' if result['fits'] else 'no'
   xla, ours = train['flops_per_image'] / 1e9, train['architecture_flops_per_image'] / 1e9
   flops = f'{xla:.1f} ({ours:.1f})'
-  cells = [job.slice_name, f'{job.batch:,}', fits, f"{train['memory']['total'] / 2**30:.2f}",
-           flops, f"{sum(train['collectives'].values()) / 1e6:,.0f}"]
+  cells = [
+    job.slice_name,
+    f'{job.batch:,}',
+    fits,
+    f'{train["memory"]["total"] / 2**30:.2f}',
+    flops,
+    f'{sum(train["collectives"].values()) / 1e6:,.0f}',
+  ]
   if result['fits']:
     run = run_figures(result)
-    cells += [f"{run['step_seconds'] * 1e3:.1f}-{run['pessimistic_step_seconds'] * 1e3:.1f} "
-              f"({run['images_per_second']:,.0f}-{run['pessimistic_images_per_second']:,.0f})",
-              f"{run['images_per_second_per_host']:,.0f} = {run['host_cores_needed']:.1f} of "
-              f"{result['slice']['host_vcpus']} vCPUs",
-              f"{run['chip_hours']:,.0f}-"
-              f"{run['pessimistic_hours'] * result['slice']['chips']:,.0f}"]
+    cells += [
+      f'{run["step_seconds"] * 1e3:.1f}-{run["pessimistic_step_seconds"] * 1e3:.1f} '
+      f'({run["images_per_second"]:,.0f}-{run["pessimistic_images_per_second"]:,.0f})',
+      f'{run["images_per_second_per_host"]:,.0f} = {run["host_cores_needed"]:.1f} of '
+      f'{result["slice"]["host_vcpus"]} vCPUs',
+      f'{run["chip_hours"]:,.0f}-{run["pessimistic_hours"] * result["slice"]["chips"]:,.0f}',
+    ]
   else:
     cells += ['—', '—', '—']
   return '| ' + ' | '.join(cells) + ' |'
@@ -106,11 +128,11 @@ def bank_row(job: Job, result: dict) -> str:
   memory = {kind: f'{size / 2**30:.2f}' for kind, size in train['memory'].items()}
   compiled = train['compile_seconds'] > 0
   fits = 'yes' if result['fits'] else ('no' if compiled else 'no: refused before compiling')
-  collectives = ', '.join(f'{kind} {size / 1e6:,.1f} MB'
-                          for kind, size in train['collectives'].items()) or '—'
+  collectives = (
+    ', '.join(f'{kind} {size / 1e6:,.1f} MB' for kind, size in train['collectives'].items()) or '—'
+  )
   temporaries = memory['temporaries'] if compiled else '—'
-  return (f"{head} {memory['state']} | {temporaries} | {memory['total']} | {fits} | "
-          f'{collectives} |')
+  return f'{head} {memory["state"]} | {temporaries} | {memory["total"]} | {fits} | {collectives} |'
 
 
 def main() -> None:
@@ -119,26 +141,41 @@ def main() -> None:
   parser.add_argument('--config', default='configs/imagenet_msf.py')
   parser.add_argument('--slices', nargs='+', default=SLICES)
   parser.add_argument('--batches', nargs='+', type=int, default=BATCHES)
-  parser.add_argument('--banks', nargs='+', type=int, default=[None],
-                      help="Bank rows (default: the config's).")
-  parser.add_argument('--layouts', nargs='+', default=[None], choices=('replicated', 'sharded'),
-                      help="msf.bank_layout (default: the config's).")
+  parser.add_argument(
+    '--banks', nargs='+', type=int, default=[None], help="Bank rows (default: the config's)."
+  )
+  parser.add_argument(
+    '--layouts',
+    nargs='+',
+    default=[None],
+    choices=('replicated', 'sharded'),
+    help="msf.bank_layout (default: the config's).",
+  )
   parser.add_argument('--parallel', type=int, default=2)
   args, extra = parser.parse_known_args()
   os.makedirs(args.out, exist_ok=True)
-  jobs = [Job(s, b, bank, layout) for b in args.batches for s in args.slices
-          for bank in args.banks for layout in args.layouts]
+  jobs = [
+    Job(s, b, bank, layout)
+    for b in args.batches
+    for s in args.slices
+    for bank in args.banks
+    for layout in args.layouts
+  ]
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     results = list(pool.map(lambda job: plan(job, args.out, args.config, extra), jobs))
   if args.banks != [None] and args.layouts != [None]:
-    print('| slice | bank rows | layout | state GiB | temporaries GiB | total GiB a chip | fits '
-          '| collectives a step |')
+    print(
+      '| slice | bank rows | layout | state GiB | temporaries GiB | total GiB a chip | fits '
+      '| collectives a step |'
+    )
     print('|---|---|---|---|---|---|---|---|')
     print('\n'.join(bank_row(job, result) for job, result in zip(jobs, results, strict=True)))
   else:
-    print('| slice | global batch | fits | GiB a chip | GFLOP an image, XLA (architecture) | '
-          'collective MB a step | step ms, bound-estimate (images/s) | feed a host at the '
-          'bound, images/s = cores | chip-hours for 200 epochs, bound-estimate |')
+    print(
+      '| slice | global batch | fits | GiB a chip | GFLOP an image, XLA (architecture) | '
+      'collective MB a step | step ms, bound-estimate (images/s) | feed a host at the '
+      'bound, images/s = cores | chip-hours for 200 epochs, bound-estimate |'
+    )
     print('|---|---|---|---|---|---|---|---|---|')
     print('\n'.join(row(job, result) for job, result in zip(jobs, results, strict=True)))
   for job, result in zip(jobs, results, strict=True):

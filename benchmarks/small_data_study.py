@@ -45,8 +45,18 @@ BATCH_SIZE = 32  # the demo's
 
 # scikit-image's bundled photographs: one class each, converted to grey so that colour alone
 # does not name the class.
-TEXTURE_PHOTOS = ('astronaut', 'brick', 'camera', 'chelsea', 'coffee', 'coins', 'grass',
-                  'gravel', 'moon', 'rocket')
+TEXTURE_PHOTOS = (
+  'astronaut',
+  'brick',
+  'camera',
+  'chelsea',
+  'coffee',
+  'coins',
+  'grass',
+  'gravel',
+  'moon',
+  'rocket',
+)
 PATCH_SIZE = 48
 TRAIN_PATCHES, TEST_PATCHES = 150, 40
 TRAIN_FRACTION = 0.75  # rows of each photograph that train patches may come from
@@ -56,6 +66,7 @@ TRAIN_FRACTION = 0.75  # rows of each photograph that train patches may come fro
 class Setting:
   """One point of the study: MSF's four knobs and the k ramp; bank_size is relative to the
   train set (rounded to whole batches)."""
+
   topk: int = 5
   base_lr: float = 0.3
   bank_size: float = 1.0
@@ -64,17 +75,19 @@ class Setting:
 
   @property
   def name(self) -> str:
-    return (f'k{self.topk}_lr{self.base_lr:g}_bank{self.bank_size:g}x_m{self.ema_momentum:g}'
-            f'_ramp{self.topk_ramp_epochs}')
+    return (
+      f'k{self.topk}_lr{self.base_lr:g}_bank{self.bank_size:g}x_m{self.ema_momentum:g}'
+      f'_ramp{self.topk_ramp_epochs}'
+    )
 
 
 BASE = Setting()
 FACTORS = {  # the levels tried for each knob; the base's level is among them
-    'topk': (1, 2, 5, 10),
-    'base_lr': (0.1, 0.3, 1.0),
-    'bank_size': (0.33, 1.0, 2.0),
-    'ema_momentum': (0.99, 0.996),
-    'topk_ramp_epochs': (0, 10),
+  'topk': (1, 2, 5, 10),
+  'base_lr': (0.1, 0.3, 1.0),
+  'bank_size': (0.33, 1.0, 2.0),
+  'ema_momentum': (0.99, 0.996),
+  'topk_ramp_epochs': (0, 10),
 }
 
 
@@ -87,16 +100,20 @@ def one_factor_settings(factors=tuple(FACTORS)) -> list[Setting]:
   """The base, then every other level of one factor at a time."""
   settings = [BASE]
   for factor in factors:
-    settings += [dataclasses.replace(BASE, **{factor: level}) for level in FACTORS[factor]
-                 if level != getattr(BASE, factor)]
+    settings += [
+      dataclasses.replace(BASE, **{factor: level})
+      for level in FACTORS[factor]
+      if level != getattr(BASE, factor)
+    ]
   return settings
 
 
 # --- Data --------------------------------------------------------------------------------
 
 
-def texture_patches(photo: np.ndarray, rng: np.random.Generator
-                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def texture_patches(
+  photo: np.ndarray, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """Random PATCH_SIZE squares of a grey photograph: train ones wholly inside its top
   TRAIN_FRACTION of rows, test ones wholly below, so that the two never share a pixel."""
   height, width = photo.shape
@@ -105,11 +122,15 @@ def texture_patches(photo: np.ndarray, rng: np.random.Generator
   def patches(top_min, top_max, count):
     tops = rng.integers(top_min, top_max + 1, count)
     lefts = rng.integers(0, width - PATCH_SIZE + 1, count)
-    return [photo[top:top + PATCH_SIZE, left:left + PATCH_SIZE]
-            for top, left in zip(tops, lefts, strict=True)]
+    return [
+      photo[top : top + PATCH_SIZE, left : left + PATCH_SIZE]
+      for top, left in zip(tops, lefts, strict=True)
+    ]
 
-  return (patches(0, boundary - PATCH_SIZE, TRAIN_PATCHES),
-          patches(boundary, height - PATCH_SIZE, TEST_PATCHES))
+  return (
+    patches(0, boundary - PATCH_SIZE, TRAIN_PATCHES),
+    patches(boundary, height - PATCH_SIZE, TEST_PATCHES),
+  )
 
 
 def write_textures(root: str) -> str:
@@ -117,6 +138,7 @@ def write_textures(root: str) -> str:
   import skimage.color
   import skimage.data
   from PIL import Image
+
   if os.path.isdir(os.path.join(root, 'test')):
     return root
   rng = np.random.default_rng(0)
@@ -131,7 +153,9 @@ def write_textures(root: str) -> str:
     for split, split_patches in zip(('train', 'test'), patches, strict=True):
       os.makedirs(os.path.join(partial, split, name), exist_ok=True)
       for i, patch in enumerate(split_patches):
-        Image.fromarray(patch).convert('RGB').save(os.path.join(partial, split, name, f'{i:04d}.png'))
+        Image.fromarray(patch).convert('RGB').save(
+          os.path.join(partial, split, name, f'{i:04d}.png')
+        )
   os.rename(partial, root)
   return root
 
@@ -145,8 +169,8 @@ def data_config(config, dataset: str, out: str) -> None:
 
 def train_size(dataset: str) -> int:
   from msf_jax.data.sources import DIGITS_TRAIN_EXAMPLES
-  return {'digits': DIGITS_TRAIN_EXAMPLES,
-          'textures': TRAIN_PATCHES * len(TEXTURE_PHOTOS)}[dataset]
+
+  return {'digits': DIGITS_TRAIN_EXAMPLES, 'textures': TRAIN_PATCHES * len(TEXTURE_PHOTOS)}[dataset]
 
 
 # --- One run (in its own process) ----------------------------------------------------------
@@ -154,6 +178,7 @@ def train_size(dataset: str) -> int:
 
 def run_config(dataset: str, setting: Setting, seed: int, out: str, epochs: int):
   from msf_jax.config_utils import load_config
+
   config = load_config(os.path.join(REPO, 'configs', 'demo.py'))
   config.mode = 'train'
   config.num_epochs = epochs
@@ -177,6 +202,7 @@ def read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """Every scalar the training program wrote to TensorBoard in `workdir`, as (step, value);
   its text (the config) and images are left out."""
   import tensorflow as tf
+
   curves: dict[str, list[tuple[int, float]]] = {}
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -191,6 +217,7 @@ def run_one(dataset: str, setting: Setting, seed: int, out: str, epochs: int) ->
   """Trains and evaluates one (dataset, setting, seed); writes its JSON record last."""
   from msf_jax import train_loop
   from msf_jax.evaluate import run as evaluation
+
   record_path = os.path.join(out, 'runs', dataset, setting.name, f'seed{seed}.json')
   workdir = os.path.join(out, 'work', dataset, setting.name, f'seed{seed}')
   config = run_config(dataset, setting, seed, out, epochs)
@@ -202,10 +229,16 @@ def run_one(dataset: str, setting: Setting, seed: int, out: str, epochs: int) ->
   data_config(eval_config, dataset, out)
   eval_config.checkpoint = workdir
   results = evaluation.evaluate(eval_config, os.path.join(workdir, 'eval'))
-  record = {'dataset': dataset, 'setting': dataclasses.asdict(setting), 'seed': seed,
-            'bank_rows': config.msf.bank_size, 'results': results,
-            'curves': read_curves(workdir), 'steps_per_epoch': train_size(dataset) // BATCH_SIZE,
-            'seconds': time.time() - start}
+  record = {
+    'dataset': dataset,
+    'setting': dataclasses.asdict(setting),
+    'seed': seed,
+    'bank_rows': config.msf.bank_size,
+    'results': results,
+    'curves': read_curves(workdir),
+    'steps_per_epoch': train_size(dataset) // BATCH_SIZE,
+    'seconds': time.time() - start,
+  }
   os.makedirs(os.path.dirname(record_path), exist_ok=True)
   with open(record_path + '.tmp', 'w') as f:
     json.dump(record, f)
@@ -220,6 +253,7 @@ def baselines(dataset: str, out: str) -> dict[str, dict[str, float]]:
   from msf_jax.evaluate import run as evaluation
   from msf_jax.evaluate.knn import knn_accuracies
   from msf_jax.evaluate.linear_probe import linear_probe_on_features
+
   path = os.path.join(out, 'runs', dataset, 'baselines.json')
   if os.path.exists(path):
     with open(path) as f:
@@ -230,17 +264,20 @@ def baselines(dataset: str, out: str) -> dict[str, dict[str, float]]:
   for seed in SEEDS:
     config.checkpoint, config.checkpoint_format, config.seed = '', 'random', seed
     found[f'random/seed{seed}'] = evaluation.evaluate(
-        config, os.path.join(out, 'work', dataset, f'random_seed{seed}'))
+      config, os.path.join(out, 'work', dataset, f'random_seed{seed}')
+    )
 
   def pixels(split_name):
     split = sources.build_split(config.data, split_name, config.image_size)
-    dataset_, _ = pipeline.eval_batches(split, global_batch=256, image_size=config.image_size,
-                                        process_index=0, process_count=1)
+    dataset_, _ = pipeline.eval_batches(
+      split, global_batch=256, image_size=config.image_size, process_index=0, process_count=1
+    )
     batches = list(dataset_.as_numpy_iterator())
     mask = np.concatenate([b['mask'] for b in batches])
     # The normalized pixels the encoder sees (the views cross as uint8).
-    images = np.concatenate([np.asarray(color.normalize(b['image'])).reshape(len(b['image']), -1)
-                             for b in batches])
+    images = np.concatenate(
+      [np.asarray(color.normalize(b['image'])).reshape(len(b['image']), -1) for b in batches]
+    )
     return images[mask], np.concatenate([b['label'] for b in batches])[mask], split.num_classes
 
   train_x, train_y, num_classes = pixels('train')
@@ -280,8 +317,11 @@ def combined_setting(out: str, dataset: str) -> Setting:
   for factor in VARIED[dataset]:
     levels = FACTORS[factor]
     names = {level: dataclasses.replace(BASE, **{factor: level}).name for level in levels}
-    scored = [(score(records[names[level]]), level == getattr(BASE, factor), level)
-              for level in levels if names[level] in records]  # a failed run is left out
+    scored = [
+      (score(records[names[level]]), level == getattr(BASE, factor), level)
+      for level in levels
+      if names[level] in records
+    ]  # a failed run is left out
     best[factor] = max(scored)[2]  # a tie goes to the base's level
   return Setting(**best)
 
@@ -304,19 +344,36 @@ def _run_job(job: tuple[str, Setting, int], out: str, epochs: int, core: int) ->
   """One job in its own process pinned to `core`, its output in OUT/logs."""
   dataset, setting, seed = job
   log = os.path.join(out, 'logs', dataset, f'{setting.name}_seed{seed}.log')
-  code = run_pinned(__file__, ['--out', out, '--epochs', str(epochs),
-                               '--run', json.dumps([dataset, dataclasses.asdict(setting), seed])],
-                    log, core)
-  print(f'{"done" if code == 0 else f"FAILED ({code}), see " + log}: {dataset} '
-        f'{setting.name} seed {seed}', flush=True)
+  code = run_pinned(
+    __file__,
+    [
+      '--out',
+      out,
+      '--epochs',
+      str(epochs),
+      '--run',
+      json.dumps([dataset, dataclasses.asdict(setting), seed]),
+    ],
+    log,
+    core,
+  )
+  print(
+    f'{"done" if code == 0 else f"FAILED ({code}), see " + log}: {dataset} '
+    f'{setting.name} seed {seed}',
+    flush=True,
+  )
 
 
 def run_study(datasets: list[str], out: str, workers: int, epochs: int) -> None:
   """Every one-factor run, then each data set's combination of the best levels as soon as
   that data set's one-factor runs are done (before other data sets' remaining runs), with
   `workers` processes at a time, each pinned to one core."""
-  pending = [(d, s, seed) for d in datasets for s in one_factor_settings(VARIED[d])
-             for seed in (SEEDS if s == BASE else VARIATION_SEEDS[d])]
+  pending = [
+    (d, s, seed)
+    for d in datasets
+    for s in one_factor_settings(VARIED[d])
+    for seed in (SEEDS if s == BASE else VARIATION_SEEDS[d])
+  ]
   combined: set[str] = set()
   running: set[tuple[str, Setting, int]] = set()
   lock = threading.Lock()
@@ -326,11 +383,13 @@ def run_study(datasets: list[str], out: str, workers: int, epochs: int) -> None:
       pending[:] = [job for job in pending if not _has_record(out, job)]
       for dataset in datasets:
         if dataset not in combined and not any(
-            job[0] == dataset for job in pending + list(running)):
+          job[0] == dataset for job in pending + list(running)
+        ):
           combined.add(dataset)
           best = combined_setting(out, dataset)
-          pending[:0] = [job for job in ((dataset, best, seed) for seed in SEEDS)
-                         if not _has_record(out, job)]
+          pending[:0] = [
+            job for job in ((dataset, best, seed) for seed in SEEDS) if not _has_record(out, job)
+          ]
       if not pending:
         return None if not running else 'wait'
       job = pending.pop(0)
@@ -353,22 +412,25 @@ def run_study(datasets: list[str], out: str, workers: int, epochs: int) -> None:
 
 def on_cores(worker: Callable[[int], None], workers: int) -> None:
   """`workers` threads running `worker(core)`, core by core, until all return."""
-  threads = [threading.Thread(target=worker, args=(i % (os.cpu_count() or 1),))
-             for i in range(workers)]
+  threads = [
+    threading.Thread(target=worker, args=(i % (os.cpu_count() or 1),)) for i in range(workers)
+  ]
   for thread in threads:
     thread.start()
   for thread in threads:
     thread.join()
 
 
-def study_parser(doc: str, name: str, epochs: int, epochs_help: str
-                 ) -> argparse.ArgumentParser:
+def study_parser(doc: str, name: str, epochs: int, epochs_help: str) -> argparse.ArgumentParser:
   """The options a resumable study takes: where its records go (runs/`name` by default), how
   many runs at a time, the epochs, --report (no runs) and --run (one job, in a worker
   process)."""
   parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
-  parser.add_argument('--out', default=os.path.join(REPO, 'runs', name),
-                      help='records, logs, run directories and the report')
+  parser.add_argument(
+    '--out',
+    default=os.path.join(REPO, 'runs', name),
+    help='records, logs, run directories and the report',
+  )
   parser.add_argument('--workers', type=int, default=2, help='runs at a time, one core each')
   parser.add_argument('--epochs', type=int, default=epochs, help=epochs_help)
   parser.add_argument('--report', action='store_true', help='only the report')
@@ -380,14 +442,18 @@ def worker_job(run: str) -> list:
   """The job a worker process was given (--run); absl logs at INFO from then on, so that the
   training's progress goes into the worker's log."""
   from absl import logging
+
   logging.set_verbosity(logging.INFO)
   return json.loads(run)
 
 
 # --- Report ------------------------------------------------------------------------------
 
-METRICS = (('1-NN', 'knn/majority/k=1'), ('20-NN', 'knn/majority/k=20'),
-           ('linear', 'linear_fast/top1'))
+METRICS = (
+  ('1-NN', 'knn/majority/k=1'),
+  ('20-NN', 'knn/majority/k=20'),
+  ('linear', 'linear_fast/top1'),
+)
 
 
 def _mean_std_min(values: list[float]) -> str:
@@ -396,8 +462,9 @@ def _mean_std_min(values: list[float]) -> str:
 
 
 def _label(setting: Setting) -> str:
-  changed = [f'{f}={getattr(setting, f):g}' for f in FACTORS
-             if getattr(setting, f) != getattr(BASE, f)]
+  changed = [
+    f'{f}={getattr(setting, f):g}' for f in FACTORS if getattr(setting, f) != getattr(BASE, f)
+  ]
   prefix = 'combination: ' if len(changed) > 1 else ''
   return prefix + ', '.join(changed) if changed else 'base (k=5, lr 0.3, bank 1x, m 0.99)'
 
@@ -407,23 +474,36 @@ def table(out: str, dataset: str) -> str:
   base = baselines(dataset, out)
   randoms = [base[f'random/seed{s}'] for s in SEEDS]
   random_mean = {key: np.mean([r[key] for r in randoms]) for _, key in METRICS}
-  lines = ['| setting | seeds | 1-NN | 20-NN | linear | worst seed minus random, 1-NN / 20-NN | '
-           'final purity_others |', '|---|---|---|---|---|---|---|']
-  lines.append('| random encoder | 3 | ' + ' | '.join(
-      _mean_std_min([r[key] for r in randoms]) for _, key in METRICS) + ' | | |')
-  lines.append('| raw pixels | - | ' + ' | '.join(
-      f'{100 * base["raw_pixels"][key]:.1f}' for _, key in METRICS) + ' | | |')
+  lines = [
+    '| setting | seeds | 1-NN | 20-NN | linear | worst seed minus random, 1-NN / 20-NN | '
+    'final purity_others |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  lines.append(
+    '| random encoder | 3 | '
+    + ' | '.join(_mean_std_min([r[key] for r in randoms]) for _, key in METRICS)
+    + ' | | |'
+  )
+  lines.append(
+    '| raw pixels | - | '
+    + ' | '.join(f'{100 * base["raw_pixels"][key]:.1f}' for _, key in METRICS)
+    + ' | | |'
+  )
   records_by_name = load_records(out, dataset)
   order = {s.name: i for i, s in enumerate(one_factor_settings(VARIED[dataset]))}
   for name in sorted(records_by_name, key=lambda name: order.get(name, len(order))):
     records = records_by_name[name]
     setting = Setting(**records[0]['setting'])
-    margins = [min(100 * (r['results'][key] - random_mean[key]) for r in records)
-               for key in ('knn/majority/k=1', 'knn/majority/k=20')]
+    margins = [
+      min(100 * (r['results'][key] - random_mean[key]) for r in records)
+      for key in ('knn/majority/k=1', 'knn/majority/k=20')
+    ]
     purity = np.mean([r['curves']['purity_others'][-1][1] for r in records])
-    lines.append(f'| {_label(setting)} | {len(records)} | ' + ' | '.join(
-        _mean_std_min([r['results'][key] for r in records]) for _, key in METRICS)
-        + f' | {margins[0]:+.1f} / {margins[1]:+.1f} | {purity:.2f} |')
+    lines.append(
+      f'| {_label(setting)} | {len(records)} | '
+      + ' | '.join(_mean_std_min([r['results'][key] for r in records]) for _, key in METRICS)
+      + f' | {margins[0]:+.1f} / {margins[1]:+.1f} | {purity:.2f} |'
+    )
   return '\n'.join(lines)
 
 
@@ -431,13 +511,18 @@ def plot(out: str, dataset: str, figures: str) -> str:
   """One row per factor: the 20-NN monitor and purity_others over epochs, mean over seeds
   (lines) and the seeds' range (band), the base in black."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   records = load_records(out, dataset)
-  random_k20 = np.mean([baselines(dataset, out)[f'random/seed{s}']['knn/majority/k=20']
-                        for s in SEEDS])
-  panels = (('monitor/knn_k20', '20-NN accuracy (test, kNN monitor)'),
-            ('purity_others', 'purity of the other neighbours'))
+  random_k20 = np.mean(
+    [baselines(dataset, out)[f'random/seed{s}']['knn/majority/k=20'] for s in SEEDS]
+  )
+  panels = (
+    ('monitor/knn_k20', '20-NN accuracy (test, kNN monitor)'),
+    ('purity_others', 'purity of the other neighbours'),
+  )
   factors = VARIED[dataset]
   figure, axes = plt.subplots(len(factors), 2, figsize=(11, 3.1 * len(factors)), squeeze=False)
   for row, factor in enumerate(factors):
@@ -455,10 +540,13 @@ def plot(out: str, dataset: str, figures: str) -> str:
         values = np.array([[c[step] for step in steps] for c in curves])
         epochs = np.asarray(steps) / per_epoch
         is_base = level == getattr(BASE, factor)
-        line, = axis.plot(epochs, values.mean(0), color='black' if is_base else None,
-                          label=f'{factor}={level:g}' + (' (base)' if is_base else ''))
-        axis.fill_between(epochs, values.min(0), values.max(0), alpha=0.15,
-                          color=line.get_color())
+        (line,) = axis.plot(
+          epochs,
+          values.mean(0),
+          color='black' if is_base else None,
+          label=f'{factor}={level:g}' + (' (base)' if is_base else ''),
+        )
+        axis.fill_between(epochs, values.min(0), values.max(0), alpha=0.15, color=line.get_color())
       if tag == 'monitor/knn_k20':
         axis.axhline(random_k20, color='grey', linestyle='--', label='random encoder')
       axis.set_title(f'{dataset}: {title}', fontsize=9)
@@ -474,8 +562,10 @@ def plot(out: str, dataset: str, figures: str) -> str:
 def report(out: str, datasets: list[str], figures: str) -> None:
   sections = []
   for dataset in datasets:
-    sections.append(f'### {dataset}\n\n{table(out, dataset)}\n\n'
-                    f'![{dataset}]({os.path.basename(plot(out, dataset, figures))})\n')
+    sections.append(
+      f'### {dataset}\n\n{table(out, dataset)}\n\n'
+      f'![{dataset}]({os.path.basename(plot(out, dataset, figures))})\n'
+    )
   with open(os.path.join(out, 'study.md'), 'w') as f:
     f.write('\n'.join(sections))
   print('\n'.join(sections))
@@ -484,8 +574,11 @@ def report(out: str, datasets: list[str], figures: str) -> None:
 def main() -> None:
   parser = study_parser(__doc__, 'small_data_study', 40, "the demo's 40; fewer for a quick look")
   parser.add_argument('--datasets', nargs='+', default=['digits', 'textures'])
-  parser.add_argument('--figures', default=os.path.dirname(os.path.abspath(__file__)),
-                      help='where the learning-curve PNGs go (next to RESULTS.md)')
+  parser.add_argument(
+    '--figures',
+    default=os.path.dirname(os.path.abspath(__file__)),
+    help='where the learning-curve PNGs go (next to RESULTS.md)',
+  )
   args = parser.parse_args()
   if args.run:
     dataset, setting, seed = worker_job(args.run)

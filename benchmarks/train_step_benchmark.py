@@ -22,10 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {'96px_imagenet_stem': (96, False), '32px_small_stem': (32, True)}
 # jax 0.10.2 runs large CPU convolutions in YNNPACK; 'eigen' keeps them on XLA's own kernels
 # (products stay in YNNPACK); the other two are the flags the speed issue named.
-XLA_CPU_VARIANTS = {'defaults': '',
-                    'eigen': '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT',
-                    'xnnpack': '--xla_cpu_use_xnnpack=true',
-                    'onednn': '--xla_cpu_experimental_onednn_custom_call=true'}
+XLA_CPU_VARIANTS = {
+  'defaults': '',
+  'eigen': '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT',
+  'xnnpack': '--xla_cpu_use_xnnpack=true',
+  'onednn': '--xla_cpu_experimental_onednn_custom_call=true',
+}
 
 
 def time_msf_jax(image_size, small_stem, batch, bank, runs):
@@ -34,8 +36,10 @@ def time_msf_jax(image_size, small_stem, batch, bank, runs):
 
   from msf_jax import create_state, make_mesh, make_train_step, put_batch, put_state
   from msf_jax.testing import random_batch, small_config
-  config = small_config(image_size=image_size, small_stem=small_stem, batch_size=batch,
-                        bank_size=bank)
+
+  config = small_config(
+    image_size=image_size, small_stem=small_stem, batch_size=batch, bank_size=bank
+  )
   mesh = make_mesh(jax.devices()[:1])
   state = put_state(create_state(config, jax.random.key(0)), config, mesh)
   step = make_train_step(config, mesh, steps_per_epoch=1, finish_views=False)
@@ -53,6 +57,7 @@ def time_torch(image_size, small_stem, batch, bank, runs):
   import torch
 
   from msf_jax.testing import torch_reference
+
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   model = torch_reference.MeanShift(18, mem_bank_size=bank, topk=5, small_stem=small_stem)
@@ -70,10 +75,25 @@ def time_torch(image_size, small_stem, batch, bank, runs):
 
 def child_rate(framework: str, setting: str, args: argparse.Namespace, xla_flags: str) -> float:
   """Images/s (batch over the median step time) of one framework in a process of its own."""
-  out = subprocess.run([sys.executable, __file__, '--child', framework, setting, '--batch',
-                        str(args.batch), '--bank', str(args.bank), '--runs', str(args.runs)],
-                       capture_output=True, text=True, check=True,
-                       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags})
+  out = subprocess.run(
+    [
+      sys.executable,
+      __file__,
+      '--child',
+      framework,
+      setting,
+      '--batch',
+      str(args.batch),
+      '--bank',
+      str(args.bank),
+      '--runs',
+      str(args.runs),
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags},
+  )
   times = json.loads(out.stdout.strip().splitlines()[-1])
   return args.batch / statistics.median(times)
 
@@ -90,15 +110,20 @@ def main():
     fn = {'msf_jax': time_msf_jax, 'torch': time_torch}[framework]
     print(json.dumps(fn(*SETTINGS[setting], args.batch, args.bank, args.runs)))
     return
-  print('| setting | msf_jax XLA CPU variant | msf_jax img/s | PyTorch img/s | '
-        'ratio (msf_jax / PyTorch) |')
+  print(
+    '| setting | msf_jax XLA CPU variant | msf_jax img/s | PyTorch img/s | '
+    'ratio (msf_jax / PyTorch) |'
+  )
   print('|---|---|---|---|---|')
   for setting in SETTINGS:
     torch_rate = child_rate('torch', setting, args, '')
     for variant, flags in XLA_CPU_VARIANTS.items():
       rate = child_rate('msf_jax', setting, args, flags)
-      print(f'| ResNet-18, batch {args.batch}, {setting} | {variant} `{flags}` | {rate:.1f} | '
-            f'{torch_rate:.1f} | {rate / torch_rate:.2f} |', flush=True)
+      print(
+        f'| ResNet-18, batch {args.batch}, {setting} | {variant} `{flags}` | {rate:.1f} | '
+        f'{torch_rate:.1f} | {rate / torch_rate:.2f} |',
+        flush=True,
+      )
 
 
 if __name__ == '__main__':

@@ -33,10 +33,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_epochs = 1
   config.checkpoint.every_epochs = 10
   config.monitor.knn_every_epochs = 10  # monitor/knn_k20 in TensorBoard: the learning curve
-  config.why = ('Why: k = 10, lr 0.3 and a bank of one train set were the most robust MSF '
-                'setting of the small-data study (benchmarks/RESULTS.md); in 60 epochs they '
-                'beat the random encoder by 5.8+ points at 1-NN and 6.6+ at 20-NN in all 3 '
-                'seeds.')
+  config.why = (
+    'Why: k = 10, lr 0.3 and a bank of one train set were the most robust MSF '
+    'setting of the small-data study (benchmarks/RESULTS.md); in 60 epochs they '
+    'beat the random encoder by 5.8+ points at 1-NN and 6.6+ at 20-NN in all 3 '
+    'seeds.'
+  )
 
   config.evaluation = load_config(os.path.join(CONFIGS, 'eval.py'), 'digits')
   config.evaluation.model = config.model

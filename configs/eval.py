@@ -23,17 +23,19 @@ from msf_jax.config_utils import load_config
 
 # preset: (training config, held-out split, tasks)
 PRESETS = {
-    'imagenet': ('imagenet_msf.py', 'validation', 'knn,linear'),
-    'cifar10': ('cifar10_msf.py', 'test', 'knn,linear'),
-    'digits': ('digits_msf.py', 'test', 'knn,linear_fast'),
+  'imagenet': ('imagenet_msf.py', 'validation', 'knn,linear'),
+  'cifar10': ('cifar10_msf.py', 'test', 'knn,linear'),
+  'digits': ('digits_msf.py', 'test', 'knn,linear_fast'),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = arg or 'imagenet'
   if preset not in PRESETS:
-    raise ValueError(f'Unknown evaluation preset {preset!r}: use one of {sorted(PRESETS)}, '
-                     'e.g. --config=configs/eval.py:digits.')
+    raise ValueError(
+      f'Unknown evaluation preset {preset!r}: use one of {sorted(PRESETS)}, '
+      'e.g. --config=configs/eval.py:digits.'
+    )
   training_file, test_split, tasks = PRESETS[preset]
   training = load_config(os.path.join(os.path.dirname(__file__), training_file))
 

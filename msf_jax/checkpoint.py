@@ -68,23 +68,26 @@ def check_structure(saved: Any, target: Any, where: str) -> None:
   differing = sorted({path[0] for path in set(saved_leaves) ^ set(target_leaves)})
   if _fields(saved_leaves) != _fields(target_leaves):
     raise CheckpointError(
-        f'{where} was written by another version of msf_jax: its fields {", ".join(differing)} '
-        f'differ from this version\'s (saved: {_fields(saved_leaves)}; expected: '
-        f'{_fields(target_leaves)}). Evaluate it with the version that wrote it, or export its '
-        'backbone there (python -m msf_jax.interop export-backbone) and read that file here.')
+      f'{where} was written by another version of msf_jax: its fields {", ".join(differing)} '
+      f"differ from this version's (saved: {_fields(saved_leaves)}; expected: "
+      f'{_fields(target_leaves)}). Evaluate it with the version that wrote it, or export its '
+      'backbone there (python -m msf_jax.interop export-backbone) and read that file here.'
+    )
   if differing:
     example = '.'.join(min(set(saved_leaves) ^ set(target_leaves)))
     raise CheckpointError(
-        f'{where} holds other {", ".join(differing)} trees than the config builds (e.g. '
-        f'{example} is only in one of them): run with the config the checkpoint was trained '
-        'with (depth, width, stem).')
+      f'{where} holds other {", ".join(differing)} trees than the config builds (e.g. '
+      f'{example} is only in one of them): run with the config the checkpoint was trained '
+      'with (depth, width, stem).'
+    )
   for path, leaf in target_leaves.items():
     stored = saved_leaves[path]
     if tuple(stored.shape) != tuple(leaf.shape) or np.dtype(stored.dtype) != np.dtype(leaf.dtype):
       raise CheckpointError(
-          f'{where}: {".".join(path)} is {stored.dtype}{list(stored.shape)} there, but the '
-          f'config makes {leaf.dtype}{list(leaf.shape)}: run with the config the checkpoint '
-          'was trained with.')
+        f'{where}: {".".join(path)} is {stored.dtype}{list(stored.shape)} there, but the '
+        f'config makes {leaf.dtype}{list(leaf.shape)}: run with the config the checkpoint '
+        'was trained with.'
+      )
 
 
 class Checkpointer:
@@ -94,10 +97,12 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 1):
     self.directory = manager_directory(directory)
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             save_interval_steps=save_interval_steps),
-        item_names=(STATE_ITEM, METADATA_ITEM))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, save_interval_steps=save_interval_steps
+      ),
+      item_names=(STATE_ITEM, METADATA_ITEM),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -105,8 +110,7 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, tree: Any, force: bool = False, metadata: dict | None = None
-           ) -> bool:
+  def save(self, step: int, tree: Any, force: bool = False, metadata: dict | None = None) -> bool:
     """Saves `tree` (and the JSON-able `metadata`) at `step` if the interval says so
     (always with `force`)."""
     items = {STATE_ITEM: ocp.args.StandardSave(tree)}
@@ -118,13 +122,15 @@ class Checkpointer:
     """The metadata saved with the checkpoint at `step`, or None if it has none."""
     if not tf.io.gfile.exists(os.path.join(self.directory, str(step), METADATA_ITEM)):
       return None
-    return self.manager.restore(step, args=ocp.args.Composite(
-        **{METADATA_ITEM: ocp.args.JsonRestore()}))[METADATA_ITEM]
+    return self.manager.restore(
+      step, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()})
+    )[METADATA_ITEM]
 
   def _saved_tree(self, step: int) -> Any:
     """The saved tree's structure, shapes and dtypes, read from its metadata alone."""
-    return ocp.PyTreeCheckpointHandler().metadata(
-        self.manager.directory / str(step) / STATE_ITEM).tree
+    return (
+      ocp.PyTreeCheckpointHandler().metadata(self.manager.directory / str(step) / STATE_ITEM).tree
+    )
 
   def restore(self, abstract: Any, step: int | None = None) -> Any | None:
     """The tree saved at `step` (the latest by default) in the structure, shapes, dtypes and
@@ -132,10 +138,12 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    check_structure(self._saved_tree(step), abstract, f'The checkpoint at step {step} in '
-                    f'{self.directory}')
+    check_structure(
+      self._saved_tree(step), abstract, f'The checkpoint at step {step} in {self.directory}'
+    )
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))
+      step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+    )
     return restored[STATE_ITEM]
 
   def restore_newest_readable(self, abstract: Any, aside: str) -> Any | None:
@@ -154,13 +162,21 @@ class Checkpointer:
       except Exception as e:  # TensorStore, orbax and file-system errors alike
         first_line = (str(e).strip().splitlines() or [''])[0][:300]
         reason = f'{type(e).__name__}: {first_line}'
-        logging.warning('The checkpoint at step %d in %s cannot be read (%s); moving it to %s '
-                        'and trying the one before.', step, self.directory, reason, aside)
+        logging.warning(
+          'The checkpoint at step %d in %s cannot be read (%s); moving it to %s '
+          'and trying the one before.',
+          step,
+          self.directory,
+          reason,
+          aside,
+        )
         tried.append(f'step {step} ({reason})')
         self._move_aside(step, aside)
     if tried:
-      raise CheckpointError(f'No checkpoint in {self.directory} can be read; tried '
-                            f'{"; ".join(tried)}. They were moved to {aside}.')
+      raise CheckpointError(
+        f'No checkpoint in {self.directory} can be read; tried '
+        f'{"; ".join(tried)}. They were moved to {aside}.'
+      )
     return None
 
   def _move_aside(self, step: int, aside: str) -> None:
@@ -184,16 +200,24 @@ class Checkpointer:
       for depth, key in enumerate(path):
         if not isinstance(node, dict) or key not in node:
           raise CheckpointError(
-              f'The checkpoint at step {step} in {self.directory} has no '
-              f'{".".join(path[:depth + 1])}: it holds '
-              f'{sorted(node) if isinstance(node, dict) else "an array"} there. Was it written '
-              'by another version of msf_jax?')
+            f'The checkpoint at step {step} in {self.directory} has no '
+            f'{".".join(path[: depth + 1])}: it holds '
+            f'{sorted(node) if isinstance(node, dict) else "an array"} there. Was it written '
+            'by another version of msf_jax?'
+          )
         node = node[key]
         destination = destination.setdefault(key, node if depth == len(path) - 1 else {})
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                           partial_restore=True)}))[STATE_ITEM]
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        **{
+          STATE_ITEM: ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True
+          )
+        }
+      ),
+    )[STATE_ITEM]
     out = []
     for path in paths:
       node = restored
@@ -226,11 +250,15 @@ def _move_directory(source: str, destination: str) -> None:
 def find_checkpoint_directory(path: str) -> str:
   """The checkpoint directory of `path`, given as a training workdir or as the directory."""
   if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
-    raise CheckpointError(f'{path} is a file: msf_jax checkpoints are directories (the '
-                          f'training workdir or its {CHECKPOINT_FOLDER}/ folder).')
+    raise CheckpointError(
+      f'{path} is a file: msf_jax checkpoints are directories (the '
+      f'training workdir or its {CHECKPOINT_FOLDER}/ folder).'
+    )
   if not tf.io.gfile.isdir(path):
-    raise FileNotFoundError(f'No msf_jax checkpoint directory at {path!r}: give the training '
-                            f'workdir or its {CHECKPOINT_FOLDER}/ folder.')
+    raise FileNotFoundError(
+      f'No msf_jax checkpoint directory at {path!r}: give the training '
+      f'workdir or its {CHECKPOINT_FOLDER}/ folder.'
+    )
   inside = checkpoint_directory(path)
   return inside if tf.io.gfile.isdir(inside) else path
 
@@ -243,8 +271,10 @@ def resolve_step(directory: str, step: int | None = None) -> int:
   finally:
     checkpointer.close()
   if not steps:
-    raise CheckpointError(f'No msf_jax checkpoint in {directory}: expected the step folders '
-                          'that msf_jax.checkpoint.Checkpointer writes (or a training workdir).')
+    raise CheckpointError(
+      f'No msf_jax checkpoint in {directory}: expected the step folders '
+      'that msf_jax.checkpoint.Checkpointer writes (or a training workdir).'
+    )
   if step is None:
     return steps[-1]
   if step not in steps:

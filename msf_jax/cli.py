@@ -44,8 +44,10 @@ def config_file_error(path: str) -> ConfigError:
   else:
     problem = 'it cannot be read'
   where = '' if os.path.isabs(path) else f' (from {os.getcwd()})'
-  return hinted(ConfigError(f'--config={path}: {problem}{where}.'),
-                'Give the path of a config file, e.g. --config=configs/digits_msf.py.')
+  return hinted(
+    ConfigError(f'--config={path}: {problem}{where}.'),
+    'Give the path of a config file, e.g. --config=configs/digits_msf.py.',
+  )
 
 
 def _config_path(argv: list[str]) -> str:
@@ -85,11 +87,16 @@ def flags_parser(hint: str) -> Callable[[list[str]], list[str]]:
     except flags.Error as e:
       raise hinted(ConfigError(str(e)), hint) from e
     except (AttributeError, KeyError) as e:
-      raise hinted(ConfigError('A --config. override names a setting the config does not '
-                               f'have: {_unquoted(e)}'), hint) from e
+      raise hinted(
+        ConfigError(
+          f'A --config. override names a setting the config does not have: {_unquoted(e)}'
+        ),
+        hint,
+      ) from e
     except SyntaxError as e:
-      raise ConfigError(f'The config file {e.filename} does not parse: {e.msg} (line '
-                        f'{e.lineno}).') from e
+      raise ConfigError(
+        f'The config file {e.filename} does not parse: {e.msg} (line {e.lineno}).'
+      ) from e
     except OSError as e:  # a --config.* override of a config file that could not be loaded
       raise config_file_error(_config_path(argv)) from e
 
@@ -120,15 +127,18 @@ def tell(lines: list[str], error: BaseException | None = None) -> None:
   print('\n'.join(lines), file=sys.stderr, flush=True)
 
 
-def run(main: Callable[[list[str]], None], argv: list[str] | None, hint: str,
-        user_errors: tuple[type[BaseException], ...],
-        tell_user: Callable[[list[str], BaseException], None] = tell) -> None:
+def run(
+  main: Callable[[list[str]], None],
+  argv: list[str] | None,
+  hint: str,
+  user_errors: tuple[type[BaseException], ...],
+  tell_user: Callable[[list[str], BaseException], None] = tell,
+) -> None:
   """absl's `app.run(main)`, a user's mistake (one of `user_errors`) told in a line or two
   and exit status 1; anything else propagates with its traceback."""
   try:
     app.run(main, argv, flags_parser=flags_parser(hint))
   except user_errors as e:
     error_hint = getattr(e, 'hint', None)
-    tell_user([f'error: {one_line(str(e))}', *([f'hint: {error_hint}'] if error_hint else [])],
-              e)
+    tell_user([f'error: {one_line(str(e))}', *([f'hint: {error_hint}'] if error_hint else [])], e)
     sys.exit(EXIT_USER_ERROR)

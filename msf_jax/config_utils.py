@@ -38,8 +38,9 @@ SOURCE_SETTINGS = {'tfds': ('name', 'data_dir'), 'folder': ('root',), 'digits': 
 
 def _only_read(settings: dict) -> dict:
   """`settings` with every data section (one with a `source`) cut to what its source reads."""
-  out: dict[str, Any] = {key: _only_read(value) if isinstance(value, dict) else value
-                         for key, value in settings.items()}
+  out: dict[str, Any] = {
+    key: _only_read(value) if isinstance(value, dict) else value for key, value in settings.items()
+  }
   if 'source' in out:
     others = {key for keys in SOURCE_SETTINGS.values() for key in keys}
     unread = others - set(SOURCE_SETTINGS.get(out['source'], others))
@@ -65,8 +66,7 @@ def _apply_variant(config: ml_collections.ConfigDict, key: str, value: str) -> N
     raise ConfigError(f'Bad config argument {key}={value}: use {VARIANTS_HELP}.')
 
 
-def apply_variants(config: ml_collections.ConfigDict, arg: str | None
-                   ) -> ml_collections.ConfigDict:
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """The paper's variants from a config argument such as 'aug=s/s,bank=128000,k=1': the
   augmentation pairing (target/online), the bank rows and the neighbours."""
   for item in filter(None, (arg or '').split(',')):
@@ -90,12 +90,15 @@ def bn_group_errors(size: int, batch: int, device_count: int) -> list[str]:
   per_device = batch // device_count
   if size > 0 and batch % size == 0 and (per_device % size == 0 or size % per_device == 0):
     return []
-  return [f'model.bn_group_size={size} must divide batch_size={batch}, and divide or be a '
-          f'multiple of the {per_device} images of a device (0: the whole batch).']
+  return [
+    f'model.bn_group_size={size} must divide batch_size={batch}, and divide or be a '
+    f'multiple of the {per_device} images of a device (0: the whole batch).'
+  ]
 
 
-def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
-                           process_count: int = 1) -> list[str]:
+def training_config_errors(
+  config: ml_collections.ConfigDict, device_count: int, process_count: int = 1
+) -> list[str]:
   """Every setting of a training config that cannot work, each naming its keys and what
   would be valid; empty when the config is sound. Checked before anything is built, so that
   a bad flag fails in a second, not at the first traced step."""
@@ -103,45 +106,56 @@ def training_config_errors(config: ml_collections.ConfigDict, device_count: int,
   batch, bank, topk = config.batch_size, config.msf.bank_size, config.msf.topk
   smallest = minimum_image_size(config.model)
   if config.image_size < smallest:
-    errors.append(f'image_size={config.image_size} is below {smallest}, the smallest input '
-                  f'a ResNet with model.small_stem={config.model.small_stem} reduces to one '
-                  'pixel.')
+    errors.append(
+      f'image_size={config.image_size} is below {smallest}, the smallest input '
+      f'a ResNet with model.small_stem={config.model.small_stem} reduces to one '
+      'pixel.'
+    )
   if batch < 1 or batch % device_count or batch % process_count:
-    errors.append(f'batch_size={batch} must be a positive multiple of the {device_count} '
-                  f'devices (and of the {process_count} processes), e.g. '
-                  f'{max(device_count, batch - batch % device_count)}.')
+    errors.append(
+      f'batch_size={batch} must be a positive multiple of the {device_count} '
+      f'devices (and of the {process_count} processes), e.g. '
+      f'{max(device_count, batch - batch % device_count)}.'
+    )
   if batch >= 1 and (bank < batch or bank % batch):
-    errors.append(f'msf.bank_size={bank} must be a multiple of batch_size={batch} (whole '
-                  f'batches are enqueued), e.g. {max(batch, bank - bank % batch)}.')
+    errors.append(
+      f'msf.bank_size={bank} must be a multiple of batch_size={batch} (whole '
+      f'batches are enqueued), e.g. {max(batch, bank - bank % batch)}.'
+    )
   errors += bn_group_errors(config.model.get('bn_group_size', 0), batch, device_count)
   if not 1 <= topk <= bank:
     errors.append(f'msf.topk={topk} must be between 1 and msf.bank_size={bank}.')
   candidates = config.msf.bank_search_candidates
   if config.msf.bank_search_dtype == 'bfloat16' and not topk < candidates <= bank:
-    errors.append(f'msf.bank_search_candidates={candidates} must be more than msf.topk={topk} '
-                  '(k or fewer could only reorder the k rows found) and at most '
-                  f'msf.bank_size={bank}.')
+    errors.append(
+      f'msf.bank_search_candidates={candidates} must be more than msf.topk={topk} '
+      '(k or fewer could only reorder the k rows found) and at most '
+      f'msf.bank_size={bank}.'
+    )
   for key in ('num_epochs', 'log_every_epochs', 'checkpoint.every_epochs', 'checkpoint.keep'):
     section, _, name = key.rpartition('.')
     value = (config[section] if section else config)[name]
     if not value > 0:
       errors.append(f'{key}={value} must be positive.')
-  for key, value, valid in (('data.pairing', config.data.pairing, PAIRINGS),
-                            ('optim.schedule', config.optim.schedule, SCHEDULES),
-                            ('data.source', config.data.source, SOURCES),
-                            ('msf.bank_search_dtype', config.msf.bank_search_dtype,
-                             SEARCH_DTYPES),
-                            ('msf.bank_layout', config.msf.bank_layout, BANK_LAYOUTS)):
+  for key, value, valid in (
+    ('data.pairing', config.data.pairing, PAIRINGS),
+    ('optim.schedule', config.optim.schedule, SCHEDULES),
+    ('data.source', config.data.source, SOURCES),
+    ('msf.bank_search_dtype', config.msf.bank_search_dtype, SEARCH_DTYPES),
+    ('msf.bank_layout', config.msf.bank_layout, BANK_LAYOUTS),
+  ):
     if value not in valid:
       errors.append(f'{key}={value!r} is not one of {", ".join(valid)}.')
   if config.monitor.knn_every_epochs < 0:
-    errors.append(f'monitor.knn_every_epochs={config.monitor.knn_every_epochs} must be 0 '
-                  '(off) or positive.')
+    errors.append(
+      f'monitor.knn_every_epochs={config.monitor.knn_every_epochs} must be 0 (off) or positive.'
+    )
   return errors
 
 
-def check_training_config(config: ml_collections.ConfigDict, device_count: int,
-                          process_count: int = 1) -> None:
+def check_training_config(
+  config: ml_collections.ConfigDict, device_count: int, process_count: int = 1
+) -> None:
   """Raises one ConfigError listing every error of `training_config_errors`."""
   errors = training_config_errors(config, device_count, process_count)
   if errors:

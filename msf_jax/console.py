@@ -64,23 +64,28 @@ def duration(seconds: float) -> str:
   return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
-def progress_line(step: int, total_steps: int, steps_per_epoch: int,
-                  metrics: dict[str, float], eta_seconds: float) -> str:
+def progress_line(
+  step: int, total_steps: int, steps_per_epoch: int, metrics: dict[str, float], eta_seconds: float
+) -> str:
   """One line of a log step: where the run is, how it learns, how fast, how long to go."""
   epoch = math.ceil(step / steps_per_epoch)
   num_epochs = total_steps // steps_per_epoch
-  return (f'epoch {epoch:>{len(str(num_epochs))}}/{num_epochs}  step {step}/{total_steps}  '
-          f'loss {metrics["loss"]:.4f}  purity {metrics["purity"]:.3f} '
-          f'(others {metrics["purity_others"]:.3f})  spread {metrics["target_std_ratio"]:.2f}  '
-          f'lr {metrics["lr"]:.4g}  {metrics["images_per_sec"]:,.0f} img/s  '
-          f'ETA {duration(eta_seconds)}')
+  return (
+    f'epoch {epoch:>{len(str(num_epochs))}}/{num_epochs}  step {step}/{total_steps}  '
+    f'loss {metrics["loss"]:.4f}  purity {metrics["purity"]:.3f} '
+    f'(others {metrics["purity_others"]:.3f})  spread {metrics["target_std_ratio"]:.2f}  '
+    f'lr {metrics["lr"]:.4g}  {metrics["images_per_sec"]:,.0f} img/s  '
+    f'ETA {duration(eta_seconds)}'
+  )
 
 
 def _model(model: ml_collections.ConfigDict, image_size: int) -> str:
   stem = 'small stem' if model.small_stem else '7x7 stem'
   compute = parse_dtype(model.dtype)
-  return (f'ResNet-{model.depth} ({stem}, width {model.width}) at {image_size} px, compute '
-          f'{compute.name if compute else model.param_dtype}, parameters {model.param_dtype}')
+  return (
+    f'ResNet-{model.depth} ({stem}, width {model.width}) at {image_size} px, compute '
+    f'{compute.name if compute else model.param_dtype}, parameters {model.param_dtype}'
+  )
 
 
 def _every(epochs: float) -> str:
@@ -88,20 +93,26 @@ def _every(epochs: float) -> str:
 
 
 def _data(data: ml_collections.ConfigDict) -> str:
-  where = {'digits': "scikit-learn's digits", 'folder': f'the image folder {data.root}',
-           'tfds': f'TFDS {data.name}' + (f' in {data.data_dir}' if data.data_dir else '')}
+  where = {
+    'digits': "scikit-learn's digits",
+    'folder': f'the image folder {data.root}',
+    'tfds': f'TFDS {data.name}' + (f' in {data.data_dir}' if data.data_dir else ''),
+  }
   flips = 'flips' if data.flip else 'no flips'
   low, high = data.crop_scale
-  return (f'{where.get(data.source, data.source)}, views {data.pairing} (target/online), '
-          f'crops of {low:g}-{high:g} of the image, {flips}')
+  return (
+    f'{where.get(data.source, data.source)}, views {data.pairing} (target/online), '
+    f'crops of {low:g}-{high:g} of the image, {flips}'
+  )
 
 
 def _search(msf: ml_collections.ConfigDict) -> str:
   """How the bank is searched, where it is not the official float32 product."""
   if msf.bank_search_dtype == 'float32':
     return ''
-  return (f' searched in {msf.bank_search_dtype} (best {msf.bank_search_candidates} '
-          're-scored in float32)')
+  return (
+    f' searched in {msf.bank_search_dtype} (best {msf.bank_search_candidates} re-scored in float32)'
+  )
 
 
 def _layout(msf: ml_collections.ConfigDict, device_count: int) -> str:
@@ -113,37 +124,44 @@ def _layout(msf: ml_collections.ConfigDict, device_count: int) -> str:
   return f' sharded over {device_count} devices ({msf.bank_size // device_count:,} each)'
 
 
-def config_summary(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                   num_train: int, device_count: int = 1) -> str:
+def config_summary(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, num_train: int, device_count: int = 1
+) -> str:
   """The settings that apply to this run on `device_count` devices, in a few lines (the whole
   resolved config is in WORKDIR/config.json and in TensorBoard's text tab)."""
   msf, optim = config.msf, config.optim
-  k = f'k = {msf.topk}' + (f' (ramped over {msf.topk_ramp_epochs} epochs)'
-                           if msf.topk_ramp_epochs else '')
+  k = f'k = {msf.topk}' + (
+    f' (ramped over {msf.topk_ramp_epochs} epochs)' if msf.topk_ramp_epochs else ''
+  )
   lines = [
-      f'Data: {_data(config.data)}; {num_train:,} training images.',
-      f'Model: {_model(config.model, config.image_size)}.',
-      f'MSF: {k}, bank of {msf.bank_size:,} rows{_layout(msf, device_count)}{_search(msf)}, '
-      f'target momentum '
-      f'{msf.ema_momentum:g}.',
-      f'Training: {config.num_epochs} epochs of {steps_per_epoch:,} steps of batch '
-      f'{config.batch_size}; SGD lr {optim.base_lr:g} x batch/256 '
-      f'({optim.base_lr * config.batch_size / 256:.4g}), {optim.schedule}, momentum '
-      f'{optim.momentum:g}, weight decay {optim.weight_decay:g}.',
+    f'Data: {_data(config.data)}; {num_train:,} training images.',
+    f'Model: {_model(config.model, config.image_size)}.',
+    f'MSF: {k}, bank of {msf.bank_size:,} rows{_layout(msf, device_count)}{_search(msf)}, '
+    f'target momentum '
+    f'{msf.ema_momentum:g}.',
+    f'Training: {config.num_epochs} epochs of {steps_per_epoch:,} steps of batch '
+    f'{config.batch_size}; SGD lr {optim.base_lr:g} x batch/256 '
+    f'({optim.base_lr * config.batch_size / 256:.4g}), {optim.schedule}, momentum '
+    f'{optim.momentum:g}, weight decay {optim.weight_decay:g}.',
   ]
   monitor = config.monitor
   if monitor.knn_every_epochs:
-    lines.append(f'kNN monitor {_every(monitor.knn_every_epochs)}: '
-                 f'{monitor.num_queries:,} {monitor.split} images against {monitor.num_train:,} '
-                 f'training images, k = {", ".join(map(str, monitor.ks))}.')
-  lines.append(f'Logs {_every(config.log_every_epochs)}, checkpoints '
-               f'{_every(config.checkpoint.every_epochs)} (the last {config.checkpoint.keep} '
-               'kept).')
+    lines.append(
+      f'kNN monitor {_every(monitor.knn_every_epochs)}: '
+      f'{monitor.num_queries:,} {monitor.split} images against {monitor.num_train:,} '
+      f'training images, k = {", ".join(map(str, monitor.ks))}.'
+    )
+  lines.append(
+    f'Logs {_every(config.log_every_epochs)}, checkpoints '
+    f'{_every(config.checkpoint.every_epochs)} (the last {config.checkpoint.keep} '
+    'kept).'
+  )
   return '\n'.join(lines)
 
 
-def where_results_are(workdir: str, log_path: str | None,
-                      extra: dict[str, str] | None = None, checkpoints: bool = True) -> str:
+def where_results_are(
+  workdir: str, log_path: str | None, extra: dict[str, str] | None = None, checkpoints: bool = True
+) -> str:
   """The closing lines of a run: its files and the TensorBoard command."""
   lines = [f'Checkpoints: {os.path.join(workdir, "checkpoints")}'] if checkpoints else []
   lines += [f'{name}: {path}' for name, path in (extra or {}).items()]

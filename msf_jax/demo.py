@@ -18,8 +18,9 @@ def comparison_table(results: dict[str, dict[str, float]]) -> str:
   width = max(len(m) for m in metrics)
   lines = [f'{"":{width}}  ' + '  '.join(f'{n:>8}' for n in names)]
   for metric in metrics:
-    lines.append(f'{metric:{width}}  ' + '  '.join(f'{100 * results[n][metric]:7.1f}%'
-                                                   for n in names))
+    lines.append(
+      f'{metric:{width}}  ' + '  '.join(f'{100 * results[n][metric]:7.1f}%' for n in names)
+    )
   return '\n'.join(lines)
 
 
@@ -29,9 +30,11 @@ def settings_summary(config: ml_collections.ConfigDict) -> str:
   k = f'k = {msf.topk}'
   if msf.topk_ramp_epochs:
     k += f' (from k = 1, growing over the first {msf.topk_ramp_epochs} epochs)'
-  return (f'MSF with {k}, a bank of {msf.bank_size:,} rows, lr {config.optim.base_lr:g} x '
-          f'batch/256, target momentum {msf.ema_momentum:g}, {config.num_epochs} '
-          f'epoch{"s" * (config.num_epochs != 1)}.')
+  return (
+    f'MSF with {k}, a bank of {msf.bank_size:,} rows, lr {config.optim.base_lr:g} x '
+    f'batch/256, target momentum {msf.ema_momentum:g}, {config.num_epochs} '
+    f'epoch{"s" * (config.num_epochs != 1)}.'
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
@@ -45,8 +48,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     eval_config.checkpoint_format = checkpoint_format
     results[name] = evaluation.evaluate(eval_config, os.path.join(workdir, f'eval_{name}'))
   data = config.evaluation.data
-  print(f'\nMSF on {evaluation.dataset_name(data)}, {data.test_split} split '
-        f'({config.evaluation.encoder} backbone features):\n'
-        f'{comparison_table(results)}\n{settings_summary(config)}\n{config.get("why", "")}',
-        flush=True)
+  print(
+    f'\nMSF on {evaluation.dataset_name(data)}, {data.test_split} split '
+    f'({config.evaluation.encoder} backbone features):\n'
+    f'{comparison_table(results)}\n{settings_summary(config)}\n{config.get("why", "")}',
+    flush=True,
+  )
   return results

@@ -39,20 +39,27 @@ from msf_jax.workdir_lock import WorkdirBusyError  # noqa: E402
 
 MODES = {'train': train_loop.train, 'evaluate': evaluation.evaluate, 'demo': demo.run}
 # What each mode leaves in the workdir besides checkpoints, logs and TensorBoard metrics.
-RESULTS = {'train': {}, 'evaluate': {'Results': evaluation.RESULTS_FILE},
-           'demo': {f'Results ({name} encoder)': os.path.join(f'eval_{name}',
-                                                             evaluation.RESULTS_FILE)
-                    for name in demo.ENCODERS}}
+RESULTS = {
+  'train': {},
+  'evaluate': {'Results': evaluation.RESULTS_FILE},
+  'demo': {
+    f'Results ({name} encoder)': os.path.join(f'eval_{name}', evaluation.RESULTS_FILE)
+    for name in demo.ENCODERS
+  },
+}
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 flags.mark_flag_as_required('config')
 # required=True (rather than marking it after) types its value as a str, never None.
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints and metrics.',
-                               required=True)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Run directory: checkpoints and metrics.', required=True
+)
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'Multi-process jobs: host:port of process 0. With '
-    '--num_processes and --process_id; all three are detected on Cloud TPU pods and SLURM.')
+  'coordinator_address',
+  None,
+  'Multi-process jobs: host:port of process 0. With '
+  '--num_processes and --process_id; all three are detected on Cloud TPU pods and SLURM.',
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 
@@ -69,8 +76,15 @@ class WorkdirError(OSError):
 
 # What a user causes and can fix from the message alone. FileNotFoundError: a file the user
 # named (a checkpoint, an image folder) is not there.
-USER_ERRORS = (ConfigError, CheckpointError, WorkdirError, WorkdirBusyError,
-               DatasetNotFoundError, FileNotFoundError, train_loop.NonFiniteLossError)
+USER_ERRORS = (
+  ConfigError,
+  CheckpointError,
+  WorkdirError,
+  WorkdirBusyError,
+  DatasetNotFoundError,
+  FileNotFoundError,
+  train_loop.NonFiniteLossError,
+)
 
 
 def _prepare_workdir(workdir: str) -> None:
@@ -83,21 +97,30 @@ def _prepare_workdir(workdir: str) -> None:
     with tempfile.TemporaryFile(dir=workdir):
       pass
   except OSError as e:
-    raise cli.hinted(WorkdirError(f'--workdir={workdir} cannot be used: {e.strerror or e}.'),
-                     'Give a folder this user can create and write, e.g. --workdir=runs/NAME.'
-                     ) from e
+    raise cli.hinted(
+      WorkdirError(f'--workdir={workdir} cannot be used: {e.strerror or e}.'),
+      'Give a folder this user can create and write, e.g. --workdir=runs/NAME.',
+    ) from e
 
 
 def _log_files() -> list[python_logging.FileHandler]:
   """The run's log files (console.log_to_file): none until the workdir is known."""
-  return [h for h in python_logging.getLogger().handlers
-          if isinstance(h, python_logging.FileHandler)]
+  return [
+    h for h in python_logging.getLogger().handlers if isinstance(h, python_logging.FileHandler)
+  ]
 
 
 def _to_log_files(message: str, error: BaseException | None = None) -> None:
   """`message`, with the traceback of `error`, into the log files only, not the console."""
-  record = python_logging.LogRecord('msf_jax', python_logging.ERROR, __file__, 0, message, (),
-                                    (type(error), error, error.__traceback__) if error else None)
+  record = python_logging.LogRecord(
+    'msf_jax',
+    python_logging.ERROR,
+    __file__,
+    0,
+    message,
+    (),
+    (type(error), error, error.__traceback__) if error else None,
+  )
   for handler in _log_files():
     handler.handle(record)
 
@@ -149,8 +172,9 @@ def main(argv) -> None:
     raise ConfigError(f'config.mode must be one of {sorted(MODES)}, got {mode!r}.')
   MODES[mode](config, workdir)
   extra = {name: os.path.join(workdir, path) for name, path in RESULTS[mode].items()}
-  logging.info('Done.\n%s', console.where_results_are(workdir, log_path, extra,
-                                                      checkpoints=mode != 'evaluate'))
+  logging.info(
+    'Done.\n%s', console.where_results_are(workdir, log_path, extra, checkpoints=mode != 'evaluate')
+  )
 
 
 if __name__ == '__main__':

@@ -14,8 +14,9 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.optim.base_lr * config.batch_size / 256
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
-                           ) -> optax.Schedule:
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
   """The official per-epoch cosine (constant within an epoch), a per-step cosine, or constant.
   `steps_per_epoch` comes from the data (msf_jax.data.pipeline.steps_per_epoch).
 
@@ -33,12 +34,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
   raise ValueError(f'config.optim.schedule must be one of {SCHEDULES}, got {kind!r}.')
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
   """torch.optim.SGD(momentum, weight_decay): decay is added to every gradient, BN included."""
   return optax.chain(
-      optax.add_decayed_weights(config.optim.weight_decay),
-      optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.optim.momentum),
+    optax.add_decayed_weights(config.optim.weight_decay),
+    optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.optim.momentum),
   )
 
 

@@ -47,8 +47,10 @@ def resolve_bank_layout(layout: str, num_rows: int, device_count: int) -> str:
   if layout == 'auto':
     return 'sharded' if device_count > 1 and num_rows % device_count == 0 else 'replicated'
   if layout == 'sharded' and num_rows % device_count:
-    raise ValueError(f'A sharded bank of {num_rows} rows does not divide among '
-                     f'{device_count} devices: use a multiple of {device_count} rows.')
+    raise ValueError(
+      f'A sharded bank of {num_rows} rows does not divide among '
+      f'{device_count} devices: use a multiple of {device_count} rows.'
+    )
   return layout
 
 

@@ -52,28 +52,39 @@ def batch_groups(config: ml_collections.ConfigDict, device_count: int) -> BatchG
   return BatchGroups(0, DATA_AXIS, size // per_device)
 
 
-def bank_search_fn(config: ml_collections.ConfigDict, axis_name: str | None = None
-                   ) -> Callable[[mean_shift.MemoryBank, jax.Array, jax.Array], tuple]:
+def bank_search_fn(
+  config: ml_collections.ConfigDict, axis_name: str | None = None
+) -> Callable[[mean_shift.MemoryBank, jax.Array, jax.Array], tuple]:
   """`mean_shift.enqueue_and_search` with the config's search settings; with `axis_name`,
   for a bank split by rows over that axis, inside `jax.shard_map`."""
   msf = config.msf
-  return functools.partial(mean_shift.enqueue_and_search, k=msf.topk,
-                           search_k=search_k(config), chunk_size=msf.bank_chunk_size,
-                           search_dtype=msf.bank_search_dtype,
-                           candidates=msf.bank_search_candidates, axis_name=axis_name)
+  return functools.partial(
+    mean_shift.enqueue_and_search,
+    k=msf.topk,
+    search_k=search_k(config),
+    chunk_size=msf.bank_chunk_size,
+    search_dtype=msf.bank_search_dtype,
+    candidates=msf.bank_search_candidates,
+    axis_name=axis_name,
+  )
 
 
-def bank_step_fn(config: ml_collections.ConfigDict, mesh: Mesh | None = None
-                 ) -> Callable[[mean_shift.MemoryBank, jax.Array, jax.Array], tuple]:
+def bank_step_fn(
+  config: ml_collections.ConfigDict, mesh: Mesh | None = None
+) -> Callable[[mean_shift.MemoryBank, jax.Array, jax.Array], tuple]:
   """`bank_search_fn` for a step under `jit`. With a sharded bank layout on `mesh`, it runs
   under `jax.shard_map`: each device updates and searches its own rows for the whole batch,
   so no collective of the program is bank-sized."""
   if mesh is None or bank_layout(config, mesh.devices.size) == 'replicated':
     return bank_search_fn(config)
   specs = bank_specs('sharded')
-  return jax.shard_map(bank_search_fn(config, DATA_AXIS), mesh=mesh,
-                       in_specs=(specs, P(), P()), out_specs=(specs, P(), P(), P()),
-                       check_vma=False)
+  return jax.shard_map(
+    bank_search_fn(config, DATA_AXIS),
+    mesh=mesh,
+    in_specs=(specs, P(), P()),
+    out_specs=(specs, P(), P(), P()),
+    check_vma=False,
+  )
 
 
 def target_sources(order: jax.Array, mesh: Mesh | None) -> jax.Array:
@@ -87,8 +98,9 @@ def target_sources(order: jax.Array, mesh: Mesh | None) -> jax.Array:
     return order
   rows = order.shape[0] // len(devices)
   device_rows = np.arange(order.shape[0]).reshape(len(devices), rows)
-  host_rows = np.stack([device_rows[[d.process_index == p for d in devices]].ravel()
-                        for p in processes])
+  host_rows = np.stack(
+    [device_rows[[d.process_index == p for d in devices]].ravel() for p in processes]
+  )
   row_host = np.repeat([processes.index(d.process_index) for d in devices], rows)
   return jnp.asarray(host_rows)[row_host, order]
 
@@ -119,9 +131,12 @@ def _sum_over_devices(grads, loss: jax.Array, batch_stats, axis_name: str | None
   return jax.tree.map(lambda g: g / count, grads), loss / count, batch_stats
 
 
-def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                       finish_views: bool = True, mesh: Mesh | None = None
-                       ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
+def make_train_step_fn(
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  finish_views: bool = True,
+  mesh: Mesh | None = None,
+) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
   """The un-jitted step for a config and the data's steps per epoch (the learning-rate
   schedule and a k ramp count epochs); `make_train_step` jits it over a mesh. `mesh` (None:
   one device, a replicated bank) is the step's.
@@ -151,8 +166,11 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
   topk, num_searched = config.msf.topk, search_k(config)
   axis_name = DATA_AXIS if per_device else None
   layout = bank_layout(config, device_count)
-  bank_step = (bank_search_fn(config, DATA_AXIS if layout == 'sharded' else None)
-               if per_device else bank_step_fn(config, mesh))
+  bank_step = (
+    bank_search_fn(config, DATA_AXIS if layout == 'sharded' else None)
+    if per_device
+    else bank_step_fn(config, mesh)
+  )
   ramp_epochs = config.msf.topk_ramp_epochs
   pairing = config.data.pairing
   shuffled = config.msf.get('shuffle_target', False)
@@ -162,8 +180,11 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
     (under `jit` alone: the whole batch's)."""
     # 2. Target embeddings of the target view (BatchNorm in training mode, no gradient).
     target_out, target_vars = encoder.apply(
-        {'params': target_params, 'batch_stats': batch_stats['target']},
-        batch['target'], train=True, mutable=['batch_stats'])
+      {'params': target_params, 'batch_stats': batch_stats['target']},
+      batch['target'],
+      train=True,
+      mutable=['batch_stats'],
+    )
     targets = jax.lax.stop_gradient(mean_shift.l2_normalize(_as_float(target_out)))
     targets, labels = _gather(targets, axis_name), _gather(batch['label'], axis_name)
     if shuffled:  # back in the images' order (the official `get_shuffle_ids`)
@@ -184,68 +205,89 @@ def make_train_step_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
     # 4. Online prediction of the online view, pulled toward the target's neighbours.
     def loss_fn(trainable):
       projection, online_vars = encoder.apply(
-          {'params': trainable['online'], 'batch_stats': batch_stats['online']},
-          batch['online'], train=True, mutable=['batch_stats'])
+        {'params': trainable['online'], 'batch_stats': batch_stats['online']},
+        batch['online'],
+        train=True,
+        mutable=['batch_stats'],
+      )
       prediction, predictor_vars = predictor.apply(
-          {'params': trainable['predictor'], 'batch_stats': batch_stats['predictor']},
-          projection, train=True, mutable=['batch_stats'])
+        {'params': trainable['predictor'], 'batch_stats': batch_stats['predictor']},
+        projection,
+        train=True,
+        mutable=['batch_stats'],
+      )
       predictions = mean_shift.l2_normalize(_as_float(prediction))
       loss = mean_shift.mean_shift_loss(predictions, neighbors.astype(predictions.dtype), active)
-      return loss, {'online': online_vars['batch_stats'],
-                    'predictor': predictor_vars['batch_stats']}
+      return loss, {
+        'online': online_vars['batch_stats'],
+        'predictor': predictor_vars['batch_stats'],
+      }
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads, loss, new_stats = _sum_over_devices(
-        grads, loss, {**new_stats, 'target': target_vars['batch_stats']}, axis_name)
+      grads, loss, {**new_stats, 'target': target_vars['batch_stats']}, axis_name
+    )
     metrics = {
-        'loss': loss,
-        # Collapse indicator: the spread of the unit target embeddings over the batch, 1 for
-        # directions spread evenly over the sphere (std 1/sqrt(d) a dimension), 0 collapsed.
-        'target_std_ratio': jnp.mean(jnp.std(targets, axis=0)) * jnp.sqrt(targets.shape[1]),
-        # The official purity counts the query's own embedding (1.0 at k = 1); the other
-        # one is the purity of the loss's neighbours besides it (at k = 1, the nearest other).
-        'purity': mean_shift.purity(labels, found_labels[:, :topk], active),
-        'purity_others': mean_shift.purity(
-            labels, jnp.take_along_axis(found_labels, others, axis=1), others_active),
-        'topk': k_t,
+      'loss': loss,
+      # Collapse indicator: the spread of the unit target embeddings over the batch, 1 for
+      # directions spread evenly over the sphere (std 1/sqrt(d) a dimension), 0 collapsed.
+      'target_std_ratio': jnp.mean(jnp.std(targets, axis=0)) * jnp.sqrt(targets.shape[1]),
+      # The official purity counts the query's own embedding (1.0 at k = 1); the other
+      # one is the purity of the loss's neighbours besides it (at k = 1, the nearest other).
+      'purity': mean_shift.purity(labels, found_labels[:, :topk], active),
+      'purity_others': mean_shift.purity(
+        labels, jnp.take_along_axis(found_labels, others, axis=1), others_active
+      ),
+      'topk': k_t,
     }
     return grads, new_stats, bank, metrics
 
   if per_device:
     specs = bank_specs(layout)
     forward_backward = jax.shard_map(
-        forward_backward, mesh=mesh, in_specs=(P(), P(), P(), specs, P(DATA_AXIS), P()),
-        out_specs=(P(), P(), specs, P()), check_vma=False)
+      forward_backward,
+      mesh=mesh,
+      in_specs=(P(), P(), P(), specs, P(DATA_AXIS), P()),
+      out_specs=(P(), P(), specs, P()),
+      check_vma=False,
+    )
 
   def train_step(state: MSFState, batch: Batch) -> tuple[MSFState, Metrics]:
     if finish_views:
       batch = color.finish_views(batch, pairing)
     # 1. Target <- m * target + (1 - m) * online, parameters only (official order: first).
     target_params = optax.incremental_update(
-        state.online['params'], state.target['params'], 1.0 - ema_momentum)
-    batch_stats = {name: getattr(state, name)['batch_stats']
-                   for name in ('online', 'predictor', 'target')}
+      state.online['params'], state.target['params'], 1.0 - ema_momentum
+    )
+    batch_stats = {
+      name: getattr(state, name)['batch_stats'] for name in ('online', 'predictor', 'target')
+    }
     grads, new_stats, bank, metrics = forward_backward(
-        state.trainable_params, batch_stats, target_params, state.bank, batch, state.step)
+      state.trainable_params, batch_stats, target_params, state.bank, batch, state.step
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable_params)
     trainable = optax.apply_updates(state.trainable_params, updates)
 
     new_state = state.replace(
-        step=state.step + 1,
-        online={'params': trainable['online'], 'batch_stats': new_stats['online']},
-        predictor={'params': trainable['predictor'], 'batch_stats': new_stats['predictor']},
-        target={'params': target_params, 'batch_stats': new_stats['target']},
-        opt_state=opt_state,
-        bank=bank,
+      step=state.step + 1,
+      online={'params': trainable['online'], 'batch_stats': new_stats['online']},
+      predictor={'params': trainable['predictor'], 'batch_stats': new_stats['predictor']},
+      target={'params': target_params, 'batch_stats': new_stats['target']},
+      opt_state=opt_state,
+      bank=bank,
     )
     return new_state, {**metrics, 'lr': jnp.asarray(schedule(state.step), jnp.float32)}
 
   return train_step
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int,
-                    donate: bool = True, finish_views: bool = True
-                    ) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
+def make_train_step(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  steps_per_epoch: int,
+  donate: bool = True,
+  finish_views: bool = True,
+) -> Callable[[MSFState, Batch], tuple[MSFState, Metrics]]:
   """`train_step(state, batch) -> (state, metrics)`, jitted over `mesh`.
 
   The batch is split over the `data` axis; parameters and optimizer state are replicated;
@@ -257,8 +299,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epo
   """
   shardings = state_shardings(config, mesh)
   return jax.jit(
-      make_train_step_fn(config, steps_per_epoch, finish_views, mesh),
-      in_shardings=(shardings, batch_sharded(mesh)),
-      out_shardings=(shardings, replicated(mesh)),
-      donate_argnums=(0,) if donate else (),
+    make_train_step_fn(config, steps_per_epoch, finish_views, mesh),
+    in_shardings=(shardings, batch_sharded(mesh)),
+    out_shardings=(shardings, replicated(mesh)),
+    donate_argnums=(0,) if donate else (),
   )

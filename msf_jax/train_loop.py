@@ -52,8 +52,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 def _stop_at_once() -> None:
   """A second Ctrl-C: exit now, abandoning a save in progress. Orbax writes each checkpoint
   to a temporary folder and renames it when complete, so the previous one stays whole."""
-  logging.warning('Ctrl-C again: stopping at once; the checkpoint being saved is abandoned, '
-                  'the run resumes from the one before.')
+  logging.warning(
+    'Ctrl-C again: stopping at once; the checkpoint being saved is abandoned, '
+    'the run resumes from the one before.'
+  )
   for handler in python_logging.getLogger().handlers:
     handler.flush()
   os._exit(EXIT_INTERRUPTED)
@@ -86,8 +88,10 @@ class _StopRequest:
       return
     if self.interrupted:
       _stop_at_once()
-    logging.warning('Ctrl-C: saving a checkpoint at the current step, then exiting (Ctrl-C '
-                    'again stops at once and keeps the previous checkpoint).')
+    logging.warning(
+      'Ctrl-C: saving a checkpoint at the current step, then exiting (Ctrl-C '
+      'again stops at once and keeps the previous checkpoint).'
+    )
     self.interrupted = True
     if self._single:
       self.requested = True
@@ -110,9 +114,10 @@ def _check_finite(step: int, loss: float, params_finite: bool = True) -> None:
   if not (np.isfinite(loss) and params_finite):
     what = f'The loss is {loss}' if not np.isfinite(loss) else 'The parameters are not finite'
     raise NonFiniteLossError(
-        f'{what} at step {step}: training stopped without saving, so the latest checkpoint '
-        'is the last good one. Lower config.optim.base_lr, or check the input data '
-        '(images, normalization).')
+      f'{what} at step {step}: training stopped without saving, so the latest checkpoint '
+      'is the last good one. Lower config.optim.base_lr, or check the input data '
+      '(images, normalization).'
+    )
 
 
 @jax.jit
@@ -135,8 +140,11 @@ def _own_workdir(workdir: str) -> WorkdirLock | None:
       lock.acquire()
     except WorkdirBusyError as e:
       lock, refusal = None, e
-  if jax.process_count() > 1 and bool(
-      multihost_utils.broadcast_one_to_all(np.asarray(refusal is not None))) and not refusal:
+  if (
+    jax.process_count() > 1
+    and bool(multihost_utils.broadcast_one_to_all(np.asarray(refusal is not None)))
+    and not refusal
+  ):
     raise WorkdirBusyError(f'Process 0 could not take the lock of {workdir}: see its log.')
   if refusal:
     raise refusal
@@ -162,12 +170,16 @@ def _record_config(settings: dict, workdir: str, writer: metric_writers.MetricWr
   model from it, or from the copy beside each checkpoint) and in TensorBoard as text and
   hyperparameters."""
   if jax.process_index() == 0:
-    write_atomically(os.path.join(workdir, CONFIG_FILE),
-                     json.dumps(settings, indent=2, sort_keys=True).encode())
+    write_atomically(
+      os.path.join(workdir, CONFIG_FILE), json.dumps(settings, indent=2, sort_keys=True).encode()
+    )
   writer.write_texts(0, {'config': f'```\n{ml_collections.ConfigDict(settings).to_yaml()}\n```'})
-  writer.write_hparams({
+  writer.write_hparams(
+    {
       key: value if isinstance(value, (bool, int, float, str)) else str(value)
-      for key, value in traverse_util.flatten_dict(settings, sep='.').items()})
+      for key, value in traverse_util.flatten_dict(settings, sep='.').items()
+    }
+  )
 
 
 STREAM_METADATA = 'data_stream'  # every process's stream position, beside each checkpoint
@@ -182,8 +194,7 @@ def _stream_positions(stream: pipeline.TrainStream, step: int) -> dict[str, list
   return {'slots': gathered[:, 0].tolist(), 'skipped': gathered[:, 1].tolist()}
 
 
-def _saved_stream_position(checkpointer: Checkpointer, step: int
-                           ) -> pipeline.StreamPosition | None:
+def _saved_stream_position(checkpointer: Checkpointer, step: int) -> pipeline.StreamPosition | None:
   """This process's stream position saved with the checkpoint at `step`, or None where the
   checkpoint has none or was written by another number of processes (each host then reads
   from slot step x host batch, which is exact while no image was skipped)."""
@@ -191,13 +202,19 @@ def _saved_stream_position(checkpointer: Checkpointer, step: int
   if saved is None:
     return None
   if len(saved['slots']) != jax.process_count():
-    logging.warning('The checkpoint at step %d was written by %d processes and this run has '
-                    '%d: each starts its share of the data at slot step x host batch, and the '
-                    '%d images skipped so far are not counted again.', step,
-                    len(saved['slots']), jax.process_count(), sum(saved['skipped']))
+    logging.warning(
+      'The checkpoint at step %d was written by %d processes and this run has '
+      '%d: each starts its share of the data at slot step x host batch, and the '
+      '%d images skipped so far are not counted again.',
+      step,
+      len(saved['slots']),
+      jax.process_count(),
+      sum(saved['skipped']),
+    )
     return None
-  return pipeline.StreamPosition(saved['slots'][jax.process_index()],
-                                 saved['skipped'][jax.process_index()])
+  return pipeline.StreamPosition(
+    saved['slots'][jax.process_index()], saved['skipped'][jax.process_index()]
+  )
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
@@ -209,35 +226,52 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
   log_every = epochs_to_steps(config.log_every_epochs, steps_per_epoch)
   checkpoint_every = epochs_to_steps(config.checkpoint.every_epochs, steps_per_epoch)
 
-  checkpointer = Checkpointer(checkpoint_directory(workdir), max_to_keep=config.checkpoint.keep,
-                              save_interval_steps=checkpoint_every)
+  checkpointer = Checkpointer(
+    checkpoint_directory(workdir),
+    max_to_keep=config.checkpoint.keep,
+    save_interval_steps=checkpoint_every,
+  )
   # The bank's layout follows this run's devices, whatever wrote the checkpoint.
   state = checkpointer.restore_newest_readable(
-      abstract_state(config, state_shardings(config, mesh)), aside=damaged_directory(workdir))
+    abstract_state(config, state_shardings(config, mesh)), aside=damaged_directory(workdir)
+  )
   if state is None:
     state = init_state(config, mesh, jax.random.key(config.seed))
   start = int(jax.device_get(state.step))
-  logging.info('%s\n%s at step %d of %d.', console.config_summary(
-      config, steps_per_epoch, split.num_examples, jax.device_count()), 'Resuming' if start else 'Starting',
-      start, total_steps)
+  logging.info(
+    '%s\n%s at step %d of %d.',
+    console.config_summary(config, steps_per_epoch, split.num_examples, jax.device_count()),
+    'Resuming' if start else 'Starting',
+    start,
+    total_steps,
+  )
 
   start_position = _saved_stream_position(checkpointer, start) if start else None
-  stream = pipeline.train_stream(split, global_batch=config.batch_size,
-                                 image_size=config.image_size, seed=config.seed,
-                                 pairing=config.data.pairing, start_step=start,
-                                 start_position=start_position,
-                                 crop_scale=tuple(config.data.crop_scale),
-                                 random_flip=config.data.flip,
-                                 shuffle_target=config.msf.shuffle_target)
+  stream = pipeline.train_stream(
+    split,
+    global_batch=config.batch_size,
+    image_size=config.image_size,
+    seed=config.seed,
+    pairing=config.data.pairing,
+    start_step=start,
+    start_position=start_position,
+    crop_scale=tuple(config.data.crop_scale),
+    random_flip=config.data.flip,
+    shuffle_target=config.msf.shuffle_target,
+  )
   train_step = make_train_step(config, mesh, steps_per_epoch)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   settings = recorded_settings(config)  # the config is locked: once for the whole run
   _record_config(settings, workdir, writer)
   if start == 0:  # what the two encoders are shown, before the first step
-    visualize.write_pictures({'views': visualize.views_grid_from_config(config, mesh, split)},
-                             workdir, 0, writer)
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_secs=None, every_steps=log_every)]
+    visualize.write_pictures(
+      {'views': visualize.views_grid_from_config(config, mesh, split)}, workdir, 0, writer
+    )
+  hooks = [
+    periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_secs=None, every_steps=log_every
+    )
+  ]
   if config.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
   monitor_every = config.monitor.knn_every_epochs * steps_per_epoch
@@ -258,39 +292,55 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
         hook(step)
       preempted = stop.requested or multihost_utils.reached_preemption_sync_point(step)
       if step % log_every == 0 or step == total_steps or preempted:
-        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                   for k in pending[0]}
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
         _check_finite(step, summary['loss'])
         elapsed = time.perf_counter() - window_start
         training_seconds += elapsed
-        summary.update(images_per_sec=len(pending) * config.batch_size / elapsed,
-                       data_wait_fraction=data_wait / elapsed,
-                       skipped_images=stream.skipped)
+        summary.update(
+          images_per_sec=len(pending) * config.batch_size / elapsed,
+          data_wait_fraction=data_wait / elapsed,
+          skipped_images=stream.skipped,
+        )
         writer.write_scalars(step, summary)
         eta = training_seconds / (step - start) * (total_steps - step)
         logging.info(console.progress_line(step, total_steps, steps_per_epoch, summary, eta))
         if skipped_names := stream.pop_skipped_names():
-          logging.warning('Skipped undecodable images (%d so far): %s', stream.skipped,
-                          ', '.join(skipped_names))
+          logging.warning(
+            'Skipped undecodable images (%d so far): %s', stream.skipped, ', '.join(skipped_names)
+          )
         window_start, data_wait, pending = time.perf_counter(), 0.0, []
       if monitor and (step % monitor_every == 0 or step == total_steps):
         monitor_start = time.perf_counter()
         result = monitor(state.online)
         writer.write_scalars(step, result.metrics)
-        logging.info('kNN monitor at epoch %d: %s', step // steps_per_epoch, ', '.join(
-            f'{k}-NN {100 * result.metrics[f"monitor/knn_k{k}"]:.1f}%'
-            for k in config.monitor.ks))
+        logging.info(
+          'kNN monitor at epoch %d: %s',
+          step // steps_per_epoch,
+          ', '.join(
+            f'{k}-NN {100 * result.metrics[f"monitor/knn_k{k}"]:.1f}%' for k in config.monitor.ks
+          ),
+        )
         grid = visualize.retrieval_grid_from_features(
-            monitor.train, result.train, monitor.held_out, result.held_out, config.image_size,
-            mesh, batch_size=config.monitor.batch_size)
+          monitor.train,
+          result.train,
+          monitor.held_out,
+          result.held_out,
+          config.image_size,
+          mesh,
+          batch_size=config.monitor.batch_size,
+        )
         visualize.write_pictures({'retrieval': grid}, workdir, step, writer)
         window_start += time.perf_counter() - monitor_start  # not training time
       if step % checkpoint_every == 0 or step == total_steps or preempted:
         # Never save a non-finite state: the latest checkpoint stays the last good one.
         last_loss = float(jax.device_get(pending[-1]['loss'])) if pending else 0.0
         _check_finite(step, last_loss, bool(_all_finite(state.trainable_params)))
-        checkpointer.save(step, state, force=True, metadata={
-            **settings, STREAM_METADATA: _stream_positions(stream, step)})
+        checkpointer.save(
+          step,
+          state,
+          force=True,
+          metadata={**settings, STREAM_METADATA: _stream_positions(stream, step)},
+        )
       if preempted:
         logging.warning('Stopping at step %d; the run resumes from here.', step)
         break

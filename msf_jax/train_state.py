@@ -24,6 +24,7 @@ class MSFState(struct.PyTreeNode):  # struct.dataclass, with `replace` typed
   randomness lives outside the state: initialization from config.seed, and augmentations
   that the data pipeline derives from (seed, epoch, slot), so a resumed run is exact.
   """
+
   step: jax.Array
   online: Variables
   predictor: Variables
@@ -36,8 +37,11 @@ class MSFState(struct.PyTreeNode):  # struct.dataclass, with `replace` typed
     return {'online': self.online['params'], 'predictor': self.predictor['params']}
 
 
-def create_state(config: ml_collections.ConfigDict, rng: jax.Array,
-                 bank_sharding: jax.sharding.Sharding | None = None) -> MSFState:
+def create_state(
+  config: ml_collections.ConfigDict,
+  rng: jax.Array,
+  bank_sharding: jax.sharding.Sharding | None = None,
+) -> MSFState:
   """A fresh state: random online and predictor weights, the target an exact copy of the
   online encoder, zero optimizer buffers and a random unit-norm bank labelled -1 (its rows
   drawn in place with `bank_sharding`, see `init_state`)."""
@@ -46,23 +50,30 @@ def create_state(config: ml_collections.ConfigDict, rng: jax.Array,
   encoder_rng, predictor_rng, bank_rng, _ = jax.random.split(rng, 4)
   online = init_encoder(config.model, config.image_size, encoder_rng)
   predictor = init_predictor(config.model, predictor_rng)
-  bank = mean_shift.init_bank(bank_rng, config.msf.bank_size, projection_dim(config.model),
-                              parse_dtype(config.model.param_dtype), bank_sharding)
+  bank = mean_shift.init_bank(
+    bank_rng,
+    config.msf.bank_size,
+    projection_dim(config.model),
+    parse_dtype(config.model.param_dtype),
+    bank_sharding,
+  )
   return MSFState(
-      step=jnp.zeros((), jnp.int32),
-      online=online,
-      predictor=predictor,
-      target=jax.tree.map(jnp.copy, online),
-      opt_state=init_optimizer_state(
-          config, {'online': online['params'], 'predictor': predictor['params']}),
-      bank=bank,
+    step=jnp.zeros((), jnp.int32),
+    online=online,
+    predictor=predictor,
+    target=jax.tree.map(jnp.copy, online),
+    opt_state=init_optimizer_state(
+      config, {'online': online['params'], 'predictor': predictor['params']}
+    ),
+    bank=bank,
   )
 
 
 def bank_layout(config: ml_collections.ConfigDict, device_count: int) -> str:
   """'replicated' or 'sharded': what config.msf.bank_layout means on `device_count` devices."""
-  return resolve_bank_layout(config.msf.get('bank_layout', 'auto'), config.msf.bank_size,
-                             device_count)
+  return resolve_bank_layout(
+    config.msf.get('bank_layout', 'auto'), config.msf.bank_size, device_count
+  )
 
 
 def bank_specs(layout: str) -> mean_shift.MemoryBank:
@@ -80,8 +91,7 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> MSFState:
   shapes = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
   specs = bank_specs(bank_layout(config, mesh.devices.size))
   bank = [NamedSharding(mesh, spec) for spec in specs]  # type: ignore[arg-type]
-  return jax.tree.map(lambda _: replicated(mesh), shapes).replace(
-      bank=mean_shift.MemoryBank(*bank))  # type: ignore[arg-type]
+  return jax.tree.map(lambda _: replicated(mesh), shapes).replace(bank=mean_shift.MemoryBank(*bank))  # type: ignore[arg-type]
 
 
 def put_state(state: MSFState, config: ml_collections.ConfigDict, mesh: Mesh) -> MSFState:
@@ -97,14 +107,15 @@ def init_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array) ->
   return put_state(create_state(config, rng, bank_sharding), config, mesh)
 
 
-def abstract_state(config: ml_collections.ConfigDict,
-                   sharding: jax.sharding.Sharding | Any | None = None) -> MSFState:
+def abstract_state(
+  config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding | Any | None = None
+) -> MSFState:
   """The shapes and dtypes of `create_state(config, ...)` placed with `sharding` (one for all
   leaves, or a tree of them such as `state_shardings`), computed without building it: the
   target a checkpoint is restored into."""
   shapes = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
   if sharding is None or isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        shapes)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, sharding)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding
+  )

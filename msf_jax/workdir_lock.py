@@ -63,7 +63,7 @@ def stale_reason(holder: Holder, me: Holder) -> str | None:
   """Why `holder`'s lock no longer counts for `me`, or None while it does."""
   if holder.host == me.host:
     if holder.pid == me.pid:
-      return 'it is this process\'s own'
+      return "it is this process's own"
     return None if _process_exists(holder.pid) else f'process {holder.pid} has exited'
   if holder.job and holder.job == me.job:
     return f'job {holder.job} is back (requeued or restarted)'
@@ -118,10 +118,11 @@ class WorkdirLock:
       reason = stale_reason(holder, me) if holder else 'it vanished'
       if holder and reason is None:  # (reason is None only for a holder)
         raise WorkdirBusyError(
-            f'{os.path.dirname(self.path)} is in use by process {holder.pid} on {holder.host} '
-            f'(heartbeat {me.heartbeat - holder.heartbeat:.0f} s ago): use another --workdir, '
-            f'or stop that run. If it is dead on another host, its lock ({self.path}) is taken '
-            f'over {STALE_AFTER_SECONDS // 60} minutes after its last heartbeat, or delete it.')
+          f'{os.path.dirname(self.path)} is in use by process {holder.pid} on {holder.host} '
+          f'(heartbeat {me.heartbeat - holder.heartbeat:.0f} s ago): use another --workdir, '
+          f'or stop that run. If it is dead on another host, its lock ({self.path}) is taken '
+          f'over {STALE_AFTER_SECONDS // 60} minutes after its last heartbeat, or delete it.'
+        )
       logging.warning('Taking over the workdir lock %s: %s.', self.path, reason)
       _write(self.path, me, exclusive=False)
     self._thread = threading.Thread(target=self._beat, daemon=True)
@@ -133,8 +134,13 @@ class WorkdirLock:
       if holder == UNREADABLE:  # caught mid-write by another run: look again next beat
         continue
       if holder and (holder.host, holder.pid) != (me.host, me.pid):
-        logging.error('The workdir lock %s now names process %d on %s: another run writes to '
-                      'this workdir too. Stop one of them.', self.path, holder.pid, holder.host)
+        logging.error(
+          'The workdir lock %s now names process %d on %s: another run writes to '
+          'this workdir too. Stop one of them.',
+          self.path,
+          holder.pid,
+          holder.host,
+        )
         return
       _write(self.path, me, exclusive=False)
 

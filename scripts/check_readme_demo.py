@@ -52,16 +52,21 @@ def within(expected: list[str], actual: list[str], tolerance: float) -> bool:
   """The same title, header and metrics, each percentage within `tolerance` points."""
   if expected[:2] != actual[:2] or len(expected) != len(actual):
     return False
-  return all(e[0] == a[0] and abs(e[1] - a[1]) <= tolerance + 1e-9
-             and abs(e[2] - a[2]) <= tolerance + 1e-9
-             for e, a in zip(cells(expected), cells(actual), strict=True))
+  return all(
+    e[0] == a[0] and abs(e[1] - a[1]) <= tolerance + 1e-9 and abs(e[2] - a[2]) <= tolerance + 1e-9
+    for e, a in zip(cells(expected), cells(actual), strict=True)
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('output', help="the demo's console output")
-  parser.add_argument('--tolerance', type=float, default=0.0,
-                      help='points each percentage may differ by (default 0: to the digit)')
+  parser.add_argument(
+    '--tolerance',
+    type=float,
+    default=0.0,
+    help='points each percentage may differ by (default 0: to the digit)',
+  )
   args = parser.parse_args(argv)
   with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
     expected = readme_table(f.read())
@@ -74,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f'{args.output}: the demo printed no results table.', file=sys.stderr)
     return 1
   if within(expected, actual, args.tolerance):
-    print(f'The demo printed README\'s table (within {args.tolerance:g} points).')
+    print(f"The demo printed README's table (within {args.tolerance:g} points).")
     return 0
   diff = difflib.unified_diff(expected, actual, 'README.md', args.output, lineterm='')
-  print(f'The demo\'s table is not README\'s (tolerance {args.tolerance:g} points):',
-        *diff, sep='\n', file=sys.stderr)
+  print(
+    f"The demo's table is not README's (tolerance {args.tolerance:g} points):",
+    *diff,
+    sep='\n',
+    file=sys.stderr,
+  )
   return 1
 
 

@@ -27,8 +27,16 @@ def step_config() -> ml_collections.ConfigDict:
   instead of flipping near-zero ReLU inputs as in float32. As the official run: BatchNorm
   over groups of 2 images (a device's), the target views shuffled within each host."""
   from msf_jax.testing import small_config
-  return small_config(image_size=32, small_stem=True, batch_size=8, bank_size=32,
-                      param_dtype='float64', bn_group_size=2, shuffle_target=True)
+
+  return small_config(
+    image_size=32,
+    small_stem=True,
+    batch_size=8,
+    bank_size=32,
+    param_dtype='float64',
+    bn_group_size=2,
+    shuffle_target=True,
+  )
 
 
 def global_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -36,19 +44,24 @@ def global_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   target views permuted within each process's half as the host stage permutes them, with
   'target_order' counting in that half."""
   from msf_jax.testing import random_batch
+
   rng = np.random.default_rng(STEP_SEED)
   batch = random_batch(rng, config, dtype=np.float64)
   size = config.batch_size // PROCESSES
   permutation = np.concatenate([p * size + rng.permutation(size) for p in range(PROCESSES)])
-  return {**batch, 'target': batch['target'][permutation],
-          'target_order': (np.argsort(permutation) % size).astype(np.int32)}
+  return {
+    **batch,
+    'target': batch['target'][permutation],
+    'target_order': (np.argsort(permutation) % size).astype(np.int32),
+  }
 
 
-def host_share(batch: dict[str, np.ndarray], process_index: int, process_count: int
-               ) -> dict[str, np.ndarray]:
+def host_share(
+  batch: dict[str, np.ndarray], process_index: int, process_count: int
+) -> dict[str, np.ndarray]:
   """This process's contiguous slice of the global batch, as a host's input pipeline gives it."""
   size = len(batch['label']) // process_count
-  return {k: v[process_index * size:(process_index + 1) * size] for k, v in batch.items()}
+  return {k: v[process_index * size : (process_index + 1) * size] for k, v in batch.items()}
 
 
 def local_copy(tree):
@@ -56,8 +69,15 @@ def local_copy(tree):
   sharded one (the bank) gathered from all processes."""
   import jax
   from jax.experimental import multihost_utils
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if x.is_fully_replicated
-                      else np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+  return jax.tree.map(
+    lambda x: (
+      np.asarray(x.addressable_data(0))
+      if x.is_fully_replicated
+      else np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    ),
+    tree,
+  )
 
 
 def train_one_step(out_dir: str) -> dict[str, np.ndarray]:
@@ -66,6 +86,7 @@ def train_one_step(out_dir: str) -> dict[str, np.ndarray]:
   from msf_jax import create_state, make_mesh, make_train_step, put_state
   from msf_jax.checkpoint import Checkpointer, checkpoint_directory
   from msf_jax.data import pipeline
+
   config = step_config()
   mesh = make_mesh()
   state = put_state(create_state(config, jax.random.key(0)), config, mesh)
@@ -77,19 +98,23 @@ def train_one_step(out_dir: str) -> dict[str, np.ndarray]:
   checkpointer.wait()
   checkpointer.close()
   leaves = jax.tree.leaves(local_copy(state))
-  return {'loss': local_copy(metrics['loss']),
-          **{f'state_{i}': leaf for i, leaf in enumerate(leaves)}}
+  return {
+    'loss': local_copy(metrics['loss']),
+    **{f'state_{i}': leaf for i, leaf in enumerate(leaves)},
+  }
 
 
 def read_epochs(folder: str) -> dict[str, np.ndarray]:
   """The labels (one class per image: its identity) this process reads, epoch by epoch."""
   from msf_jax.data import pipeline, sources
+
   config = step_config()
   split = sources.image_folder(folder, 'train')
   steps = pipeline.steps_per_epoch(split, config.batch_size)
   stream = pipeline.train_stream(split, global_batch=config.batch_size, image_size=16, seed=0)
-  labels = np.stack([np.concatenate([next(stream)['label'] for _ in range(steps)])
-                     for _ in range(EPOCHS_READ)])
+  labels = np.stack(
+    [np.concatenate([next(stream)['label'] for _ in range(steps)]) for _ in range(EPOCHS_READ)]
+  )
   return {'epoch_labels': labels, 'steps_per_epoch': np.asarray(steps)}
 
 
@@ -97,15 +122,19 @@ def main(port: str, process_id: str, num_processes: str, folder: str, out_dir: s
   import jax
 
   from msf_jax import distributed
+
   start = time.perf_counter()
-  progress = lambda what: print(f'process {process_id}: {what} after '
-                                f'{time.perf_counter() - start:.0f} s', flush=True)
+  progress = lambda what: print(
+    f'process {process_id}: {what} after {time.perf_counter() - start:.0f} s', flush=True
+  )
   jax.config.update('jax_enable_x64', True)
   distributed.initialize(f'127.0.0.1:{port}', int(num_processes), int(process_id))
-  results = {'process_index': np.asarray(jax.process_index()),
-             'process_count': np.asarray(jax.process_count()),
-             'device_count': np.asarray(jax.device_count()),
-             'local_device_count': np.asarray(jax.local_device_count())}
+  results = {
+    'process_index': np.asarray(jax.process_index()),
+    'process_count': np.asarray(jax.process_count()),
+    'device_count': np.asarray(jax.device_count()),
+    'local_device_count': np.asarray(jax.local_device_count()),
+  }
   progress('joined the job')
   results.update(train_one_step(out_dir))
   progress('trained one step and saved it')

@@ -33,21 +33,24 @@ def assert_trees_close(actual, expected, rtol: float) -> None:
   """Every leaf of two pytrees of the same structure within `rtol` of its scale."""
   flat_a = jax.tree_util.tree_leaves_with_path(jax.device_get(actual))
   flat_e = jax.tree.leaves(jax.device_get(expected))
-  errors = {jax.tree_util.keystr(path): max_scaled_error(a, e)
-            for (path, a), e in zip(flat_a, flat_e, strict=True)}
+  errors = {
+    jax.tree_util.keystr(path): max_scaled_error(a, e)
+    for (path, a), e in zip(flat_a, flat_e, strict=True)
+  }
   bad = {k: v for k, v in errors.items() if not v <= rtol}
   assert not bad, f'{len(bad)} leaves differ by more than {rtol}: {sorted(bad.items())[:10]}'
 
 
 def relative_tree_error(actual, expected) -> float:
   """||actual - expected|| / ||expected|| over all leaves of two pytrees (Frobenius norm)."""
-  pairs = zip(jax.tree.leaves(jax.device_get(actual)), jax.tree.leaves(jax.device_get(expected)),
-              strict=True)
+  pairs = zip(
+    jax.tree.leaves(jax.device_get(actual)), jax.tree.leaves(jax.device_get(expected)), strict=True
+  )
   diff = total = 0.0
   for a, e in pairs:
-    diff += float(np.sum((np.asarray(a, np.float64) - np.asarray(e, np.float64))**2))
-    total += float(np.sum(np.asarray(e, np.float64)**2))
-  return (diff / total)**0.5
+    diff += float(np.sum((np.asarray(a, np.float64) - np.asarray(e, np.float64)) ** 2))
+    total += float(np.sum(np.asarray(e, np.float64) ** 2))
+  return (diff / total) ** 0.5
 
 
 def pyproject() -> dict:
@@ -81,8 +84,9 @@ def write_folder(root, split='train', classes=3, per_class=7, size=(40, 56), cor
     for i in range(per_class):
       image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
       fmt = 'PNG' if i % 2 else 'JPEG'
-      Image.fromarray(image).save(os.path.join(root, split, f'class_{k}', f'{i}.{fmt.lower()}'),
-                                  format=fmt)
+      Image.fromarray(image).save(
+        os.path.join(root, split, f'class_{k}', f'{i}.{fmt.lower()}'), format=fmt
+      )
   for i in range(corrupt):
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, 'JPEG')
@@ -126,9 +130,16 @@ TRAIN_CONFIG = os.path.join(REPO, 'configs', 'digits_msf.py')
 
 def overrides(folder, **extra):
   """`--config.` flags that train the digits config on a small image folder in seconds."""
-  settings = {'data.source': 'folder', 'data.root': folder, 'batch_size': 8,
-              'msf.bank_size': 32, 'num_epochs': 3, 'checkpoint.every_epochs': 4 / 3,
-              'log_every_epochs': 2 / 3, **extra}
+  settings = {
+    'data.source': 'folder',
+    'data.root': folder,
+    'batch_size': 8,
+    'msf.bank_size': 32,
+    'num_epochs': 3,
+    'checkpoint.every_epochs': 4 / 3,
+    'log_every_epochs': 2 / 3,
+    **extra,
+  }
   return [f'--config.{k}={v}' for k, v in settings.items()]
 
 
@@ -157,21 +168,30 @@ def free_port() -> int:
 
 def skip_without_cpu_collectives() -> None:
   from jax._src.lib import _jax
+
   if not hasattr(_jax, 'make_gloo_tcp_collectives'):
     pytest.skip('This jaxlib has no gloo: multi-process CPU collectives are unavailable.')
 
 
-def run_processes(commands: list[list[str]], before_waiting=lambda: None, extra_env=None,
-                  expected_status: int = 0):
+def run_processes(
+  commands: list[list[str]], before_waiting=lambda: None, extra_env=None, expected_status: int = 0
+):
   """Starts one CPU process per command (2 devices each, `extra_env` added to the
   environment), calls `before_waiting`, then waits for all of them (killing any left after
   the timeout); returns its result and each process's output, having checked every exit
   status."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
-         **(extra_env or {})}
-  processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for command in commands]
+  env = {
+    **os.environ,
+    'JAX_PLATFORMS': 'cpu',
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
+    **(extra_env or {}),
+  }
+  processes = [
+    subprocess.Popen(
+      command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for command in commands
+  ]
   try:
     result = before_waiting()
     outputs = [process.communicate(timeout=JOB_TIMEOUT_S)[0] for process in processes]
@@ -182,5 +202,6 @@ def run_processes(commands: list[list[str]], before_waiting=lambda: None, extra_
         process.wait()
   for p, (process, output) in enumerate(zip(processes, outputs, strict=True)):
     assert process.returncode == expected_status, (
-        f'process {p} exited {process.returncode}, not {expected_status}:\n{output[-5000:]}')
+      f'process {p} exited {process.returncode}, not {expected_status}:\n{output[-5000:]}'
+    )
   return result, outputs

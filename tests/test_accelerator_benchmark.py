@@ -29,8 +29,14 @@ def test_resnet_macs_match_the_published_counts():
 def test_tiny_run_measures_every_part_and_prints_the_table_last(tmp_path):
   out = tmp_path / 'r.json'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}  # one CPU device
-  result = subprocess.run([sys.executable, SCRIPT, '--tiny', '--out', str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [sys.executable, SCRIPT, '--tiny', '--out', str(out)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report['mode'] == 'tiny' and '--tiny' in report['command'] and report['date']
@@ -52,8 +58,14 @@ def test_tiny_run_measures_every_part_and_prints_the_table_last(tmp_path):
   header = max(i for i, line in enumerate(lines) if line.startswith('| measured |'))
   table = lines[header:]
   assert all(line.startswith('|') for line in table)  # nothing printed after it
-  names = ('matmul peak', 'msf_jax step', 'bank search alone', 'PyTorch official step, fp32',
-           'PyTorch official step, autocast bf16', 'input pipeline')
+  names = (
+    'matmul peak',
+    'msf_jax step',
+    'bank search alone',
+    'PyTorch official step, fp32',
+    'PyTorch official step, autocast bf16',
+    'input pipeline',
+  )
   rows = {name: next(line for line in table if name in line) for name in names}
   torch_available = importlib.util.find_spec('torch') is not None
   for name in ('torch_fp32', 'torch_bf16'):

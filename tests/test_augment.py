@@ -31,8 +31,9 @@ def ours(op, image: np.ndarray, *args) -> np.ndarray:
   return np.asarray(op(batch, *[jnp.asarray([a], jnp.float32) for a in args])[0]) * 255.0
 
 
-def assert_levels(actual: np.ndarray, expected: np.ndarray, max_levels: float,
-                  mean_levels: float) -> None:
+def assert_levels(
+  actual: np.ndarray, expected: np.ndarray, max_levels: float, mean_levels: float
+) -> None:
   diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
   assert diff.max() <= max_levels, f'max difference {diff.max():.2f} levels'
   assert diff.mean() <= mean_levels, f'mean difference {diff.mean():.3f} levels'
@@ -44,8 +45,9 @@ def assert_levels(actual: np.ndarray, expected: np.ndarray, max_levels: float,
 @pytest.mark.slow  # thousands of crops drawn, against torchvision
 def test_crop_windows_follow_torchvision_distribution():
   height, width, n = 375, 500, 3000
-  windows = np.stack([augment.crop_window(tf.constant([7, i]), height, width).numpy()
-                      for i in range(n)])
+  windows = np.stack(
+    [augment.crop_window(tf.constant([7, i]), height, width).numpy() for i in range(n)]
+  )
   rng = np.random.default_rng(0)
   reference = np.array([torchvision_crop_params(rng, height, width) for _ in range(n)])
   for column in (2, 3):  # crop height, crop width
@@ -62,10 +64,13 @@ def test_crop_windows_follow_torchvision_distribution():
   assert abs(np.mean(windows[:, 0] / free) - 0.5) < 0.03
 
 
-@pytest.mark.parametrize('height,width,expected', [
+@pytest.mark.parametrize(
+  'height,width,expected',
+  [
     (50, 1000, [0, 466, 50, 67]),  # too wide: full height, width at ratio 4/3, centred
     (1000, 50, [466, 0, 67, 50]),  # too tall: full width, height at ratio 3/4, centred
-])
+  ],
+)
 def test_crop_falls_back_to_a_central_crop(height, width, expected):
   window = augment.crop_window(tf.constant([1, 2]), height, width).numpy()
   rng = np.random.default_rng(0)
@@ -93,7 +98,7 @@ def test_random_resized_crop_decodes_the_same_window_for_jpeg_and_png():
   from_png = augment.random_resized_crop(tf.constant(encode(image, 'PNG')), seed, 32).numpy()
   from_jpeg = augment.random_resized_crop(tf.constant(encode(image)), seed, 32).numpy()
   top, left, h, w = augment.crop_window(seed, 120, 160).numpy()
-  expected = Image.fromarray(image[top:top + h, left:left + w]).resize((32, 32), Image.BILINEAR)
+  expected = Image.fromarray(image[top : top + h, left : left + w]).resize((32, 32), Image.BILINEAR)
   assert from_png.dtype == from_jpeg.dtype == np.uint8
   assert_levels(from_png, np.asarray(expected), MAX_CROP_LEVELS, MEAN_CROP_LEVELS)
   assert_levels(from_jpeg, from_png, 255, 3.0)  # JPEG loss at quality 95
@@ -103,9 +108,14 @@ def test_random_resized_crop_decodes_the_same_window_for_jpeg_and_png():
 
 
 @pytest.mark.parametrize('factor', [0.6, 1.0, 1.4])
-@pytest.mark.parametrize('name,enhancer', [('brightness', ImageEnhance.Brightness),
-                                           ('contrast', ImageEnhance.Contrast),
-                                           ('saturation', ImageEnhance.Color)])
+@pytest.mark.parametrize(
+  'name,enhancer',
+  [
+    ('brightness', ImageEnhance.Brightness),
+    ('contrast', ImageEnhance.Contrast),
+    ('saturation', ImageEnhance.Color),
+  ],
+)
 def test_enhancements_match_pil(name, enhancer, factor):
   image = smooth_image(3)
   expected = np.asarray(enhancer(Image.fromarray(image)).enhance(factor))
@@ -120,8 +130,12 @@ def test_hue_matches_torchvision_pil(factor):
   # PIL shifts by int(factor * 255) of its 256 hue steps: compare at that shift. PIL's uint8
   # HSV round trip alone (factor 0) moves pixels by up to 5 levels (mean 0.65) on this image.
   exact_factor = int(factor * 255) / 255
-  assert_levels(ours(color.adjust_hue, image, exact_factor), torchvision_pil_hue(image, factor),
-                max_levels=10.0, mean_levels=1.0)
+  assert_levels(
+    ours(color.adjust_hue, image, exact_factor),
+    torchvision_pil_hue(image, factor),
+    max_levels=10.0,
+    mean_levels=1.0,
+  )
 
 
 def test_grayscale_matches_pil():
@@ -136,16 +150,17 @@ def test_color_jitter_applies_each_examples_ops_in_its_order():
   orders = jnp.asarray([[3, 0, 2, 1], [1, 2, 0, 3]])
   got = color.color_jitter(images, factors, orders)
   for b in range(2):
-    expected = images[b:b + 1]
+    expected = images[b : b + 1]
     for index in np.asarray(orders[b]):
-      expected = color.JITTER_OPS[index](expected, factors[b:b + 1, index])
+      expected = color.JITTER_OPS[index](expected, factors[b : b + 1, index])
     np.testing.assert_allclose(got[b], expected[0], atol=1e-6)
 
 
 @pytest.mark.slow  # thousands of colour draws, against torchvision
 def test_strong_color_params_follow_torchvision_sampling():
-  params = np.stack([augment.strong_color_params(tf.constant([5, i], tf.int64)).numpy()
-                     for i in range(2000)])
+  params = np.stack(
+    [augment.strong_color_params(tf.constant([5, i], tf.int64)).numpy() for i in range(2000)]
+  )
   get = lambda name: params[:, color.PARAM_SLICES[name]]
   assert abs(get('jitter').mean() - 0.8) < 0.03 and abs(get('gray').mean() - 0.2) < 0.03
   assert abs(get('blur').mean() - 0.5) < 0.04
@@ -162,8 +177,9 @@ def test_strong_color_params_follow_torchvision_sampling():
 def test_weak_params_leave_the_image_unchanged_but_normalized():
   images = jnp.asarray(smooth_image(8)[None], jnp.float32) / 255.0
   params = jnp.asarray([augment.WEAK_COLOR_PARAMS], jnp.float32)
-  np.testing.assert_allclose(color.apply_view_colors(images, params),
-                             color.normalize(images), atol=1e-6)
+  np.testing.assert_allclose(
+    color.apply_view_colors(images, params), color.normalize(images), atol=1e-6
+  )
 
 
 # --- Blur -----------------------------------------------------------------------------------
@@ -175,8 +191,7 @@ def test_gaussian_blur_matches_pil(sigma):
   expected = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=sigma)))
   # PIL rounds to uint8 after each of its six box passes; with that rounding emulated, the
   # same kernel reproduces PIL exactly at sigma 0.1 and 0.5 (3 levels at most at 1.0).
-  assert_levels(ours(color.gaussian_blur, image, sigma), expected, max_levels=3.0,
-                mean_levels=0.7)
+  assert_levels(ours(color.gaussian_blur, image, sigma), expected, max_levels=3.0, mean_levels=0.7)
 
 
 # --- Views ----------------------------------------------------------------------------------
@@ -219,8 +234,7 @@ def test_crop_scale_and_flip_options_set_both_views_geometry():
 @pytest.mark.parametrize('pairing', augment.PAIRINGS)
 def test_all_pairings_produce_normalized_views(pairing):
   encoded = tf.constant(encode(smooth_image(9)))
-  views = [augment.two_views(encoded, tf.constant([2, i]), 24, pairing=pairing)
-           for i in range(4)]
+  views = [augment.two_views(encoded, tf.constant([2, i]), 24, pairing=pairing) for i in range(4)]
   batch = {k: jnp.stack([v[k].numpy() for v in views]) for k in views[0]}
   batch['label'] = jnp.zeros(4, jnp.int32)
   assert batch['online'].dtype == batch['target'].dtype == jnp.uint8
@@ -256,5 +270,6 @@ def test_uint8_views_become_their_float_levels_on_the_chip():
   assert converted.dtype == np.float32
   np.testing.assert_array_max_ulp(converted, unit, maxulp=1)
   np.testing.assert_array_equal(color.to_unit(jnp.asarray(unit)), unit)
-  np.testing.assert_allclose(color.normalize(jnp.asarray(levels)),
-                             color.normalize(jnp.asarray(unit)), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+    color.normalize(jnp.asarray(levels)), color.normalize(jnp.asarray(unit)), rtol=0, atol=1e-6
+  )

@@ -23,8 +23,14 @@ BANK, BATCH, DEVICES = 48, 16, 8
 
 def tiny_config(layout: str, topk: int = 5, param_dtype: str = 'float32'):
   """ResNet-18 of width 8 at 8 px (the small stem): a full step that compiles fast."""
-  config = small_config(image_size=8, small_stem=True, batch_size=BATCH, bank_size=BANK,
-                        topk=topk, param_dtype=param_dtype)
+  config = small_config(
+    image_size=8,
+    small_stem=True,
+    batch_size=BATCH,
+    bank_size=BANK,
+    topk=topk,
+    param_dtype=param_dtype,
+  )
   config.model.width = 8
   config.msf.bank_layout = layout
   return config
@@ -58,16 +64,22 @@ def run_bank_steps(config, mesh, bank, batches):
   return outputs
 
 
-@pytest.mark.parametrize('topk, chunk_size, search_dtype', [
-    (1, 0, 'float32'), (5, 0, 'float32'), (5, 4, 'float32'), (5, 0, 'bfloat16'),
-    (3, 4, 'bfloat16')])
+@pytest.mark.parametrize(
+  'topk, chunk_size, search_dtype',
+  [(1, 0, 'float32'), (5, 0, 'float32'), (5, 4, 'float32'), (5, 0, 'bfloat16'), (3, 4, 'bfloat16')],
+)
 def test_sharded_bank_steps_equal_the_replicated_ones(topk, chunk_size, search_dtype):
   """Four enqueues and searches (the pointer wraps, batches straddle shards), bit for bit."""
   rng = np.random.default_rng(topk + chunk_size)
   bank = mean_shift.init_bank(jax.random.key(0), BANK, 16)
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-  batches = [(unit(rng.standard_normal((BATCH, 16))).astype(np.float32),
-              rng.integers(0, 4, BATCH).astype(np.int32)) for _ in range(4)]
+  batches = [
+    (
+      unit(rng.standard_normal((BATCH, 16))).astype(np.float32),
+      rng.integers(0, 4, BATCH).astype(np.int32),
+    )
+    for _ in range(4)
+  ]
   mesh = make_mesh(jax.devices()[:DEVICES])
   results = {}
   for layout in ('replicated', 'sharded'):
@@ -81,7 +93,7 @@ def test_sharded_bank_steps_equal_the_replicated_ones(topk, chunk_size, search_d
   last_bank = results['sharded'][-1][0]
   assert int(last_bank.ptr) == 4 * BATCH % BANK  # wrapped
   np.testing.assert_array_equal(last_bank.embeddings[:BATCH], batches[3][0])  # over the start
-  np.testing.assert_array_equal(last_bank.labels[BATCH:2 * BATCH], batches[1][1])
+  np.testing.assert_array_equal(last_bank.labels[BATCH : 2 * BATCH], batches[1][1])
 
 
 def tie_problem():
@@ -102,12 +114,19 @@ def test_a_planted_tie_picks_the_same_rows_in_both_layouts(chunk_size):
   queries, rows = tie_problem()
   mesh = make_mesh(jax.devices()[:DEVICES])
   replicated = jax.jit(lambda q, r: mean_shift.top_k_similar(q, r, 3, chunk_size))
-  sharded = jax.jit(jax.shard_map(
+  sharded = jax.jit(
+    jax.shard_map(
       lambda q, r: mean_shift.top_k_similar(q, r, 3, chunk_size, axis_name=DATA_AXIS),
-      mesh=mesh, in_specs=(P(), P(DATA_AXIS, None)), out_specs=(P(), P()), check_vma=False))
+      mesh=mesh,
+      in_specs=(P(), P(DATA_AXIS, None)),
+      out_specs=(P(), P()),
+      check_vma=False,
+    )
+  )
   expected = replicated(queries, rows)
-  found = sharded(queries, jax.device_put(rows, jax.sharding.NamedSharding(
-      mesh, P(DATA_AXIS, None))))
+  found = sharded(
+    queries, jax.device_put(rows, jax.sharding.NamedSharding(mesh, P(DATA_AXIS, None)))
+  )
   np.testing.assert_array_equal(found[1], expected[1])
   np.testing.assert_array_equal(found[0], expected[0])
   np.testing.assert_array_equal(found[1][0], [3, 13, 40])  # the lowest rows first
@@ -123,8 +142,7 @@ def test_three_float64_steps_with_a_sharded_bank_equal_the_replicated_bank(topk)
     config = tiny_config('replicated', topk, 'float64')
     batches = [random_batch(rng, config, dtype=np.float64) for _ in range(3)]
     replicated, replicated_metrics = run_steps(config, devices, batches)
-    sharded, sharded_metrics = run_steps(tiny_config('sharded', topk, 'float64'), devices,
-                                         batches)
+    sharded, sharded_metrics = run_steps(tiny_config('sharded', topk, 'float64'), devices, batches)
   assert int(sharded.bank.ptr) == 3 * BATCH % BANK == 0  # wrapped to the start
   np.testing.assert_array_equal(sharded.bank.labels, replicated.bank.labels)
   np.testing.assert_array_equal(sharded.bank.embeddings, replicated.bank.embeddings)
@@ -135,8 +153,10 @@ def test_three_float64_steps_with_a_sharded_bank_equal_the_replicated_bank(topk)
     assert float(s['purity_others']) == float(r['purity_others'])
 
 
-COLLECTIVE = re.compile(r'= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|'
-                        r'reduce-scatter)(-start)?\((.*?)\)')
+COLLECTIVE = re.compile(
+  r'= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|'
+  r'reduce-scatter)(-start)?\((.*?)\)'
+)
 SHAPE = re.compile(r'\b[a-z]+\d*\[([\d,]*)\]')
 
 
@@ -145,8 +165,10 @@ def collective_shapes(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
   shapes = []
   for match in COLLECTIVE.finditer(hlo):
     for text in (match.group(1), match.group(4)):
-      shapes += [(match.group(2), tuple(int(d) for d in dims.split(',') if d))
-                 for dims in SHAPE.findall(text)]
+      shapes += [
+        (match.group(2), tuple(int(d) for d in dims.split(',') if d))
+        for dims in SHAPE.findall(text)
+      ]
   return shapes
 
 
@@ -157,9 +179,12 @@ def bank_sized(hlo: str, rows: int) -> list[tuple[str, tuple[int, ...]]]:
 
 def compiled_text(step, config, mesh) -> str:
   state = abstract_state(config, state_shardings(config, mesh))
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, P(DATA_AXIS))),
-      random_batch(np.random.default_rng(0), config))
+  batch = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, P(DATA_AXIS))
+    ),
+    random_batch(np.random.default_rng(0), config),
+  )
   return step.lower(state, batch).compile().as_text()
 
 
@@ -169,13 +194,15 @@ def test_the_compiled_sharded_step_holds_no_bank_sized_collective():
   config = tiny_config('sharded')
   config.msf.bank_size = 8000
   mesh = make_mesh(jax.devices()[:DEVICES])
-  hlo = compiled_text(make_train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False),
-                      config, mesh)
+  hlo = compiled_text(
+    make_train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False), config, mesh
+  )
   assert collective_shapes(hlo), 'the step has collectives (batch statistics, gradients)'
   assert bank_sized(hlo, 8000) == []
   # The check sees a bank-sized collective where there is one: the same step with the bank
   # sharded by jit alone (no shard_map) makes XLA gather the bank.
-  naive = jax.jit(make_train_step_fn(config, STEPS_PER_EPOCH, finish_views=False),
-                  in_shardings=(state_shardings(config, mesh),
-                                jax.sharding.NamedSharding(mesh, P(DATA_AXIS))))
+  naive = jax.jit(
+    make_train_step_fn(config, STEPS_PER_EPOCH, finish_views=False),
+    in_shardings=(state_shardings(config, mesh), jax.sharding.NamedSharding(mesh, P(DATA_AXIS))),
+  )
   assert bank_sized(compiled_text(naive, config, mesh), 8000)

@@ -34,8 +34,7 @@ def test_saved_state_restores_exactly_onto_eight_devices_and_trains_on(tmp_path)
   config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=16)
   one = make_mesh(jax.devices()[:1])
   state = put_replicated(create_state(config, jax.random.key(0)), one)
-  train_step = make_train_step(config, one, STEPS_PER_EPOCH, donate=False,
-                               finish_views=False)
+  train_step = make_train_step(config, one, STEPS_PER_EPOCH, donate=False, finish_views=False)
   rng = np.random.default_rng(0)
   checkpointer = Checkpointer(str(tmp_path), max_to_keep=2)
   for _ in range(3):
@@ -53,11 +52,12 @@ def test_saved_state_restores_exactly_onto_eight_devices_and_trains_on(tmp_path)
   assert int(restored_at_2.step) == 2
   # The restored state keeps training on the new mesh.
   stepped, metrics = make_train_step(config, eight, STEPS_PER_EPOCH, finish_views=False)(
-      restored, put_batch(random_batch(rng, config), eight))
+    restored, put_batch(random_batch(rng, config), eight)
+  )
   assert int(stepped.step) == 4 and np.isfinite(float(metrics['loss']))
 
   # One encoder's backbone alone, as host numpy arrays.
-  params, = Checkpointer(str(tmp_path)).restore_subtrees(3, [('target', 'params', 'backbone')])
+  (params,) = Checkpointer(str(tmp_path)).restore_subtrees(3, [('target', 'params', 'backbone')])
   assert isinstance(params['conv1']['kernel'], np.ndarray)
   assert_trees_close(params, state.target['params']['backbone'], rtol=0)
   with pytest.raises(CheckpointError, match='no online.params.head'):
@@ -82,16 +82,19 @@ def test_a_sharded_bank_saved_on_eight_devices_resumes_on_four_and_on_one(tmp_pa
   for devices, spec in ((4, P('data', None)), (1, P())):
     mesh = make_mesh(jax.devices()[:devices])
     restored = Checkpointer(str(tmp_path)).restore(
-        abstract_state(config, state_shardings(config, mesh)))
+      abstract_state(config, state_shardings(config, mesh))
+    )
     assert restored.bank.embeddings.sharding.spec == spec
     assert restored.bank.embeddings.sharding.mesh.devices.size == devices
     assert_trees_close(restored, state, rtol=0)  # the same rows in the same order
     np.testing.assert_array_equal(restored.bank.labels, np.arange(64))
   four = make_mesh(jax.devices()[:4])
   restored = Checkpointer(str(tmp_path)).restore(
-      abstract_state(config, state_shardings(config, four)))
+    abstract_state(config, state_shardings(config, four))
+  )
   stepped, metrics = make_train_step(config, four, STEPS_PER_EPOCH, finish_views=False)(
-      restored, put_batch(random_batch(rng, config), four))
+    restored, put_batch(random_batch(rng, config), four)
+  )
   assert int(stepped.bank.ptr) == 0 and np.isfinite(float(metrics['loss']))
   assert (np.asarray(stepped.bank.labels[48:]) < 4).all()  # the batch went to rows 48-63
   np.testing.assert_array_equal(stepped.bank.labels[:48], np.arange(48))
@@ -101,15 +104,23 @@ def test_another_layout_or_config_is_a_clear_error_not_a_misload(tmp_path):
   config = small_config(image_size=32, small_stem=True, batch_size=8, bank_size=16)
   state = create_state(config, jax.random.key(0))
   # A checkpoint of the layout before the bank became one MemoryBank field.
-  old_layout = {'step': state.step, 'online_params': state.online['params'],
-                'bank': state.bank.embeddings, 'bank_labels': state.bank.labels,
-                'bank_ptr': state.bank.ptr, 'rng': jnp.zeros((2,), jnp.uint32)}
+  old_layout = {
+    'step': state.step,
+    'online_params': state.online['params'],
+    'bank': state.bank.embeddings,
+    'bank_labels': state.bank.labels,
+    'bank_ptr': state.bank.ptr,
+    'rng': jnp.zeros((2,), jnp.uint32),
+  }
   checkpointer = Checkpointer(str(tmp_path / 'old'))
   checkpointer.save(7, old_layout)
   checkpointer.wait()
-  with pytest.raises(CheckpointError, match=r'another version of msf_jax: its fields bank, '
-                     r'bank_labels, bank_ptr, online, online_params, opt_state, predictor, rng, '
-                     r'target differ'):
+  with pytest.raises(
+    CheckpointError,
+    match=r'another version of msf_jax: its fields bank, '
+    r'bank_labels, bank_ptr, online, online_params, opt_state, predictor, rng, '
+    r'target differ',
+  ):
     Checkpointer(str(tmp_path / 'old')).restore(abstract_state(config))
 
   checkpointer = Checkpointer(str(tmp_path / 'other_bank'))
@@ -119,8 +130,11 @@ def test_another_layout_or_config_is_a_clear_error_not_a_misload(tmp_path):
   with pytest.raises(CheckpointError, match=r'bank.embeddings is float32\[16, 128\] there'):
     Checkpointer(str(tmp_path / 'other_bank')).restore(abstract_state(config))
   config.msf.bank_size, config.model.depth = 16, 34
-  with pytest.raises(CheckpointError, match=r'other online, opt_state, target trees than the '
-                     r'config builds \(e.g. online.batch_stats.backbone.layer1_2'):
+  with pytest.raises(
+    CheckpointError,
+    match=r'other online, opt_state, target trees than the '
+    r'config builds \(e.g. online.batch_stats.backbone.layer1_2',
+  ):
     Checkpointer(str(tmp_path / 'other_bank')).restore(abstract_state(config))
 
 
@@ -145,6 +159,7 @@ def test_checkpoint_directories_of_a_workdir(tmp_path):
 
 def test_cloud_storage_directories_stay_urls(tmp_path, monkeypatch):
   from msf_jax.checkpoint import manager_directory
+
   monkeypatch.chdir(tmp_path)
   assert manager_directory('gs://bucket/runs/msf') == 'gs://bucket/runs/msf'
   assert manager_directory('runs/msf') == str(tmp_path / 'runs' / 'msf')

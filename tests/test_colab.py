@@ -20,8 +20,9 @@ NOTEBOOK_PATH = 'notebooks/msf_demo.ipynb'
 BADGE_IMAGE = 'https://colab.research.google.com/assets/colab-badge.svg'
 # The OWNER/NAME of a repository in a link to its page, to a Colab notebook of it or to a raw file.
 REPOSITORY_LINK = re.compile(
-    r'(?:github\.com|colab\.research\.google\.com/github|raw\.githubusercontent\.com)/'
-    r'([\w.-]+/[\w-]+)')
+  r'(?:github\.com|colab\.research\.google\.com/github|raw\.githubusercontent\.com)/'
+  r'([\w.-]+/[\w-]+)'
+)
 LINKING_SUFFIXES = ('.md', '.cff', '.ipynb', '.toml', '.txt', '.py', '.sh', '.sbatch')
 UNSCANNED = ('runs', 'build', 'msf_jax.egg-info', '__pycache__')  # outputs of runs and builds
 
@@ -80,9 +81,12 @@ def test_every_link_to_a_repository_is_the_home_or_another_pyproject_url():
   for path in linking_files():
     with open(path, encoding='utf-8', errors='replace') as f:
       for number, line in enumerate(f, 1):
-        stale += [f'{os.path.relpath(path, REPO)}:{number}: {name}'
-                  for name in REPOSITORY_LINK.findall(line) if name not in allowed]
-  assert not stale, f'links to a repository that is not pyproject\'s {home()}: {stale}'
+        stale += [
+          f'{os.path.relpath(path, REPO)}:{number}: {name}'
+          for name in REPOSITORY_LINK.findall(line)
+          if name not in allowed
+        ]
+  assert not stale, f"links to a repository that is not pyproject's {home()}: {stale}"
 
 
 def test_the_repository_links_are_found():
@@ -112,9 +116,27 @@ def test_the_clone_commands_and_the_setup_form_name_the_home():
 def test_the_setup_clones_the_branch_and_installs_the_pinned_stack_with_the_chips_jax():
   namespace = setup_namespace()
   assert namespace['clone_command'](home(), 'dev', '/content/msf_jax-dev') == [
-      'git', 'clone', '--quiet', '--depth', '1', '--branch', 'dev', home(), '/content/msf_jax-dev']
-  install = [sys.executable, '-m', 'pip', 'install', '--quiet',
-             '-r', os.path.join(REPO, 'requirements.txt'), '-e', REPO]
+    'git',
+    'clone',
+    '--quiet',
+    '--depth',
+    '1',
+    '--branch',
+    'dev',
+    home(),
+    '/content/msf_jax-dev',
+  ]
+  install = [
+    sys.executable,
+    '-m',
+    'pip',
+    'install',
+    '--quiet',
+    '-r',
+    os.path.join(REPO, 'requirements.txt'),
+    '-e',
+    REPO,
+  ]
   readme = read('README.md')
   assert namespace['pip_command'](REPO, 'cpu') == install
   for chip, jax in (('gpu', 'jax[cuda12]==0.10.2'), ('tpu', 'jax[tpu]==0.10.2')):
@@ -165,8 +187,11 @@ def make_home(directory) -> str:
   home_path = directory / 'msf_jax'
   shutil.copytree(REPO, home_path, ignore=shutil.ignore_patterns('.*', *UNSCANNED))
   identity = ['-c', 'user.name=test', '-c', 'user.email=test@msf-jax.invalid']
-  for command in (['init', '--quiet', '--initial-branch=main'], ['add', '--all'],
-                  [*identity, 'commit', '--quiet', '--message=home']):
+  for command in (
+    ['init', '--quiet', '--initial-branch=main'],
+    ['add', '--all'],
+    [*identity, 'commit', '--quiet', '--message=home'],
+  ):
     subprocess.run(['git', *command], cwd=home_path, check=True, capture_output=True, timeout=120)
   return str(home_path)
 
@@ -174,16 +199,21 @@ def make_home(directory) -> str:
 def make_venv(directory) -> str:
   """A new venv that sees this venv's packages (a .pth file) without holding them, and no
   msf_jax: that one only imports through its own editable-install hook, which the .pth skips."""
-  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(directory)], check=True,
-                 timeout=120)
+  subprocess.run(
+    [sys.executable, '-m', 'venv', '--without-pip', str(directory)], check=True, timeout=120
+  )
   python = directory / 'bin' / 'python'
-  purelib = subprocess.run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()'
-                            '["purelib"])'], check=True, capture_output=True, text=True).stdout
+  purelib = subprocess.run(
+    [str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout
   (directory / purelib.strip() / 'stack.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')
   return str(python)
 
 
-SETUP_ON_COLAB = '''
+SETUP_ON_COLAB = """
 import sys, types
 namespace = {}
 try:
@@ -195,7 +225,7 @@ namespace['setup'](sys.argv[2], 'main', 'cpu')
 del sys.modules['google.colab']  # jax would take it for Colab's and import its debugger
 import msf_jax
 print('imported from', msf_jax.__file__)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -217,21 +247,41 @@ def test_on_colab_the_setup_installs_from_a_clone_of_the_home(tmp_path):
   env.pop('PYTHONPATH', None)
   # PIP_NO_BUILD_ISOLATION is read inverted: 0 turns build isolation off.
   env.update(PIP_NO_INDEX='1', PIP_NO_BUILD_ISOLATION='0', PIP_DISABLE_PIP_VERSION_CHECK='1')
-  result = subprocess.run([python, '-c', SETUP_ON_COLAB, str(tmp_path / 'setup_cell.py'),
-                           home_path], cwd=content, env=env, capture_output=True, text=True,
-                          timeout=900)
+  result = subprocess.run(
+    [python, '-c', SETUP_ON_COLAB, str(tmp_path / 'setup_cell.py'), home_path],
+    cwd=content,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
   clone = content / 'msf_jax-main'
   assert 'off Colab: msf_jax is not installed' in result.stdout
-  assert re.search(rf'Installing msf_jax from {re.escape(home_path)} \(main\), its pinned stack '
-                   r'and JAX for the cpu\.\.\. done in \d+ s\.\n', result.stdout), result.stdout
+  assert re.search(
+    rf'Installing msf_jax from {re.escape(home_path)} \(main\), its pinned stack '
+    r'and JAX for the cpu\.\.\. done in \d+ s\.\n',
+    result.stdout,
+  ), result.stdout
   assert f'imported from {clone / "msf_jax" / "__init__.py"}' in result.stdout
 
   # A new session (after a restart) imports it through the editable install: nothing to set up.
-  restarted = subprocess.run([python, str(tmp_path / 'setup_cell.py')], cwd=content, env=env,
-                             capture_output=True, text=True, timeout=300)
+  restarted = subprocess.run(
+    [python, str(tmp_path / 'setup_cell.py')],
+    cwd=content,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert restarted.stdout == 'msf_jax is installed: nothing to set up.\n', restarted.stderr
-  found = subprocess.run([python, '-c', 'import msf_jax; print(msf_jax.__file__)'], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+  found = subprocess.run(
+    [python, '-c', 'import msf_jax; print(msf_jax.__file__)'],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert found.stdout.strip() == str(clone / 'msf_jax' / '__init__.py'), found.stderr
   assert (clone / 'configs' / 'demo.py').is_file()  # what the notebook reads from the clone

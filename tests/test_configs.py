@@ -31,7 +31,8 @@ def training_configs() -> list[str]:
 
 def test_configs_directory_is_found():
   assert {'imagenet_msf.py', 'digits_msf.py', 'cifar10_msf.py'} <= set(
-      map(os.path.basename, CONFIG_FILES))
+    map(os.path.basename, CONFIG_FILES)
+  )
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
@@ -39,13 +40,15 @@ def test_config_loads(path):
   assert isinstance(load_config(path), ml_collections.ConfigDict)
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIG_FILES if 'data' in load_config(p)],
-                         ids=os.path.basename)
+@pytest.mark.parametrize(
+  'path', [p for p in CONFIG_FILES if 'data' in load_config(p)], ids=os.path.basename
+)
 def test_a_run_records_only_the_data_settings_of_its_source(path):
   config = load_config(path)
   recorded = recorded_settings(config)
   assert set(recorded['data']) & {'name', 'data_dir', 'root'} == set(
-      SOURCE_SETTINGS[config.data.source])
+    SOURCE_SETTINGS[config.data.source]
+  )
   if config.data.source != 'tfds':  # the digits demo's config.json names no TFDS dataset
     assert 'imagenet2012' not in json.dumps(recorded)
   assert recorded['model'] == config.model.to_dict()  # only data settings are left out
@@ -62,13 +65,20 @@ def test_training_config_builds_its_state_shapes(path):
 @pytest.mark.parametrize('path', training_configs(), ids=os.path.basename)
 def test_training_config_builds_its_splits(path):
   import tensorflow_datasets as tfds
+
   config = load_config(path)
   with tfds.testing.mock_data(num_examples=8):  # only used by TFDS sources
     split = sources.build_split(config.data, 'train', config.image_size)
     monitor = sources.build_split(config.data, config.monitor.split, config.image_size)
-    stream = pipeline.train_stream(split, global_batch=4, image_size=config.image_size,
-                                   seed=config.seed, pairing=config.data.pairing,
-                                   process_index=0, process_count=1)
+    stream = pipeline.train_stream(
+      split,
+      global_batch=4,
+      image_size=config.image_size,
+      seed=config.seed,
+      pairing=config.data.pairing,
+      process_index=0,
+      process_count=1,
+    )
     batch = next(stream)
   assert split.num_classes == monitor.num_classes
   assert batch['online'].shape == (4, config.image_size, config.image_size, 3)
@@ -97,16 +107,16 @@ def test_a_config_file_that_is_not_python_is_a_config_error(tmp_path):
 def test_cifar10_is_resnet18_small_stem_at_32px_with_a_bank_under_one_epoch():
   config = load_config(CIFAR10)
   assert (config.model.depth, config.model.small_stem, config.image_size) == (18, True, 32)
-  assert (config.data.source, config.data.name, config.monitor.split) == ('tfds', 'cifar10',
-                                                                           'test')
+  assert (config.data.source, config.data.name, config.monitor.split) == ('tfds', 'cifar10', 'test')
   assert (config.batch_size, config.msf.topk, config.num_epochs) == (256, 5, 200)
   assert learning_rate_schedule(config, 50_000 // 256)(0) == pytest.approx(0.05 * 256 / 256)
   # Every bank row is a different image: the bank fills in less than one epoch.
   assert config.msf.bank_size < 50_000
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIG_FILES if 'msf' in load_config(p)],
-                         ids=os.path.basename)
+@pytest.mark.parametrize(
+  'path', [p for p in CONFIG_FILES if 'msf' in load_config(p)], ids=os.path.basename
+)
 def test_every_msf_config_takes_the_paper_variants(path):
   default = load_config(path)
   config = load_config(path, 'bank=4096,k=1,aug=s/s')
@@ -118,6 +128,7 @@ def test_every_msf_config_takes_the_paper_variants(path):
 
 def test_intervals_are_in_epochs_so_a_batch_size_change_keeps_them():
   from msf_jax.train_loop import epochs_to_steps
+
   for path in training_configs():
     config = load_config(path)
     assert 'steps_per_epoch' not in config  # it follows from the data

@@ -20,8 +20,12 @@ CHECK_README = os.path.join(REPO, 'scripts', 'check_readme_demo.py')
 
 
 def test_comparison_table_lists_each_metric_for_each_encoder():
-  table = comparison_table({'trained': {'knn/majority/k=1': 0.95, 'transfer/x/regularization': 3},
-                            'random': {'knn/majority/k=1': 0.9, 'transfer/x/regularization': 1}})
+  table = comparison_table(
+    {
+      'trained': {'knn/majority/k=1': 0.95, 'transfer/x/regularization': 3},
+      'random': {'knn/majority/k=1': 0.9, 'transfer/x/regularization': 1},
+    }
+  )
   header, row = table.splitlines()
   assert header.split() == ['trained', 'random']
   assert row.split() == ['knn/majority/k=1', '95.0%', '90.0%']
@@ -39,15 +43,33 @@ def test_demo_config_evaluates_the_model_it_trains():
 def test_demo_trains_then_compares_with_a_random_encoder(tmp_path):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
   result = subprocess.run(
-      [sys.executable, '-m', 'msf_jax.main', f'--config={DEMO_CONFIG}', f'--workdir={tmp_path}',
-       '--config.num_epochs=1', '--config.evaluation.linear.epochs=2'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      '-m',
+      'msf_jax.main',
+      f'--config={DEMO_CONFIG}',
+      f'--workdir={tmp_path}',
+      '--config.num_epochs=1',
+      '--config.evaluation.linear.epochs=2',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   table = result.stdout.split('MSF on digits')[1].splitlines()
   assert table[1].split() == ['trained', 'random']
   rows = {line.split()[0]: line.split()[1:] for line in table[2:8]}
-  assert set(rows) == {'knn/majority/k=1', 'knn/majority/k=20', 'knn/weighted/k=1',
-                       'knn/weighted/k=20', 'linear_fast/top1', 'linear_fast/top5'}
+  assert set(rows) == {
+    'knn/majority/k=1',
+    'knn/majority/k=20',
+    'knn/weighted/k=1',
+    'knn/weighted/k=20',
+    'linear_fast/top1',
+    'linear_fast/top5',
+  }
   for name, encoder_format in (('trained', 'msf_jax'), ('random', 'random')):
     with open(tmp_path / f'eval_{name}' / 'eval_results.json') as f:
       record = json.load(f)
@@ -81,8 +103,12 @@ def test_demo_trains_then_compares_with_a_random_encoder(tmp_path):
 def check_readme(tmp_path, demo_output: str, *args) -> subprocess.CompletedProcess:
   """scripts/check_readme_demo.py on `demo_output` as the demo's console output."""
   (tmp_path / 'demo.out').write_text(demo_output)
-  return subprocess.run([sys.executable, CHECK_README, str(tmp_path / 'demo.out'), *args],
-                        capture_output=True, text=True, timeout=60)
+  return subprocess.run(
+    [sys.executable, CHECK_README, str(tmp_path / 'demo.out'), *args],
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
 
 
 def readme_text() -> str:
@@ -101,8 +127,12 @@ def test_readme_check_passes_readmes_own_table_and_names_a_changed_digit(tmp_pat
   result = check_readme(tmp_path, readme.replace(first_row, first_row.replace(value, changed)))
   assert result.returncode == 1
   assert f'-{first_row}' in result.stderr and changed in result.stderr
-  assert check_readme(tmp_path, readme.replace(first_row, first_row.replace(value, changed)),
-                      '--tolerance=0.1').returncode == 0
+  assert (
+    check_readme(
+      tmp_path, readme.replace(first_row, first_row.replace(value, changed)), '--tolerance=0.1'
+    ).returncode
+    == 0
+  )
 
 
 def test_readme_check_fails_without_a_table(tmp_path):

@@ -41,12 +41,24 @@ from helpers import (
 
 WORKER = os.path.join(REPO, 'tests', 'distributed_worker.py')
 FOLDER_IMAGES = 27  # one image per class, so a label names its image; 27 = 3 x 8 + 3
-SLURM = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[003-004]', 'SLURM_NTASKS': '2',
-         'SLURM_PROCID': '1', 'SLURM_LOCALID': '0'}
+SLURM = {
+  'SLURM_JOB_ID': '77',
+  'SLURM_STEP_NODELIST': 'node[003-004]',
+  'SLURM_NTASKS': '2',
+  'SLURM_PROCID': '1',
+  'SLURM_LOCALID': '0',
+}
 OMPI = {'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.96.0.1:34911'}
 GKE_HOSTS = ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES')
-CLUSTER_ENV = (*SLURM, *OMPI, *GKE_HOSTS, 'TPU_SKIP_MDS_QUERY', 'JAX_FORCE_TPU_INIT',
-               'TPU_LIBRARY_PATH', 'KUBERNETES_SERVICE_HOST')
+CLUSTER_ENV = (
+  *SLURM,
+  *OMPI,
+  *GKE_HOSTS,
+  'TPU_SKIP_MDS_QUERY',
+  'JAX_FORCE_TPU_INIT',
+  'TPU_LIBRARY_PATH',
+  'KUBERNETES_SERVICE_HOST',
+)
 
 
 # --- Start-up rules (no second process) -----------------------------------------------------
@@ -69,7 +81,9 @@ def joins(monkeypatch, clean_env):
   return calls
 
 
-@pytest.mark.parametrize('tpu_vm, env, cluster', [
+@pytest.mark.parametrize(
+  'tpu_vm, env, cluster',
+  [
     (False, OMPI, 'ompi'),
     (False, SLURM, 'slurm'),
     (False, {**SLURM, **OMPI}, 'ompi'),  # jax's order
@@ -78,8 +92,18 @@ def joins(monkeypatch, clean_env):
     (True, {'TPU_PROCESS_ADDRESSES': '10.0.0.2:8476,10.0.0.3:8476'}, 'gketpu'),
     (True, {'TPU_WORKER_HOSTNAMES': 't1v-n-0', 'TPU_SKIP_MDS_QUERY': '1'}, 'gketpu'),
     (True, {}, 'gcetpu'),
-], ids=['ompi', 'slurm', 'ompi-before-slurm', 'slurm-on-tpu-vm', 'gke-hostnames',
-        'gke-addresses', 'gke-without-metadata', 'gce'])
+  ],
+  ids=[
+    'ompi',
+    'slurm',
+    'ompi-before-slurm',
+    'slurm-on-tpu-vm',
+    'gke-hostnames',
+    'gke-addresses',
+    'gke-without-metadata',
+    'gce',
+  ],
+)
 def test_cluster_is_detected_and_configures_itself(joins, monkeypatch, tpu_vm, env, cluster):
   monkeypatch.setattr(distributed, '_running_in_cloud_tpu_vm', lambda: tpu_vm)
   for name, value in env.items():
@@ -89,15 +113,25 @@ def test_cluster_is_detected_and_configures_itself(joins, monkeypatch, tpu_vm, e
   assert joins == [()]  # jax reads the coordinator, count and index from the cluster itself
 
 
-@pytest.mark.parametrize('tpu_vm, env', [
+@pytest.mark.parametrize(
+  'tpu_vm, env',
+  [
     (False, {}),
     *((False, {n: v for n, v in SLURM.items() if n != missing}) for missing in SLURM),
     (False, {'TPU_WORKER_HOSTNAMES': 't1v-n-0,t1v-n-1'}),  # no TPU VM: no TPU cluster
     (True, {'TPU_SKIP_MDS_QUERY': '1'}),  # a TPU VM outside GCE's metadata
     (True, {'TPU_SKIP_MDS_QUERY': ''}),  # set counts, as for jax
     (False, {'KUBERNETES_SERVICE_HOST': '10.0.0.1'}),  # needs the kubernetes package in jax
-], ids=['plain', *(f'slurm-without-{missing}' for missing in SLURM), 'hostnames-off-tpu-vm',
-        'tpu-vm-skip-mds', 'tpu-vm-skip-mds-empty', 'kubernetes'])
+  ],
+  ids=[
+    'plain',
+    *(f'slurm-without-{missing}' for missing in SLURM),
+    'hostnames-off-tpu-vm',
+    'tpu-vm-skip-mds',
+    'tpu-vm-skip-mds-empty',
+    'kubernetes',
+  ],
+)
 def test_plain_machine_stays_a_single_process(joins, monkeypatch, tpu_vm, env):
   monkeypatch.setattr(distributed, '_running_in_cloud_tpu_vm', lambda: tpu_vm)
   for name, value in env.items():
@@ -110,24 +144,31 @@ def test_plain_machine_stays_a_single_process(joins, monkeypatch, tpu_vm, env):
 V5E, GVNIC, H100 = ('0x1ae0', '0x0063'), ('0x1ae0', '0x0042'), ('0x10de', '0x2330')
 
 
-@pytest.mark.parametrize('libtpu, pci_devices, tpu_vm', [
+@pytest.mark.parametrize(
+  'libtpu, pci_devices, tpu_vm',
+  [
     ('package', [GVNIC, V5E, V5E], True),
     ('library path', [V5E], True),
     ('package', [GVNIC, H100], False),  # Google's vendor id, but a network card
     ('package', [], False),
     (None, [V5E], False),
     ('missing library path', [V5E], False),
-])
-def test_cloud_tpu_vm_has_libtpu_and_tpu_chips(clean_env, tmp_path, monkeypatch, libtpu,
-                                               pci_devices, tpu_vm):
+  ],
+)
+def test_cloud_tpu_vm_has_libtpu_and_tpu_chips(
+  clean_env, tmp_path, monkeypatch, libtpu, pci_devices, tpu_vm
+):
   for i, (vendor, device) in enumerate(pci_devices):
     folder = tmp_path / 'pci' / f'0000:00:{i + 4:02x}.0'
     folder.mkdir(parents=True)
     (folder / 'vendor').write_text(vendor + '\n')
     (folder / 'device').write_text(device + '\n')
   monkeypatch.setattr(distributed, '_PCI_DEVICES', str(tmp_path / 'pci'))
-  monkeypatch.setattr(distributed, 'find_spec',
-                      lambda name: object() if libtpu == 'package' and name == 'libtpu' else None)
+  monkeypatch.setattr(
+    distributed,
+    'find_spec',
+    lambda name: object() if libtpu == 'package' and name == 'libtpu' else None,
+  )
   if libtpu == 'library path':
     (tmp_path / 'libtpu.so').write_bytes(b'')
   if libtpu in ('library path', 'missing library path'):
@@ -169,8 +210,9 @@ def test_a_machine_without_accelerators_runs_jax_on_the_cpu_alone(platforms_chos
 
 
 @pytest.mark.parametrize('machine', ['tpu chip', 'gpu', 'forced tpu', 'platforms given'])
-def test_an_accelerator_or_the_users_choice_keeps_jaxs_platforms(platforms_chosen, tmp_path,
-                                                                 monkeypatch, machine):
+def test_an_accelerator_or_the_users_choice_keeps_jaxs_platforms(
+  platforms_chosen, tmp_path, monkeypatch, machine
+):
   if machine == 'tpu chip':
     add_pci_device(tmp_path, *V5E)
   elif machine == 'gpu':
@@ -189,13 +231,16 @@ def test_a_cpu_run_does_not_load_libtpu():
   if distributed._tpu_chips_attached() or any(map(os.path.exists, distributed._GPU_DEVICE_FILES)):
     pytest.skip('This machine has an accelerator.')
   if not os.path.exists('/proc/self/maps'):
-    pytest.skip('The loaded libraries are read from Linux\'s /proc/self/maps.')
-  code = ('from msf_jax import distributed; import jax; '
-          'assert distributed.cpu_alone_without_accelerators(); jax.devices(); '
-          "print('libtpu loaded:', 'libtpu' in open('/proc/self/maps').read())")
+    pytest.skip("The loaded libraries are read from Linux's /proc/self/maps.")
+  code = (
+    'from msf_jax import distributed; import jax; '
+    'assert distributed.cpu_alone_without_accelerators(); jax.devices(); '
+    "print('libtpu loaded:', 'libtpu' in open('/proc/self/maps').read())"
+  )
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
   assert result.stdout.strip() == 'libtpu loaded: False', result.stdout + result.stderr
   assert 'TPU' not in result.stderr, result.stderr
 
@@ -205,12 +250,15 @@ def test_explicit_values_are_passed_on(joins):
   assert joins == [('10.0.0.1:1234', 4, 3)]
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (('10.0.0.1:1234', None, 0), 'missing: --num_processes'),
     ((None, 2, None), 'missing: --coordinator_address, --process_id'),
     (('10.0.0.1:1234', 2, 2), r'process id must be in \[0, num_processes\)'),
     (('10.0.0.1', 2, 0), 'host:port'),
-])
+  ],
+)
 def test_bad_or_half_given_values_are_clear_errors(joins, args, message):
   with pytest.raises(ValueError, match=message):
     distributed.initialize(*args)
@@ -220,10 +268,20 @@ def test_bad_or_half_given_values_are_clear_errors(joins, args, message):
 @pytest.mark.slow  # python -m msf_jax.main
 def test_main_rejects_half_given_flags_before_training(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'msf_jax.main', f'--config={REPO}/configs/digits_msf.py',
-       f'--workdir={tmp_path}', '--coordinator_address=127.0.0.1:1234'],
-      cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''},
-      capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'msf_jax.main',
+      f'--config={REPO}/configs/digits_msf.py',
+      f'--workdir={tmp_path}',
+      '--coordinator_address=127.0.0.1:1234',
+    ],
+    cwd=REPO,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert 'missing: --num_processes, --process_id' in result.stderr
   assert not os.listdir(tmp_path)  # nothing trained, nothing written
@@ -234,15 +292,16 @@ def test_main_rejects_half_given_flags_before_training(tmp_path):
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
-  return write_folder(tmp_path_factory.mktemp('images'), 'train', classes=FOLDER_IMAGES,
-                      per_class=1, size=(20, 20))
+  return write_folder(
+    tmp_path_factory.mktemp('images'), 'train', classes=FOLDER_IMAGES, per_class=1, size=(20, 20)
+  )
 
 
 def one_process_reference():
   """The same step on one process with 4 of conftest's 8 CPU devices."""
   with jax.enable_x64(True):
     config = step_config()
-    mesh = make_mesh(jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
+    mesh = make_mesh(jax.devices()[: PROCESSES * DEVICES_PER_PROCESS])
     state = put_state(create_state(config, jax.random.key(0)), config, mesh)
     train_step = make_train_step(config, mesh, steps_per_epoch=1, finish_views=False)
     batch = global_batch(config)
@@ -256,8 +315,9 @@ def one_process_reference():
 def worker_state(results, like):
   """A worker's saved leaves in the structure of the state `like`."""
   leaves = jax.tree.leaves(like)
-  return jax.tree.unflatten(jax.tree.structure(like),
-                            [results[f'state_{i}'] for i in range(len(leaves))])
+  return jax.tree.unflatten(
+    jax.tree.structure(like), [results[f'state_{i}'] for i in range(len(leaves))]
+  )
 
 
 @pytest.fixture(scope='module')
@@ -267,8 +327,12 @@ def job(tmp_path_factory, folder):
   out_dir = tmp_path_factory.mktemp('job')
   port = free_port()
   reference, _ = run_processes(
-      [[sys.executable, WORKER, str(port), str(p), str(PROCESSES), folder, str(out_dir)]
-       for p in range(PROCESSES)], before_waiting=one_process_reference)
+    [
+      [sys.executable, WORKER, str(port), str(p), str(PROCESSES), folder, str(out_dir)]
+      for p in range(PROCESSES)
+    ],
+    before_waiting=one_process_reference,
+  )
   results = [dict(np.load(out_dir / f'process_{p}.npz')) for p in range(PROCESSES)]
   return results, reference, out_dir
 
@@ -295,7 +359,8 @@ def test_checkpoint_written_by_two_processes_restores_on_one(job):
   results, (reference, _), out_dir = job
   with jax.enable_x64(True):
     restored = Checkpointer(checkpoint_directory(out_dir)).restore(
-        abstract_state(step_config(), replicated(make_mesh(jax.devices()[:1]))))
+      abstract_state(step_config(), replicated(make_mesh(jax.devices()[:1])))
+    )
   assert int(restored.step) == 1
   assert_trees_close(restored, worker_state(results[0], reference), rtol=0)
 
@@ -319,14 +384,18 @@ def test_each_epoch_reads_every_example_at_most_once_across_processes(job):
   assert not np.array_equal(orders[0], orders[1])  # each epoch is shuffled afresh
 
 
-
 def two_process_flags(workdir, folder, num_epochs: int, **settings) -> list[str]:
   """msf_jax.main's flags for both processes of a job on `folder` (all but --process_id),
   checkpointing every 2 steps of 3 an epoch, with more config `settings`."""
-  return [f'--config={TRAIN_CONFIG}', f'--workdir={workdir}',
-          *main_overrides(folder, num_epochs=num_epochs,
-                          **{'checkpoint.every_epochs': 2 / 3, **settings}),
-          f'--coordinator_address=127.0.0.1:{free_port()}', f'--num_processes={PROCESSES}']
+  return [
+    f'--config={TRAIN_CONFIG}',
+    f'--workdir={workdir}',
+    *main_overrides(
+      folder, num_epochs=num_epochs, **{'checkpoint.every_epochs': 2 / 3, **settings}
+    ),
+    f'--coordinator_address=127.0.0.1:{free_port()}',
+    f'--num_processes={PROCESSES}',
+  ]
 
 
 @pytest.mark.slow
@@ -334,10 +403,12 @@ def test_training_program_runs_as_two_processes(tmp_path, folder):
   # 27 images, batch 8: 3 steps, checkpoints at 2 and 3, written by both processes. As the
   # official run: BatchNorm over each device's 2 images, each host shuffling its targets.
   skip_without_cpu_collectives()
-  flags = two_process_flags(tmp_path, folder, num_epochs=1, **{
-      'model.bn_group_size': 2, 'msf.shuffle_target': True})
-  _, outputs = run_processes([[sys.executable, '-m', 'msf_jax.main', *flags,
-                               f'--process_id={p}'] for p in range(PROCESSES)])
+  flags = two_process_flags(
+    tmp_path, folder, num_epochs=1, **{'model.bn_group_size': 2, 'msf.shuffle_target': True}
+  )
+  _, outputs = run_processes(
+    [[sys.executable, '-m', 'msf_jax.main', *flags, f'--process_id={p}'] for p in range(PROCESSES)]
+  )
   for p, output in enumerate(outputs):
     assert f'Process {p} of {PROCESSES}: {DEVICES_PER_PROCESS} local devices of 4' in output
   assert len(glob.glob(str(tmp_path / 'events.out.tfevents.*'))) == 1  # process 0's only
@@ -357,8 +428,10 @@ def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path, fo
   flags = two_process_flags(tmp_path, folder, num_epochs=100)
   programs = [['-m', 'msf_jax.main'], [os.path.join(REPO, 'tests', 'interrupt_worker.py')]]
   _, outputs = run_processes(
-      [[sys.executable, *program, *flags, f'--process_id={p}'] for p, program in
-       enumerate(programs)], extra_env={'CTRL_C_AFTER_STEP': '2'}, expected_status=130)
+    [[sys.executable, *program, *flags, f'--process_id={p}'] for p, program in enumerate(programs)],
+    extra_env={'CTRL_C_AFTER_STEP': '2'},
+    expected_status=130,
+  )
   stopped = [int(output.split('Stopping at step ')[1].split(';')[0]) for output in outputs]
   assert stopped[0] == stopped[1] > 2 and stopped[0] < 300, outputs
   assert 'Resume with: python -m msf_jax.main' in outputs[0]

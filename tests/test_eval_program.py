@@ -46,8 +46,9 @@ def eval_config(**settings):
 
 def backbone_features(variables, images):
   encoder, _ = build_networks(eval_config().model)
-  return np.asarray(jax.jit(lambda v, x: encoder.apply(v, x, method=encoder.features))(
-      variables, images))
+  return np.asarray(
+    jax.jit(lambda v, x: encoder.apply(v, x, method=encoder.features))(variables, images)
+  )
 
 
 def backbone_of(state, encoder):
@@ -61,8 +62,9 @@ def state():
   config.model.width = WIDTH
   state = create_state(config, jax.random.key(0))
   other = create_state(config, jax.random.key(1))
-  return state.replace(step=state.step + 5,
-                       target={**state.target, 'params': other.online['params']})
+  return state.replace(
+    step=state.step + 5, target={**state.target, 'params': other.online['params']}
+  )
 
 
 @pytest.fixture(scope='module')
@@ -89,16 +91,22 @@ def export(source, out, *options):
 def test_official_checkpoint_exports_to_pth_and_safetensors_with_the_same_tensors(tmp_path):
   torch = pytest.importorskip('torch', reason='official checkpoints are PyTorch files')
   from msf_jax.testing import torch_reference
+
   torch.manual_seed(0)
   reference = torch_reference.MeanShift(18, mem_bank_size=32, topk=5)
   path = tmp_path / 'msf_resnet18.pth.tar'
-  torch.save({'state_dict': reference.state_dict(), 'opt': argparse.Namespace(arch='resnet18')},
-             path)
-  expected = {key: value.numpy() for key, value in reference.encoder_t.state_dict().items()
-              if not key.startswith('fc.')}
+  torch.save(
+    {'state_dict': reference.state_dict(), 'opt': argparse.Namespace(arch='resnet18')}, path
+  )
+  expected = {
+    key: value.numpy()
+    for key, value in reference.encoder_t.state_dict().items()
+    if not key.startswith('fc.')
+  }
   pth = export(path, tmp_path / 'backbone.pth', '--encoder', 'target')
   from_safetensors = safetensors.numpy.load_file(
-      export(path, tmp_path / 'backbone.safetensors', '--encoder', 'target'))
+    export(path, tmp_path / 'backbone.safetensors', '--encoder', 'target')
+  )
   from_pth = {key: value.numpy() for key, value in torch.load(pth, weights_only=True).items()}
   for tensors in (from_pth, from_safetensors):
     assert sorted(tensors) == sorted(expected)
@@ -110,23 +118,34 @@ def test_official_checkpoint_exports_to_pth_and_safetensors_with_the_same_tensor
 @pytest.mark.parametrize('encoder', ['online', 'target'])
 def test_every_format_loads_the_same_encoder(tmp_path, state, workdir, images, encoder):
   expected = backbone_features(backbone_of(state, encoder), images)
-  paths = {'msf_jax': workdir,
-           'safetensors': export(workdir, tmp_path / 'b.safetensors', '--encoder', encoder)}
+  paths = {
+    'msf_jax': workdir,
+    'safetensors': export(workdir, tmp_path / 'b.safetensors', '--encoder', encoder),
+  }
   try:
     import torch
+
     paths['torchvision'] = export(workdir, tmp_path / 'b.pth', '--encoder', encoder)
     paths['official'] = str(tmp_path / 'official.pth.tar')
-    torch.save({'state_dict': {key: torch.from_numpy(np.array(value))
-                               for key, value in tc.state_to_official(state).items()}},
-               paths['official'])
+    torch.save(
+      {
+        'state_dict': {
+          key: torch.from_numpy(np.array(value))
+          for key, value in tc.state_to_official(state).items()
+        }
+      },
+      paths['official'],
+    )
   except ImportError:  # .pth formats need torch, an optional dependency
     pass
   for checkpoint_format, path in paths.items():
-    variables, model = load_encoder(eval_config(checkpoint=path, encoder=encoder,
-                                                checkpoint_format=checkpoint_format))
+    variables, model = load_encoder(
+      eval_config(checkpoint=path, encoder=encoder, checkpoint_format=checkpoint_format)
+    )
     assert model.width == WIDTH and model.depth == 18
-    np.testing.assert_array_equal(backbone_features(variables, images), expected,
-                                  err_msg=checkpoint_format)
+    np.testing.assert_array_equal(
+      backbone_features(variables, images), expected, err_msg=checkpoint_format
+    )
   other = 'target' if encoder == 'online' else 'online'
   assert np.abs(backbone_features(backbone_of(state, other), images) - expected).max() > 1e-3
 
@@ -158,18 +177,21 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, workdir):
   with pytest.raises(tc.CheckpointError, match='msf_jax checkpoints are directories'):
     load_encoder(eval_config(checkpoint=exported, checkpoint_format='msf_jax'))
   with pytest.raises(tc.CheckpointError, match='--config.model.depth=18'):
-    load_encoder(eval_config(checkpoint=exported, checkpoint_format='safetensors',
-                             **{'model.depth': 34}))
+    load_encoder(
+      eval_config(checkpoint=exported, checkpoint_format='safetensors', **{'model.depth': 34})
+    )
   with pytest.raises(tc.CheckpointError, match='--config.model.small_stem=True'):
-    load_encoder(eval_config(checkpoint=exported, checkpoint_format='safetensors',
-                             **{'model.small_stem': False}))
+    load_encoder(
+      eval_config(
+        checkpoint=exported, checkpoint_format='safetensors', **{'model.small_stem': False}
+      )
+    )
   with pytest.raises(tc.CheckpointError, match="checkpoint_format='msf_jax'"):
     load_encoder(eval_config(checkpoint=workdir, checkpoint_format='safetensors'))
 
 
 @pytest.mark.slow  # feature extractions of the digits, cached and not
-def test_feature_cache_skips_the_forward_pass_and_misses_for_another_encoder(
-    tmp_path, monkeypatch):
+def test_feature_cache_skips_the_forward_pass_and_misses_for_another_encoder(tmp_path, monkeypatch):
   config = eval_config()
   split = sources.take(sources.digits('test', 24), 16)
   mesh = make_mesh()
@@ -178,8 +200,9 @@ def test_feature_cache_skips_the_forward_pass_and_misses_for_another_encoder(
   assert first[0].shape == (16, 8 * WIDTH) and len(os.listdir(cache)) == 1
   forward_passes = []
   extract = features_module.extract_split
-  monkeypatch.setattr(features_module, 'extract_split',
-                      lambda *args: forward_passes.append(args) or extract(*args))
+  monkeypatch.setattr(
+    features_module, 'extract_split', lambda *args: forward_passes.append(args) or extract(*args)
+  )
   second = cached_features(random_encoder(config.model, 24, 0), split, config, mesh, cache, 16)
   assert not forward_passes
   np.testing.assert_array_equal(second[0], first[0])
@@ -221,26 +244,37 @@ def test_ctrl_c_during_feature_extraction_caches_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr(features_module.pipeline, 'to_global', interrupted_at_the_second_batch)
   cache = tmp_path / 'cache'
   with pytest.raises(KeyboardInterrupt):
-    cached_features(random_encoder(config.model, 24, 0), split, config, make_mesh(), str(cache),
-                    16)
+    cached_features(random_encoder(config.model, 24, 0), split, config, make_mesh(), str(cache), 16)
   assert len(batches) == 2 and not (cache.exists() and os.listdir(cache))
 
 
 @pytest.mark.slow  # features and a linear probe of the 1,797 digits
 def test_evaluate_a_random_encoder_on_digits(tmp_path):
-  config = eval_config(checkpoint_format='random', tasks='knn,linear_fast,linear', batch_size=32,
-                       **{'data.max_examples': 96, 'linear.epochs': 3,
-                          'linear.batch_size': 32, 'linear.milestones': (2,)})
+  config = eval_config(
+    checkpoint_format='random',
+    tasks='knn,linear_fast,linear',
+    batch_size=32,
+    **{
+      'data.max_examples': 96,
+      'linear.epochs': 3,
+      'linear.batch_size': 32,
+      'linear.milestones': (2,),
+    },
+  )
   results = run.evaluate(config, str(tmp_path))
   record = json.loads((tmp_path / run.RESULTS_FILE).read_text())
   assert record['results'] == results
-  assert set(results) == KNN_KEYS | {f'{probe}/top{k}' for probe in ('linear_fast', 'linear')
-                                     for k in (1, 5)}
+  assert set(results) == KNN_KEYS | {
+    f'{probe}/top{k}' for probe in ('linear_fast', 'linear') for k in (1, 5)
+  }
   assert all(0 <= value <= 1 for value in results.values())
   # Random convolutional features already separate the digits (chance: 0.1).
   assert results['knn/majority/k=1'] > 0.4 and results['linear_fast/top5'] > 0.5
-  assert (record['checkpoint_format'], record['dataset'], record['step']) == ('random', 'digits',
-                                                                             None)
+  assert (record['checkpoint_format'], record['dataset'], record['step']) == (
+    'random',
+    'digits',
+    None,
+  )
   assert datetime.datetime.fromisoformat(record['timestamp']).tzinfo is not None
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
   assert len(os.listdir(tmp_path / run.CACHE_DIR)) == 2  # train and test, computed once
@@ -249,14 +283,19 @@ def test_evaluate_a_random_encoder_on_digits(tmp_path):
   assert projected.shape == (96, 8 * WIDTH)
   labels = (tmp_path / run.PROJECTOR_DIR / 'labels.tsv').read_text().split()
   assert len(labels) == 96 and set(labels) <= set(map(str, range(10)))
-  assert 'tensor_path: "projector/features.tsv"' in (
-      tmp_path / 'projector_config.pbtxt').read_text()
+  assert (
+    'tensor_path: "projector/features.tsv"' in (tmp_path / 'projector_config.pbtxt').read_text()
+  )
 
 
 @pytest.mark.slow  # an evaluation of the digits
 def test_evaluate_records_the_step_of_an_msf_jax_checkpoint(tmp_path, workdir):
-  config = eval_config(checkpoint=workdir, checkpoint_format='msf_jax', tasks='knn',
-                       **{'data.max_examples': 24, 'knn.ks': (1, 3)})
+  config = eval_config(
+    checkpoint=workdir,
+    checkpoint_format='msf_jax',
+    tasks='knn',
+    **{'data.max_examples': 24, 'knn.ks': (1, 3)},
+  )
   results = run.evaluate(config, str(tmp_path))
   record = json.loads((tmp_path / run.RESULTS_FILE).read_text())
   assert record['step'] == 5 and record['checkpoint'] == os.path.abspath(workdir)
@@ -265,8 +304,12 @@ def test_evaluate_records_the_step_of_an_msf_jax_checkpoint(tmp_path, workdir):
 
 @pytest.mark.slow  # TFDS mock datasets and a transfer run
 def test_transfer_reads_tfds_datasets_and_names_a_missing_one(tmp_path):
-  config = eval_config(checkpoint_format='random', tasks='transfer', batch_size=16,
-                       **{'transfer.datasets': 'cifar10', 'data.data_dir': str(tmp_path)})
+  config = eval_config(
+    checkpoint_format='random',
+    tasks='transfer',
+    batch_size=16,
+    **{'transfer.datasets': 'cifar10', 'data.data_dir': str(tmp_path)},
+  )
   with pytest.raises(sources.DatasetNotFoundError, match="'cifar10' is not prepared"):
     run.evaluate(config, str(tmp_path / 'missing'))
   config.transfer.datasets = 'aircraft'
@@ -278,8 +321,11 @@ def test_transfer_reads_tfds_datasets_and_names_a_missing_one(tmp_path):
   config.transfer.datasets = 'cifar10'
   with tfds.testing.mock_data(num_examples=24):  # random images and labels, offline
     results = run.evaluate(config, str(tmp_path / 'mock'))
-  assert set(results) == {'transfer/cifar10/top1', 'transfer/cifar10/val_top1',
-                          'transfer/cifar10/regularization'}
+  assert set(results) == {
+    'transfer/cifar10/top1',
+    'transfer/cifar10/val_top1',
+    'transfer/cifar10/regularization',
+  }
   assert 0 <= results['transfer/cifar10/top1'] <= 1
   assert results['transfer/cifar10/regularization'] in DEFAULT_REGULARIZATIONS
 
@@ -291,20 +337,32 @@ def test_unknown_task_is_named(tmp_path):
 
 def main_command(workdir, *settings):
   """`python -m msf_jax.main` with the digits evaluation config and the narrow model."""
-  return [sys.executable, '-m', 'msf_jax.main', f'--config={EVAL_CONFIG}:digits',
-          f'--workdir={workdir}', f'--config.model.width={WIDTH}', *settings]
+  return [
+    sys.executable,
+    '-m',
+    'msf_jax.main',
+    f'--config={EVAL_CONFIG}:digits',
+    f'--workdir={workdir}',
+    f'--config.model.width={WIDTH}',
+    *settings,
+  ]
 
 
 def run_main(workdir, *settings):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  return subprocess.run(main_command(workdir, *settings), cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    main_command(workdir, *settings), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
 
 
 @pytest.mark.slow
 def test_main_evaluates_in_evaluate_mode(tmp_path):
-  result = run_main(tmp_path, '--config.checkpoint_format=random', '--config.tasks=knn',
-                        '--config.data.max_examples=64')
+  result = run_main(
+    tmp_path,
+    '--config.checkpoint_format=random',
+    '--config.tasks=knn',
+    '--config.data.max_examples=64',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads((tmp_path / run.RESULTS_FILE).read_text())
   assert set(record['results']) == KNN_KEYS
@@ -323,15 +381,27 @@ def test_main_names_a_wrong_format_and_a_misspelt_key(tmp_path):
 def test_two_processes_evaluate_as_one_and_reuse_the_cache(tmp_path):
   skip_without_cpu_collectives()
   # A random encoder on 45 digits of each split (an odd count: padded batches on every host).
-  settings = ['--config.checkpoint_format=random', '--config.data.max_examples=45',
-              '--config.batch_size=16', '--config.tasks=knn']
+  settings = [
+    '--config.checkpoint_format=random',
+    '--config.data.max_examples=45',
+    '--config.batch_size=16',
+    '--config.tasks=knn',
+  ]
 
   def job():
     port = free_port()
-    return run_processes([main_command(tmp_path, *settings,
-                                       f'--coordinator_address=127.0.0.1:{port}',
-                                       f'--num_processes={PROCESSES}', f'--process_id={p}')
-                          for p in range(PROCESSES)])
+    return run_processes(
+      [
+        main_command(
+          tmp_path,
+          *settings,
+          f'--coordinator_address=127.0.0.1:{port}',
+          f'--num_processes={PROCESSES}',
+          f'--process_id={p}',
+        )
+        for p in range(PROCESSES)
+      ]
+    )
 
   job()
   cache = tmp_path / run.CACHE_DIR
@@ -343,8 +413,9 @@ def test_two_processes_evaluate_as_one_and_reuse_the_cache(tmp_path):
   assert json.loads((tmp_path / run.RESULTS_FILE).read_text())['results'] == results
 
   single = tmp_path / 'single'
-  config = eval_config(checkpoint_format='random', tasks='knn', batch_size=16,
-                       **{'data.max_examples': 45})
+  config = eval_config(
+    checkpoint_format='random', tasks='knn', batch_size=16, **{'data.max_examples': 45}
+  )
   one_process = run.evaluate(config, str(single))
   # Features agree to float rounding, which may move a neighbour at the edge of k = 20 and
   # so flip at most one of the 45 queries.
@@ -357,8 +428,10 @@ def test_two_processes_evaluate_as_one_and_reuse_the_cache(tmp_path):
   # The key counts the processes (a TFDS subset depends on them), so each run has its own file.
   assert not set(two_caches.values()) & set(one_caches.values())
   for split_name, name in two_caches.items():
-    with (np.load(cache / name) as two,
-          np.load(single / run.CACHE_DIR / one_caches[split_name]) as one):
+    with (
+      np.load(cache / name) as two,
+      np.load(single / run.CACHE_DIR / one_caches[split_name]) as one,
+    ):
       # The same rows, in another order: the gather puts each host's share after the other.
       distance = np.linalg.norm(two['features'][:, None] - one['features'][None], axis=-1)
       match = distance.argmin(axis=1)

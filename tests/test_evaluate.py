@@ -28,8 +28,9 @@ def test_majority_vote_equals_brute_force_and_breaks_ties_at_random(k):
     assert tied.any()
     # Ties are broken at random: over many seeds every tied label wins sometimes.
     q = np.flatnonzero(tied)[0]
-    winners = {int(knn_predict(train, labels, queries[q:q + 1], k, 4, seed=s)[0])
-               for s in range(40)}
+    winners = {
+      int(knn_predict(train, labels, queries[q : q + 1], k, 4, seed=s)[0]) for s in range(40)
+    }
     assert winners == set(np.flatnonzero(scores[q] == best[q]))
 
 
@@ -38,8 +39,9 @@ def test_weighted_vote_equals_brute_force():
   train, queries = rng.standard_normal((300, 16)), rng.standard_normal((100, 16))
   labels = rng.integers(0, 5, 300)
   scores = brute_force_votes(train, labels, queries, 20, 5, weighted=True)
-  np.testing.assert_array_equal(knn_predict(train, labels, queries, 20, 5, vote='weighted'),
-                                scores.argmax(axis=1))
+  np.testing.assert_array_equal(
+    knn_predict(train, labels, queries, 20, 5, vote='weighted'), scores.argmax(axis=1)
+  )
   queries_are_train = knn_accuracy(train, labels, train, labels, 1, 5)
   assert queries_are_train == 1.0
 
@@ -60,14 +62,16 @@ def test_features_of_a_split_once_each_over_eight_devices(tmp_path):
 @pytest.mark.slow  # a ResNet-18 state and its kNN monitor over 8 devices
 def test_knn_monitor_finds_each_training_image_as_its_own_neighbour():
   from msf_jax.evaluate.monitor import KnnMonitor
+
   config = small_config(image_size=24, small_stem=True)
   config.model.width = 8
   config.data.source = 'digits'
   config.monitor.split, config.monitor.ks = 'train', (1, 20)
   config.monitor.num_train = config.monitor.num_queries = 40
   state = create_state(config, jax.random.key(0))
-  result = KnnMonitor(config, make_mesh(jax.devices()[:8]),
-                      sources.digits('train', 24))(state.online)
+  result = KnnMonitor(config, make_mesh(jax.devices()[:8]), sources.digits('train', 24))(
+    state.online
+  )
   accuracy = result.metrics
   assert result.train[0].shape == result.held_out[0].shape == (40, 8 * 8)
   # Queries are the bank's own images: 1-NN is each image itself, so the labels must line up.

@@ -36,8 +36,10 @@ def read_lock(path):
 def test_a_live_run_keeps_its_workdir_and_a_dead_one_does_not(tmp_path, sleeper, monkeypatch):
   workdir = str(tmp_path)
   write_lock(workdir, pid=sleeper.pid)
-  with pytest.raises(workdir_lock.WorkdirBusyError,
-                     match=f'in use by process {sleeper.pid} on {socket.gethostname()}'):
+  with pytest.raises(
+    workdir_lock.WorkdirBusyError,
+    match=f'in use by process {sleeper.pid} on {socket.gethostname()}',
+  ):
     workdir_lock.WorkdirLock(workdir).acquire()
   sleeper.kill()
   sleeper.wait()
@@ -55,8 +57,13 @@ def test_a_live_run_keeps_its_workdir_and_a_dead_one_does_not(tmp_path, sleeper,
   assert os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
   with workdir_lock.WorkdirLock(workdir):
     pass
-  write_lock(workdir, host='elsewhere', pid=1, job='7',
-             heartbeat=workdir_lock.this_process().heartbeat - 2 * workdir_lock.STALE_AFTER_SECONDS)
+  write_lock(
+    workdir,
+    host='elsewhere',
+    pid=1,
+    job='7',
+    heartbeat=workdir_lock.this_process().heartbeat - 2 * workdir_lock.STALE_AFTER_SECONDS,
+  )
   with workdir_lock.WorkdirLock(workdir):
     pass
 
@@ -152,17 +159,23 @@ def write_bytes(path, payload):
 def test_every_unreadable_torch_file_is_one_clear_sentence(tmp_path):
   torch = pytest.importorskip('torch', reason='torch files need PyTorch')
   cases = {
-      'empty.pth': (write_bytes(tmp_path / 'empty.pth', b''), 'is empty'),
-      'random.pth': (write_bytes(tmp_path / 'random.pth', np.random.default_rng(0).bytes(999)),
-                     'is not a PyTorch file'),
-      'truncated.pth': (write_bytes(tmp_path / 'truncated.pth', b'PK\x03\x04' + b'0' * 50),
-                        'is a damaged PyTorch file'),
+    'empty.pth': (write_bytes(tmp_path / 'empty.pth', b''), 'is empty'),
+    'random.pth': (
+      write_bytes(tmp_path / 'random.pth', np.random.default_rng(0).bytes(999)),
+      'is not a PyTorch file',
+    ),
+    'truncated.pth': (
+      write_bytes(tmp_path / 'truncated.pth', b'PK\x03\x04' + b'0' * 50),
+      'is a damaged PyTorch file',
+    ),
   }
   torch.save([1, 2], tmp_path / 'list.pth')
   cases['list.pth'] = (str(tmp_path / 'list.pth'), 'holds a list, not a state dict')
   torch.save({'conv1.weight': 1}, tmp_path / 'ints.pth')
-  cases['ints.pth'] = (str(tmp_path / 'ints.pth'),
-                       r'1 entries are not tensors: conv1.weight \(int\)')
+  cases['ints.pth'] = (
+    str(tmp_path / 'ints.pth'),
+    r'1 entries are not tensors: conv1.weight \(int\)',
+  )
   torch.save({'conv1.weight': torch.full((2,), float('nan'))}, tmp_path / 'nan.pth')
   cases['nan.pth'] = (str(tmp_path / 'nan.pth'), 'NaN or infinite weights in 1 tensors')
   for path, message in cases.values():
@@ -173,12 +186,24 @@ def test_every_unreadable_torch_file_is_one_clear_sentence(tmp_path):
   with pytest.raises(CheckpointError, match='Refusing to load'):
     backbones.backbone_state_dict(str(tmp_path / 'code.pth'), 'torchvision')
   # The command line prints the sentence as one `error:` line.
-  result = subprocess.run([sys.executable, '-m', 'msf_jax.interop', 'export-backbone',
-                           cases['random.pth'][0], str(tmp_path / 'out.pth')],
-                          capture_output=True, text=True, env={**os.environ,
-                                                               'JAX_PLATFORMS': 'cpu'})
-  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
-      'error: ') and 'is not a PyTorch file' in result.stderr
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'msf_jax.interop',
+      'export-backbone',
+      cases['random.pth'][0],
+      str(tmp_path / 'out.pth'),
+    ],
+    capture_output=True,
+    text=True,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  assert (
+    result.returncode == 1
+    and result.stderr.strip().splitlines()[-1].startswith('error: ')
+    and 'is not a PyTorch file' in result.stderr
+  )
 
 
 def test_unreadable_safetensors_are_clear_errors(tmp_path):
@@ -191,6 +216,7 @@ def test_unreadable_safetensors_are_clear_errors(tmp_path):
 @pytest.mark.slow  # a ResNet-18 state to create and save
 def test_an_msf_jax_checkpoint_with_nan_weights_is_refused(tmp_path):
   from msf_jax import create_state
+
   config = small_config(image_size=24, small_stem=True, bank_size=16)
   config.model.width = 8
   state = create_state(config, jax.random.key(0))
@@ -206,7 +232,9 @@ def test_an_msf_jax_checkpoint_with_nan_weights_is_refused(tmp_path):
 # --- Config errors before anything is built -------------------------------------------------
 
 
-@pytest.mark.parametrize('settings, message', [
+@pytest.mark.parametrize(
+  'settings, message',
+  [
     ({'image_size': 1}, 'image_size=1 is below 8'),
     ({'batch_size': 12}, 'batch_size=12 must be a positive multiple of the 8 devices'),
     ({'msf.bank_size': 1000}, 'msf.bank_size=1000 must be a multiple of batch_size=32'),
@@ -216,18 +244,29 @@ def test_an_msf_jax_checkpoint_with_nan_weights_is_refused(tmp_path):
     ({'checkpoint.every_epochs': 0.0}, 'checkpoint.every_epochs=0.0 must be positive'),
     ({'data.pairing': 'x/y'}, "data.pairing='x/y' is not one of w/s, w/w, s/s, s/w"),
     ({'optim.schedule': 'step'}, "optim.schedule='step' is not one of cosine_per_epoch"),
-    ({'msf.bank_search_dtype': 'float16'},
-     "msf.bank_search_dtype='float16' is not one of float32, bfloat16"),
-    ({'msf.bank_search_dtype': 'bfloat16', 'msf.bank_search_candidates': 10},
-     'msf.bank_search_candidates=10 must be more than msf.topk=10'),
-    ({'msf.bank_search_dtype': 'bfloat16', 'msf.bank_search_candidates': 2000},
-     'and at most msf.bank_size=1440'),
-    ({'msf.bank_layout': 'striped'},
-     "msf.bank_layout='striped' is not one of replicated, sharded, auto"),
+    (
+      {'msf.bank_search_dtype': 'float16'},
+      "msf.bank_search_dtype='float16' is not one of float32, bfloat16",
+    ),
+    (
+      {'msf.bank_search_dtype': 'bfloat16', 'msf.bank_search_candidates': 10},
+      'msf.bank_search_candidates=10 must be more than msf.topk=10',
+    ),
+    (
+      {'msf.bank_search_dtype': 'bfloat16', 'msf.bank_search_candidates': 2000},
+      'and at most msf.bank_size=1440',
+    ),
+    (
+      {'msf.bank_layout': 'striped'},
+      "msf.bank_layout='striped' is not one of replicated, sharded, auto",
+    ),
     ({'model.bn_group_size': 12}, 'model.bn_group_size=12 must divide batch_size=32'),
-    ({'batch_size': 48, 'model.bn_group_size': 16},
-     'divide or be a multiple of the 6 images of a device'),
-])
+    (
+      {'batch_size': 48, 'model.bn_group_size': 16},
+      'divide or be a multiple of the 6 images of a device',
+    ),
+  ],
+)
 def test_config_errors_name_the_key_and_what_is_valid(settings, message):
   config = load_config(DIGITS)
   for key, value in settings.items():
@@ -261,4 +300,6 @@ def test_evaluation_counts_and_names_undecodable_images(tmp_path):
     record = json.load(f)['undecodable_images']
   assert record[f'{root}/train'] == {'count': 0, 'first': []}
   assert record[f'{root}/test'] == {
-      'count': 1, 'first': [os.path.join(root, 'test', 'class_0', 'broken_0.jpg')]}
+    'count': 1,
+    'first': [os.path.join(root, 'test', 'class_0', 'broken_0.jpg')],
+  }

@@ -11,7 +11,8 @@ import pytest
 import safetensors.numpy
 
 torch = pytest.importorskip(
-    'torch', reason='interop tests need PyTorch (CPU): pip install torch==2.13.0')
+  'torch', reason='interop tests need PyTorch (CPU): pip install torch==2.13.0'
+)
 
 from msf_jax.interop import backbones, torch_checkpoint as tc  # noqa: E402
 from msf_jax.models import backbone_only  # noqa: E402
@@ -45,9 +46,11 @@ def data_parallel_keys(state_dict):
 @pytest.mark.parametrize('wrap', [False, True], ids=['plain', 'data_parallel'])
 def test_official_checkpoint_round_trips(tmp_path, reference, wrap):
   state_dict = reference.state_dict()
-  path = save(tmp_path / 'ckpt.pth.tar',
-              data_parallel_keys(state_dict) if wrap else state_dict,
-              opt=argparse.Namespace(arch='resnet18', topk=5))
+  path = save(
+    tmp_path / 'ckpt.pth.tar',
+    data_parallel_keys(state_dict) if wrap else state_dict,
+    opt=argparse.Namespace(arch='resnet18', topk=5),
+  )
   config = small_config(depth=50, bank_size=8)  # Architecture and bank come from the file.
   state, config = tc.load_official_checkpoint(path, config, jax.random.key(0))
   assert (config.model.depth, config.model.small_stem, config.msf.bank_size) == (18, False, 32)
@@ -60,13 +63,18 @@ def test_official_checkpoint_round_trips(tmp_path, reference, wrap):
 @pytest.mark.slow  # two ResNet-18 states created and converted both ways
 def test_narrow_model_round_trips_with_its_architecture():
   from msf_jax import create_state
+
   config = small_config(image_size=32, small_stem=True, bank_size=16)
   config.model.width = 8
   state = create_state(config, jax.random.key(1))
   official = tc.state_to_official(state)
   inferred = tc.config_for_checkpoint(small_config(depth=50), official)
-  assert (inferred.model.depth, inferred.model.small_stem, inferred.model.width,
-          inferred.msf.bank_size) == (18, True, 8, 16)
+  assert (
+    inferred.model.depth,
+    inferred.model.small_stem,
+    inferred.model.width,
+    inferred.msf.bank_size,
+  ) == (18, True, 8, 16)
   template = create_state(inferred, jax.random.key(2))
   back = tc.state_to_official(tc.state_from_official(official, template))
   for key, value in official.items():
@@ -94,25 +102,30 @@ def read_exported(path):
 
 
 @pytest.mark.parametrize('suffix', ['.pth', tc.SAFETENSORS_EXTENSION])
-def test_export_has_torchvision_shapes_and_reads_back_as_the_same_variables(tmp_path, reference,
-                                                                            suffix):
-  state, config = tc.load_official_checkpoint(save(tmp_path / 'ckpt.pth.tar',
-                                                   reference.state_dict()),
-                                              small_config(), jax.random.key(0))
+def test_export_has_torchvision_shapes_and_reads_back_as_the_same_variables(
+  tmp_path, reference, suffix
+):
+  state, config = tc.load_official_checkpoint(
+    save(tmp_path / 'ckpt.pth.tar', reference.state_dict()), small_config(), jax.random.key(0)
+  )
   out = str(tmp_path / f'backbone{suffix}')
   tc.save_backbone(tc.backbone_to_torchvision(state, 'online'), out)
   written = {k: (v.shape, v.dtype.name) for k, v in read_exported(out).items()}
-  torchvision = {k: (tuple(v.shape), str(v.dtype).removeprefix('torch.'))
-                 for k, v in torch_reference.resnet(18).state_dict().items()}
+  torchvision = {
+    k: (tuple(v.shape), str(v.dtype).removeprefix('torch.'))
+    for k, v in torch_reference.resnet(18).state_dict().items()
+  }
   assert written == torchvision  # num_batches_tracked included: int64 scalars []
   assert written['bn1.num_batches_tracked'] == ((), 'int64')
   file_format = 'safetensors' if suffix == tc.SAFETENSORS_EXTENSION else 'torchvision'
-  back = backbones.encoder_from_torchvision(backbones.backbone_state_dict(out, file_format),
-                                            config.model, config.image_size, out)
+  back = backbones.encoder_from_torchvision(
+    backbones.backbone_state_dict(out, file_format), config.model, config.image_size, out
+  )
   expected = jax.device_get(backbone_only(state.online))
   assert jax.tree.structure(back) == jax.tree.structure(expected)
-  for got, want in zip(jax.tree.leaves(jax.device_get(back)), jax.tree.leaves(expected),
-                       strict=True):
+  for got, want in zip(
+    jax.tree.leaves(jax.device_get(back)), jax.tree.leaves(expected), strict=True
+  ):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
 
@@ -139,8 +152,13 @@ def test_command_line_exports_a_backbone(tmp_path, reference):
   out = tmp_path / 'backbone.pth'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   # From outside the checkout: the command line needs no file of the source tree.
-  run = lambda *args: subprocess.run([sys.executable, '-m', 'msf_jax.interop', *args],
-                                     capture_output=True, text=True, cwd=tmp_path, env=env)
+  run = lambda *args: subprocess.run(
+    [sys.executable, '-m', 'msf_jax.interop', *args],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env=env,
+  )
   result = run('export-backbone', path, str(out))
   assert result.returncode == 0, result.stderr
   assert 'layer4.1.bn2.running_var' in torch.load(out, weights_only=True)

@@ -31,8 +31,9 @@ def test_chunked_search_equals_a_stable_sort_of_all_similarities(train_chunk_siz
   train, queries = rng.standard_normal((203, 12)), rng.standard_normal((50, 12))
   train[150] = train[3]  # an exact tie across chunks: the lower index must come first
   queries[0] = train[3]
-  similarity, index = nearest_neighbours(train, queries, 20, chunk_size=16,
-                                         train_chunk_size=train_chunk_size)
+  similarity, index = nearest_neighbours(
+    train, queries, 20, chunk_size=16, train_chunk_size=train_chunk_size
+  )
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   exact = unit(queries) @ unit(train).T
   expected = np.argsort(-exact, axis=1, kind='stable')[:, :20]
@@ -58,9 +59,9 @@ def test_train_features_sharded_over_eight_devices_give_the_same_neighbours(k, t
   assert list(found[1][0, :2]) == [3, 150] and found[1].max() < 203
   labels = rng.integers(0, 5, 203)
   query_labels = rng.integers(0, 5, 50)
-  assert knn_accuracies(train, labels, queries, query_labels, 5, ks=(1, 20),
-                        mesh=make_mesh(jax.devices()[:8])) == knn_accuracies(
-                            train, labels, queries, query_labels, 5, ks=(1, 20))
+  assert knn_accuracies(
+    train, labels, queries, query_labels, 5, ks=(1, 20), mesh=make_mesh(jax.devices()[:8])
+  ) == knn_accuracies(train, labels, queries, query_labels, 5, ks=(1, 20))
 
 
 @pytest.mark.parametrize('devices', [1, 8])
@@ -80,8 +81,9 @@ def test_train_chunks_smaller_than_k_and_not_dividing_the_train_set_vote_as_brut
   labels = rng.integers(0, 5, 301)
   # 301 = 23 x 13 + 2: the neighbours of each query come from many chunks, the last partial.
   scores = brute_force_votes(train, labels, queries, 20, 5, weighted=True)
-  weighted = knn_predict(train, labels, queries, 20, 5, vote='weighted', chunk_size=32,
-                         train_chunk_size=13)
+  weighted = knn_predict(
+    train, labels, queries, 20, 5, vote='weighted', chunk_size=32, train_chunk_size=13
+  )
   np.testing.assert_array_equal(weighted, scores.argmax(axis=1))
   votes = brute_force_votes(train, labels, queries, 20, 5, weighted=False)
   majority = knn_predict(train, labels, queries, 20, 5, chunk_size=32, train_chunk_size=13)
@@ -97,14 +99,15 @@ def test_accuracies_of_several_k_and_votes_equal_separate_searches():
   train, train_labels = features[order[:240]], labels[order[:240]]
   queries, query_labels = features[order[240:]], labels[order[240:]]
   options = dict(chunk_size=32, train_chunk_size=50)
-  accuracies = knn_accuracies(train, train_labels, queries, query_labels, 6, ks=(1, 20),
-                              **options)
-  assert sorted(accuracies) == sorted(f'knn/{v}/k={k}' for v in ('majority', 'weighted')
-                                      for k in (1, 20))
+  accuracies = knn_accuracies(train, train_labels, queries, query_labels, 6, ks=(1, 20), **options)
+  assert sorted(accuracies) == sorted(
+    f'knn/{v}/k={k}' for v in ('majority', 'weighted') for k in (1, 20)
+  )
   for name, accuracy in accuracies.items():
     _, vote, k = name.split('/')
-    assert accuracy == knn_accuracy(train, train_labels, queries, query_labels,
-                                    int(k[2:]), 6, vote, **options), name
+    assert accuracy == knn_accuracy(
+      train, train_labels, queries, query_labels, int(k[2:]), 6, vote, **options
+    ), name
   assert 1 / 6 + 0.2 < accuracies['knn/majority/k=20'] < 1.0  # clusters, not chance
 
 

@@ -31,9 +31,16 @@ def test_separable_clusters_are_learned():
   features, labels = gaussian_clusters(rng, 10, 60, 32, spread=3.0)
   order = rng.permutation(len(labels))
   train, test = order[:400], order[400:]
-  result = linear_probe_on_features(features[train], labels[train], features[test],
-                                    labels[test], 10, epochs=10, milestones=(6, 8),
-                                    batch_size=64)
+  result = linear_probe_on_features(
+    features[train],
+    labels[train],
+    features[test],
+    labels[test],
+    10,
+    epochs=10,
+    milestones=(6, 8),
+    batch_size=64,
+  )
   assert result['top1'] >= 0.98 and result['top5'] == 1.0
 
 
@@ -41,8 +48,9 @@ def test_features_independent_of_labels_give_chance():
   rng = np.random.default_rng(1)
   features = rng.standard_normal((3000, 32)).astype(np.float32)
   labels = rng.integers(0, 10, 3000)
-  result = linear_probe_on_features(features[:2000], labels[:2000], features[2000:],
-                                    labels[2000:], 10, epochs=10, milestones=(6, 8))
+  result = linear_probe_on_features(
+    features[:2000], labels[:2000], features[2000:], labels[2000:], 10, epochs=10, milestones=(6, 8)
+  )
   assert 0.05 < result['top1'] < 0.16  # chance 0.1; 1,000 test examples: std 0.0095
   assert 0.42 < result['top5'] < 0.58 and result['top5'] >= result['top1']
 
@@ -53,8 +61,9 @@ def test_test_examples_are_standardized_with_train_statistics_only():
   order = rng.permutation(len(labels))
   train, test = features[order[:300]], features[order[300:]]
   train_labels, test_labels = labels[order[:300]], labels[order[300:]]
-  probe = lambda x, y: linear_probe_on_features(train, train_labels, x, y, 5, epochs=3,
-                                                milestones=(2,), batch_size=32)
+  probe = lambda x, y: linear_probe_on_features(
+    train, train_labels, x, y, 5, epochs=3, milestones=(2,), batch_size=32
+  )
   alone, mirrored = probe(test, test_labels), probe(-test, test_labels)
   # Standardized by its own statistics, the union's mean (zero) would move every prediction.
   together = probe(np.concatenate([test, -test]), np.concatenate([test_labels, test_labels]))
@@ -92,7 +101,8 @@ def test_bad_inputs_are_named():
 def test_probe_stream_is_deterministic_resumable_and_uint8():
   split = sources.digits('train', image_size=16)
   stream = lambda seed, start_step=0: pipeline.probe_stream(
-      split, global_batch=8, image_size=12, seed=seed, start_step=start_step)
+    split, global_batch=8, image_size=12, seed=seed, start_step=start_step
+  )
   first, second = next(stream(0)), next(stream(0))
   assert first['image'].shape == (8, 12, 12, 3) and first['label'].shape == (8,)
   np.testing.assert_array_equal(first['image'], second['image'])
@@ -112,8 +122,9 @@ def test_official_probe_on_digits_over_eight_devices():
   train_split = sources.digits('train', image_size=24)
   test_split = sources.digits('test', image_size=24)
   # Centre-crop features extracted inside; one epoch of 22 steps of 64 augmented views.
-  result = linear_probe(variables, config, mesh, train_split, test_split, epochs=1,
-                        batch_size=64, eval_batch_size=128)
+  result = linear_probe(
+    variables, config, mesh, train_split, test_split, epochs=1, batch_size=64, eval_batch_size=128
+  )
   # Measured: top-1 0.71, top-5 0.97 (a random encoder's features of digits separate well).
   assert result['top1'] > 0.4 and result['top5'] >= result['top1']  # chance: 0.1
 
@@ -126,9 +137,21 @@ def test_official_probe_gives_the_same_result_on_one_and_eight_devices(tmp_path)
   root = write_folder(tmp_path, 'train', classes=3, per_class=8)
   write_folder(tmp_path, 'test', classes=3, per_class=5)
   train_split, test_split = (sources.image_folder(root, s) for s in ('train', 'test'))
-  results = [linear_probe(variables, config, make_mesh(devices), train_split, test_split,
-                          epochs=2, milestones=(1,), batch_size=8, lr=0.5, seed=3)
-             for devices in (jax.devices()[:1], jax.devices()[:8])]
+  results = [
+    linear_probe(
+      variables,
+      config,
+      make_mesh(devices),
+      train_split,
+      test_split,
+      epochs=2,
+      milestones=(1,),
+      batch_size=8,
+      lr=0.5,
+      seed=3,
+    )
+    for devices in (jax.devices()[:1], jax.devices()[:8])
+  ]
   assert results[0] == results[1]
 
 

@@ -39,15 +39,21 @@ EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
   """24 images and 2 undecodable files: 3 steps of 8 an epoch, a few images skipped."""
-  return write_folder(tmp_path_factory.mktemp('images'), 'train', classes=2, per_class=12,
-                      size=(30, 30), corrupt=2)
+  return write_folder(
+    tmp_path_factory.mktemp('images'), 'train', classes=2, per_class=12, size=(30, 30), corrupt=2
+  )
 
 
 def start(workdir, args, program=('-m', 'msf_jax.main'), env=None):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '', **(env or {})}
-  return subprocess.Popen([sys.executable, *program, f'--config={CONFIG}',
-                           f'--workdir={workdir}', *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, *program, f'--config={CONFIG}', f'--workdir={workdir}', *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def run(workdir, args, timeout=300):
@@ -70,8 +76,9 @@ def wait_for_checkpoint(workdir, process, at_least, timeout=240):
   directory = checkpoint_directory(str(workdir))
   deadline = time.time() + timeout
   while time.time() < deadline and process.poll() is None:
-    steps = ([int(d) for d in os.listdir(directory) if d.isdigit()]
-             if os.path.isdir(directory) else [])
+    steps = (
+      [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+    )
     if steps and max(steps) >= at_least:
       return max(steps)
     time.sleep(0.2)
@@ -83,8 +90,9 @@ def straight(tmp_path_factory, folder):
   """The workdir of an uninterrupted run of 9 steps with a checkpoint of every step: what the
   interrupted runs must end as (how often a run saves does not change its states)."""
   workdir = tmp_path_factory.mktemp('straight')
-  code, output = run(workdir, overrides(
-      folder, **{'checkpoint.every_epochs': 1 / 3, 'checkpoint.keep': 9}))
+  code, output = run(
+    workdir, overrides(folder, **{'checkpoint.every_epochs': 1 / 3, 'checkpoint.keep': 9})
+  )
   assert code == 0, output
   return workdir
 
@@ -105,8 +113,9 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, folder, straight):
   # The stream resumed on the image the killed run would have read next, the skipped ones
   # counted: both runs end at the same slot with the same count (and skipped some).
   straight_stream, resumed_stream = (
-      Checkpointer(checkpoint_directory(str(w))).read_metadata(9)[STREAM_METADATA]
-      for w in (straight, tmp_path / 'killed'))
+    Checkpointer(checkpoint_directory(str(w))).read_metadata(9)[STREAM_METADATA]
+    for w in (straight, tmp_path / 'killed')
+  )
   assert resumed_stream == straight_stream and straight_stream['skipped'][0] > 0
 
 
@@ -135,15 +144,22 @@ def saved_steps(workdir, folder, steps):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_the_step_exits_130_and_the_rerun_goes_on_as_if_uninterrupted(
-    tmp_path, folder, straight):
+  tmp_path, folder, straight
+):
   # 9 steps; Ctrl-C after the checkpoint of step 4 (every 4 steps): the run stops at step 5.
-  process = start(tmp_path / 'stopped', overrides(folder), program=INTERRUPT_WORKER,
-                  env={'CTRL_C_AFTER_STEP': '4'})
+  process = start(
+    tmp_path / 'stopped',
+    overrides(folder),
+    program=INTERRUPT_WORKER,
+    env={'CTRL_C_AFTER_STEP': '4'},
+  )
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 130, output
   assert f'saved a checkpoint of step 5 in {tmp_path}/stopped/checkpoints' in output
-  assert f'Resume with: python -m msf_jax.main --config={CONFIG} --workdir={tmp_path}/stopped' \
-      in output and 'Traceback' not in output
+  assert (
+    f'Resume with: python -m msf_jax.main --config={CONFIG} --workdir={tmp_path}/stopped' in output
+    and 'Traceback' not in output
+  )
   with open(tmp_path / 'stopped' / 'config.json') as f:  # a folder run: no TFDS name
     assert 'root' in (data := json.load(f)['data']) and 'name' not in data
   expected = saved_steps(straight, folder, [5, 9])
@@ -154,10 +170,13 @@ def test_ctrl_c_saves_the_step_exits_130_and_the_rerun_goes_on_as_if_uninterrupt
 
 
 @pytest.mark.slow
-def test_ctrl_c_again_during_the_save_exits_at_once_keeping_the_checkpoint_before(tmp_path,
-                                                                                 folder):
-  process = start(tmp_path, overrides(folder), program=INTERRUPT_WORKER,
-                  env={'CTRL_C_AFTER_STEP': '4', 'CTRL_C_AGAIN': '1'})
+def test_ctrl_c_again_during_the_save_exits_at_once_keeping_the_checkpoint_before(tmp_path, folder):
+  process = start(
+    tmp_path,
+    overrides(folder),
+    program=INTERRUPT_WORKER,
+    env={'CTRL_C_AFTER_STEP': '4', 'CTRL_C_AGAIN': '1'},
+  )
   output, _ = process.communicate(timeout=300)  # the save of step 5 would take ten minutes
   assert process.returncode == 130 and 'Ctrl-C again: stopping at once' in output, output
   saved_steps(tmp_path, folder, [4])  # whole and readable
@@ -173,8 +192,9 @@ def test_misspelt_config_key_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, folder):
-  code, output = run(tmp_path, overrides(folder, **{'optim.base_lr': 1e30,
-                                                     'checkpoint.every_epochs': 1 / 3}))
+  code, output = run(
+    tmp_path, overrides(folder, **{'optim.base_lr': 1e30, 'checkpoint.every_epochs': 1 / 3})
+  )
   assert code != 0 and 'training stopped without saving' in output, output
   step, state = final_state(tmp_path, folder)
   assert step is not None and step >= 1
@@ -185,12 +205,15 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
   from absl import flags
 
   from msf_jax import main as main_module
+
   calls = []
-  monkeypatch.setattr(main_module.pipeline, 'hide_accelerators_from_tensorflow',
-                      lambda: calls.append('hide'))
+  monkeypatch.setattr(
+    main_module.pipeline, 'hide_accelerators_from_tensorflow', lambda: calls.append('hide')
+  )
   monkeypatch.setattr(main_module.distributed, 'initialize', lambda *args: calls.append('join'))
-  monkeypatch.setattr(main_module.distributed, 'cpu_alone_without_accelerators',
-                      lambda: calls.append('cpu'))
+  monkeypatch.setattr(
+    main_module.distributed, 'cpu_alone_without_accelerators', lambda: calls.append('cpu')
+  )
   monkeypatch.setattr(main_module.console, 'quiet_console', lambda: calls.append('quiet'))
   monkeypatch.setattr(main_module.console, 'log_to_file', lambda *args: calls.append('logs'))
   monkeypatch.setitem(main_module.MODES, 'train', lambda config, workdir: calls.append('train'))
@@ -210,6 +233,7 @@ def run_in_process(args, capfd):
   from absl import flags
 
   from msf_jax import main as main_module
+
   before = set(logging.getLogger().handlers)
   capfd.readouterr()
   argv = ['main', *args]
@@ -248,37 +272,69 @@ def error_case(name, tmp_path, folder, holder):
   """The command line of a user's mistake, words of its message and whether a log file
   exists to hold the traceback; only the named case's files are written."""
   workdir = str(tmp_path / 'run')
-  train = lambda *more, workdir=workdir: [f'--config={CONFIG}', f'--workdir={workdir}',
-                                          *overrides(folder), *more]
+  train = lambda *more, workdir=workdir: [
+    f'--config={CONFIG}',
+    f'--workdir={workdir}',
+    *overrides(folder),
+    *more,
+  ]
   cases = {
-      'config file': lambda: ([f'--config={REPO}/configs/digits_msfx.py', f'--workdir={workdir}'],
-                              'digits_msfx.py: there is no such file', True),
-      'config key': lambda: (train('--config.msf.topkk=3'), 'topkk', False),
-      'config setting': lambda: (train('--config.batch_size=7'),
-                                 'msf.bank_size=32 must be a multiple of batch_size=7', True),
-      'workdir cannot be created': lambda: (train(workdir=not_a_folder(tmp_path)),
-                                            'cannot be used: Not a directory', False),
-      'workdir busy': lambda: (train(workdir=write_lock(workdir, pid=holder.pid) or workdir),
-                               'use another --workdir', True),
-      'dataset missing': lambda: (train('--config.data.root=/nonexistent/images'),
-                                  '/nonexistent/images', True),
-      'no checkpoint to evaluate': lambda: (
-          [f'--config={EVAL_CONFIG}:digits', f'--workdir={workdir}',
-           f'--config.checkpoint={tmp_path}'], 'No msf_jax checkpoint in', True),
-      'bank differs from the checkpoint': lambda: (
-          train('--config.msf.bank_size=64', workdir=saved_state(workdir)),
-          'run with the config the checkpoint was trained with', True),
+    'config file': lambda: (
+      [f'--config={REPO}/configs/digits_msfx.py', f'--workdir={workdir}'],
+      'digits_msfx.py: there is no such file',
+      True,
+    ),
+    'config key': lambda: (train('--config.msf.topkk=3'), 'topkk', False),
+    'config setting': lambda: (
+      train('--config.batch_size=7'),
+      'msf.bank_size=32 must be a multiple of batch_size=7',
+      True,
+    ),
+    'workdir cannot be created': lambda: (
+      train(workdir=not_a_folder(tmp_path)),
+      'cannot be used: Not a directory',
+      False,
+    ),
+    'workdir busy': lambda: (
+      train(workdir=write_lock(workdir, pid=holder.pid) or workdir),
+      'use another --workdir',
+      True,
+    ),
+    'dataset missing': lambda: (
+      train('--config.data.root=/nonexistent/images'),
+      '/nonexistent/images',
+      True,
+    ),
+    'no checkpoint to evaluate': lambda: (
+      [f'--config={EVAL_CONFIG}:digits', f'--workdir={workdir}', f'--config.checkpoint={tmp_path}'],
+      'No msf_jax checkpoint in',
+      True,
+    ),
+    'bank differs from the checkpoint': lambda: (
+      train('--config.msf.bank_size=64', workdir=saved_state(workdir)),
+      'run with the config the checkpoint was trained with',
+      True,
+    ),
   }
   return cases[name]()
 
 
-@pytest.mark.parametrize('case', ['config file', 'config key', 'config setting',
-                                  'workdir cannot be created', 'workdir busy',
-                                  'dataset missing', 'no checkpoint to evaluate',
-                                  pytest.param('bank differs from the checkpoint',
-                                               marks=pytest.mark.slow)])  # saves a state
+@pytest.mark.parametrize(
+  'case',
+  [
+    'config file',
+    'config key',
+    'config setting',
+    'workdir cannot be created',
+    'workdir busy',
+    'dataset missing',
+    'no checkpoint to evaluate',
+    pytest.param('bank differs from the checkpoint', marks=pytest.mark.slow),
+  ],
+)  # saves a state
 def test_a_users_mistake_is_one_error_line_and_the_traceback_goes_to_the_log(
-    case, tmp_path, folder, sleeper, capfd):
+  case, tmp_path, folder, sleeper, capfd
+):
   args, words, logged = error_case(case, tmp_path, folder, sleeper)
   code, console = run_in_process(args, capfd)
   errors = [line for line in console.splitlines() if line.startswith('error: ')]
@@ -290,8 +346,9 @@ def test_a_users_mistake_is_one_error_line_and_the_traceback_goes_to_the_log(
     assert 'Traceback (most recent call last)' in log.read_text()
 
 
-def test_the_traceback_of_a_users_mistake_is_shown_when_asked_for(tmp_path, folder, capfd,
-                                                                    monkeypatch):
+def test_the_traceback_of_a_users_mistake_is_shown_when_asked_for(
+  tmp_path, folder, capfd, monkeypatch
+):
   args = [f'--config={CONFIG}', f'--workdir={tmp_path}', *overrides(folder, batch_size=7)]
   code, console = run_in_process([*args, '--verbosity=1'], capfd)
   assert code == 1 and 'Traceback (most recent call last)' in console
@@ -303,9 +360,12 @@ def test_the_traceback_of_a_users_mistake_is_shown_when_asked_for(tmp_path, fold
 
 @pytest.mark.slow  # python -m msf_jax.main
 def test_a_bug_shows_its_traceback(tmp_path, folder):
-  program = ['-c', 'import sys; from msf_jax import main\n'
-             'def bug(config, workdir): raise RuntimeError("injected bug")\n'
-             'main.MODES["train"] = bug; sys.argv[0] = "main"; main.run()']
+  program = [
+    '-c',
+    'import sys; from msf_jax import main\n'
+    'def bug(config, workdir): raise RuntimeError("injected bug")\n'
+    'main.MODES["train"] = bug; sys.argv[0] = "main"; main.run()',
+  ]
   process = start(tmp_path, overrides(folder), program=program)
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 1, output

@@ -45,8 +45,9 @@ def test_enqueue_rejects_a_batch_that_does_not_divide_the_bank():
 def test_nearest_neighbors_matches_numpy(chunk_size):
   rng = np.random.default_rng(1)
   queries, bank = unit_rows(rng, 16, 32), unit_rows(rng, 1024, 32)
-  got = np.asarray(mean_shift.nearest_neighbors(jnp.asarray(queries), jnp.asarray(bank), 5,
-                                                chunk_size))
+  got = np.asarray(
+    mean_shift.nearest_neighbors(jnp.asarray(queries), jnp.asarray(bank), 5, chunk_size)
+  )
   distances = 2 - 2 * queries @ bank.T
   expected = np.argsort(distances, axis=1, kind='stable')[:, :5]
   np.testing.assert_array_equal(got, expected)
@@ -60,8 +61,7 @@ def test_chunks_that_do_not_divide_the_bank_equal_the_unchunked_search(chunk_siz
   queries, bank = unit_rows(rng, 6, 8), unit_rows(rng, 10, 8)
   bank[8] = bank[2]
   queries[0] = bank[2]
-  search = lambda chunk: mean_shift.top_k_similar(jnp.asarray(queries), jnp.asarray(bank), 5,
-                                                  chunk)
+  search = lambda chunk: mean_shift.top_k_similar(jnp.asarray(queries), jnp.asarray(bank), 5, chunk)
   (similarity, index), (expected_similarity, expected_index) = search(chunk_size), search(None)
   np.testing.assert_array_equal(index, expected_index)
   np.testing.assert_allclose(similarity, expected_similarity, rtol=1e-6)
@@ -71,16 +71,16 @@ def test_chunks_that_do_not_divide_the_bank_equal_the_unchunked_search(chunk_siz
 def test_top_k_similar_with_normalize_rows_ranks_by_cosine():
   rng = np.random.default_rng(8)
   queries, rows = unit_rows(rng, 4, 8), rng.standard_normal((30, 8)).astype(np.float32)
-  similarity, index = mean_shift.top_k_similar(jnp.asarray(queries), jnp.asarray(rows), 6, 7,
-                                               normalize_rows=True)
+  similarity, index = mean_shift.top_k_similar(
+    jnp.asarray(queries), jnp.asarray(rows), 6, 7, normalize_rows=True
+  )
   cosine = queries @ (rows / np.linalg.norm(rows, axis=1, keepdims=True)).T
   expected = np.argsort(-cosine, axis=1, kind='stable')[:, :6]
   np.testing.assert_array_equal(index, expected)
   np.testing.assert_allclose(similarity, np.take_along_axis(cosine, expected, 1), atol=1e-6)
 
 
-@pytest.mark.parametrize('dtype, x64', [('bfloat16', False), ('float32', False),
-                                        ('float64', True)])
+@pytest.mark.parametrize('dtype, x64', [('bfloat16', False), ('float32', False), ('float64', True)])
 def test_chunked_bank_search_keeps_the_dtype_and_equals_lax_top_k(dtype, x64):
   """The official parity runs in float64 under x64: the chunked search must run there too."""
   rng = np.random.default_rng(9)
@@ -92,9 +92,11 @@ def test_chunked_bank_search_keeps_the_dtype_and_equals_lax_top_k(dtype, x64):
     expected = jax.lax.top_k(queries @ bank.T, 4)
     np.testing.assert_array_equal(index, expected[1])
     # A chunk's product may round its last bit differently from the whole product's.
-    np.testing.assert_allclose(np.asarray(similarity, np.float64),
-                               np.asarray(expected[0], np.float64),
-                               rtol=4 * float(jnp.finfo(dtype).eps))
+    np.testing.assert_allclose(
+      np.asarray(similarity, np.float64),
+      np.asarray(expected[0], np.float64),
+      rtol=4 * float(jnp.finfo(dtype).eps),
+    )
 
 
 @pytest.mark.parametrize('chunk_size', [None, 300, 16])
@@ -105,8 +107,9 @@ def test_bfloat16_search_rescored_in_float32_equals_the_float32_search(chunk_siz
   queries, bank = unit_rows(rng, 16, 32), unit_rows(rng, 1000, 32)
   bank[900] = bank[2]
   queries[0] = bank[2]
-  search = lambda *option: np.asarray(mean_shift.nearest_neighbors(
-      jnp.asarray(queries), jnp.asarray(bank), 5, chunk_size, *option))
+  search = lambda *option: np.asarray(
+    mean_shift.nearest_neighbors(jnp.asarray(queries), jnp.asarray(bank), 5, chunk_size, *option)
+  )
   np.testing.assert_array_equal(search('bfloat16', 20), search('float32'))
   assert list(search('bfloat16', 20)[0, :2]) == [2, 900]
 
@@ -144,8 +147,7 @@ def test_train_step_with_the_bfloat16_search_equals_the_float32_step():
   config.msf.bank_search_dtype, config.msf.bank_search_candidates = 'bfloat16', 16
   state, [metrics] = run_steps(config, jax.devices()[:1], [batch])
   assert metrics['loss'] == pytest.approx(exact['loss'], abs=1e-6)
-  assert (metrics['purity'], metrics['purity_others']) == (exact['purity'],
-                                                          exact['purity_others'])
+  assert (metrics['purity'], metrics['purity_others']) == (exact['purity'], exact['purity_others'])
   # The same neighbours pull the online network the same way, to the bit.
   jax.tree.map(np.testing.assert_array_equal, state.online, exact_state.online)
 
@@ -191,8 +193,9 @@ def test_loss_gradient_reaches_only_the_predictions():
 def test_drop_own_rows_keeps_the_other_neighbours_in_order():
   neighbor_idx = jnp.asarray([[7, 3, 9], [4, 8, 5], [1, 2, 6]])
   own_rows = jnp.asarray([7, 8, 0])  # first, middle, absent (a tie pushed it out)
-  np.testing.assert_array_equal(mean_shift.drop_own_rows(neighbor_idx, own_rows),
-                                [[3, 9], [4, 5], [1, 2]])
+  np.testing.assert_array_equal(
+    mean_shift.drop_own_rows(neighbor_idx, own_rows), [[3, 9], [4, 5], [1, 2]]
+  )
 
 
 def test_purity_of_the_others_excludes_the_query_itself():
@@ -214,8 +217,7 @@ def test_purity_of_the_others_excludes_the_query_itself():
   assert float(mean_shift.purity(labels, bank.labels[others])) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize('step, expected', [(0, 1), (9, 1), (10, 2), (29, 3), (40, 5),
-                                            (1000, 5)])
+@pytest.mark.parametrize('step, expected', [(0, 1), (9, 1), (10, 2), (29, 3), (40, 5), (1000, 5)])
 def test_ramped_topk_grows_by_epoch_from_one_to_k(step, expected):
   # k = 5 over 4 epochs of 10 steps: epochs 0, 1, 2, 3, 4+ use k = 1, 2, 3, 4, 5.
   assert int(mean_shift.ramped_topk(jnp.asarray(step), 5, 4, 10)) == expected
@@ -230,5 +232,8 @@ def test_loss_and_purity_with_inactive_neighbours_count_only_the_nearest():
   nearest_two = mean_shift.mean_shift_loss(jnp.asarray(predictions), jnp.asarray(neighbors[:, :2]))
   np.testing.assert_allclose(float(masked), float(nearest_two), rtol=1e-6)
   labels, neighbor_labels = jnp.asarray([0, 1, 2, 3]), jnp.asarray(rng.integers(0, 4, (4, 5)))
-  np.testing.assert_allclose(float(mean_shift.purity(labels, neighbor_labels, active)),
-                             float(mean_shift.purity(labels, neighbor_labels[:, :2])), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(mean_shift.purity(labels, neighbor_labels, active)),
+    float(mean_shift.purity(labels, neighbor_labels[:, :2])),
+    rtol=1e-6,
+  )

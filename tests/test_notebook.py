@@ -31,12 +31,18 @@ def test_notebook_is_committed_with_the_outputs_of_one_whole_run():
   """Readers on GitHub see what a run prints and draws without running it."""
   code = [cell for cell in load_notebook()['cells'] if cell['cell_type'] == 'code']
   assert [cell['execution_count'] for cell in code] == list(range(1, len(code) + 1))
-  text = ''.join(line for cell in code for output in cell['outputs']
-                 if output['output_type'] == 'stream' for line in output['text'])
+  text = ''.join(
+    line
+    for cell in code
+    for output in cell['outputs']
+    if output['output_type'] == 'stream'
+    for line in output['text']
+  )
   assert 'epoch  60  loss' in text and 'epoch  61' not in text  # all of EPOCHS = 60
   assert re.search(r'knn/majority/k=1\s+9\d\.\d%\s+8\d\.\d%', text)  # trained, random
-  pictures = [output for cell in code for output in cell['outputs']
-              if output['output_type'] == 'display_data']
+  pictures = [
+    output for cell in code for output in cell['outputs'] if output['output_type'] == 'display_data'
+  ]
   assert len(pictures) == 4  # views, curves, retrieval grid, t-SNE
   assert all(base64.b64decode(p['data']['image/png']).startswith(b'\x89PNG') for p in pictures)
 

@@ -29,8 +29,10 @@ BUILD_FILES = ('pyproject.toml', 'README.md', 'LICENSE')
 
 def package_files() -> list[str]:
   """Paths of the package's modules, relative to the repository."""
-  return sorted(os.path.relpath(path, REPO) for path in glob.glob(
-      os.path.join(REPO, PACKAGE, '**', '*.py'), recursive=True))
+  return sorted(
+    os.path.relpath(path, REPO)
+    for path in glob.glob(os.path.join(REPO, PACKAGE, '**', '*.py'), recursive=True)
+  )
 
 
 def third_party_imports(skip: str = TEST_ONLY) -> set[str]:
@@ -94,8 +96,11 @@ def with_extra(text: str, extra: str) -> str:
 
 def pyproject_requirements() -> list[str]:
   project = pyproject()['project']
-  return project['dependencies'] + [with_extra(text, extra) for extra, texts
-                                    in project['optional-dependencies'].items() for text in texts]
+  return project['dependencies'] + [
+    with_extra(text, extra)
+    for extra, texts in project['optional-dependencies'].items()
+    for text in texts
+  ]
 
 
 def test_the_import_scan_finds_lazy_and_optional_imports():
@@ -124,20 +129,36 @@ def test_the_pinned_stack_satisfies_the_pyproject_ranges():
       except importlib.metadata.PackageNotFoundError:
         assert extra, f'{requirement} is not installed'
         continue
-      assert requirement.specifier.contains(installed, prereleases=True), (requirement,
-                                                                           installed)
+      assert requirement.specifier.contains(installed, prereleases=True), (requirement, installed)
 
 
 def build_wheel(directory) -> str:
   """The wheel of a copy of the sources, built offline with the venv's setuptools."""
   source = directory / 'source'
-  shutil.copytree(os.path.join(REPO, PACKAGE), source / PACKAGE,
-                  ignore=shutil.ignore_patterns('__pycache__'))
+  shutil.copytree(
+    os.path.join(REPO, PACKAGE), source / PACKAGE, ignore=shutil.ignore_patterns('__pycache__')
+  )
   for name in BUILD_FILES:
     shutil.copy(os.path.join(REPO, name), source / name)
-  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
-                  '--no-index', '--quiet', '-w', str(directory / 'dist'), str(source)],
-                 check=True, capture_output=True, text=True, timeout=300)
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pip',
+      'wheel',
+      '--no-deps',
+      '--no-build-isolation',
+      '--no-index',
+      '--quiet',
+      '-w',
+      str(directory / 'dist'),
+      str(source),
+    ],
+    check=True,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   (wheel,) = glob.glob(str(directory / 'dist' / '*.whl'))
   return wheel
 
@@ -156,11 +177,25 @@ def test_the_wheel_declares_its_requirements_and_imports_installed(tmp_path):
 
   # Installed without dependencies next to the venv's: every module imports from there.
   target = tmp_path / 'site'
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index',
-                  '--quiet', '--target', str(target), wheel],
-                 check=True, capture_output=True, text=True, timeout=300)
-  modules = [path[:-3].replace(os.sep, '.').removesuffix('.__init__')
-             for path in package_files()]
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pip',
+      'install',
+      '--no-deps',
+      '--no-index',
+      '--quiet',
+      '--target',
+      str(target),
+      wheel,
+    ],
+    check=True,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  modules = [path[:-3].replace(os.sep, '.').removesuffix('.__init__') for path in package_files()]
   if importlib.util.find_spec('torch') is None:
     modules.remove(f'{PACKAGE}.testing.torch_reference')
   # The planner's command line defines absl flags of the same names as msf_jax.main's (both
@@ -168,12 +203,20 @@ def test_the_wheel_declares_its_requirements_and_imports_installed(tmp_path):
   planner_cli = f'{PACKAGE}.plan.__main__'
   modules.remove(planner_cli)
   for group in (modules, [planner_cli]):
-    script = ('import importlib, sys\n'
-              f'for name in {group!r}:\n'
-              '  importlib.import_module(name)\n'
-              f'print(sys.modules[{PACKAGE!r}].__file__)\n')
+    script = (
+      'import importlib, sys\n'
+      f'for name in {group!r}:\n'
+      '  importlib.import_module(name)\n'
+      f'print(sys.modules[{PACKAGE!r}].__file__)\n'
+    )
     env = {**os.environ, 'PYTHONPATH': str(target), 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-    result = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+      [sys.executable, '-c', script],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith(str(target)), result.stdout

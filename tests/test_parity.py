@@ -21,7 +21,8 @@ import optax
 import pytest
 
 torch = pytest.importorskip(
-    'torch', reason='parity tests need the PyTorch CPU reference: pip install torch==2.13.0')
+  'torch', reason='parity tests need the PyTorch CPU reference: pip install torch==2.13.0'
+)
 
 from msf_jax import make_mesh, make_train_step, put_batch, put_state  # noqa: E402
 from msf_jax.interop import torch_checkpoint as tc  # noqa: E402
@@ -39,9 +40,14 @@ def shuffled_target(batch, rng):
   """`batch` with its target views permuted as the host stage permutes them, and the
   permutation (the official `get_shuffle_ids`'s forward ids) for the reference."""
   permutation = rng.permutation(len(batch['label']))
-  return ({**batch, 'target': batch['target'][permutation],
-           'target_order': np.argsort(permutation).astype(np.int32)},
-          torch.from_numpy(permutation))
+  return (
+    {
+      **batch,
+      'target': batch['target'][permutation],
+      'target_order': np.argsort(permutation).astype(np.int32),
+    },
+    torch.from_numpy(permutation),
+  )
 
 
 def run_both(tmp_path, config, steps, seed=0, devices=1):
@@ -51,18 +57,27 @@ def run_both(tmp_path, config, steps, seed=0, devices=1):
   the same random target permutation as msf_jax."""
   float64 = config.model.param_dtype == 'float64'
   torch.manual_seed(seed)
-  model = torch_reference.MeanShift(config.model.depth, m=config.msf.ema_momentum,
-                                    mem_bank_size=config.msf.bank_size,
-                                    topk=config.msf.topk, small_stem=config.model.small_stem,
-                                    width=config.model.width,
-                                    bn_group_size=config.model.bn_group_size)
+  model = torch_reference.MeanShift(
+    config.model.depth,
+    m=config.msf.ema_momentum,
+    mem_bank_size=config.msf.bank_size,
+    topk=config.msf.topk,
+    small_stem=config.model.small_stem,
+    width=config.model.width,
+    bn_group_size=config.model.bn_group_size,
+  )
   dtype = np.float64 if float64 else np.float32
   if float64:
     model = model.double()
   path = tmp_path / 'official.pth.tar'
-  torch.save({'state_dict': model.state_dict(), 'epoch': 1,
-              'opt': argparse.Namespace(arch=f'resnet{config.model.depth}', topk=config.msf.topk)},
-             path)
+  torch.save(
+    {
+      'state_dict': model.state_dict(),
+      'epoch': 1,
+      'opt': argparse.Namespace(arch=f'resnet{config.model.depth}', topk=config.msf.topk),
+    },
+    path,
+  )
   state, config = tc.load_official_checkpoint(str(path), config, jax.random.key(seed))
   optimizer = torch_reference.make_optimizer(model, peak_learning_rate(config))
   mesh = make_mesh(jax.devices()[:devices])
@@ -78,10 +93,14 @@ def run_both(tmp_path, config, steps, seed=0, devices=1):
     permutation = None
     if config.msf.shuffle_target:
       batch, permutation = shuffled_target(batch, rng)
-    ref = torch_reference.train_iteration(model, optimizer, to_torch(batch['online']),
-                                          ref_target,
-                                          torch.from_numpy(batch['label'].astype(np.int64)),
-                                          permutation)
+    ref = torch_reference.train_iteration(
+      model,
+      optimizer,
+      to_torch(batch['online']),
+      ref_target,
+      torch.from_numpy(batch['label'].astype(np.int64)),
+      permutation,
+    )
     state, ours = train_step(state, put_batch(batch, mesh))
     metrics.append((ref, (float(ours['loss']), float(ours['purity']))))
   return state, model, optimizer, metrics
@@ -92,12 +111,11 @@ def is_backbone(key):
 
 
 def relative_norm_error(pairs):
-  diff = sum(np.sum((np.float64(a) - b)**2) for a, b in pairs)
-  return float(np.sqrt(diff / sum(np.sum(np.float64(b)**2) for _, b in pairs)))
+  diff = sum(np.sum((np.float64(a) - b) ** 2) for a, b in pairs)
+  return float(np.sqrt(diff / sum(np.sum(np.float64(b) ** 2) for _, b in pairs)))
 
 
-def compare(state, model, optimizer, metrics, rtol, bias_atol, grad_rtol=None,
-            backbone_rtol=None):
+def compare(state, model, optimizer, metrics, rtol, bias_atol, grad_rtol=None, backbone_rtol=None):
   """Asserts agreement: `rtol` for values, `grad_rtol` (default `rtol`) for the momentum
   buffers (the gradients), `backbone_rtol` for the whole-tree check of backbone gradients."""
   grad_rtol = grad_rtol or rtol
@@ -109,8 +127,10 @@ def compare(state, model, optimizer, metrics, rtol, bias_atol, grad_rtol=None,
   ref = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   assert sorted(ours) == sorted(ref)
   trace = optax_trace(state)
-  ours_buffers = {**tc.network_to_torch(tc.ONLINE, {'params': trace['online']}),
-                  **tc.network_to_torch(tc.PREDICTOR, {'params': trace['predictor']})}
+  ours_buffers = {
+    **tc.network_to_torch(tc.ONLINE, {'params': trace['online']}),
+    **tc.network_to_torch(tc.PREDICTOR, {'params': trace['predictor']}),
+  }
   ref_buffers = torch_reference.momentum_buffers(model, optimizer)
   assert sorted(ours_buffers) == sorted(ref_buffers)
 
@@ -145,8 +165,13 @@ def optax_trace(state):
 @pytest.mark.slow  # a ResNet-18 step at 96 px, in JAX and in torch
 def test_resnet18_one_step_float32(tmp_path):
   config = small_config(depth=18, image_size=96, batch_size=16, bank_size=64, topk=5)
-  compare(*run_both(tmp_path, config, steps=1), rtol=1e-5, bias_atol=1e-7, grad_rtol=5e-5,
-          backbone_rtol=1e-3)
+  compare(
+    *run_both(tmp_path, config, steps=1),
+    rtol=1e-5,
+    bias_atol=1e-7,
+    grad_rtol=5e-5,
+    backbone_rtol=1e-3,
+  )
 
 
 def check_float64_parity(tmp_path, steps, devices=1, **config_kwargs):
@@ -169,8 +194,9 @@ def test_resnet50_one_step_float64(tmp_path):
 
 
 def test_small_stem_one_step_float64(tmp_path):
-  check_float64_parity(tmp_path, 1, depth=18, image_size=32, batch_size=16, bank_size=48,
-                       topk=3, small_stem=True)
+  check_float64_parity(
+    tmp_path, 1, depth=18, image_size=32, batch_size=16, bank_size=48, topk=3, small_stem=True
+  )
 
 
 @pytest.mark.parametrize('devices', [1, 4, 8])
@@ -178,6 +204,17 @@ def test_data_parallel_groups_and_shuffled_target_three_steps_float64(tmp_path, 
   """The official run's BatchNorm (DataParallel: groups of 4 of a batch of 16, the target
   batch shuffled, running statistics of the first group) on 1 host device (4 groups on it),
   4 (a group each) and 8 (a group over 2 devices). A narrow ResNet-18 at 16 px."""
-  check_float64_parity(tmp_path, 3, devices, depth=18, image_size=16, batch_size=16,
-                       bank_size=48, topk=3, small_stem=True, width=8, bn_group_size=4,
-                       shuffle_target=True)
+  check_float64_parity(
+    tmp_path,
+    3,
+    devices,
+    depth=18,
+    image_size=16,
+    batch_size=16,
+    bank_size=48,
+    topk=3,
+    small_stem=True,
+    width=8,
+    bn_group_size=4,
+    shuffle_target=True,
+  )

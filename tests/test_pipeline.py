@@ -33,8 +33,14 @@ def test_digits_split_is_fixed_and_real():
 def test_same_seed_same_batches_and_resume_is_exact():
   split = sources.digits('train', 16)
   make = lambda start=0, seed=3: pipeline.train_stream(
-      split, global_batch=32, image_size=16, seed=seed, start_step=start,
-      process_index=0, process_count=1)
+    split,
+    global_batch=32,
+    image_size=16,
+    seed=seed,
+    start_step=start,
+    process_index=0,
+    process_count=1,
+  )
   first = take(make(), 4)
   again = take(make(), 4)
   for a, b in zip(first, again, strict=True):
@@ -55,9 +61,19 @@ def test_shuffled_target_views_are_the_same_views_permuted_with_their_order():
   unchanged, 'target_order' putting them back; another permutation at each step and on each
   host, the same on a resumed stream."""
   split = sources.digits('train', 8)
-  make = lambda shuffle, start=0, process=0: take(pipeline.train_stream(
-      split, global_batch=32, image_size=8, seed=3, start_step=start, process_index=process,
-      process_count=2, shuffle_target=shuffle), 2)
+  make = lambda shuffle, start=0, process=0: take(
+    pipeline.train_stream(
+      split,
+      global_batch=32,
+      image_size=8,
+      seed=3,
+      start_step=start,
+      process_index=process,
+      process_count=2,
+      shuffle_target=shuffle,
+    ),
+    2,
+  )
   plain, shuffled = make(False), make(True)
   for a, b in zip(plain, shuffled, strict=True):
     for key in ('online', 'online_color', 'label'):
@@ -79,15 +95,17 @@ def test_an_epoch_reads_every_example_once_across_hosts():
   steps = pipeline.steps_per_epoch(split, global_batch)
   seen = []
   for p in range(hosts):
-    stream = pipeline.train_stream(split, global_batch=global_batch, image_size=8, seed=0,
-                                   process_index=p, process_count=hosts)
+    stream = pipeline.train_stream(
+      split, global_batch=global_batch, image_size=8, seed=0, process_index=p, process_count=hosts
+    )
     hashed = stream.dataset.unbatch().map(lambda x: x['slot']).take(steps * 32)
     seen.append(list(hashed.as_numpy_iterator()))
   # Each host's slots cover its share once; the shares come from one permutation.
   assert all(sorted(s) == list(range(steps * 32)) for s in seen)
   # The hosts' shares of one epoch's permutation are disjoint and cover the split.
   read = lambda p, count, seed: sorted(
-      x['image'] for x in split.read(p, count, seed, 0).as_numpy_iterator())
+    x['image'] for x in split.read(p, count, seed, 0).as_numpy_iterator()
+  )
   epoch_seed = tf.constant([0, 1], tf.int64)
   shares = [read(p, hosts, epoch_seed) for p in range(hosts)]
   assert sorted(shares[0] + shares[1]) == read(0, 1, None)
@@ -100,9 +118,9 @@ def image_digest(image: np.ndarray) -> str:
 def eval_digests(split, global_batch, process_count):
   digests, batches = [], set()
   for p in range(process_count):
-    dataset, num_batches = pipeline.eval_batches(split, global_batch=global_batch,
-                                                 image_size=16, process_index=p,
-                                                 process_count=process_count)
+    dataset, num_batches = pipeline.eval_batches(
+      split, global_batch=global_batch, image_size=16, process_index=p, process_count=process_count
+    )
     count = 0
     for batch in dataset.as_numpy_iterator():
       count += 1
@@ -122,8 +140,9 @@ def test_eval_counts_each_image_once_over_two_processes_and_eight_devices(tmp_pa
   assert len(one_host) == 27 and one_host == two_hosts
   # On one process with 8 devices a batch becomes one global array split over the mesh.
   mesh = make_mesh(jax.devices()[:8])
-  dataset, _ = pipeline.eval_batches(split, global_batch=16, image_size=16,
-                                     process_index=0, process_count=1)
+  dataset, _ = pipeline.eval_batches(
+    split, global_batch=16, image_size=16, process_index=0, process_count=1
+  )
   batch = pipeline.to_global(next(dataset.as_numpy_iterator()), mesh)
   assert batch['image'].shape == (16, 16, 16, 3)
   assert len(batch['image'].addressable_shards) == 8
@@ -133,8 +152,9 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path):
   root = write_folder(tmp_path, classes=2, per_class=6, corrupt=1)
   split = sources.image_folder(root, 'train')
   assert split.num_examples == 13
-  stream = pipeline.train_stream(split, global_batch=4, image_size=16, seed=0,
-                                 process_index=0, process_count=1)
+  stream = pipeline.train_stream(
+    split, global_batch=4, image_size=16, seed=0, process_index=0, process_count=1
+  )
   take(stream, 3)  # one epoch: 12 of 13 slots, in which the broken file is or is not
   # Over several epochs the broken file is drawn and skipped: counted, never a crash.
   take(stream, 12)
@@ -142,21 +162,21 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path):
   broken = os.path.join(root, 'train', 'class_0', 'broken_0.jpg')
   assert stream.pop_skipped_names() == [broken] * min(stream.skipped, 5)
   assert stream.pop_skipped_names() == []  # reported once
-  dataset, _ = pipeline.eval_batches(split, global_batch=4, image_size=16,
-                                     process_index=0, process_count=1)
+  dataset, _ = pipeline.eval_batches(
+    split, global_batch=4, image_size=16, process_index=0, process_count=1
+  )
   batches = list(dataset.as_numpy_iterator())
   assert sum(int(b['mask'].sum()) for b in batches) == 12
   read = {int(p) for b in batches for p in b['position'][b['mask']]}
-  missing, = set(range(13)) - read
+  (missing,) = set(range(13)) - read
   assert split.name_at(0, 1, None, missing) == broken
 
 
-def test_a_stream_resumed_at_its_saved_position_reads_what_the_uninterrupted_one_does(
-    tmp_path):
-  split = sources.image_folder(write_folder(tmp_path, classes=2, per_class=6, corrupt=2),
-                               'train')
-  make = lambda **resume: pipeline.train_stream(split, global_batch=4, image_size=16, seed=1,
-                                                process_index=0, process_count=1, **resume)
+def test_a_stream_resumed_at_its_saved_position_reads_what_the_uninterrupted_one_does(tmp_path):
+  split = sources.image_folder(write_folder(tmp_path, classes=2, per_class=6, corrupt=2), 'train')
+  make = lambda **resume: pipeline.train_stream(
+    split, global_batch=4, image_size=16, seed=1, process_index=0, process_count=1, **resume
+  )
   uninterrupted = make()
   batches = take(uninterrupted, 8)
   assert uninterrupted.skipped > 0  # the broken files were drawn before step 5
@@ -183,8 +203,11 @@ def test_every_split_of_a_folder_numbers_its_classes_like_the_training_split(tmp
   os.makedirs(os.path.join(root, 'test', 'extra'))
   write_folder(tmp_path, 'test', classes=1, per_class=1)  # refills class_0
   Image.new('RGB', (8, 8)).save(os.path.join(root, 'test', 'extra', 'x.png'))
-  with pytest.raises(sources.DatasetNotFoundError, match=r'test/extra is a class that .*/train '
-                     r'does not have'):
+  with pytest.raises(
+    sources.DatasetNotFoundError,
+    match=r'test/extra is a class that .*/train '
+    r'does not have',
+  ):
     sources.image_folder(root, 'test')
 
 
@@ -197,18 +220,21 @@ def test_missing_or_empty_splits_are_clear_errors(tmp_path):
 
 
 def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
-  with pytest.raises(sources.DatasetNotFoundError,
-                     match='python -m msf_jax.data.prepare imagenet2012 --data_dir='):
+  with pytest.raises(
+    sources.DatasetNotFoundError, match='python -m msf_jax.data.prepare imagenet2012 --data_dir='
+  ):
     sources.tfds_split('imagenet2012', 'train', data_dir=str(tmp_path))
 
 
 def test_tfds_source_with_mock_data():
   import tensorflow_datasets as tfds
+
   with tfds.testing.mock_data(num_examples=12):
     split = sources.tfds_split('imagenet2012', 'train')
     assert (split.num_examples, split.num_classes) == (12, 1000)
-    stream = pipeline.train_stream(split, global_batch=4, image_size=24, seed=0,
-                                   process_index=0, process_count=1)
+    stream = pipeline.train_stream(
+      split, global_batch=4, image_size=24, seed=0, process_index=0, process_count=1
+    )
     batch = take(stream, 1)[0]
     assert batch['online'].shape == (4, 24, 24, 3) and batch['label'].dtype == np.int32
 
@@ -223,8 +249,9 @@ def test_take_reads_the_first_examples_once_over_hosts(tmp_path):
   subset = sources.take(split, 7)
   assert subset.num_examples == 7 and subset.name == 'digits/test[:7]'
   first_seven = sorted(x['image'] for x in split.read(0, 1, None, 0).take(7).as_numpy_iterator())
-  over_three_hosts = sorted(x['image'] for p in range(3)
-                            for x in subset.read(p, 3, None, 0).as_numpy_iterator())
+  over_three_hosts = sorted(
+    x['image'] for p in range(3) for x in subset.read(p, 3, None, 0).as_numpy_iterator()
+  )
   assert over_three_hosts == first_seven
   assert sources.take(split, 10_000) is split
   resumed = list(subset.read(0, 1, None, 5).as_numpy_iterator())
@@ -232,8 +259,10 @@ def test_take_reads_the_first_examples_once_over_hosts(tmp_path):
 
 
 def test_prepare_names_missing_archives_first_and_builds_through_the_tfds_api(
-    tmp_path, monkeypatch, capsys):
+  tmp_path, monkeypatch, capsys
+):
   from msf_jax.data import prepare
+
   assert prepare.main(['imagenet2012', f'--data_dir={tmp_path}']) == 1
   assert 'ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar' in capsys.readouterr().err
   built = []
@@ -248,11 +277,14 @@ def test_prepare_names_missing_archives_first_and_builds_through_the_tfds_api(
       built.append(download_config.manual_dir)
 
   import tensorflow_datasets as tfds
+
   monkeypatch.setattr(tfds, 'builder', Builder)
   assert prepare.main(['cifar10', f'--data_dir={tmp_path}']) == 0
-  assert built == [('cifar10', str(tmp_path), 'array_record'),
-                   str(tmp_path / 'downloads' / 'manual')]
-  assert "cifar10 is in" in capsys.readouterr().out
+  assert built == [
+    ('cifar10', str(tmp_path), 'array_record'),
+    str(tmp_path / 'downloads' / 'manual'),
+  ]
+  assert 'cifar10 is in' in capsys.readouterr().out
 
 
 def test_prefetch_places_the_next_batch_before_the_current_one_is_used():

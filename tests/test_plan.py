@@ -21,22 +21,40 @@ from msf_jax.train import make_train_step
 from msf_jax.train_state import abstract_state, state_shardings
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed: '
-                                  'pip install "jax[tpu]==0.10.2" to plan for TPU slices')
+needs_libtpu = pytest.mark.skipif(
+  not HAS_LIBTPU,
+  reason='libtpu is not installed: pip install "jax[tpu]==0.10.2" to plan for TPU slices',
+)
 # The ImageNet recipe made small: ResNet-18 at 32 px, 32 images a step, a 4,096-row bank,
 # BatchNorm over groups of 8 (a chip's images on 4 chips; the recipe's 64 would not divide).
-SMALL_RECIPE = ['--config=configs/imagenet_msf.py', '--config.model.depth=18',
-                '--config.image_size=32', '--config.batch_size=32',
-                '--config.msf.bank_size=4096', '--config.msf.bank_chunk_size=0',
-                '--config.model.bn_group_size=8']
+SMALL_RECIPE = [
+  '--config=configs/imagenet_msf.py',
+  '--config.model.depth=18',
+  '--config.image_size=32',
+  '--config.batch_size=32',
+  '--config.msf.bank_size=4096',
+  '--config.msf.bank_chunk_size=0',
+  '--config.model.bn_group_size=8',
+]
 
 
-@pytest.mark.parametrize('name, topology, chips, hosts', [
-    ('v4-8', 'v4:2x2x1', 4, 1), ('v4-32', 'v4:2x2x4', 16, 4), ('v4-128', 'v4:4x4x4', 64, 16),
-    ('v5e-8', 'v5e:2x4', 8, 1), ('v5litepod-16', 'v5e:4x4', 16, 4),
-    ('v5e-64', 'v5e:8x8', 64, 16), ('v5p-8', 'v5p:2x2x1', 4, 1), ('v6e-8', 'v6e:2x4', 8, 1),
-    ('v6e-256', 'v6e:16x16', 256, 64), ('v5e:2x2', 'v5e:2x2', 4, 1), ('cpu:8', 'cpu:8', 8, 1),
-    ('v5litepod-1', 'v5e:1x1', 1, 1)])
+@pytest.mark.parametrize(
+  'name, topology, chips, hosts',
+  [
+    ('v4-8', 'v4:2x2x1', 4, 1),
+    ('v4-32', 'v4:2x2x4', 16, 4),
+    ('v4-128', 'v4:4x4x4', 64, 16),
+    ('v5e-8', 'v5e:2x4', 8, 1),
+    ('v5litepod-16', 'v5e:4x4', 16, 4),
+    ('v5e-64', 'v5e:8x8', 64, 16),
+    ('v5p-8', 'v5p:2x2x1', 4, 1),
+    ('v6e-8', 'v6e:2x4', 8, 1),
+    ('v6e-256', 'v6e:16x16', 256, 64),
+    ('v5e:2x2', 'v5e:2x2', 4, 1),
+    ('cpu:8', 'cpu:8', 8, 1),
+    ('v5litepod-1', 'v5e:1x1', 1, 1),
+  ],
+)
 def test_slice_names_map_to_compiler_topologies(name, topology, chips, hosts):
   tpu_slice = parse_slice(name)
   assert (tpu_slice.topology, tpu_slice.chips, tpu_slice.hosts) == (topology, chips, hosts)
@@ -49,8 +67,9 @@ def test_a_slice_it_does_not_know_is_one_error_line(tmp_path):
   result = _plan(['--config=configs/imagenet_msf.py', '--topology=v3-8'], tmp_path)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
-      "error: Unknown TPU generation in 'v3-8': the planner knows v4, v5e, v5p, v6e (v5litepod "
-      'is v5e).']
+    "error: Unknown TPU generation in 'v3-8': the planner knows v4, v5e, v5p, v6e (v5litepod "
+    'is v5e).'
+  ]
 
 
 @pytest.mark.parametrize('name', ['v3-8', 'v5e-12', 'tpu', 'v5e'])
@@ -61,23 +80,31 @@ def test_unknown_slices_are_refused_with_what_is_known(name):
 
 def test_collective_bytes_are_read_from_the_optimized_hlo():
   """A tuple all-reduce counts both arrays; an asynchronous pair counts once, by its result."""
-  hlo = '\n'.join([
+  hlo = '\n'.join(
+    [
       '  %all-reduce.1 = (f32[1000]{0}, bf16[10,10]{1,0}) all-reduce(f32[1000]{0} %a, '
       'bf16[10,10]{1,0} %b), replica_groups={}',
       '  %all-gather-start = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} %c)',
       '  %all-gather-done = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) %all-gather-start)',
-      '  ROOT %add = f32[16]{0} add(f32[16]{0} %d, f32[16]{0} %e)'])
+      '  ROOT %add = f32[16]{0} add(f32[16]{0} %d, f32[16]{0} %e)',
+    ]
+  )
   assert compiled.collective_bytes(hlo) == {'all-reduce': 4000 + 200, 'all-gather': 64}
-  assert compiled.collectives(hlo) == [('all-reduce', {'f32': 4000, 'bf16': 200}),
-                                       ('all-gather', {'f32': 64})]
+  assert compiled.collectives(hlo) == [
+    ('all-reduce', {'f32': 4000, 'bf16': 200}),
+    ('all-gather', {'f32': 64}),
+  ]
   assert compiled.collective_counts(hlo + '\n' + hlo) == {
-      'all-reduce': {'count': 2, 'f32': 8000, 'bf16': 400}, 'all-gather': {'count': 2, 'f32': 128}}
+    'all-reduce': {'count': 2, 'f32': 8000, 'bf16': 400},
+    'all-gather': {'count': 2, 'f32': 128},
+  }
   line, size = compiled.largest_collective(hlo)
   assert size == 4200 and 'all-reduce(' in line
 
 
-@pytest.mark.parametrize('padding, stride', [('SAME', 1), ('SAME', 2), ('VALID', 1),
-                                             (((2, 1), (0, 3)), 2)])
+@pytest.mark.parametrize(
+  'padding, stride', [('SAME', 1), ('SAME', 2), ('VALID', 1), (((2, 1), (0, 3)), 2)]
+)
 def test_architecture_flops_count_the_multiply_adds_xla_counts(padding, stride):
   """Convolutions count only the taps on real pixels, as XLA does: the same number."""
   image = jax.ShapeDtypeStruct((2, 9, 7, 3), np.float32)
@@ -85,8 +112,9 @@ def test_architecture_flops_count_the_multiply_adds_xla_counts(padding, stride):
   dense = jax.ShapeDtypeStruct((5, 4), np.float32)
 
   def layer(x, w, v):
-    y = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = jax.lax.conv_general_dilated(
+      x, w, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
     return y @ v
 
   xla = jax.jit(layer).lower(image, kernel, dense).compile().cost_analysis()
@@ -94,16 +122,29 @@ def test_architecture_flops_count_the_multiply_adds_xla_counts(padding, stride):
   assert compiled.matmul_flops(layer, image, kernel, dense) == xla['flops']
 
 
-def _plan(arguments: list[str], tmp_path, python_prefix: list[str] | None = None
-          ) -> subprocess.CompletedProcess:
+def _plan(
+  arguments: list[str], tmp_path, python_prefix: list[str] | None = None
+) -> subprocess.CompletedProcess:
   env = {**os.environ, 'XLA_FLAGS': ''}
-  return subprocess.run([sys.executable, *(python_prefix or ['-m', 'msf_jax.plan']),
-                         *arguments, f'--cache_dir={tmp_path / "cache"}'],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+    [
+      sys.executable,
+      *(python_prefix or ['-m', 'msf_jax.plan']),
+      *arguments,
+      f'--cache_dir={tmp_path / "cache"}',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 # Runs msf_jax.plan with libtpu made unimportable: what a machine without it sees.
-WITHOUT_LIBTPU = ['-c', '''
+WITHOUT_LIBTPU = [
+  '-c',
+  """
 import importlib.abc, runpy, sys
 class NoLibtpu(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path=None, target=None):
@@ -112,7 +153,8 @@ class NoLibtpu(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoLibtpu())
 sys.argv[0] = 'msf_jax.plan'
 runpy.run_module('msf_jax.plan', run_name='__main__', alter_sys=True)
-''']
+""",
+]
 
 
 @pytest.mark.slow  # python -m msf_jax.plan, twice
@@ -123,16 +165,20 @@ def test_cpu_plan_runs_without_libtpu_and_is_cached(tmp_path):
   XLA also counts the elementwise work: the colour stage (about 1.8 MFLOP an image at 32 px),
   BatchNorm, the optimizer and the EMA. Next to ResNet-18's 0.6 GFLOP an image that is within
   a few percent (with width 16 it was 12%: 16.6 against 14.8 MFLOP)."""
-  arguments = [*SMALL_RECIPE, '--config.batch_size=64', '--topology=cpu:2',
-               '--programs=train,features,knn', f'--json={tmp_path / "plan.json"}']
+  arguments = [
+    *SMALL_RECIPE,
+    '--config.batch_size=64',
+    '--topology=cpu:2',
+    '--programs=train,features,knn',
+    f'--json={tmp_path / "plan.json"}',
+  ]
   first = _plan(arguments, tmp_path, WITHOUT_LIBTPU)
   assert first.returncode == 0, first.stderr[-3000:]
   plan = json.loads((tmp_path / 'plan.json').read_text())
   train = plan['programs']['train step']
   assert plan['fits'] is None and 'run' not in plan  # no chip figures for the host platform
   assert train['memory']['state'] > 0 and train['memory']['total'] >= train['memory']['state']
-  assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'],
-                                                   rel=0.05)
+  assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'], rel=0.05)
   assert train['collectives'].get('all-reduce', 0) > 0
   assert 'GFLOP an image (XLA)' in first.stdout
   assert "kNN search: XLA counts a loop's body once (1 while loop(s) in it)" in first.stdout
@@ -157,13 +203,21 @@ def test_a_bank_that_cannot_fit_exits_1_with_one_sentence(tmp_path):
   """Refused before compiling (the state alone overflows a v5e chip's 16 GiB), with one
   sentence that says what would fit: 40,960,000 rows of ResNet-18's 128-d embeddings and
   labels (19.7 GiB) on every chip, where a quarter would fit."""
-  result = _plan([*SMALL_RECIPE, '--config.msf.bank_size=40960000',
-                  '--config.msf.bank_layout=replicated', '--topology=v5e:2x2', '--programs=train'],
-                 tmp_path)
+  result = _plan(
+    [
+      *SMALL_RECIPE,
+      '--config.msf.bank_size=40960000',
+      '--config.msf.bank_layout=replicated',
+      '--topology=v5e:2x2',
+      '--programs=train',
+    ],
+    tmp_path,
+  )
   assert result.returncode == 1, result.stderr[-3000:]
   sentence = result.stderr.strip().splitlines()[-1]
-  assert sentence.startswith('The train step needs 19.8 GiB a chip and a v5e chip has 16.0 '
-                             'GiB: it would fit with ')
+  assert sentence.startswith(
+    'The train step needs 19.8 GiB a chip and a v5e chip has 16.0 GiB: it would fit with '
+  )
   assert '--config.msf.bank_layout=sharded' in sentence and 'Fits: no' in result.stdout
 
 
@@ -171,12 +225,23 @@ def test_a_bank_that_cannot_fit_exits_1_with_one_sentence(tmp_path):
 @needs_libtpu
 def test_a_sharded_bank_too_large_is_refused_with_the_bank_that_fits(monkeypatch):
   """200,000,000 rows of 128-d embeddings and labels (96 GiB), a quarter a chip: 24.2 GiB."""
-  plan = _plan_here(('train',), 'v5e:2x2', monkeypatch, **{
-      'model.depth': 18, 'image_size': 32, 'batch_size': 32, 'msf.bank_size': 200_000_000,
-      'msf.bank_chunk_size': 0, 'model.bn_group_size': 8})
+  plan = _plan_here(
+    ('train',),
+    'v5e:2x2',
+    monkeypatch,
+    **{
+      'model.depth': 18,
+      'image_size': 32,
+      'batch_size': 32,
+      'msf.bank_size': 200_000_000,
+      'msf.bank_chunk_size': 0,
+      'model.bn_group_size': 8,
+    },
+  )
   [sentence] = plan['does_not_fit']
-  assert sentence.startswith('The train step needs 24.2 GiB a chip and a v5e chip has 16.0 '
-                             'GiB: it would fit with ')
+  assert sentence.startswith(
+    'The train step needs 24.2 GiB a chip and a v5e chip has 16.0 GiB: it would fit with '
+  )
   assert '--config.msf.bank_size=132058688' in sentence and 'bank_layout' not in sentence
 
 
@@ -189,15 +254,21 @@ def test_small_recipe_compiles_for_tpu_topologies(topology, tmp_path):
   and the roofline gives a positive step time. 64 images a chip: XLA also counts the
   optimizer's and the EMA's work over every parameter once a step, which at 8 images a chip
   was 12% of this small net's FLOPs an image."""
-  result = _plan([*SMALL_RECIPE, '--config.batch_size=256', f'--topology={topology}',
-                  '--programs=train',
-                  f'--json={tmp_path / "plan.json"}'], tmp_path)
+  result = _plan(
+    [
+      *SMALL_RECIPE,
+      '--config.batch_size=256',
+      f'--topology={topology}',
+      '--programs=train',
+      f'--json={tmp_path / "plan.json"}',
+    ],
+    tmp_path,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   plan = json.loads((tmp_path / 'plan.json').read_text())
   train = plan['programs']['train step']
   assert plan['fits'] and plan['slice']['chips'] == 4 and plan['config']['dtype'] == 'bfloat16'
-  assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'],
-                                                   rel=0.05)
+  assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'], rel=0.05)
   assert train['collectives']['all-reduce'] > 11e6 * 2  # ResNet-18's gradients, at least bf16
   # BatchNorm over each chip's own images: the gradients are summed in float32.
   assert train['collective_counts']['all-reduce']['f32'] > 11e6 * 4
@@ -206,8 +277,7 @@ def test_small_recipe_compiles_for_tpu_topologies(topology, tmp_path):
 
 @needs_libtpu
 @pytest.mark.slow  # 2 to 3 minutes of compilation on a shared 2-core machine
-def test_small_recipe_with_a_batchnorm_group_a_chip_all_reduces_only_what_it_must(
-    monkeypatch):
+def test_small_recipe_with_a_batchnorm_group_a_chip_all_reduces_only_what_it_must(monkeypatch):
   """The small recipe in bfloat16 on a v5e:2x2, BatchNorm over each chip's 8 images: no
   statistic crosses chips in the forward or backward pass. What is left: the labels and the
   target order gathered for the bank (XLA writes these all-gathers as all-reduces of int32),
@@ -223,19 +293,19 @@ def test_small_recipe_with_a_batchnorm_group_a_chip_all_reduces_only_what_it_mus
   mesh = make_mesh(slices.tpu_devices(parse_slice('v5e:2x2')))
   state = abstract_state(config, state_shardings(config, mesh))
   batch = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharded(mesh)),
-      pipeline.train_batch_spec(32, 32, shuffle_target=True))
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharded(mesh)),
+    pipeline.train_batch_spec(32, 32, shuffle_target=True),
+  )
   hlo = make_train_step(config, mesh, 100).lower(state, batch).compile().as_text()
-  all_reduces = [by_dtype for kind, by_dtype in compiled.collectives(hlo)
-                 if kind == 'all-reduce']
-  assert sorted(sorted(dtypes) for dtypes in all_reduces) == [['f32'], ['f32'], ['s32'],
-                                                               ['s32']]
+  all_reduces = [by_dtype for kind, by_dtype in compiled.collectives(hlo) if kind == 'all-reduce']
+  assert sorted(sorted(dtypes) for dtypes in all_reduces) == [['f32'], ['f32'], ['s32'], ['s32']]
   gradients = max(all_reduces, key=lambda dtypes: sum(dtypes.values()))
   assert gradients['f32'] > 4 * 11.5e6  # ResNet-18 and its heads: 11.5M parameters
 
 
-def _plan_here(programs: tuple[str, ...], topology: str, monkeypatch, train_examples=None,
-               **settings) -> dict:
+def _plan_here(
+  programs: tuple[str, ...], topology: str, monkeypatch, train_examples=None, **settings
+) -> dict:
   """A plan of configs/imagenet_msf.py with `settings` ({'model.depth': 18}), made in this
   process: no subprocess to start, for programs that compile quickly or not at all."""
   monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
@@ -283,16 +353,24 @@ def test_a_knn_set_too_large_for_the_slice_is_refused_with_the_chips_it_needs(mo
   plan = _knn_plan('v5e:2x2', 14_197_122, monkeypatch)
   assert not plan['fits'] and plan['programs']['kNN search']['compile_seconds'] == 0
   assert plan['does_not_fit'] == [
-      'The kNN search needs 27.1 GiB a chip and a v5e chip has 16.0 GiB: it would fit with a '
-      'slice of 8 chips or more (each holding its share of the 108.3 GiB of train features).']
+    'The kNN search needs 27.1 GiB a chip and a v5e chip has 16.0 GiB: it would fit with a '
+    'slice of 8 chips or more (each holding its share of the 108.3 GiB of train features).'
+  ]
 
 
-@pytest.mark.parametrize('message, needed', [
-    ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space '
-     'hbm. Used 21.95G of 15.48G hbm. Exceeded hbm capacity by 6.47G.\n\nTotal hbm usage >= '
-     '22.47G:\n    reserved        530.00M', 22.47 * 2**30),
+@pytest.mark.parametrize(
+  'message, needed',
+  [
+    (
+      'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space '
+      'hbm. Used 21.95G of 15.48G hbm. Exceeded hbm capacity by 6.47G.\n\nTotal hbm usage >= '
+      '22.47G:\n    reserved        530.00M',
+      22.47 * 2**30,
+    ),
     ('Ran out of memory in memory space hbm. Used 63.80G of 30.75G hbm.', 63.8 * 2**30),
-    ('INTERNAL: something else', None)])
+    ('INTERNAL: something else', None),
+  ],
+)
 def test_the_compilers_out_of_memory_error_gives_what_the_program_needs(message, needed):
   found = planner._out_of_memory_bytes(message)
   assert found == (None if needed is None else int(needed))

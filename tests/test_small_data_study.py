@@ -12,7 +12,8 @@ import numpy as np
 from helpers import REPO
 
 _spec = importlib.util.spec_from_file_location(
-    'small_data_study', os.path.join(REPO, 'benchmarks', 'small_data_study.py'))
+  'small_data_study', os.path.join(REPO, 'benchmarks', 'small_data_study.py')
+)
 study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study)
 
@@ -40,8 +41,9 @@ def test_combined_setting_takes_each_factors_most_robust_level(tmp_path):
   def write(setting, seed, knn20):
     path = tmp_path / 'runs' / 'digits' / setting.name / f'seed{seed}.json'
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({'setting': dataclasses.asdict(setting),
-                                'results': {'knn/majority/k=20': knn20}}))
+    path.write_text(
+      json.dumps({'setting': dataclasses.asdict(setting), 'results': {'knn/majority/k=20': knn20}})
+    )
 
   for setting in study.one_factor_settings():
     for seed in study.SEEDS:
@@ -53,12 +55,14 @@ def test_combined_setting_takes_each_factors_most_robust_level(tmp_path):
     write(dataclasses.replace(study.BASE, base_lr=1.0), seed, 0.6)
     write(dataclasses.replace(study.BASE, topk=2), seed, 0.7)
   assert study.combined_setting(str(tmp_path), 'digits') == dataclasses.replace(
-      study.BASE, base_lr=1.0, topk=2)
+    study.BASE, base_lr=1.0, topk=2
+  )
 
 
 def fake_runner(tmp_path, ran, cores):
   """A stand-in for one training: records the job and its core, writes a record in which
   k = 10 and lr 0.1 win and every other level ties the base."""
+
   def fake_run(job, out, epochs, core):
     dataset, setting, seed = job
     ran.append(job)
@@ -67,8 +71,10 @@ def fake_runner(tmp_path, ran, cores):
     path = tmp_path / 'runs' / dataset / setting.name / f'seed{seed}.json'
     path.parent.mkdir(parents=True, exist_ok=True)
     knn20 = 0.5 + 0.2 * (setting.topk == 10) + 0.1 * (setting.base_lr == 0.1)
-    path.write_text(json.dumps({'setting': dataclasses.asdict(setting),
-                                'results': {'knn/majority/k=20': knn20}}))
+    path.write_text(
+      json.dumps({'setting': dataclasses.asdict(setting), 'results': {'knn/majority/k=20': knn20}})
+    )
+
   return fake_run
 
 
@@ -81,8 +87,11 @@ def test_run_study_runs_each_missing_job_once_then_the_combination(tmp_path, mon
   ran.clear()
   cores.clear()
   study.run_study(['textures'], str(tmp_path), workers=2, epochs=1)
-  one_factor = {('textures', s, seed) for s in study.one_factor_settings(study.VARIED['textures'])
-                for seed in (study.SEEDS if s == study.BASE else study.VARIATION_SEEDS['textures'])}
+  one_factor = {
+    ('textures', s, seed)
+    for s in study.one_factor_settings(study.VARIED['textures'])
+    for seed in (study.SEEDS if s == study.BASE else study.VARIATION_SEEDS['textures'])
+  }
   best = dataclasses.replace(study.BASE, topk=10, base_lr=0.1)
   combination = {('textures', best, seed) for seed in study.SEEDS}
   assert len(ran) == len(set(ran)) and set(ran) == one_factor - {done_before} | combination

@@ -20,8 +20,9 @@ def package_modules() -> dict[str, str]:
     for file in files:
       if file.endswith('.py'):
         parts = os.path.relpath(os.path.join(directory, file), REPO)[:-3].split(os.sep)
-        modules['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = (
-            os.path.join(directory, file))
+        modules['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = os.path.join(
+          directory, file
+        )
   return modules
 
 
@@ -35,7 +36,7 @@ def imported_names(tree: ast.Module, module: str, is_package: bool) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ''
       if node.level:
-        anchor = module.split('.')[:len(module.split('.')) - node.level + is_package]
+        anchor = module.split('.')[: len(module.split('.')) - node.level + is_package]
         base = '.'.join(anchor + ([base] if base else []))
       names.add(base)
       names.update(f'{base}.{alias.name}' for alias in node.names)
@@ -68,8 +69,7 @@ def import_graph() -> dict[str, set[str]]:
     with open(path) as f:
       tree = ast.parse(f.read())
     names = imported_names(tree, module, path.endswith('__init__.py'))
-    graph[module] = dependencies(module, {n for n in names if n.split('.')[0] == PACKAGE},
-                                 modules)
+    graph[module] = dependencies(module, {n for n in names if n.split('.')[0] == PACKAGE}, modules)
   return graph
 
 
@@ -82,7 +82,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for successor in sorted(graph.get(node, ())):
       if state.get(successor) == 'open':
-        return stack[stack.index(successor):] + [successor]
+        return stack[stack.index(successor) :] + [successor]
       if successor not in state and (cycle := visit(successor)):
         return cycle
     state[node] = 'done'
@@ -118,7 +118,8 @@ def test_subpackages_and_top_level_modules_depend_one_way():
   graph = {}
   for module, targets in import_graph().items():
     graph.setdefault(component(module), set()).update(
-        component(t) for t in targets if component(t) != component(module))
+      component(t) for t in targets if component(t) != component(module)
+    )
   assert find_cycle(graph) is None
   assert 'msf_jax.evaluate' not in graph['msf_jax.interop']
 
@@ -137,19 +138,30 @@ def readme_layout() -> str:
 
 def test_readme_layout_matches_the_tree():
   layout = readme_layout()
-  named = set(re.findall(r'\b((?:msf_jax|configs|launch|scripts|benchmarks|tests|notebooks|docs)'
-                         r'/[\w/]*(?:\.py)?)', layout))
+  named = set(
+    re.findall(
+      r'\b((?:msf_jax|configs|launch|scripts|benchmarks|tests|notebooks|docs)'
+      r'/[\w/]*(?:\.py)?)',
+      layout,
+    )
+  )
   for path in named:
     assert os.path.exists(os.path.join(REPO, path)), f'README layout names {path}: not there'
-  expected = {f'{PACKAGE}/{entry}' + ('/' if os.path.isdir(os.path.join(PACKAGE_DIR, entry))
-                                      else '')
-              for entry in os.listdir(PACKAGE_DIR)
-              if entry.endswith('.py') and entry not in ('__init__.py', '__main__.py')
-              or os.path.isfile(os.path.join(PACKAGE_DIR, entry, '__init__.py'))}
+  expected = {
+    f'{PACKAGE}/{entry}' + ('/' if os.path.isdir(os.path.join(PACKAGE_DIR, entry)) else '')
+    for entry in os.listdir(PACKAGE_DIR)
+    if entry.endswith('.py')
+    and entry not in ('__init__.py', '__main__.py')
+    or os.path.isfile(os.path.join(PACKAGE_DIR, entry, '__init__.py'))
+  }
   missing = expected - named
   assert not missing, f'README layout leaves out {sorted(missing)}'
-  top_level = {entry + '/' for entry in os.listdir(REPO)
-               if os.path.isdir(os.path.join(REPO, entry)) and not entry.startswith('.')
-               and entry not in ('runs', f'{PACKAGE}.egg-info', '__pycache__', 'build')}
+  top_level = {
+    entry + '/'
+    for entry in os.listdir(REPO)
+    if os.path.isdir(os.path.join(REPO, entry))
+    and not entry.startswith('.')
+    and entry not in ('runs', f'{PACKAGE}.egg-info', '__pycache__', 'build')
+  }
   undescribed = top_level - {path.split('/')[0] + '/' for path in named} - {f'{PACKAGE}/'}
   assert not undescribed, f'the README layout does not describe {sorted(undescribed)}'

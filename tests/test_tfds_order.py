@@ -26,8 +26,15 @@ def split_of(built):
 
 def labels(split, steps, start_step=0):
   """The example indices (labels, see tfds_data) of `steps` training batches [steps, BATCH]."""
-  stream = pipeline.train_stream(split, global_batch=BATCH, image_size=8, seed=0,
-                                 start_step=start_step, process_index=0, process_count=1)
+  stream = pipeline.train_stream(
+    split,
+    global_batch=BATCH,
+    image_size=8,
+    seed=0,
+    start_step=start_step,
+    process_index=0,
+    process_count=1,
+  )
   return np.stack([next(stream)['label'] for _ in range(steps)])
 
 
@@ -49,8 +56,9 @@ def test_a_resumed_stream_continues_with_the_next_batch(built):
 
 def test_hosts_share_each_epoch(built):
   split, seed = split_of(built), np.array([5, 1], np.int64)
-  shares = [[int(x['label']) for x in split.read(p, 2, seed, 0).as_numpy_iterator()]
-            for p in range(2)]
+  shares = [
+    [int(x['label']) for x in split.read(p, 2, seed, 0).as_numpy_iterator()] for p in range(2)
+  ]
   assert sorted(shares[0] + shares[1]) == list(range(NUM_EXAMPLES))
 
 
@@ -59,6 +67,7 @@ def test_array_record_resume_reads_nothing_before_the_resume_point(built, monkey
   if not name.endswith('array_record'):
     pytest.skip('TFRecord files have no index: a resume reads and drops what came before')
   import tensorflow_datasets as tfds
+
   split = split_of(built)
   trained = set(labels(split, STEPS // 2).ravel())  # the first half of epoch 0
   source_type = type(tfds.builder(name, data_dir=data_dir).as_data_source('train'))

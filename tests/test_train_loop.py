@@ -31,6 +31,7 @@ def device_reads_by_step(monkeypatch, config, workdir):
     def train_step(state, batch):
       dispatched[0] += 1
       return step(state, batch)
+
     return train_step
 
   monkeypatch.setattr(array_type, '_value', property(counted_value))

@@ -38,8 +38,12 @@ def test_eight_devices_equal_one_device_float32():
   # Forward quantities tensor by tensor; gradient-derived ones (parameters, momentum) as a
   # whole: in float32, reductions in another order flip the odd near-zero ReLU input, which
   # moves single channels (float64, below, is compared tensor by tensor).
-  forward = lambda state: (state.bank, state.target, state.online['batch_stats'],
-                           state.predictor['batch_stats'])
+  forward = lambda state: (
+    state.bank,
+    state.target,
+    state.online['batch_stats'],
+    state.predictor['batch_stats'],
+  )
   assert_trees_close(forward(eight), forward(one), rtol=1e-5)
   trained = lambda state: {'trainable': state.trainable_params, 'opt_state': state.opt_state}
   for field in ('trainable', 'opt_state'):
@@ -52,8 +56,9 @@ def test_eight_devices_equal_one_device_float32():
 @pytest.mark.slow
 def test_eight_devices_equal_one_device_float64_three_steps():
   with jax.enable_x64(True):
-    config = small_config(image_size=32, small_stem=True, batch_size=16, bank_size=64,
-                          param_dtype='float64')
+    config = small_config(
+      image_size=32, small_stem=True, batch_size=16, bank_size=64, param_dtype='float64'
+    )
     rng = np.random.default_rng(1)
     batches = [random_batch(rng, config, dtype=np.float64) for _ in range(3)]
     one, _ = run_steps(config, jax.devices()[:1], batches)
@@ -100,10 +105,13 @@ def test_topk_ramp_starts_as_k_equals_one_and_reaches_k():
   batch = {**random_batch(np.random.default_rng(4), config), 'label': np.arange(8, dtype=np.int32)}
   mesh = make_mesh(jax.devices()[:1])
   state = create_state(config, jax.random.key(0))
-  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False,
-                               finish_views=False)
-  metrics = [jax.device_get(train_step(put_state(state.replace(step=step), config, mesh),
-                                       put_batch(batch, mesh))[1]) for step in (0, 10, 20)]
+  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False, finish_views=False)
+  metrics = [
+    jax.device_get(
+      train_step(put_state(state.replace(step=step), config, mesh), put_batch(batch, mesh))[1]
+    )
+    for step in (0, 10, 20)
+  ]
   assert [int(m['topk']) for m in metrics] == [1, 3, 5]
   assert [float(m['purity']) for m in metrics] == pytest.approx([1, 1 / 3, 1 / 5])
   assert metrics[0]['loss'] != pytest.approx(metrics[2]['loss'])
@@ -138,8 +146,9 @@ def test_bfloat16_compute_keeps_float32_parameters():
 BF16_ULP = 2.0**-8
 
 
-def planted_bank(targets: np.ndarray, labels: np.ndarray, angles: np.ndarray,
-                 rng: np.random.Generator) -> mean_shift.MemoryBank:
+def planted_bank(
+  targets: np.ndarray, labels: np.ndarray, angles: np.ndarray, rng: np.random.Generator
+) -> mean_shift.MemoryBank:
   """A bank whose first rows are `targets` and whose other rows lie, for each target, at
   `angles` (radians) from it in random directions: with angles far below the targets'
   angles to each other, every query's nearest rows are its own, then its planted ones in
@@ -147,18 +156,23 @@ def planted_bank(targets: np.ndarray, labels: np.ndarray, angles: np.ndarray,
   directions = rng.standard_normal((len(targets), len(angles), targets.shape[1]))
   directions -= np.sum(directions * targets[:, None], -1, keepdims=True) * targets[:, None]
   directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
-  planted = (np.cos(angles)[:, None] * targets[:, None] + np.sin(angles)[:, None] * directions)
+  planted = np.cos(angles)[:, None] * targets[:, None] + np.sin(angles)[:, None] * directions
   rows = np.concatenate([targets, planted.reshape(-1, targets.shape[1])]).astype(np.float32)
   row_labels = np.concatenate([labels, rng.integers(0, 4, planted.shape[0] * len(angles))])
-  return mean_shift.MemoryBank(jnp.asarray(rows), jnp.asarray(row_labels, jnp.int32),
-                               jnp.zeros((), jnp.int32))
+  return mean_shift.MemoryBank(
+    jnp.asarray(rows), jnp.asarray(row_labels, jnp.int32), jnp.zeros((), jnp.int32)
+  )
 
 
 def operand_dtypes(jaxpr, primitive: str, has_shape=None) -> set[str]:
   """The operand dtypes of a primitive's equations (those with an operand of `has_shape`)."""
-  return {str(v.aval.dtype) for eqn in equations(jaxpr) if eqn.primitive.name == primitive
-          and (has_shape is None or any(v.aval.shape == has_shape for v in eqn.invars))
-          for v in eqn.invars}
+  return {
+    str(v.aval.dtype)
+    for eqn in equations(jaxpr)
+    if eqn.primitive.name == primitive
+    and (has_shape is None or any(v.aval.shape == has_shape for v in eqn.invars))
+    for v in eqn.invars
+  }
 
 
 @pytest.mark.slow  # two ResNet-18 steps to compile: 60 s of CPU time (measured under load)
@@ -200,19 +214,22 @@ def test_bfloat16_step_matches_float32_step_within_bfloat16_tolerances():
 
   def step(dtype, state):
     config.model.dtype = dtype
-    train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False,
-                                 finish_views=False)
+    train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False, finish_views=False)
     return jax.device_get(train_step(put_replicated(state, mesh), put_batch(batch, mesh)))
 
   first, _ = step('float32', state)
   targets = np.asarray(first.bank.embeddings[:16])
-  state = state.replace(bank=planted_bank(targets, batch['label'], np.array([0.05, 0.15, 0.25]),
-                                          np.random.default_rng(1)))
+  state = state.replace(
+    bank=planted_bank(
+      targets, batch['label'], np.array([0.05, 0.15, 0.25]), np.random.default_rng(1)
+    )
+  )
   (exact, exact_metrics), (bf16, metrics) = step('float32', state), step('bfloat16', state)
 
   config.model.dtype = 'bfloat16'
   traced = jax.make_jaxpr(make_train_step_fn(config, STEPS_PER_EPOCH, finish_views=False))(
-      state, batch).jaxpr
+    state, batch
+  ).jaxpr
   assert operand_dtypes(traced, 'conv_general_dilated') == {'bfloat16'}
   assert operand_dtypes(traced, 'dot_general', has_shape=(256, 32)) == {'float32'}  # fc_3
   assert operand_dtypes(traced, 'dot_general', has_shape=(32, 64)) == {'float32'}  # search
@@ -226,28 +243,34 @@ def test_bfloat16_step_matches_float32_step_within_bfloat16_tolerances():
   planted = 16 + 3 * np.arange(16)[:, None] + np.arange(3)
   np.testing.assert_array_equal(neighbors(exact), np.c_[np.arange(16), planted])
   np.testing.assert_array_equal(neighbors(bf16), neighbors(exact))
-  assert (metrics['purity'], metrics['purity_others']) == (exact_metrics['purity'],
-                                                          exact_metrics['purity_others'])
+  assert (metrics['purity'], metrics['purity_others']) == (
+    exact_metrics['purity'],
+    exact_metrics['purity_others'],
+  )
   assert metrics['loss'] == pytest.approx(exact_metrics['loss'], rel=2 * BF16_ULP)
   rows = np.asarray(bf16.bank.embeddings)
   assert np.abs(np.linalg.norm(rows, axis=1) - 1).max() < 1e-6
   error = relative_tree_error(rows[:16], exact.bank.embeddings[:16])
   assert error < 16 * BF16_ULP, error
   for network in ('online', 'target', 'predictor'):
-    error = relative_tree_error(getattr(bf16, network)['batch_stats'],
-                                getattr(exact, network)['batch_stats'])
+    error = relative_tree_error(
+      getattr(bf16, network)['batch_stats'], getattr(exact, network)['batch_stats']
+    )
     assert error < BF16_ULP, (network, error)
   jax.tree.map(np.testing.assert_array_equal, bf16.target['params'], exact.target['params'])
 
   update = lambda new: jax.tree.map(np.subtract, new.trainable_params, state.trainable_params)
   top = lambda tree: tree['predictor']['fc_3']
-  errors = {'all': relative_tree_error(update(bf16), update(exact)),
-            'top': relative_tree_error(top(update(bf16)), top(update(exact)))}
+  errors = {
+    'all': relative_tree_error(update(bf16), update(exact)),
+    'top': relative_tree_error(top(update(bf16)), top(update(exact))),
+  }
   assert errors['all'] < 0.5 and errors['top'] < 16 * BF16_ULP, errors
 
 
 def test_encoder_features_are_the_pooled_backbone_output():
   from msf_jax.models import build_networks, feature_dim
+
   config = small_config(image_size=32, small_stem=True)
   encoder, _ = build_networks(config.model)
   state = create_state(config, jax.random.key(0))
@@ -269,10 +292,12 @@ def test_paper_variants_through_the_config_argument():
     load_config(path, 'topk=3')
 
 
-@pytest.mark.parametrize('backend, expected', [('cpu', None), ('gpu', jnp.bfloat16),
-                                               ('tpu', jnp.bfloat16)])
+@pytest.mark.parametrize(
+  'backend, expected', [('cpu', None), ('gpu', jnp.bfloat16), ('tpu', jnp.bfloat16)]
+)
 def test_auto_compute_dtype_is_bfloat16_on_accelerators_only(monkeypatch, backend, expected):
   from msf_jax.models import build_networks
+
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   config = small_config()
   assert config.model.dtype == 'auto'
@@ -284,6 +309,7 @@ def test_auto_compute_dtype_is_bfloat16_on_accelerators_only(monkeypatch, backen
 @pytest.mark.slow  # a ResNet-18 of width 16 created and applied
 def test_width_scales_every_stage_and_the_heads():
   from msf_jax.models import build_networks, feature_dim
+
   config = small_config(image_size=32, small_stem=True)
   config.model.width = 16
   state = create_state(config, jax.random.key(0))
@@ -293,8 +319,9 @@ def test_width_scales_every_stage_and_the_heads():
   assert backbone['conv1']['kernel'].shape == (3, 3, 3, 16)
   assert backbone['layer4_1']['conv2']['kernel'].shape == (3, 3, 128, 128)
   assert state.bank.embeddings.shape == (config.msf.bank_size, 128 // 4)
-  features = encoder.apply(state.online, np.zeros((2, 32, 32, 3), np.float32),
-                           method=encoder.features)
+  features = encoder.apply(
+    state.online, np.zeros((2, 32, 32, 3), np.float32), method=encoder.features
+  )
   assert features.shape == (2, 128)
 
 
@@ -307,15 +334,16 @@ def test_fused_colour_stage_equals_finishing_the_views_first():
   state = put_state(create_state(config, jax.random.key(0)), config, mesh)
   host_batch = put_batch(random_host_batch(np.random.default_rng(5), config), mesh)
   fused = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False)
-  two_programs = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False,
-                                 finish_views=False)
+  two_programs = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False, finish_views=False)
   fused_state, fused_metrics = jax.device_get(fused(state, host_batch))
   finished = color.finish_views(host_batch, config.data.pairing)
   state_2, metrics_2 = jax.device_get(two_programs(state, finished))
   assert_same_step((fused_state, fused_metrics), (state_2, metrics_2))
   # The colour stage did something: the raw [0, 1] views give other embeddings.
-  raw = {'label': host_batch['label'],
-         **{key: color.to_unit(host_batch[key]) for key in ('online', 'target')}}
+  raw = {
+    'label': host_batch['label'],
+    **{key: color.to_unit(host_batch[key]) for key in ('online', 'target')},
+  }
   raw_state, _ = jax.device_get(two_programs(state, raw))
   assert relative_tree_error(raw_state.bank.embeddings, state_2.bank.embeddings) > 1e-2
 
@@ -343,11 +371,15 @@ def test_step_on_uint8_views_equals_the_step_on_their_float_levels():
   state = put_state(create_state(config, jax.random.key(0)), config, mesh)
   as_uint8 = random_host_batch(np.random.default_rng(6), config)
   assert as_uint8['online'].dtype == as_uint8['target'].dtype == np.uint8
-  views_as = lambda convert: {**as_uint8, **{key: convert(as_uint8[key].astype(np.float32))
-                                             for key in ('online', 'target')}}
+  views_as = lambda convert: {
+    **as_uint8,
+    **{key: convert(as_uint8[key].astype(np.float32)) for key in ('online', 'target')},
+  }
   as_float = views_as(lambda k: k / 255)
-  finished = [color.finish_views(put_batch(batch, mesh), config.data.pairing)
-              for batch in (as_uint8, as_float)]
+  finished = [
+    color.finish_views(put_batch(batch, mesh), config.data.pairing)
+    for batch in (as_uint8, as_float)
+  ]
   assert_trees_close(finished[0], finished[1], rtol=1e-5)  # the network's inputs
   step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False)
   run = lambda batch: jax.device_get(step(state, put_batch(batch, mesh)))

@@ -31,6 +31,7 @@ def test_noisy_high_dimensional_features_choose_stronger_regularization():
   """Few examples of many dimensions, nearly all noise, against many examples of a few
   informative ones. One draw's validation curve is nearly flat (max-margin solutions are
   already robust), so the median choice over five draws is compared."""
+
   def chosen(seed, num, informative, noise_dims, separation, sizes):
     rng = np.random.default_rng(seed)
     data = splits(*informative_features(rng, num, 4, informative, noise_dims, separation), sizes)
@@ -44,13 +45,16 @@ def test_noisy_high_dimensional_features_choose_stronger_regularization():
 def test_test_accuracy_is_a_direct_fit_on_train_and_validation_at_the_chosen_value():
   rng = np.random.default_rng(1)
   train_x, train_y, val_x, val_y, test_x, test_y = splits(
-      *informative_features(rng, 900, 5, 6, 20, 0.8), (500, 200, 200))
-  result = logistic_regression_transfer(train_x, train_y, val_x, val_y, test_x, test_y,
-                                        regularizations=REGULARIZATIONS)
+    *informative_features(rng, 900, 5, 6, 20, 0.8), (500, 200, 200)
+  )
+  result = logistic_regression_transfer(
+    train_x, train_y, val_x, val_y, test_x, test_y, regularizations=REGULARIZATIONS
+  )
   assert result['val_accuracy'] == max(result['val_accuracies'].values())
   x, y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
-  direct = make_pipeline(StandardScaler(), LogisticRegression(
-      C=1 / (result['regularization'] * len(x)), max_iter=1000)).fit(x, y)
+  direct = make_pipeline(
+    StandardScaler(), LogisticRegression(C=1 / (result['regularization'] * len(x)), max_iter=1000)
+  ).fit(x, y)
   assert result['test_accuracy'] == pytest.approx(direct.score(test_x, test_y), abs=1e-9)
   assert 0.4 < result['test_accuracy'] < 1.0
 
@@ -79,6 +83,17 @@ def test_datasets_name_tfds_builders_and_configs(key):
 
 
 def test_the_ten_datasets_of_the_paper():
-  assert sorted(TRANSFER_DATASETS) == sorted([
-      'food101', 'cifar10', 'cifar100', 'sun397', 'cars', 'aircraft', 'dtd', 'pets',
-      'caltech101', 'flowers'])
+  assert sorted(TRANSFER_DATASETS) == sorted(
+    [
+      'food101',
+      'cifar10',
+      'cifar100',
+      'sun397',
+      'cars',
+      'aircraft',
+      'dtd',
+      'pets',
+      'caltech101',
+      'flowers',
+    ]
+  )

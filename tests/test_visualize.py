@@ -67,8 +67,9 @@ def features(variables, split, config, mesh):
 
 def uniform_images(shape, values):
   """uint8 images of `shape` [..., H, W, 3], each one grey level of `values`."""
-  return np.broadcast_to(np.asarray(values, np.uint8).reshape(
-      np.shape(values) + (1, 1, 1)), shape).copy()
+  return np.broadcast_to(
+    np.asarray(values, np.uint8).reshape(np.shape(values) + (1, 1, 1)), shape
+  ).copy()
 
 
 def test_denormalize_undoes_the_pipeline_normalization():
@@ -82,8 +83,9 @@ def test_retrieval_grid_frames_queries_blue_and_wrong_neighbours_red():
   queries = uniform_images((2, size, size, 3), [10, 20])
   neighbours = uniform_images((2, 3, size, size, 3), [[30, 40, 50], [60, 70, 80]])
   query_labels, neighbour_labels = np.array([1, 2]), np.array([[1, 0, 1], [2, 2, 7]])
-  grid = vis.retrieval_grid(queries, query_labels, neighbours, neighbour_labels, zoom=zoom,
-                            border=border, gap=gap)
+  grid = vis.retrieval_grid(
+    queries, query_labels, neighbours, neighbour_labels, zoom=zoom, border=border, gap=gap
+  )
   tile = size * zoom + 2 * border
   assert grid.shape == (gap + 2 * (tile + gap), gap + 4 * (tile + gap), 3)
   assert grid.dtype == np.uint8
@@ -101,7 +103,7 @@ def test_retrieval_grid_frames_queries_blue_and_wrong_neighbours_red():
   assert tuple(grid[0, 0]) == vis.BACKGROUND
   # Exactly the two wrong neighbours carry red frames.
   red = np.all(grid == vis.WRONG_CLASS_COLOR, axis=-1).sum()
-  assert red == 2 * (tile**2 - (size * zoom)**2)
+  assert red == 2 * (tile**2 - (size * zoom) ** 2)
 
 
 def test_grids_refuse_mismatched_or_float_images():
@@ -111,8 +113,7 @@ def test_grids_refuse_mismatched_or_float_images():
   with pytest.raises(ValueError, match='differ in shape'):
     vis.views_grid(images, images[:1])
   with pytest.raises(ValueError, match='do not match'):
-    vis.retrieval_grid(images, np.zeros(2), np.zeros((3, 1, 4, 4, 3), np.uint8),
-                       np.zeros((3, 1)))
+    vis.retrieval_grid(images, np.zeros(2), np.zeros((3, 1, 4, 4, 3), np.uint8), np.zeros((3, 1)))
 
 
 def test_views_grid_puts_target_views_over_online_views():
@@ -150,8 +151,9 @@ def test_tsne_separates_clusters_and_plots_one_colour_a_class():
 
   plot = vis.tsne_plot(embedding, labels, title='three classes', size_inches=3, dpi=100)
   assert plot.shape == (300, 300, 3) and plot.dtype == np.uint8
-  tab10 = np.round(np.asarray([vis.matplotlib.colormaps['tab10'](i)[:3] for i in range(4)])
-                   * 255).astype(np.uint8)
+  tab10 = np.round(
+    np.asarray([vis.matplotlib.colormaps['tab10'](i)[:3] for i in range(4)]) * 255
+  ).astype(np.uint8)
   present = [np.all(plot == colour, axis=-1).any() for colour in tab10]
   assert present == [True, True, True, False]
   with pytest.raises(ValueError, match='N >= 4'):
@@ -159,7 +161,8 @@ def test_tsne_separates_clusters_and_plots_one_colour_a_class():
 
 
 def test_centre_crop_images_follow_the_order_of_extracted_features(
-    variables, split, config, mesh, features):
+  variables, split, config, mesh, features
+):
   positions = np.array([23, 0, 9, 9, 17])
   images, labels = vis.centre_crop_images(split, positions, config.image_size, mesh, BATCH)
   assert images.shape == (5, config.image_size, config.image_size, 3)
@@ -167,8 +170,9 @@ def test_centre_crop_images_follow_the_order_of_extracted_features(
   np.testing.assert_array_equal(labels, features[1][positions])
   # The images' own features (from the 8-bit pixels) are nearest those at their positions.
   encoder, _ = build_networks(config.model)
-  own = np.asarray(encoder.apply(variables, np.asarray(color.normalize(images / 255.0)),
-                                 method=encoder.features))
+  own = np.asarray(
+    encoder.apply(variables, np.asarray(color.normalize(images / 255.0)), method=encoder.features)
+  )
   distances = np.linalg.norm(own[:, None] - features[0][None], axis=-1)
   np.testing.assert_array_equal(np.argmin(distances, axis=1), positions)
   with pytest.raises(ValueError, match='positions up to 24'):
@@ -178,27 +182,33 @@ def test_centre_crop_images_follow_the_order_of_extracted_features(
 def test_centre_crop_images_interleave_the_processes_shares(split, config, mesh, monkeypatch):
   """With two processes each batch of extract_features holds process 0's share of the batch,
   then process 1's; the digits give process p every second example from p."""
-  labels = np.concatenate([b['label'] for b in pipeline.eval_batches(
-      split, global_batch=NUM_EXAMPLES, image_size=config.image_size)[0].as_numpy_iterator()])
+  labels = np.concatenate(
+    [
+      b['label']
+      for b in pipeline.eval_batches(
+        split, global_batch=NUM_EXAMPLES, image_size=config.image_size
+      )[0].as_numpy_iterator()
+    ]
+  )
   monkeypatch.setattr(vis.jax, 'process_count', lambda: 2)
   order = [p + 2 * (4 * b + j) for b in range(3) for p in range(2) for j in range(4)]
-  _, found = vis.centre_crop_images(split, np.arange(NUM_EXAMPLES), config.image_size, mesh,
-                                    BATCH)
+  _, found = vis.centre_crop_images(split, np.arange(NUM_EXAMPLES), config.image_size, mesh, BATCH)
   np.testing.assert_array_equal(found, labels[order])
 
 
 def test_retrieval_grid_from_features_finds_each_query_first(split, config, mesh, features):
   # The split is its own gallery: each query's nearest neighbour is itself.
-  grid = vis.retrieval_grid_from_features(split, features, split, features, config.image_size,
-                                          mesh, num_queries=3, k=2, batch_size=BATCH)
+  grid = vis.retrieval_grid_from_features(
+    split, features, split, features, config.image_size, mesh, num_queries=3, k=2, batch_size=BATCH
+  )
   zoom = -(-vis.MIN_TILE // config.image_size)
   tile = config.image_size * zoom + 2 * vis.BORDER
   stride = tile + vis.GAP
   assert grid.shape == (vis.GAP + 3 * stride, vis.GAP + 3 * stride, 3)
   for row in range(3):
     top = vis.GAP + row * stride
-    query = grid[top:top + tile, vis.GAP:vis.GAP + tile]
-    first = grid[top:top + tile, vis.GAP + stride:vis.GAP + stride + tile]
+    query = grid[top : top + tile, vis.GAP : vis.GAP + tile]
+    first = grid[top : top + tile, vis.GAP + stride : vis.GAP + stride + tile]
     inner = slice(vis.BORDER, -vis.BORDER)
     np.testing.assert_array_equal(first[inner, inner], query[inner, inner])
     assert tuple(first[0, 0]) == vis.SAME_CLASS_COLOR
@@ -209,21 +219,29 @@ def test_views_grid_from_config_shows_the_first_views_of_training(config, mesh):
   train = sources.take(sources.digits('train', config.image_size), 32)
   grid = vis.views_grid_from_config(config, mesh, train, count=3)
   # The same images and augmentations as the first batch of a stream of another batch size.
-  stream = pipeline.train_stream(train, global_batch=16, image_size=config.image_size,
-                                 seed=config.seed, pairing=config.data.pairing,
-                                 crop_scale=tuple(config.data.crop_scale),
-                                 random_flip=config.data.flip)
+  stream = pipeline.train_stream(
+    train,
+    global_batch=16,
+    image_size=config.image_size,
+    seed=config.seed,
+    pairing=config.data.pairing,
+    crop_scale=tuple(config.data.crop_scale),
+    random_flip=config.data.flip,
+  )
   first = color.finish_views(pipeline.to_global(next(stream), mesh), config.data.pairing)
-  expected = vis.views_grid(*(vis.denormalize(first[key][:3]) for key in ('target', 'online')),
-                            row_titles=('target (weak)', 'online (strong)'))
+  expected = vis.views_grid(
+    *(vis.denormalize(first[key][:3]) for key in ('target', 'online')),
+    row_titles=('target (weak)', 'online (strong)'),
+  )
   np.testing.assert_array_equal(grid, expected)
   zoom = -(-vis.MIN_TILE // config.image_size)
   side = config.image_size * zoom
   assert grid.shape[0] == vis.GAP + 2 * (side + vis.GAP)
   margin = grid.shape[1] - (vis.GAP + 3 * (side + vis.GAP))
   assert margin > 0
-  rows = [grid[vis.GAP + r * (side + vis.GAP):][:side, margin + vis.GAP:][:, :side]
-          for r in range(2)]
+  rows = [
+    grid[vis.GAP + r * (side + vis.GAP) :][:side, margin + vis.GAP :][:, :side] for r in range(2)
+  ]
   assert rows[0].std() > 0 and not np.array_equal(rows[0], rows[1])
 
 
@@ -232,14 +250,19 @@ def image_tags(workdir):
   tags = set()
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
-      tags.update(value.tag for value in event.summary.value
-                  if value.metadata.plugin_data.plugin_name == 'images')
+      tags.update(
+        value.tag
+        for value in event.summary.value
+        if value.metadata.plugin_data.plugin_name == 'images'
+      )
   return tags
 
 
 def test_write_pictures_writes_pngs_and_tensorboard_images(tmp_path):
-  pictures = {'a': np.full((4, 6, 3), 200, np.uint8),
-              'b': np.random.default_rng(0).integers(0, 256, (5, 3, 3)).astype(np.uint8)}
+  pictures = {
+    'a': np.full((4, 6, 3), 200, np.uint8),
+    'b': np.random.default_rng(0).integers(0, 256, (5, 3, 3)).astype(np.uint8),
+  }
   paths = vis.write_pictures(pictures, str(tmp_path), step=7)
   for name, picture in pictures.items():
     np.testing.assert_array_equal(np.asarray(Image.open(paths[name])), picture)
@@ -248,17 +271,28 @@ def test_write_pictures_writes_pngs_and_tensorboard_images(tmp_path):
 
 @pytest.mark.slow
 def test_command_line_writes_the_pictures(tmp_path):
-  command = [sys.executable, '-m', 'msf_jax.visualize', f'--config={EVAL_CONFIG}:digits',
-             '--config.checkpoint_format=random', '--config.model.width=8',
-             f'--config.data.max_examples={NUM_EXAMPLES}', f'--config.batch_size={BATCH}',
-             '--queries=3', '--neighbours=4', '--views=4', f'--workdir={tmp_path}']
+  command = [
+    sys.executable,
+    '-m',
+    'msf_jax.visualize',
+    f'--config={EVAL_CONFIG}:digits',
+    '--config.checkpoint_format=random',
+    '--config.model.width=8',
+    f'--config.data.max_examples={NUM_EXAMPLES}',
+    f'--config.batch_size={BATCH}',
+    '--queries=3',
+    '--neighbours=4',
+    '--views=4',
+    f'--workdir={tmp_path}',
+  ]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   stride = 24 * 3 + 2 * vis.BORDER + vis.GAP  # 24-pixel digits, enlarged 3 times
-  shapes = {name: np.asarray(Image.open(tmp_path / f'{name}.png')).shape
-            for name in ('retrieval', 'tsne', 'views')}
+  shapes = {
+    name: np.asarray(Image.open(tmp_path / f'{name}.png')).shape
+    for name in ('retrieval', 'tsne', 'views')
+  }
   assert shapes['retrieval'] == (vis.GAP + 3 * stride, vis.GAP + 5 * stride, 3)
   assert shapes['tsne'] == (600, 600, 3)
   assert image_tags(tmp_path) == {'retrieval', 'tsne', 'views'}

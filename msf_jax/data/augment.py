@@ -40,9 +40,13 @@ def _coin(seed, probability: float) -> tf.Tensor:
 # RandomResizedCrop
 
 
-def crop_window(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
-                scale: Sequence[float] = CROP_SCALE,
-                ratio: Sequence[float] = CROP_RATIO) -> tf.Tensor:
+def crop_window(
+  seed: tf.Tensor,
+  height: tf.Tensor,
+  width: tf.Tensor,
+  scale: Sequence[float] = CROP_SCALE,
+  ratio: Sequence[float] = CROP_RATIO,
+) -> tf.Tensor:
   """torchvision's RandomResizedCrop.get_params: [top, left, crop_height, crop_width].
 
   Up to 10 tries of (area fraction ~ U(scale), log-aspect ~ U(log ratio)), rounded half to
@@ -50,7 +54,8 @@ def crop_window(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
   crop at the aspect ratio clamped into `ratio`.
   """
   area_seed, aspect_seed, top_seed, left_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 4))
+    tf.random.experimental.stateless_split(seed, 4)
+  )
   h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   target_area = h_f * w_f * _uniform(area_seed, [CROP_TRIES], scale[0], scale[1])
   aspect = tf.exp(_uniform(aspect_seed, [CROP_TRIES], math.log(ratio[0]), math.log(ratio[1])))
@@ -63,8 +68,9 @@ def crop_window(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
   top = tf.cast(tf.floor(_uniform(top_seed) * tf.cast(height - h + 1, tf.float32)), tf.int32)
   left = tf.cast(tf.floor(_uniform(left_seed) * tf.cast(width - w + 1, tf.float32)), tf.int32)
   sampled = tf.stack([tf.minimum(top, height - h), tf.minimum(left, width - w), h, w])
-  return tf.cond(tf.reduce_any(fits), lambda: sampled,
-                 lambda: _central_crop_window(height, width, ratio))
+  return tf.cond(
+    tf.reduce_any(fits), lambda: sampled, lambda: _central_crop_window(height, width, ratio)
+  )
 
 
 def _central_crop_window(height, width, ratio):
@@ -81,9 +87,10 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
   """Any of JPEG, PNG, GIF, BMP to uint8 RGB [H, W, 3] (JPEG with libjpeg's accurate DCT, as
   PIL)."""
   image = tf.cond(
-      tf.io.is_jpeg(encoded),
-      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method='INTEGER_ACCURATE'),
-      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+    tf.io.is_jpeg(encoded),
+    lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method='INTEGER_ACCURATE'),
+    lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+  )
   image.set_shape([None, None, 3])
   return image
 
@@ -99,19 +106,20 @@ def resize(image: tf.Tensor, size: Sequence[int] | tf.Tensor) -> tf.Tensor:
 
 def _crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
   top, left, height, width = tf.unstack(window)
-  return image[top:top + height, left:left + width]
+  return image[top : top + height, left : left + width]
 
 
-def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int,
-                        scale: Sequence[float] = CROP_SCALE) -> tf.Tensor:
+def random_resized_crop(
+  encoded: tf.Tensor, seed: tf.Tensor, size: int, scale: Sequence[float] = CROP_SCALE
+) -> tf.Tensor:
   """RandomResizedCrop(size, scale, ratio=(3/4, 4/3)) of an encoded image, uint8, for a
   single view: a JPEG is decoded only inside the crop window (fused decode-and-crop, its
   size read from the header); other formats are decoded whole, then cropped."""
+
   def jpeg():
     shape = tf.image.extract_jpeg_shape(encoded)
     window = crop_window(seed, shape[0], shape[1], scale)
-    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3,
-                                         dct_method='INTEGER_ACCURATE')
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method='INTEGER_ACCURATE')
 
   def other():
     image = decode(encoded)
@@ -122,8 +130,9 @@ def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int,
   return resize(crop, [size, size])
 
 
-def random_resized_crop_decoded(image: tf.Tensor, seed: tf.Tensor, size: int,
-                                scale: Sequence[float] = CROP_SCALE) -> tf.Tensor:
+def random_resized_crop_decoded(
+  image: tf.Tensor, seed: tf.Tensor, size: int, scale: Sequence[float] = CROP_SCALE
+) -> tf.Tensor:
   """RandomResizedCrop of an already decoded uint8 image: two views of one image decode it
   once (on ImageNet-sized JPEGs one full decode costs about what one fused crop-decode does)."""
   shape = tf.shape(image)
@@ -134,20 +143,36 @@ def random_resized_crop_decoded(image: tf.Tensor, seed: tf.Tensor, size: int,
 # Colour parameters: sampled here, applied on the accelerator by `msf_jax.data.color`.
 
 
-def strong_color_params(seed: tf.Tensor, brightness: float = 0.4, contrast: float = 0.4,
-                        saturation: float = 0.4, hue: float = 0.1) -> tf.Tensor:
+def strong_color_params(
+  seed: tf.Tensor,
+  brightness: float = 0.4,
+  contrast: float = 0.4,
+  saturation: float = 0.4,
+  hue: float = 0.1,
+) -> tf.Tensor:
   """[12] parameters (layout `color.PARAM_SLICES`) of the strong view's colour ops:
   p=0.8 ColorJitter (factors as torchvision samples them, a uniform random order of the four
   ops), p=0.2 grayscale, p=0.5 blur with sigma ~ U[0.1, 2]."""
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 9))
-  factors = [_uniform(seeds[1], (), max(0.0, 1 - brightness), 1 + brightness),
-             _uniform(seeds[2], (), max(0.0, 1 - contrast), 1 + contrast),
-             _uniform(seeds[3], (), max(0.0, 1 - saturation), 1 + saturation),
-             _uniform(seeds[4], (), -hue, hue)]
+  factors = [
+    _uniform(seeds[1], (), max(0.0, 1 - brightness), 1 + brightness),
+    _uniform(seeds[2], (), max(0.0, 1 - contrast), 1 + contrast),
+    _uniform(seeds[3], (), max(0.0, 1 - saturation), 1 + saturation),
+    _uniform(seeds[4], (), -hue, hue),
+  ]
   order = tf.cast(tf.argsort(_uniform(seeds[5], [4])), tf.float32)  # uniform permutation
   flag = lambda s, p: tf.cast(_coin(s, p), tf.float32)[None]
-  return tf.concat([flag(seeds[0], 0.8), tf.stack(factors), order, flag(seeds[6], 0.2),
-                    flag(seeds[7], 0.5), _uniform(seeds[8], [1], *color.BLUR_SIGMA)], axis=0)
+  return tf.concat(
+    [
+      flag(seeds[0], 0.8),
+      tf.stack(factors),
+      order,
+      flag(seeds[6], 0.2),
+      flag(seeds[7], 0.5),
+      _uniform(seeds[8], [1], *color.BLUR_SIGMA),
+    ],
+    axis=0,
+  )
 
 
 # The weak view's: every colour op off.
@@ -169,28 +194,45 @@ def _cropped_flipped(image, seed, size, crop_scale, random_flip):
   return flip(crop, flip_seed) if random_flip else crop
 
 
-def weak_view(image: tf.Tensor, seed: tf.Tensor, size: int,
-              crop_scale: Sequence[float] = CROP_SCALE, random_flip: bool = True
-              ) -> tuple[tf.Tensor, tf.Tensor]:
+def weak_view(
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  size: int,
+  crop_scale: Sequence[float] = CROP_SCALE,
+  random_flip: bool = True,
+) -> tuple[tf.Tensor, tf.Tensor]:
   """RandomResizedCrop(scale=(0.2, 1)) -> flip, of a decoded uint8 image: (uint8 view,
   colour parameters that switch every colour op off)."""
-  return (_cropped_flipped(image, seed, size, crop_scale, random_flip),
-          tf.constant(WEAK_COLOR_PARAMS, tf.float32))
+  return (
+    _cropped_flipped(image, seed, size, crop_scale, random_flip),
+    tf.constant(WEAK_COLOR_PARAMS, tf.float32),
+  )
 
 
-def strong_view(image: tf.Tensor, seed: tf.Tensor, size: int,
-                crop_scale: Sequence[float] = CROP_SCALE, random_flip: bool = True
-                ) -> tuple[tf.Tensor, tf.Tensor]:
+def strong_view(
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  size: int,
+  crop_scale: Sequence[float] = CROP_SCALE,
+  random_flip: bool = True,
+) -> tuple[tf.Tensor, tf.Tensor]:
   """RandomResizedCrop -> flip, and the parameters of the colour ops the accelerator applies
   after (p0.8 ColorJitter -> p0.2 grayscale -> p0.5 blur)."""
   crop_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  return (_cropped_flipped(image, crop_seed, size, crop_scale, random_flip),
-          strong_color_params(color_seed))
+  return (
+    _cropped_flipped(image, crop_seed, size, crop_scale, random_flip),
+    strong_color_params(color_seed),
+  )
 
 
-def two_views(encoded: tf.Tensor, seed: tf.Tensor, size: int, pairing: str = 'w/s',
-              crop_scale: Sequence[float] = CROP_SCALE, random_flip: bool = True
-              ) -> dict[str, tf.Tensor]:
+def two_views(
+  encoded: tf.Tensor,
+  seed: tf.Tensor,
+  size: int,
+  pairing: str = 'w/s',
+  crop_scale: Sequence[float] = CROP_SCALE,
+  random_flip: bool = True,
+) -> dict[str, tf.Tensor]:
   """Two independent crops of one image: {'target', 'online'} uint8 and their colour
   parameters {'target_color', 'online_color'}, to finish with `color.finish_views`.
   `pairing` names the target's and the online view's pipelines ('w/s': the paper's);
@@ -204,12 +246,17 @@ def two_views(encoded: tf.Tensor, seed: tf.Tensor, size: int, pairing: str = 'w/
   image = decode(encoded)
   target_image, target_color = views[target](image, target_seed, size, crop_scale, random_flip)
   online_image, online_color = views[online](image, online_seed, size, crop_scale, random_flip)
-  return {'target': target_image, 'target_color': target_color,
-          'online': online_image, 'online_color': online_color}
+  return {
+    'target': target_image,
+    'target_color': target_color,
+    'online': online_image,
+    'online_color': online_color,
+  }
 
 
-def probe_view(encoded: tf.Tensor, seed: tf.Tensor, size: int,
-               scale: Sequence[float] = PROBE_CROP_SCALE) -> tf.Tensor:
+def probe_view(
+  encoded: tf.Tensor, seed: tf.Tensor, size: int, scale: Sequence[float] = PROBE_CROP_SCALE
+) -> tf.Tensor:
   """The linear probe's train view: RandomResizedCrop(size, scale) -> flip, uint8. The
   probe's step normalizes it on the chip (`color.normalize`): the probe's stream is a
   per-step hot path too, and uint8 is a quarter of the bytes."""
@@ -230,6 +277,6 @@ def center_crop_view(encoded: tf.Tensor, size: int) -> tf.Tensor:
   image = resize(image, new_shape)
   # CenterCrop: offsets round((n - size) / 2), half to even as Python's round.
   offsets = tf.cast(tf.round(tf.cast(new_shape - size, tf.float32) / 2.0), tf.int32)
-  image = image[offsets[0]:offsets[0] + size, offsets[1]:offsets[1] + size]
+  image = image[offsets[0] : offsets[0] + size, offsets[1] : offsets[1] + size]
   image.set_shape([size, size, 3])
   return image

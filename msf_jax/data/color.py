@@ -28,8 +28,14 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert('L')
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_PASSES = 3
 # [jitter?, brightness, contrast, saturation, hue, order (4 op indices), grey?, blur?, sigma]
-PARAM_SLICES = {'jitter': slice(0, 1), 'factors': slice(1, 5), 'order': slice(5, 9),
-                'gray': slice(9, 10), 'blur': slice(10, 11), 'sigma': slice(11, 12)}
+PARAM_SLICES = {
+  'jitter': slice(0, 1),
+  'factors': slice(1, 5),
+  'order': slice(5, 9),
+  'gray': slice(9, 10),
+  'blur': slice(10, 11),
+  'sigma': slice(11, 12),
+}
 NUM_PARAMS = 12
 
 
@@ -74,9 +80,11 @@ def _rgb_to_hsv(images):
   delta = value - jnp.min(images, axis=-1)
   safe_delta = jnp.where(delta > 0, delta, 1.0)
   saturation = jnp.where(value > 0, delta / jnp.where(value > 0, value, 1.0), 0.0)
-  hue = jnp.where(value == red, (green - blue) / safe_delta,
-                  jnp.where(value == green, 2.0 + (blue - red) / safe_delta,
-                            4.0 + (red - green) / safe_delta))
+  hue = jnp.where(
+    value == red,
+    (green - blue) / safe_delta,
+    jnp.where(value == green, 2.0 + (blue - red) / safe_delta, 4.0 + (red - green) / safe_delta),
+  )
   hue = jnp.where(delta > 0, jnp.mod(hue / 6.0, 1.0), 0.0)
   return hue, saturation, value
 
@@ -86,6 +94,7 @@ def _hsv_to_rgb(hue, saturation, value):
   def channel(n):
     k = jnp.mod(n + hue * 6.0, 6.0)
     return value - value * saturation * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
   return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], axis=-1)
 
 
@@ -106,8 +115,7 @@ def color_jitter(images: jax.Array, factors: jax.Array, order: jax.Array) -> jax
     chosen = order[:, position]
     result = images
     for index, op in enumerate(JITTER_OPS):
-      result = jnp.where(_per_image(chosen == index, images), op(images, factors[:, index]),
-                         result)
+      result = jnp.where(_per_image(chosen == index, images), op(images, factors[:, index]), result)
     images = result
   return images
 
@@ -141,13 +149,18 @@ def _box_pass(images: jax.Array, kernels: jax.Array, axis: int) -> jax.Array:
   pad[axis] = (half_width, half_width)
   padded = jnp.pad(images, pad, mode='edge')
   size = images.shape[axis]
-  return functools.reduce(operator.add, (
+  return functools.reduce(
+    operator.add,
+    (
       _per_image(kernels[:, tap], images) * jax.lax.slice_in_dim(padded, tap, tap + size, axis=axis)
-      for tap in range(kernels.shape[1])))
+      for tap in range(kernels.shape[1])
+    ),
+  )
 
 
-def gaussian_blur(images: jax.Array, sigma: jax.Array, max_sigma: float = BLUR_SIGMA[1]
-                  ) -> jax.Array:
+def gaussian_blur(
+  images: jax.Array, sigma: jax.Array, max_sigma: float = BLUR_SIGMA[1]
+) -> jax.Array:
   """PIL's ImageFilter.GaussianBlur(radius=sigma) of [B, H, W, C] images, sigma [B]: three
   box passes along the width, then three along the height, edges replicated each pass."""
   half_width = math.floor(pil_box_radius(max_sigma, math.sqrt, math.floor)) + 1
@@ -190,10 +203,12 @@ def finish_views(batch: dict[str, jax.Array], pairing: str = 'w/s') -> dict[str,
   normalized float32, and 'target_order' where the target views come shuffled.
   `pairing` (target/online, as the pipeline's) lets weak views skip the colour ops, whose
   parameters would switch them all off anyway."""
-  finished: dict[str, jax.Array] = {key: batch[key] for key in ('label', 'target_order')
-                                     if key in batch}
+  finished: dict[str, jax.Array] = {
+    key: batch[key] for key in ('label', 'target_order') if key in batch
+  }
   for key, kind in zip(('target', 'online'), pairing.split('/'), strict=True):
     images = batch[key]
-    finished[key] = (apply_view_colors(images, batch[f'{key}_color']) if kind == 's'
-                     else normalize(images))
+    finished[key] = (
+      apply_view_colors(images, batch[f'{key}_color']) if kind == 's' else normalize(images)
+    )
   return finished

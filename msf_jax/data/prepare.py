@@ -32,35 +32,51 @@ def command(name: str, data_dir: str) -> str:
 
 
 def missing_archives(name: str, manual_dir: str) -> list[str]:
-  return [archive for archive in MANUAL_ARCHIVES.get(name.split(':')[0].split('/')[0], ())
-          if not tf.io.gfile.exists(os.path.join(manual_dir, archive))]
+  return [
+    archive
+    for archive in MANUAL_ARCHIVES.get(name.split(':')[0].split('/')[0], ())
+    if not tf.io.gfile.exists(os.path.join(manual_dir, archive))
+  ]
 
 
-def prepare(name: str, data_dir: str, manual_dir: str | None = None,
-            file_format: str = 'array_record') -> dict[str, int]:
+def prepare(
+  name: str, data_dir: str, manual_dir: str | None = None, file_format: str = 'array_record'
+) -> dict[str, int]:
   """Downloads (or reads from `manual_dir`) and writes the dataset's files in `file_format`;
   returns {split: number of examples}."""
   import tensorflow_datasets as tfds
+
   manual_dir = manual_dir or os.path.join(data_dir, 'downloads', 'manual')
   if missing := missing_archives(name, manual_dir):
-    raise FileNotFoundError(f'Missing in {manual_dir}: {", ".join(missing)}. {name} has no '
-                            'public download: get the archives from its site (ImageNet: '
-                            'image-net.org, after registering) and copy them there unopened.')
+    raise FileNotFoundError(
+      f'Missing in {manual_dir}: {", ".join(missing)}. {name} has no '
+      'public download: get the archives from its site (ImageNet: '
+      'image-net.org, after registering) and copy them there unopened.'
+    )
   builder = tfds.builder(name, data_dir=data_dir, file_format=file_format)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return {split: info.num_examples for split, info in builder.info.splits.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m msf_jax.data.prepare', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog='python -m msf_jax.data.prepare',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument('name', help='TFDS name, e.g. imagenet2012 or cifar10')
   parser.add_argument('--data_dir', required=True, help='a local folder or gs:// path')
-  parser.add_argument('--manual_dir', default=None,
-                      help='where manual archives are (default DATA_DIR/downloads/manual)')
-  parser.add_argument('--file_format', default='array_record', choices=FILE_FORMATS,
-                      help='array_record (default): read by index, a fresh order every epoch')
+  parser.add_argument(
+    '--manual_dir',
+    default=None,
+    help='where manual archives are (default DATA_DIR/downloads/manual)',
+  )
+  parser.add_argument(
+    '--file_format',
+    default='array_record',
+    choices=FILE_FORMATS,
+    help='array_record (default): read by index, a fresh order every epoch',
+  )
   args = parser.parse_args(argv)
   try:
     splits = prepare(args.name, args.data_dir, args.manual_dir, args.file_format)

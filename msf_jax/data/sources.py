@@ -35,6 +35,7 @@ class DatasetNotFoundError(FileNotFoundError):
 class Split:
   """`name_at`, where a source can tell, names the example at a position of a read, so that
   an image that cannot be decoded is reported by its file, not only counted."""
+
   name: str
   num_examples: int
   num_classes: int
@@ -42,8 +43,9 @@ class Split:
   name_at: Namer | None = None
 
 
-def _order(num_examples: int, process_index: int, process_count: int,
-           shuffle_seed: tf.Tensor | None) -> tf.Tensor:
+def _order(
+  num_examples: int, process_index: int, process_count: int, shuffle_seed: tf.Tensor | None
+) -> tf.Tensor:
   """The indices a process reads: a seeded permutation (or the stored order), of which
   process p takes every process_count-th, from position p."""
   indices = tf.range(num_examples, dtype=tf.int64)
@@ -54,10 +56,13 @@ def _order(num_examples: int, process_index: int, process_count: int,
 
 def _indexed_reader(num_examples: int, lookup: Callable[[tf.Tensor], dict]) -> Reader:
   """A reader for random-access sources. Starting late skips indices, not reads."""
+
   def read(process_index, process_count, shuffle_seed, start=0):
     indices = _order(num_examples, process_index, process_count, shuffle_seed)[start:]
     return tf.data.Dataset.from_tensor_slices(indices).map(
-        lookup, num_parallel_calls=tf.data.AUTOTUNE)
+      lookup, num_parallel_calls=tf.data.AUTOTUNE
+    )
+
   return read
 
 
@@ -65,6 +70,7 @@ def _indexed_namer(num_examples: int, name_of_index: Callable[[int], str]) -> Na
   def name_at(process_index, process_count, shuffle_seed, position):
     order = _order(num_examples, process_index, process_count, shuffle_seed)
     return name_of_index(int(order[position]))
+
   return name_at
 
 
@@ -73,6 +79,7 @@ def _indexed_namer(num_examples: int, name_of_index: Callable[[int], str]) -> Na
 
 def _encode_png(image: np.ndarray) -> bytes:
   from PIL import Image
+
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format='PNG')
   return buffer.getvalue()
@@ -84,6 +91,7 @@ def digits(split: str, image_size: int = 32) -> Split:
   fixed permutation (seed 0): the first 1,437 images are 'train', the other 360 'test'."""
   from PIL import Image
   from sklearn.datasets import load_digits
+
   data = load_digits()
   order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(data.images))
   chosen = {'train': order[:DIGITS_TRAIN_EXAMPLES], 'test': order[DIGITS_TRAIN_EXAMPLES:]}
@@ -99,8 +107,13 @@ def digits(split: str, image_size: int = 32) -> Split:
   label_table = tf.constant(np.asarray(labels, np.int32))
   lookup = lambda i: {'image': tf.gather(images, i), 'label': tf.gather(label_table, i)}
   names = [f'digits/{split}[{i}]' for i in range(len(encoded))]
-  return Split(f'digits/{split}', len(encoded), 10, _indexed_reader(len(encoded), lookup),
-               _indexed_namer(len(names), names.__getitem__))
+  return Split(
+    f'digits/{split}',
+    len(encoded),
+    10,
+    _indexed_reader(len(encoded), lookup),
+    _indexed_namer(len(names), names.__getitem__),
+  )
 
 
 # --- Image folders --------------------------------------------------------------------------
@@ -111,22 +124,33 @@ def _images_by_class(split_dir: str) -> dict[str, list[str]]:
   warning (an empty folder is no class)."""
   if not tf.io.gfile.isdir(split_dir):
     raise DatasetNotFoundError(
-        f'No folder {split_dir}: an image-folder dataset needs <root>/<split>/<class>/<image>.')
+      f'No folder {split_dir}: an image-folder dataset needs <root>/<split>/<class>/<image>.'
+    )
   images = {}
-  for name in sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
-                     if tf.io.gfile.isdir(os.path.join(split_dir, d))):
-    files = sorted(f for f in tf.io.gfile.listdir(os.path.join(split_dir, name))
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+  for name in sorted(
+    d.rstrip('/')
+    for d in tf.io.gfile.listdir(split_dir)
+    if tf.io.gfile.isdir(os.path.join(split_dir, d))
+  ):
+    files = sorted(
+      f
+      for f in tf.io.gfile.listdir(os.path.join(split_dir, name))
+      if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if files:
       images[name] = [os.path.join(split_dir, name, f) for f in files]
     else:
-      logging.warning('Skipping the class folder %s: it holds no %s image.',
-                      os.path.join(split_dir, name), '/'.join(IMAGE_EXTENSIONS))
+      logging.warning(
+        'Skipping the class folder %s: it holds no %s image.',
+        os.path.join(split_dir, name),
+        '/'.join(IMAGE_EXTENSIONS),
+      )
   return images
 
 
-def image_folder(root: str, split: str, classes: Sequence[str] | None = None,
-                 class_split: str = 'train') -> Split:
+def image_folder(
+  root: str, split: str, classes: Sequence[str] | None = None, class_split: str = 'train'
+) -> Split:
   """`root/<split>/<class>/<image>` (JPEG or PNG). Labels index `classes`, by default the
   sorted non-empty class folders of `class_split` (the split's own where there is no such
   folder), so that every split of a dataset numbers its classes alike, whichever of them it
@@ -141,33 +165,43 @@ def image_folder(root: str, split: str, classes: Sequence[str] | None = None,
   unknown = sorted(set(images) - set(classes))
   if unknown:
     raise DatasetNotFoundError(
-        f'{os.path.join(split_dir, unknown[0])} is a class that {root}/{class_split} does not '
-        f'have ({len(unknown)} such folders: {", ".join(unknown[:5])}): labels would not '
-        'match between splits. Add it to the training split, remove it, or give the class list.')
+      f'{os.path.join(split_dir, unknown[0])} is a class that {root}/{class_split} does not '
+      f'have ({len(unknown)} such folders: {", ".join(unknown[:5])}): labels would not '
+      'match between splits. Add it to the training split, remove it, or give the class list.'
+    )
   paths, labels = [], []
   for label, name in enumerate(classes):
     paths += images.get(name, [])
     labels += [label] * len(images.get(name, []))
   if not paths:
     raise DatasetNotFoundError(
-        f'The split {split_dir} has no {"/".join(IMAGE_EXTENSIONS)} images in class folders.')
+      f'The split {split_dir} has no {"/".join(IMAGE_EXTENSIONS)} images in class folders.'
+    )
   path_table, label_table = tf.constant(paths), tf.constant(np.asarray(labels, np.int32))
-  lookup = lambda i: {'image': tf.io.read_file(tf.gather(path_table, i)),
-                      'label': tf.gather(label_table, i)}
-  return Split(f'{root}/{split}', len(paths), len(classes), _indexed_reader(len(paths), lookup),
-               _indexed_namer(len(paths), paths.__getitem__))
+  lookup = lambda i: {
+    'image': tf.io.read_file(tf.gather(path_table, i)),
+    'label': tf.gather(label_table, i),
+  }
+  return Split(
+    f'{root}/{split}',
+    len(paths),
+    len(classes),
+    _indexed_reader(len(paths), lookup),
+    _indexed_namer(len(paths), paths.__getitem__),
+  )
 
 
 # --- TFDS -----------------------------------------------------------------------------------
 
 _MANUAL_DOWNLOADS = {
-    'imagenet2012': (
-        'ImageNet needs a manual download. Get ILSVRC2012_img_train.tar and '
-        'ILSVRC2012_img_val.tar from https://image-net.org (an account is required), put them '
-        'in {data_dir}/downloads/manual/, then build the TFDS files once with\n'
-        '  {command}\n'
-        '(about 150 GB of disk). On a TPU VM, build once and copy {data_dir} to a gs:// '
-        'bucket, then set config.data.data_dir to it.'),
+  'imagenet2012': (
+    'ImageNet needs a manual download. Get ILSVRC2012_img_train.tar and '
+    'ILSVRC2012_img_val.tar from https://image-net.org (an account is required), put them '
+    'in {data_dir}/downloads/manual/, then build the TFDS files once with\n'
+    '  {command}\n'
+    '(about 150 GB of disk). On a TPU VM, build once and copy {data_dir} to a gs:// '
+    'bucket, then set config.data.data_dir to it.'
+  ),
 }
 # TFRecord files have no index: a training epoch reads this many files at once, one record
 # from each in turn, through a seeded shuffle buffer (as the Flax ImageNet example does).
@@ -178,13 +212,13 @@ TFRECORD_SHUFFLE_BUFFER = 10_000
 def _int_seed(shuffle_seed: tf.Tensor) -> tf.Tensor:
   """One int64 drawn from a [2] stateless seed, for tf.data ops that take a scalar seed. Both
   seed elements count: `stateless_fold_in` varies only the second with the epoch."""
-  return tf.random.stateless_uniform([], shuffle_seed, minval=0, maxval=2**31 - 1,
-                                     dtype=tf.int64)
+  return tf.random.stateless_uniform([], shuffle_seed, minval=0, maxval=2**31 - 1, dtype=tf.int64)
 
 
 def _tfds_random_access_reader(source, num_examples: int) -> Reader:
   """Reads an `array_record` split by index, in the order of `_order`: every epoch is a
   fresh permutation of the whole split, as a PyTorch DataLoader with shuffle=True reads."""
+
   def fetch(index):
     example = source[int(index)]
     return example['image'], np.int32(example['label'])
@@ -203,6 +237,7 @@ def _tfds_sequential_reader(builder, split: str, shuffle_buffer: int) -> Reader:
   of the seed alone, different every epoch, yet not a full permutation (images stored close
   together tend to stay close). Starting late reads and drops the records before `start`."""
   import tensorflow_datasets as tfds
+
   features = builder.info.features
   decoders = {'image': tfds.decode.SkipDecoding()}
 
@@ -211,24 +246,41 @@ def _tfds_sequential_reader(builder, split: str, shuffle_buffer: int) -> Reader:
     return {'image': example['image'], 'label': tf.cast(example['label'], tf.int32)}
 
   def read(process_index, process_count, shuffle_seed, start=0):
-    share = tfds.split_for_jax_process(split, process_index=process_index,
-                                       process_count=process_count)
+    share = tfds.split_for_jax_process(
+      split, process_index=process_index, process_count=process_count
+    )
     if shuffle_seed is None:
-      ds = builder.as_dataset(split=share, shuffle_files=False, decoders=decoders,
-                              read_config=tfds.ReadConfig(interleave_cycle_length=1))
-      return ds.map(lambda x: {'image': x['image'],
-                               'label': tf.cast(x['label'], tf.int32)}).skip(start)
+      ds = builder.as_dataset(
+        split=share,
+        shuffle_files=False,
+        decoders=decoders,
+        read_config=tfds.ReadConfig(interleave_cycle_length=1),
+      )
+      return ds.map(lambda x: {'image': x['image'], 'label': tf.cast(x['label'], tf.int32)}).skip(
+        start
+      )
     files = builder.info.splits[share].file_instructions
     order = tf.random.experimental.stateless_shuffle(tf.range(len(files)), shuffle_seed)
-    chosen = tuple(tf.gather(tf.constant(values, dtype), order) for values, dtype in
-                   (([f.filename for f in files], tf.string),
-                    ([f.skip for f in files], tf.int64), ([f.take for f in files], tf.int64)))
+    chosen = tuple(
+      tf.gather(tf.constant(values, dtype), order)
+      for values, dtype in (
+        ([f.filename for f in files], tf.string),
+        ([f.skip for f in files], tf.int64),
+        ([f.take for f in files], tf.int64),
+      )
+    )
     records = tf.data.Dataset.from_tensor_slices(chosen).interleave(
-        lambda name, skip, count: tf.data.TFRecordDataset(name).skip(skip).take(count),
-        cycle_length=min(TFRECORD_CYCLE_LENGTH, len(files)), block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return (records.shuffle(shuffle_buffer, seed=_int_seed(shuffle_seed))
-            .skip(start).map(parse, num_parallel_calls=tf.data.AUTOTUNE))
+      lambda name, skip, count: tf.data.TFRecordDataset(name).skip(skip).take(count),
+      cycle_length=min(TFRECORD_CYCLE_LENGTH, len(files)),
+      block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
+    return (
+      records.shuffle(shuffle_buffer, seed=_int_seed(shuffle_seed))
+      .skip(start)
+      .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    )
 
   return read
 
@@ -237,6 +289,7 @@ def _random_access_source(builder, split: str):
   """The split's random-access data source, or None where its files are TFRecord (read in
   sequence only). Raises what TFDS raises for a dataset that is not prepared."""
   import tensorflow_datasets as tfds
+
   try:
     return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
   except NotImplementedError:
@@ -244,8 +297,9 @@ def _random_access_source(builder, split: str):
     return None
 
 
-def tfds_split(name: str, split: str, data_dir: str | None = None,
-               shuffle_buffer: int = TFRECORD_SHUFFLE_BUFFER) -> Split:
+def tfds_split(
+  name: str, split: str, data_dir: str | None = None, shuffle_buffer: int = TFRECORD_SHUFFLE_BUFFER
+) -> Split:
   """A TFDS image-classification split read as encoded bytes (decoding is the pipeline's).
 
   Stored as `array_record` (`python -m msf_jax.data.prepare`'s default), the split is read
@@ -255,6 +309,7 @@ def tfds_split(name: str, split: str, data_dir: str | None = None,
   `data_dir` is a DatasetNotFoundError saying how to prepare it.
   """
   import tensorflow_datasets as tfds
+
   builder = tfds.builder(name, data_dir=data_dir)
   where = data_dir or tfds.core.constants.DATA_DIR
   try:
@@ -263,16 +318,25 @@ def tfds_split(name: str, split: str, data_dir: str | None = None,
     if builder.info.splits:  # prepared: the split is what is wrong
       raise
     how = _MANUAL_DOWNLOADS.get(name, 'Prepare it once with\n  {command}').format(
-        data_dir=where, command=prepare.command(name, where))
+      data_dir=where, command=prepare.command(name, where)
+    )
     raise DatasetNotFoundError(f'TFDS dataset {name!r} is not prepared in {where}. {how}') from e
   num_classes = builder.info.features['label'].num_classes
   if source is None:
-    return Split(f'{name}/{split}', builder.info.splits[split].num_examples, num_classes,
-                 _tfds_sequential_reader(builder, split, shuffle_buffer))
+    return Split(
+      f'{name}/{split}',
+      builder.info.splits[split].num_examples,
+      num_classes,
+      _tfds_sequential_reader(builder, split, shuffle_buffer),
+    )
   names = lambda index: f'{name}/{split}[{index}]'
-  return Split(f'{name}/{split}', len(source), num_classes,
-               _tfds_random_access_reader(source, len(source)),
-               _indexed_namer(len(source), names))
+  return Split(
+    f'{name}/{split}',
+    len(source),
+    num_classes,
+    _tfds_random_access_reader(source, len(source)),
+    _indexed_namer(len(source), names),
+  )
 
 
 def take(split: Split, num_examples: int) -> Split:
@@ -288,10 +352,12 @@ def take(split: Split, num_examples: int) -> Split:
   def read(process_index, process_count, shuffle_seed, start=0):
     share = -(-(num_examples - process_index) // process_count)
     return split.read(process_index, process_count, shuffle_seed, start).take(
-        tf.maximum(share - tf.cast(start, tf.int64), 0))
+      tf.maximum(share - tf.cast(start, tf.int64), 0)
+    )
 
-  return Split(f'{split.name}[:{num_examples}]', num_examples, split.num_classes, read,
-               split.name_at)
+  return Split(
+    f'{split.name}[:{num_examples}]', num_examples, split.num_classes, read, split.name_at
+  )
 
 
 def build_split(data_config, split: str, image_size: int) -> Split:
@@ -300,9 +366,11 @@ def build_split(data_config, split: str, image_size: int) -> Split:
   if data_config.source == 'digits':
     return digits(split, image_size)
   if data_config.source == 'folder':
-    return image_folder(data_config.root, split,
-                        class_split=data_config.get('train_split', 'train'))
+    return image_folder(
+      data_config.root, split, class_split=data_config.get('train_split', 'train')
+    )
   if data_config.source == 'tfds':
     return tfds_split(data_config.name, split, data_config.get('data_dir') or None)
-  raise ValueError(f'config.data.source must be one of {", ".join(SOURCES)}, got '
-                   f'{data_config.source!r}.')
+  raise ValueError(
+    f'config.data.source must be one of {", ".join(SOURCES)}, got {data_config.source!r}.'
+  )

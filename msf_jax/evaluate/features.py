@@ -31,6 +31,7 @@ SKIPPED_NAMES_KEPT = 5
 class SplitFeatures(NamedTuple):
   """Features of a split and what could not be read: `skipped` images over all processes
   (undecodable files), the first few of them named (from this process's share)."""
+
   features: np.ndarray  # [N, F] float32
   labels: np.ndarray  # [N]
   skipped: int
@@ -50,8 +51,9 @@ def feature_batch_size(batch_size: int, mesh: Mesh) -> int:
   return max(batch_size // mesh.devices.size, 1) * mesh.devices.size
 
 
-def make_feature_step(config: ml_collections.ConfigDict, mesh: Mesh
-                      ) -> Callable[[dict, jax.Array], jax.Array]:
+def make_feature_step(
+  config: ml_collections.ConfigDict, mesh: Mesh
+) -> Callable[[dict, jax.Array], jax.Array]:
   """`forward(variables, images) -> float32 backbone features`, BatchNorm in eval mode,
   jitted over `mesh`: the weights replicated, the images (uint8 views, normalized here on the
   chip) split along the batch. The weights are an argument, not closed over, which jit would
@@ -62,27 +64,37 @@ def make_feature_step(config: ml_collections.ConfigDict, mesh: Mesh
     features = encoder.apply(variables, color.normalize(images), method=encoder.features)
     return cast(jax.Array, features).astype(jnp.float32)  # no `mutable`: the output alone
 
-  return jax.jit(forward, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                 out_shardings=batch_sharded(mesh))
+  return jax.jit(
+    forward, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=batch_sharded(mesh)
+  )
 
 
-def extract_split(variables: dict, split: Split, config: ml_collections.ConfigDict,
-                  mesh: Mesh, batch_size: int = 256) -> SplitFeatures:
+def extract_split(
+  variables: dict,
+  split: Split,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  batch_size: int = 256,
+) -> SplitFeatures:
   """Features and labels of the encoder `variables` ({'params', 'batch_stats'} of an
   Encoder) on the centre-crop views of `split`, BatchNorm in eval mode, and the images that
   could not be decoded. Padding from the last batches is dropped with its mask."""
   batch_size = feature_batch_size(batch_size, mesh)
   forward = make_feature_step(config, mesh)
   variables = put_replicated(variables, mesh)
-  dataset, _ = pipeline.eval_batches(split, global_batch=batch_size,
-                                     image_size=config.image_size)
+  dataset, _ = pipeline.eval_batches(split, global_batch=batch_size, image_size=config.image_size)
   feature_parts, label_parts, positions = [], [], set()
   for host_batch in dataset.as_numpy_iterator():
     positions.update(host_batch.pop('position')[host_batch['mask']].tolist())
     batch = pipeline.to_global(host_batch, mesh)
     gathered = multihost_utils.process_allgather(
-        {'features': forward(variables, batch['image']), 'label': batch['label'],
-         'mask': batch['mask']}, tiled=True)
+      {
+        'features': forward(variables, batch['image']),
+        'label': batch['label'],
+        'mask': batch['mask'],
+      },
+      tiled=True,
+    )
     keep = np.asarray(gathered['mask'])
     feature_parts.append(np.asarray(gathered['features'])[keep])
     label_parts.append(np.asarray(gathered['label'])[keep])
@@ -90,13 +102,22 @@ def extract_split(variables: dict, split: Split, config: ml_collections.ConfigDi
   skipped = split.num_examples - len(labels)
   names = _names_of_gaps(split, positions) if skipped else ()
   if skipped:
-    logging.warning('%d images of %s could not be decoded and were left out, e.g. %s.',
-                    skipped, split.name, ', '.join(names) or 'unnamed')
+    logging.warning(
+      '%d images of %s could not be decoded and were left out, e.g. %s.',
+      skipped,
+      split.name,
+      ', '.join(names) or 'unnamed',
+    )
   return SplitFeatures(features, labels, skipped, names)
 
 
-def extract_features(variables: dict, split: Split, config: ml_collections.ConfigDict,
-                     mesh: Mesh, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+  variables: dict,
+  split: Split,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
   """(features [N, F] float32, labels [N]) of `extract_split`."""
   return extract_split(variables, split, config, mesh, batch_size)[:2]
 
@@ -106,11 +127,21 @@ def fingerprint(variables: dict, split: Split, config: ml_collections.ConfigDict
   the image size, the model settings, the backend (which resolves dtype 'auto') and the
   process count (a `sources.take` subset of TFDS depends on it). Another checkpoint, split
   or view never gets another's features."""
-  digest = hashlib.sha256(json.dumps(
-      {'version': CACHE_VERSION, 'split': split.name, 'num_examples': split.num_examples,
-       'image_size': config.image_size, 'model': config.model.to_dict(),
-       'backend': jax.default_backend(), 'processes': jax.process_count()},
-      sort_keys=True, default=str).encode())
+  digest = hashlib.sha256(
+    json.dumps(
+      {
+        'version': CACHE_VERSION,
+        'split': split.name,
+        'num_examples': split.num_examples,
+        'image_size': config.image_size,
+        'model': config.model.to_dict(),
+        'backend': jax.default_backend(),
+        'processes': jax.process_count(),
+      },
+      sort_keys=True,
+      default=str,
+    ).encode()
+  )
   for path, value in sorted(traverse_util.flatten_dict(jax.device_get(variables)).items()):
     value = np.ascontiguousarray(value)
     digest.update(f'{"/".join(path)}:{value.dtype}:{value.shape}'.encode())
@@ -139,26 +170,42 @@ def _everywhere(found: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(found))))
 
 
-def cache_path(variables: dict, split: Split, config: ml_collections.ConfigDict,
-               cache_dir: str) -> str:
+def cache_path(
+  variables: dict, split: Split, config: ml_collections.ConfigDict, cache_dir: str
+) -> str:
   """Where `cached_features` keeps the features of this encoder on this split."""
   name = re.sub(r'[^\w.-]+', '_', split.name).strip('_')
   return os.path.join(cache_dir, f'features_{name}_{fingerprint(variables, split, config)}.npz')
 
 
-def cached_features(variables: dict, split: Split, config: ml_collections.ConfigDict,
-                    mesh: Mesh, cache_dir: str, batch_size: int = 256) -> SplitFeatures:
+def cached_features(
+  variables: dict,
+  split: Split,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  cache_dir: str,
+  batch_size: int = 256,
+) -> SplitFeatures:
   """`extract_split`, read from `cache_dir` when this encoder's features of this split are
   there (no forward pass), else computed and written there by process 0."""
   path = cache_path(variables, split, config, cache_dir)
   if _everywhere(tf.io.gfile.exists(path)):
     with tf.io.gfile.GFile(path, 'rb') as f, np.load(f) as cached:
-      return SplitFeatures(cached['features'], cached['labels'], int(cached['skipped']),
-                           tuple(str(name) for name in cached['skipped_names']))
+      return SplitFeatures(
+        cached['features'],
+        cached['labels'],
+        int(cached['skipped']),
+        tuple(str(name) for name in cached['skipped_names']),
+      )
   extracted = extract_split(variables, split, config, mesh, batch_size)
   if jax.process_index() == 0:
     buffer = io.BytesIO()
-    np.savez(buffer, features=extracted.features, labels=extracted.labels,
-             skipped=extracted.skipped, skipped_names=np.asarray(extracted.skipped_names, str))
+    np.savez(
+      buffer,
+      features=extracted.features,
+      labels=extracted.labels,
+      skipped=extracted.skipped,
+      skipped_names=np.asarray(extracted.skipped_names, str),
+    )
     write_atomically(path, buffer.getvalue())
   return extracted

@@ -33,15 +33,16 @@ TOP_K = (1, 5)
 Params = Any
 
 
-def standardization(train_features: np.ndarray, rows_per_pass: int = 65536
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def standardization(
+  train_features: np.ndarray, rows_per_pass: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
   """(mean, 1 / sqrt(var + 1e-5)) per dimension of the L2-normalized train features (the
   biased variance), accumulated in float64 over row blocks, so that ImageNet's features are
   never copied whole."""
   total = np.zeros(train_features.shape[1])
   total_sq = np.zeros(train_features.shape[1])
   for start in range(0, len(train_features), rows_per_pass):
-    block = np.asarray(train_features[start:start + rows_per_pass], np.float64)
+    block = np.asarray(train_features[start : start + rows_per_pass], np.float64)
     block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
     total += block.sum(axis=0)
     total_sq += np.square(block).sum(axis=0)
@@ -64,20 +65,29 @@ def init_linear(num_features: int, num_classes: int, seed: int) -> Params:
   return _linear(num_classes).init(jax.random.key(seed), jnp.zeros((1, num_features)))
 
 
-def make_probe_optimizer(steps_per_epoch: int, *, lr: float, momentum: float,
-                         weight_decay: float, milestones: Sequence[int]
-                         ) -> optax.GradientTransformation:
+def make_probe_optimizer(
+  steps_per_epoch: int,
+  *,
+  lr: float,
+  momentum: float,
+  weight_decay: float,
+  milestones: Sequence[int],
+) -> optax.GradientTransformation:
   """torch.optim.SGD(lr, momentum, weight_decay) with MultiStepLR(milestones, 0.1) stepped
   once per epoch: decay added to the gradient (bias included), lr constant within an epoch."""
   if list(milestones) != sorted(set(milestones)) or any(m < 1 for m in milestones):
     raise ValueError(f'milestones must be increasing positive epochs, got {milestones}.')
-  schedule = optax.piecewise_constant_schedule(
-      lr, {m * steps_per_epoch: 0.1 for m in milestones})
+  schedule = optax.piecewise_constant_schedule(lr, {m * steps_per_epoch: 0.1 for m in milestones})
   return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum))
 
 
-def _loss(params: Params, standardized: jax.Array, labels: jax.Array, num_classes: int,
-          mask: jax.Array | None = None) -> jax.Array:
+def _loss(
+  params: Params,
+  standardized: jax.Array,
+  labels: jax.Array,
+  num_classes: int,
+  mask: jax.Array | None = None,
+) -> jax.Array:
   """Mean cross-entropy over the batch (over its `mask`ed rows: a short last batch)."""
   logits = _linear(num_classes).apply(params, standardized)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -102,33 +112,48 @@ def top_k_accuracies(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]
   return {f'top{k}': float(np.mean(rank < k)) for k in TOP_K}
 
 
-def evaluate_linear(params: Params, stats: tuple[np.ndarray, np.ndarray],
-                    features: np.ndarray, labels: np.ndarray, num_classes: int
-                    ) -> dict[str, float]:
+def evaluate_linear(
+  params: Params,
+  stats: tuple[np.ndarray, np.ndarray],
+  features: np.ndarray,
+  labels: np.ndarray,
+  num_classes: int,
+) -> dict[str, float]:
   """Top-1 and top-5 of the probe on (centre-crop) features."""
   logits = jax.jit(lambda p, s, x: _linear(num_classes).apply(p, _standardize(x, s)))(
-      params, stats, jnp.asarray(features))
+    params, stats, jnp.asarray(features)
+  )
   return top_k_accuracies(np.asarray(logits), labels)
 
 
-def _check_features(features: np.ndarray, labels: np.ndarray, num_classes: int, what: str
-                    ) -> None:
+def _check_features(features: np.ndarray, labels: np.ndarray, num_classes: int, what: str) -> None:
   if features.ndim != 2 or labels.shape != (len(features),):
-    raise ValueError(f'{what} features must be [N, F] with labels [N]; got {features.shape} '
-                     f'and {labels.shape}.')
+    raise ValueError(
+      f'{what} features must be [N, F] with labels [N]; got {features.shape} and {labels.shape}.'
+    )
   if len(labels) == 0:
     raise ValueError(f'{what} features are empty.')
   if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f'{what} labels must lie in [0, {num_classes}), got '
-                     f'[{labels.min()}, {labels.max()}].')
+    raise ValueError(
+      f'{what} labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}].'
+    )
 
 
-def linear_probe_on_features(train_features: np.ndarray, train_labels: np.ndarray,
-                             test_features: np.ndarray, test_labels: np.ndarray,
-                             num_classes: int, *, epochs: int = 40, batch_size: int = 256,
-                             lr: float = 0.01, momentum: float = 0.9,
-                             weight_decay: float = 1e-4, milestones: Sequence[int] = (15, 30),
-                             seed: int = 0) -> dict[str, float]:
+def linear_probe_on_features(
+  train_features: np.ndarray,
+  train_labels: np.ndarray,
+  test_features: np.ndarray,
+  test_labels: np.ndarray,
+  num_classes: int,
+  *,
+  epochs: int = 40,
+  batch_size: int = 256,
+  lr: float = 0.01,
+  momentum: float = 0.9,
+  weight_decay: float = 1e-4,
+  milestones: Sequence[int] = (15, 30),
+  seed: int = 0,
+) -> dict[str, float]:
   """{'top1', 'top5'} on the test features of a probe trained on fixed train features.
 
   Each epoch visits the train set in the order of a permutation from (seed, epoch) in batches
@@ -141,21 +166,24 @@ def linear_probe_on_features(train_features: np.ndarray, train_labels: np.ndarra
   stats = standardization(train_features)
   num_train = len(train_features)
   num_batches = -(-num_train // batch_size)
-  optimizer = make_probe_optimizer(num_batches, lr=lr, momentum=momentum,
-                                   weight_decay=weight_decay, milestones=milestones)
+  optimizer = make_probe_optimizer(
+    num_batches, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones
+  )
   params = init_linear(train_features.shape[1], num_classes, seed)
   opt_state = optimizer.init(params)
 
   @jax.jit
   def train_epoch(params, opt_state, standardized, labels, key):
-    order = jnp.pad(jax.random.permutation(key, num_train), (0, num_batches * batch_size -
-                                                                  num_train))
+    order = jnp.pad(
+      jax.random.permutation(key, num_train), (0, num_batches * batch_size - num_train)
+    )
     mask = (jnp.arange(num_batches * batch_size) < num_train).astype(jnp.float32)
 
     def step(carry, batch):
       (params, opt_state), (index, batch_mask) = carry, batch
-      return _sgd_step(params, opt_state, optimizer, standardized[index], labels[index],
-                       num_classes, batch_mask), None
+      return _sgd_step(
+        params, opt_state, optimizer, standardized[index], labels[index], num_classes, batch_mask
+      ), None
 
     batches = (order.reshape(num_batches, batch_size), mask.reshape(num_batches, batch_size))
     return jax.lax.scan(step, (params, opt_state), batches)[0]
@@ -164,36 +192,57 @@ def linear_probe_on_features(train_features: np.ndarray, train_labels: np.ndarra
   labels = jnp.asarray(train_labels, jnp.int32)
   shuffle_key = jax.random.key(seed + 1)
   for epoch in range(epochs):
-    params, opt_state = train_epoch(params, opt_state, standardized, labels,
-                                    jax.random.fold_in(shuffle_key, epoch))
+    params, opt_state = train_epoch(
+      params, opt_state, standardized, labels, jax.random.fold_in(shuffle_key, epoch)
+    )
   return evaluate_linear(params, stats, test_features, test_labels, num_classes)
 
 
-def make_probe_step(config: ml_collections.ConfigDict, mesh: Mesh,
-                    optimizer: optax.GradientTransformation, num_classes: int) -> Callable:
+def make_probe_step(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  optimizer: optax.GradientTransformation,
+  num_classes: int,
+) -> Callable:
   """`step(params, opt_state, backbone, stats, batch) -> (params, opt_state)`: one SGD step of
   the official probe on fresh views through the frozen backbone (BatchNorm in eval mode),
   jitted over `mesh` with the batch split and everything else replicated."""
   encoder, _ = build_networks(config.model)
 
   def train_step(params, opt_state, backbone, stats, batch):
-    features = cast(jax.Array, encoder.apply(backbone, color.normalize(batch['image']),
-                                             method=encoder.features))  # no `mutable`
-    return _sgd_step(params, opt_state, optimizer, _standardize(features, stats),
-                     batch['label'], num_classes)
+    features = cast(
+      jax.Array, encoder.apply(backbone, color.normalize(batch['image']), method=encoder.features)
+    )  # no `mutable`
+    return _sgd_step(
+      params, opt_state, optimizer, _standardize(features, stats), batch['label'], num_classes
+    )
 
-  return jax.jit(train_step, donate_argnums=(0, 1),
-                 in_shardings=(replicated(mesh),) * 4 + (batch_sharded(mesh),),
-                 out_shardings=replicated(mesh))
+  return jax.jit(
+    train_step,
+    donate_argnums=(0, 1),
+    in_shardings=(replicated(mesh),) * 4 + (batch_sharded(mesh),),
+    out_shardings=replicated(mesh),
+  )
 
 
-def linear_probe(variables: dict, config: ml_collections.ConfigDict, mesh: Mesh,
-                 train_split: Split, test_split: Split, *, epochs: int = 40,
-                 batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 1e-4, milestones: Sequence[int] = (15, 30),
-                 seed: int = 0, train_features: np.ndarray | None = None,
-                 test_features: tuple[np.ndarray, np.ndarray] | None = None,
-                 eval_batch_size: int = 256) -> dict[str, float]:
+def linear_probe(
+  variables: dict,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  train_split: Split,
+  test_split: Split,
+  *,
+  epochs: int = 40,
+  batch_size: int = 256,
+  lr: float = 0.01,
+  momentum: float = 0.9,
+  weight_decay: float = 1e-4,
+  milestones: Sequence[int] = (15, 30),
+  seed: int = 0,
+  train_features: np.ndarray | None = None,
+  test_features: tuple[np.ndarray, np.ndarray] | None = None,
+  eval_batch_size: int = 256,
+) -> dict[str, float]:
   """{'top1', 'top5'} of the official linear probe of the Encoder `variables` ({'params',
   'batch_stats'}), BatchNorm in eval mode.
 
@@ -204,8 +253,9 @@ def linear_probe(variables: dict, config: ml_collections.ConfigDict, mesh: Mesh,
   batch split over `mesh`, the layer replicated; `batch_size` is global."""
   devices = mesh.devices.size
   if batch_size % devices:
-    raise ValueError(f'batch_size ({batch_size}) must be a multiple of the {devices} devices '
-                     f'of the mesh.')
+    raise ValueError(
+      f'batch_size ({batch_size}) must be a multiple of the {devices} devices of the mesh.'
+    )
   if train_features is None:
     train_features, _ = extract_features(variables, train_split, config, mesh, eval_batch_size)
   if test_features is None:
@@ -213,16 +263,20 @@ def linear_probe(variables: dict, config: ml_collections.ConfigDict, mesh: Mesh,
   num_classes = train_split.num_classes
   stats = standardization(train_features)
   steps = pipeline.steps_per_epoch(train_split, batch_size)
-  optimizer = make_probe_optimizer(steps, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                   milestones=milestones)
+  optimizer = make_probe_optimizer(
+    steps, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones
+  )
   params = init_linear(train_features.shape[1], num_classes, seed)
   step = make_probe_step(config, mesh, optimizer, num_classes)
   params, opt_state, backbone, device_stats = put_replicated(
-      (params, optimizer.init(params), variables, stats), mesh)
-  stream = pipeline.probe_stream(train_split, global_batch=batch_size,
-                                 image_size=config.image_size, seed=seed)
+    (params, optimizer.init(params), variables, stats), mesh
+  )
+  stream = pipeline.probe_stream(
+    train_split, global_batch=batch_size, image_size=config.image_size, seed=seed
+  )
   for _ in range(epochs * steps):
-    params, opt_state = step(params, opt_state, backbone, device_stats,
-                             pipeline.to_global(next(stream), mesh))
+    params, opt_state = step(
+      params, opt_state, backbone, device_stats, pipeline.to_global(next(stream), mesh)
+    )
   host_params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), params)
   return evaluate_linear(host_params, stats, *test_features, num_classes)

@@ -50,19 +50,24 @@ def _msf_jax_backbone(path: str, encoder: str, step: int | None) -> dict[str, np
   checkpointer = checkpoint.Checkpointer(directory)
   try:
     params, batch_stats = checkpointer.restore_subtrees(
-        step, [(encoder, collection, 'backbone') for collection in ('params', 'batch_stats')])
+      step, [(encoder, collection, 'backbone') for collection in ('params', 'batch_stats')]
+    )
   finally:
     checkpointer.close()
-  tensors = tc.network_to_torch('', {'params': {'backbone': params},
-                                     'batch_stats': {'backbone': batch_stats}}, step)
+  tensors = tc.network_to_torch(
+    '', {'params': {'backbone': params}, 'batch_stats': {'backbone': batch_stats}}, step
+  )
   return tc.state_dict_arrays(tensors, f'The msf_jax checkpoint {path} at step {step}')
 
 
 def _official_backbone(path: str, encoder: str) -> dict[str, np.ndarray]:
   state_dict = tc.official_state_dict(tc.read_torch_file(path), path)
   start = tc.OFFICIAL_PREFIXES[encoder] + '.'
-  return {key[len(start):]: value for key, value in state_dict.items()
-          if key.startswith(start) and not _CLASSIFIER.match(key[len(start):])}
+  return {
+    key[len(start) :]: value
+    for key, value in state_dict.items()
+    if key.startswith(start) and not _CLASSIFIER.match(key[len(start) :])
+  }
 
 
 def _without_classifier(state_dict: dict[str, Any], source: str) -> dict[str, np.ndarray]:
@@ -70,12 +75,18 @@ def _without_classifier(state_dict: dict[str, Any], source: str) -> dict[str, np
   removed."""
   state_dict = state_dict.get('state_dict', state_dict)
   if isinstance(state_dict, dict) and any(
-      key.startswith((tc.ONLINE + '.', 'module.' + tc.ONLINE)) for key in state_dict):
-    raise tc.CheckpointError("This is an official MSF checkpoint (encoder_q.* keys), not a "
-                             "torchvision backbone: use checkpoint_format='official'.")
+    key.startswith((tc.ONLINE + '.', 'module.' + tc.ONLINE)) for key in state_dict
+  ):
+    raise tc.CheckpointError(
+      'This is an official MSF checkpoint (encoder_q.* keys), not a '
+      "torchvision backbone: use checkpoint_format='official'."
+    )
   arrays = tc.state_dict_arrays(state_dict, source)
-  return {re.sub(r'^module\.', '', key): value for key, value in arrays.items()
-          if not _CLASSIFIER.match(re.sub(r'^module\.', '', key))}
+  return {
+    re.sub(r'^module\.', '', key): value
+    for key, value in arrays.items()
+    if not _CLASSIFIER.match(re.sub(r'^module\.', '', key))
+  }
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -88,12 +99,15 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     raise tc.CheckpointError(f'{path} {problem}.') from e
 
 
-def backbone_state_dict(path: str, checkpoint_format: str, encoder: str = 'online',
-                        step: int | None = None) -> dict[str, np.ndarray]:
+def backbone_state_dict(
+  path: str, checkpoint_format: str, encoder: str = 'online', step: int | None = None
+) -> dict[str, np.ndarray]:
   """The torchvision-named numpy tensors of a checkpoint's backbone (no classifier)."""
   if checkpoint_format not in FORMATS[:-1]:
-    raise ConfigError(f'checkpoint_format must be one of {FORMATS}, got {checkpoint_format!r} '
-                     "('random' reads no file).")
+    raise ConfigError(
+      f'checkpoint_format must be one of {FORMATS}, got {checkpoint_format!r} '
+      "('random' reads no file)."
+    )
   if encoder not in ENCODERS:
     raise ConfigError(f"encoder must be 'online' or 'target', got {encoder!r}.")
   if not path or not tf.io.gfile.exists(path):
@@ -101,8 +115,10 @@ def backbone_state_dict(path: str, checkpoint_format: str, encoder: str = 'onlin
   if checkpoint_format == 'msf_jax':
     return _msf_jax_backbone(path, encoder, step)
   if tf.io.gfile.isdir(path):
-    raise tc.CheckpointError(f'{path} is a directory, not a {checkpoint_format} file: use '
-                             "checkpoint_format='msf_jax' for an msf_jax checkpoint directory.")
+    raise tc.CheckpointError(
+      f'{path} is a directory, not a {checkpoint_format} file: use '
+      "checkpoint_format='msf_jax' for an msf_jax checkpoint directory."
+    )
   if checkpoint_format == 'official':
     return _official_backbone(path, encoder)
   if checkpoint_format == 'torchvision':
@@ -114,23 +130,30 @@ def _describe(model: dict[str, Any]) -> str:
   return ', '.join(f'{key}={value}' for key, value in model.items())
 
 
-def check_architecture(state_dict: dict[str, np.ndarray], model_config: ml_collections.ConfigDict,
-                       source: str) -> None:
+def check_architecture(
+  state_dict: dict[str, np.ndarray], model_config: ml_collections.ConfigDict, source: str
+) -> None:
   """Raises a CheckpointError naming the settings to change when the file's ResNet is not the
   one `model_config` describes."""
   found = tc.infer_backbone(state_dict)
-  mismatched = {key: value for key, value in found.items()
-                if key in model_config and model_config[key] != value}
+  mismatched = {
+    key: value for key, value in found.items() if key in model_config and model_config[key] != value
+  }
   if mismatched:
     flags = ' '.join(f'--config.model.{key}={value}' for key, value in mismatched.items())
     wanted = {key: model_config[key] for key in mismatched}
-    raise tc.CheckpointError(f'{source} holds a ResNet with {_describe(found)}, but config.model '
-                             f'says {_describe(wanted)}: run with {flags}.')
+    raise tc.CheckpointError(
+      f'{source} holds a ResNet with {_describe(found)}, but config.model '
+      f'says {_describe(wanted)}: run with {flags}.'
+    )
 
 
-def encoder_from_torchvision(state_dict: dict[str, np.ndarray],
-                             model_config: ml_collections.ConfigDict, image_size: int,
-                             source: str) -> Variables:
+def encoder_from_torchvision(
+  state_dict: dict[str, np.ndarray],
+  model_config: ml_collections.ConfigDict,
+  image_size: int,
+  source: str,
+) -> Variables:
   """Backbone variables of an Encoder from torchvision-named tensors, after checking that the
   architecture matches `model_config` (a missing or extra key is an error too)."""
   check_architecture(state_dict, model_config, source)
@@ -138,14 +161,14 @@ def encoder_from_torchvision(state_dict: dict[str, np.ndarray],
   return tc.network_from_torch('', state_dict, backbone_only(template))
 
 
-def random_encoder(model_config: ml_collections.ConfigDict, image_size: int,
-                   seed: int) -> Variables:
+def random_encoder(
+  model_config: ml_collections.ConfigDict, image_size: int, seed: int
+) -> Variables:
   """Backbone variables of a freshly initialized Encoder (torchvision init) from `seed`."""
   return backbone_only(init_encoder(model_config, image_size, jax.random.key(seed)))
 
 
-def trained_model_config(path: str, step: int | None = None
-                         ) -> ml_collections.ConfigDict | None:
+def trained_model_config(path: str, step: int | None = None) -> ml_collections.ConfigDict | None:
   """The model section of the config an msf_jax checkpoint was trained with (saved beside
   it), or None for a checkpoint that has none (written before configs were kept)."""
   directory = checkpoint.find_checkpoint_directory(path)
@@ -157,8 +180,7 @@ def trained_model_config(path: str, step: int | None = None
   return ml_collections.ConfigDict(saved['model']) if saved and 'model' in saved else None
 
 
-def load_encoder(config: ml_collections.ConfigDict
-                 ) -> tuple[Variables, ml_collections.ConfigDict]:
+def load_encoder(config: ml_collections.ConfigDict) -> tuple[Variables, ml_collections.ConfigDict]:
   """(backbone variables, model config) of the encoder `config` names: config.checkpoint in
   config.checkpoint_format, config.encoder ('online' or 'target') and, for msf_jax
   checkpoints, config.step (None: the latest). An msf_jax checkpoint brings its own model
@@ -172,9 +194,11 @@ def load_encoder(config: ml_collections.ConfigDict
       model_config = trained
   if config.checkpoint_format == 'random':
     return random_encoder(model_config, config.image_size, config.seed), model_config
-  state_dict = backbone_state_dict(config.checkpoint, config.checkpoint_format,
-                                   config.encoder, config.get('step'))
+  state_dict = backbone_state_dict(
+    config.checkpoint, config.checkpoint_format, config.encoder, config.get('step')
+  )
   source = f'The {config.checkpoint_format} checkpoint {config.checkpoint}'
-  return (encoder_from_torchvision(state_dict, model_config, config.image_size, source),
-          model_config)
-
+  return (
+    encoder_from_torchvision(state_dict, model_config, config.image_size, source),
+    model_config,
+  )

@@ -29,9 +29,13 @@ ONLINE, TARGET, PREDICTOR = 'encoder_q', 'encoder_t', 'predict_q'
 # MSFState's networks and their official prefixes.
 OFFICIAL_PREFIXES = {'online': ONLINE, 'target': TARGET, 'predictor': PREDICTOR}
 SAFETENSORS_EXTENSION = '.safetensors'
-_LEAF_TO_TORCH = {('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
-                  ('params', 'kernel'): 'weight', ('batch_stats', 'mean'): 'running_mean',
-                  ('batch_stats', 'var'): 'running_var'}
+_LEAF_TO_TORCH = {
+  ('params', 'scale'): 'weight',
+  ('params', 'bias'): 'bias',
+  ('params', 'kernel'): 'weight',
+  ('batch_stats', 'mean'): 'running_mean',
+  ('batch_stats', 'var'): 'running_var',
+}
 
 
 def _import_torch():
@@ -39,8 +43,9 @@ def _import_torch():
     import torch
   except ImportError as e:
     raise ImportError(
-        'Reading or writing PyTorch checkpoints needs torch, an optional dependency of '
-        'msf_jax.interop: pip install torch') from e
+      'Reading or writing PyTorch checkpoints needs torch, an optional dependency of '
+      'msf_jax.interop: pip install torch'
+    ) from e
   return torch
 
 
@@ -54,8 +59,10 @@ def _check_torch_header(path: str) -> None:
   if not start:
     raise CheckpointError(f'{path} is empty: not a checkpoint (an interrupted copy?).')
   if not start.startswith(_TORCH_FILE_STARTS):
-    raise CheckpointError(f'{path} is not a PyTorch file: it is neither the zip archive that '
-                          'torch.save writes nor a pickle.')
+    raise CheckpointError(
+      f'{path} is not a PyTorch file: it is neither the zip archive that '
+      'torch.save writes nor a pickle.'
+    )
 
 
 def read_torch_file(path: str) -> dict[str, Any]:
@@ -72,15 +79,18 @@ def read_torch_file(path: str) -> dict[str, Any]:
       loaded = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     raise CheckpointError(
-        f'Refusing to load {path}: it pickles objects other than tensors, plain containers '
-        f'and argparse.Namespace, and unpickling them could run code from the file. Re-save '
-        f'its state_dict alone if you trust it. PyTorch said: {str(e).splitlines()[0]}') from e
+      f'Refusing to load {path}: it pickles objects other than tensors, plain containers '
+      f'and argparse.Namespace, and unpickling them could run code from the file. Re-save '
+      f'its state_dict alone if you trust it. PyTorch said: {str(e).splitlines()[0]}'
+    ) from e
   except (EOFError, RuntimeError, KeyError, ValueError) as e:
-    raise CheckpointError(f'{path} is a damaged PyTorch file ({type(e).__name__}: '
-                          f'{str(e).strip()[:200]}).') from e
+    raise CheckpointError(
+      f'{path} is a damaged PyTorch file ({type(e).__name__}: {str(e).strip()[:200]}).'
+    ) from e
   if not isinstance(loaded, dict):  # weights_only unpickles no other mapping
-    raise CheckpointError(f'{path} holds a {type(loaded).__name__}, not a state dict (a dict '
-                          'of tensors).')
+    raise CheckpointError(
+      f'{path} holds a {type(loaded).__name__}, not a state dict (a dict of tensors).'
+    )
   return loaded
 
 
@@ -88,8 +98,9 @@ def state_dict_arrays(state_dict: Any, source: str) -> dict[str, np.ndarray]:
   """numpy arrays of a state dict (torch tensors or arrays), checked: a dict of tensors with
   finite floating-point values, or a CheckpointError naming the offending keys."""
   if not isinstance(state_dict, Mapping):
-    raise CheckpointError(f'{source}: the state dict is a {type(state_dict).__name__}, not a '
-                          'dict of tensors.')
+    raise CheckpointError(
+      f'{source}: the state dict is a {type(state_dict).__name__}, not a dict of tensors.'
+    )
   arrays, not_tensors = {}, []
   for key, value in state_dict.items():
     if hasattr(value, 'detach'):
@@ -99,25 +110,34 @@ def state_dict_arrays(state_dict: Any, source: str) -> dict[str, np.ndarray]:
     else:
       not_tensors.append(f'{key} ({type(value).__name__})')
   if not_tensors:
-    raise CheckpointError(f'{source}: {len(not_tensors)} entries are not tensors: '
-                          f'{", ".join(not_tensors[:5])}.')
-  not_finite = [key for key, value in arrays.items()
-                if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
+    raise CheckpointError(
+      f'{source}: {len(not_tensors)} entries are not tensors: {", ".join(not_tensors[:5])}.'
+    )
+  not_finite = [
+    key
+    for key, value in arrays.items()
+    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()
+  ]
   if not_finite:
-    raise CheckpointError(f'{source} has NaN or infinite weights in {len(not_finite)} tensors '
-                          f'({", ".join(not_finite[:5])}): the training that wrote it diverged.')
+    raise CheckpointError(
+      f'{source} has NaN or infinite weights in {len(not_finite)} tensors '
+      f'({", ".join(not_finite[:5])}): the training that wrote it diverged.'
+    )
   return arrays
 
 
-def official_state_dict(checkpoint: Mapping[str, Any], source: str = 'The checkpoint'
-                        ) -> dict[str, np.ndarray]:
+def official_state_dict(
+  checkpoint: Mapping[str, Any], source: str = 'The checkpoint'
+) -> dict[str, np.ndarray]:
   """The numpy `state_dict` of an official checkpoint, with DataParallel's `module.` removed."""
   state_dict = checkpoint.get('state_dict', checkpoint)
   if not isinstance(state_dict, Mapping) or (
-      'queue' not in state_dict and 'module.queue' not in state_dict):
+    'queue' not in state_dict and 'module.queue' not in state_dict
+  ):
     raise CheckpointError(
-        'Not an MSF checkpoint: no memory bank (`queue`) in its state_dict. Expected the keys '
-        'encoder_q.*, encoder_t.*, predict_q.*, queue, labels, queue_ptr.')
+      'Not an MSF checkpoint: no memory bank (`queue`) in its state_dict. Expected the keys '
+      'encoder_q.*, encoder_t.*, predict_q.*, queue, labels, queue_ptr.'
+    )
   arrays = state_dict_arrays(state_dict, source)
   return {re.sub(r'(^|\.)module\.', r'\1', key): value for key, value in arrays.items()}
 
@@ -127,13 +147,20 @@ def infer_backbone(state_dict: Mapping[str, np.ndarray], prefix: str = '') -> di
   with `prefix` ('' for a bare torchvision state dict), read from its keys and shapes."""
   start = f'{prefix}.' if prefix else ''
   if f'{start}conv1.weight' not in state_dict:
-    raise CheckpointError(f'Not a ResNet state dict: no {start}conv1.weight among its keys '
-                          f'(first keys: {sorted(state_dict)[:4]}).')
-  blocks = [len({k[len(start):].split('.')[1] for k in state_dict
-                 if k.startswith(f'{start}layer{i}.')}) for i in range(1, 5)]
+    raise CheckpointError(
+      f'Not a ResNet state dict: no {start}conv1.weight among its keys '
+      f'(first keys: {sorted(state_dict)[:4]}).'
+    )
+  blocks = [
+    len({k[len(start) :].split('.')[1] for k in state_dict if k.startswith(f'{start}layer{i}.')})
+    for i in range(1, 5)
+  ]
   bottleneck = f'{start}layer1.0.conv3.weight' in state_dict
-  depths = [d for d, sizes in STAGE_SIZES.items()
-            if tuple(blocks) == sizes and (d in BOTTLENECK_DEPTHS) == bottleneck]
+  depths = [
+    d
+    for d, sizes in STAGE_SIZES.items()
+    if tuple(blocks) == sizes and (d in BOTTLENECK_DEPTHS) == bottleneck
+  ]
   if not depths:
     raise CheckpointError(f'Unknown ResNet: blocks per stage {blocks}, bottleneck={bottleneck}.')
   conv1 = state_dict[f'{start}conv1.weight']  # [O, I, H, W]
@@ -146,8 +173,9 @@ def infer_model(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return {**infer_backbone(state_dict, ONLINE), 'bank_size': int(state_dict['queue'].shape[0])}
 
 
-def config_for_checkpoint(config: ml_collections.ConfigDict,
-                          state_dict: Mapping[str, np.ndarray]) -> ml_collections.ConfigDict:
+def config_for_checkpoint(
+  config: ml_collections.ConfigDict, state_dict: Mapping[str, np.ndarray]
+) -> ml_collections.ConfigDict:
   """A copy of `config` whose architecture and bank size are those of the checkpoint."""
   model = infer_model(state_dict)
   config = config.copy_and_resolve_references()
@@ -182,8 +210,9 @@ def _from_torch_layout(value: np.ndarray) -> np.ndarray:
   return value.T if value.ndim == 2 else value
 
 
-def network_to_torch(prefix: str, variables: Variables,
-                     num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+def network_to_torch(
+  prefix: str, variables: Variables, num_batches_tracked: int = 0
+) -> dict[str, np.ndarray]:
   """Torch-named numpy tensors of one network's {'params', 'batch_stats'} (prefix '' gives
   bare torchvision names)."""
   out = {}
@@ -192,12 +221,14 @@ def network_to_torch(prefix: str, variables: Variables,
       out[_torch_key(prefix, collection, path)] = _to_torch_layout(np.asarray(value))
   for key in [k for k in out if k.endswith('.running_mean')]:
     out[key.replace('.running_mean', '.num_batches_tracked')] = np.asarray(
-        num_batches_tracked, np.int64)
+      num_batches_tracked, np.int64
+    )
   return out
 
 
-def network_from_torch(prefix: str, state_dict: Mapping[str, np.ndarray],
-                       template: Variables) -> Variables:
+def network_from_torch(
+  prefix: str, state_dict: Mapping[str, np.ndarray], template: Variables
+) -> Variables:
   """One network's {'params', 'batch_stats'} in the shapes and dtypes of `template` (arrays
   or jax.ShapeDtypeStruct), filled from torch-named tensors.
 
@@ -214,28 +245,37 @@ def network_from_torch(prefix: str, state_dict: Mapping[str, np.ndarray],
         raise CheckpointError(f'Missing {key!r} in the checkpoint.')
       value = _from_torch_layout(state_dict[key])
       if value.shape != template.shape:
-        raise CheckpointError(f'{key!r} has shape {value.shape}, the model wants '
-                              f'{template.shape}: check the architecture in the config.')
+        raise CheckpointError(
+          f'{key!r} has shape {value.shape}, the model wants '
+          f'{template.shape}: check the architecture in the config.'
+        )
       flat[path] = jnp.asarray(value, template.dtype)
       used.add(key)
     return traverse_util.unflatten_dict(flat)
 
   filled = {collection: fill(collection, tree) for collection, tree in template.items()}
   start = f'{prefix}.' if prefix else ''
-  unused = sorted(k for k in state_dict if k.startswith(start) and k not in used
-                  and not k.endswith('num_batches_tracked'))
+  unused = sorted(
+    k
+    for k in state_dict
+    if k.startswith(start) and k not in used and not k.endswith('num_batches_tracked')
+  )
   if unused:
-    raise CheckpointError(f'Keys of {prefix or "the network"} the model has no place for: '
-                          f'{unused[:8]}')
+    raise CheckpointError(
+      f'Keys of {prefix or "the network"} the model has no place for: {unused[:8]}'
+    )
   return filled
 
 
-def networks_from_official(state_dict: Mapping[str, np.ndarray],
-                           templates: Mapping[str, Variables]) -> dict[str, Variables]:
+def networks_from_official(
+  state_dict: Mapping[str, np.ndarray], templates: Mapping[str, Variables]
+) -> dict[str, Variables]:
   """{'online', 'target', 'predictor'}: each network's variables, strictly checked against
   its template (a missing, misshapen or unused key is a CheckpointError)."""
-  return {name: network_from_torch(OFFICIAL_PREFIXES[name], state_dict, template)
-          for name, template in templates.items()}
+  return {
+    name: network_from_torch(OFFICIAL_PREFIXES[name], state_dict, template)
+    for name, template in templates.items()
+  }
 
 
 def state_from_official(state_dict: Mapping[str, np.ndarray], template: MSFState) -> MSFState:
@@ -245,13 +285,18 @@ def state_from_official(state_dict: Mapping[str, np.ndarray], template: MSFState
   in another format; a loaded state starts with fresh momentum buffers).
   """
   networks = networks_from_official(
-      state_dict, {name: getattr(template, name) for name in OFFICIAL_PREFIXES})
+    state_dict, {name: getattr(template, name) for name in OFFICIAL_PREFIXES}
+  )
   if state_dict['queue'].shape != template.bank.embeddings.shape:
-    raise CheckpointError(f'The bank is {state_dict["queue"].shape}, the config wants '
-                          f'{template.bank.embeddings.shape}: set config.msf.bank_size.')
-  bank = MemoryBank(jnp.asarray(state_dict['queue'], template.bank.embeddings.dtype),
-                    jnp.asarray(state_dict['labels'], jnp.int32),
-                    jnp.asarray(state_dict['queue_ptr'].reshape(()), jnp.int32))
+    raise CheckpointError(
+      f'The bank is {state_dict["queue"].shape}, the config wants '
+      f'{template.bank.embeddings.shape}: set config.msf.bank_size.'
+    )
+  bank = MemoryBank(
+    jnp.asarray(state_dict['queue'], template.bank.embeddings.dtype),
+    jnp.asarray(state_dict['labels'], jnp.int32),
+    jnp.asarray(state_dict['queue_ptr'].reshape(()), jnp.int32),
+  )
   return template.replace(**networks, bank=bank)
 
 
@@ -286,14 +331,16 @@ def save_backbone(tensors: Mapping[str, np.ndarray], path: str) -> None:
   torch needed, no pickle), as a torch .pth state dict otherwise."""
   if path.endswith(SAFETENSORS_EXTENSION):
     # np.require, not np.ascontiguousarray, which makes a scalar (num_batches_tracked) [1].
-    safetensors.numpy.save_file({k: np.require(v, requirements='C') for k, v in tensors.items()},
-                                path)
+    safetensors.numpy.save_file(
+      {k: np.require(v, requirements='C') for k, v in tensors.items()}, path
+    )
   else:
     save_torch_file(tensors, path)
 
 
-def load_official_checkpoint(path: str, config: ml_collections.ConfigDict,
-                             rng: jax.Array) -> tuple[MSFState, ml_collections.ConfigDict]:
+def load_official_checkpoint(
+  path: str, config: ml_collections.ConfigDict, rng: jax.Array
+) -> tuple[MSFState, ml_collections.ConfigDict]:
   """An MSFState from an official checkpoint file, and `config` adapted to its architecture."""
   state_dict = official_state_dict(read_torch_file(path), path)
   config = config_for_checkpoint(config, state_dict)

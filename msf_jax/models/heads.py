@@ -18,6 +18,7 @@ class MLPHead(nn.Module):
   product would turn each direction by up to 2^-9 (the two heads' last layers are 0.2% of
   ResNet-50's FLOPs).
   """
+
   hidden_dim: int
   out_dim: int
   dtype: Any | None = None
@@ -27,7 +28,10 @@ class MLPHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = TorchDense(self.hidden_dim, self.dtype, self.param_dtype, name='fc_0')(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, groups=self.groups,
-                          name='fc_1')(x, train))
+    x = nn.relu(
+      BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, groups=self.groups, name='fc_1')(
+        x, train
+      )
+    )
     last_dtype = None if self.dtype is None else jnp.promote_types(self.dtype, jnp.float32)
     return TorchDense(self.out_dim, last_dtype, self.param_dtype, name='fc_3')(x)

@@ -28,6 +28,7 @@ def torch_dense_bias_init(fan_in: int) -> nn.initializers.Initializer:
 
 class TorchDense(nn.Module):
   """A Dense layer initialised as torch.nn.Linear (kernel and bias both U(+-1/sqrt(fan_in)))."""
+
   features: int
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -54,6 +55,7 @@ class BatchGroups:
   axis, and an all-gather would move every device's sums to every device), in two passes
   (mean, then squared deviations) as a single device computes them.
   """
+
   size: int = 0
   axis_name: str | None = None
   devices: int = 1
@@ -78,6 +80,7 @@ class BatchNorm(nn.Module):
   statistics are those of the first group, as `nn.DataParallel` keeps the updates of its
   first replica only; the unbiased variance counts that group's values.
   """
+
   momentum: float = 0.1  # PyTorch's convention: weight of the new batch statistics.
   epsilon: float = 1e-5
   dtype: Dtype | None = None
@@ -90,8 +93,11 @@ class BatchNorm(nn.Module):
     if self.groups.devices == 1:
       return x.mean(axes, keepdims=True)
     count = self.groups.devices * (x.size // (x.shape[0] * x.shape[-1]))
-    total = jax.lax.psum(x.sum(axes, keepdims=True), self.groups.axis_name,
-                         axis_index_groups=self.groups.device_groups())
+    total = jax.lax.psum(
+      x.sum(axes, keepdims=True),
+      self.groups.axis_name,
+      axis_index_groups=self.groups.device_groups(),
+    )
     return total / count
 
   @nn.compact
@@ -116,10 +122,12 @@ class BatchNorm(nn.Module):
       count = self.groups.devices * (grouped[0].size // features)
       first_mean, first_var = mean[0].reshape(features), var[0].reshape(features)
       unbiased_var = first_var * (count / max(count - 1, 1))
-      running_mean.value = ((1 - self.momentum) * running_mean.value +
-                            self.momentum * first_mean).astype(running_mean.value.dtype)
-      running_var.value = ((1 - self.momentum) * running_var.value +
-                           self.momentum * unbiased_var).astype(running_var.value.dtype)
+      running_mean.value = (
+        (1 - self.momentum) * running_mean.value + self.momentum * first_mean
+      ).astype(running_mean.value.dtype)
+      running_var.value = (
+        (1 - self.momentum) * running_var.value + self.momentum * unbiased_var
+      ).astype(running_var.value.dtype)
     y = normalize(grouped, mean, var).reshape(x.shape)
     return y.astype(self.dtype or x.dtype)
 
@@ -128,8 +136,13 @@ def _pool_windows(x: jax.Array) -> jax.Array:
   """The 9 strided views [9, B, H', W', C] of 3x3 windows at stride 2, padded with -inf."""
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
   height, width = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
-  return jnp.stack([padded[:, i:i + 2 * height - 1:2, j:j + 2 * width - 1:2]
-                    for i in range(3) for j in range(3)])
+  return jnp.stack(
+    [
+      padded[:, i : i + 2 * height - 1 : 2, j : j + 2 * width - 1 : 2]
+      for i in range(3)
+      for j in range(3)
+    ]
+  )
 
 
 @jax.custom_vjp
@@ -156,8 +169,9 @@ def _max_pool_bwd(residuals, grad):
   height, width = grad.shape[1], grad.shape[2]
   for position in range(9):
     i, j = divmod(position, 3)
-    padded = padded.at[:, i:i + 2 * height - 1:2, j:j + 2 * width - 1:2].add(
-        jnp.where(argmax == position, grad, 0))
+    padded = padded.at[:, i : i + 2 * height - 1 : 2, j : j + 2 * width - 1 : 2].add(
+      jnp.where(argmax == position, grad, 0)
+    )
   return (padded[:, 1:-1, 1:-1],)
 
 

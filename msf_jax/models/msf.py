@@ -17,6 +17,7 @@ Variables = dict[str, Any]  # {'params': ..., 'batch_stats': ...} of one network
 
 class Encoder(nn.Module):
   """Backbone followed by the projection MLP; `backbone` alone gives evaluation features."""
+
   depth: int = 50
   small_stem: bool = False
   width: int = 64
@@ -26,8 +27,9 @@ class Encoder(nn.Module):
 
   def setup(self):
     dim = feature_dim(self.depth, self.width)
-    self.backbone = ResNet(self.depth, self.small_stem, self.width, self.dtype, self.param_dtype,
-                           self.groups)
+    self.backbone = ResNet(
+      self.depth, self.small_stem, self.width, self.dtype, self.param_dtype, self.groups
+    )
     self.projector = MLPHead(2 * dim, dim // 4, self.dtype, self.param_dtype, self.groups)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -58,8 +60,9 @@ def parse_dtype(name: str | None) -> Any:
   return None if name in (None, '', 'none') else jnp.dtype(name)
 
 
-def build_networks(model_config: ml_collections.ConfigDict, groups: BatchGroups = WHOLE_BATCH
-                   ) -> tuple[Encoder, MLPHead]:
+def build_networks(
+  model_config: ml_collections.ConfigDict, groups: BatchGroups = WHOLE_BATCH
+) -> tuple[Encoder, MLPHead]:
   """The encoder (shared architecture of online and target) and the predictor of a config,
   their BatchNorms over `groups` (the train step's: `msf_jax.train.batch_groups`)."""
   dtype = parse_dtype(model_config.dtype)
@@ -67,8 +70,9 @@ def build_networks(model_config: ml_collections.ConfigDict, groups: BatchGroups 
   compute = None if dtype == jnp.float32 else dtype
   param_dtype = parse_dtype(model_config.param_dtype)
   dim = feature_dim(model_config.depth, model_config.width)
-  encoder = Encoder(model_config.depth, model_config.small_stem, model_config.width, compute,
-                    param_dtype, groups)
+  encoder = Encoder(
+    model_config.depth, model_config.small_stem, model_config.width, compute, param_dtype, groups
+  )
   predictor = MLPHead(2 * dim, dim // 4, compute, param_dtype, groups)
   return encoder, predictor
 
@@ -78,8 +82,9 @@ def projection_dim(model_config: ml_collections.ConfigDict) -> int:
   return feature_dim(model_config.depth, model_config.width) // 4
 
 
-def init_encoder(model_config: ml_collections.ConfigDict, image_size: int,
-                 rng: jax.Array) -> Variables:
+def init_encoder(
+  model_config: ml_collections.ConfigDict, image_size: int, rng: jax.Array
+) -> Variables:
   """{'params', 'batch_stats'} of a freshly initialized Encoder (torchvision's init); under
   `jax.eval_shape`, their shapes and dtypes without any computation."""
   encoder, _ = build_networks(model_config)
@@ -90,8 +95,7 @@ def init_encoder(model_config: ml_collections.ConfigDict, image_size: int,
 def init_predictor(model_config: ml_collections.ConfigDict, rng: jax.Array) -> Variables:
   """{'params', 'batch_stats'} of a freshly initialized predictor."""
   _, predictor = build_networks(model_config)
-  projections = jnp.zeros((1, projection_dim(model_config)),
-                          parse_dtype(model_config.param_dtype))
+  projections = jnp.zeros((1, projection_dim(model_config)), parse_dtype(model_config.param_dtype))
   return cast(Variables, predictor.init(rng, projections, train=False))
 
 

@@ -15,8 +15,13 @@ from msf_jax.models.layers import BatchGroups, BatchNorm, conv_kernel_init, max_
 
 Dtype = Any
 
-STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
-               152: (3, 8, 36, 3)}
+STAGE_SIZES = {
+  18: (2, 2, 2, 2),
+  34: (3, 4, 6, 3),
+  50: (3, 4, 6, 3),
+  101: (3, 4, 23, 3),
+  152: (3, 8, 36, 3),
+}
 BOTTLENECK_DEPTHS = frozenset({50, 101, 152})
 
 
@@ -29,14 +34,23 @@ def feature_dim(depth: int, width: int = 64) -> int:
 def _conv(features: int, kernel: int, stride: int, name: str, dtype, param_dtype) -> nn.Conv:
   # Explicit symmetric padding as in PyTorch; 'SAME' pads asymmetrically at stride 2.
   pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=conv_kernel_init, dtype=dtype, param_dtype=param_dtype, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=conv_kernel_init,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
 
 
 class ResidualBlock(nn.Module):
   """torchvision's BasicBlock (3x3, 3x3) or, with `bottleneck`, its Bottleneck (1x1, 3x3
   carrying the stride, 1x1 to 4x the width), plus the projection shortcut when needed."""
+
   planes: int
   stride: int
   downsample: bool
@@ -48,8 +62,9 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype,
-                             groups=self.groups)
+    norm = functools.partial(
+      BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype, groups=self.groups
+    )
     p, s = self.planes, self.stride
     layers = ((1, p, 1), (3, p, s), (1, 4 * p, 1)) if self.bottleneck else ((3, p, s), (3, p, 1))
     y = x
@@ -70,6 +85,7 @@ class ResNet(nn.Module):
   `width` is the first stage's channel count (torchvision: 64); narrower nets suit CPU demos.
   `groups`: the images each BatchNorm normalizes together (`BatchGroups`).
   """
+
   depth: int = 50
   small_stem: bool = False
   width: int = 64
@@ -88,8 +104,11 @@ class ResNet(nn.Module):
       x = _conv(self.width, 3, 1, 'conv1', self.dtype, self.param_dtype)(x)
     else:
       x = _conv(self.width, 7, 2, 'conv1', self.dtype, self.param_dtype)(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, groups=self.groups,
-                          name='bn1')(x, train))
+    x = nn.relu(
+      BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, groups=self.groups, name='bn1')(
+        x, train
+      )
+    )
     if not self.small_stem:
       x = max_pool_3x3_s2(x)
     in_planes = self.width
@@ -98,8 +117,15 @@ class ResNet(nn.Module):
       for index in range(num_blocks):
         stride = 2 if stage > 0 and index == 0 else 1
         out_planes = planes * expansion
-        x = ResidualBlock(planes, stride, downsample=stride != 1 or in_planes != out_planes,
-                          bottleneck=bottleneck, dtype=self.dtype, param_dtype=self.param_dtype,
-                          groups=self.groups, name=f'layer{stage + 1}_{index}')(x, train)
+        x = ResidualBlock(
+          planes,
+          stride,
+          downsample=stride != 1 or in_planes != out_planes,
+          bottleneck=bottleneck,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          groups=self.groups,
+          name=f'layer{stage + 1}_{index}',
+        )(x, train)
         in_planes = out_planes
     return jnp.mean(x, axis=(1, 2))

@@ -31,25 +31,35 @@ from msf_jax.data.sources import DatasetNotFoundError  # noqa: E402
 from msf_jax.plan import planner, slices  # noqa: E402
 from msf_jax.plan.compiled import GIB  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(  # required=True: its value typed a str, not None
-    'topology', None, 'Slice: an accelerator type (v5e-64, v5litepod-16, v4-32, v5p-8, '
-    'v6e-8), a compiler topology (v5e:2x2) or cpu:N (XLA host devices, no libtpu).',
-    required=True)
+  'topology',
+  None,
+  'Slice: an accelerator type (v5e-64, v5litepod-16, v4-32, v5p-8, '
+  'v6e-8), a compiler topology (v5e:2x2) or cpu:N (XLA host devices, no libtpu).',
+  required=True,
+)
 _JSON = flags.DEFINE_string('json', None, 'Also write the plan to this JSON file.')
 _CACHE_DIR = flags.DEFINE_string(
-    'cache_dir', os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
-                              'msf_jax', 'plans'), "Plans already made; '' turns it off.")
-_PROGRAMS = flags.DEFINE_list('programs', list(planner.PROGRAMS),
-                              f'Which programs to compile: {", ".join(planner.PROGRAMS)}.')
+  'cache_dir',
+  os.path.join(
+    os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'msf_jax', 'plans'
+  ),
+  "Plans already made; '' turns it off.",
+)
+_PROGRAMS = flags.DEFINE_list(
+  'programs', list(planner.PROGRAMS), f'Which programs to compile: {", ".join(planner.PROGRAMS)}.'
+)
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
-    'train_examples', None, 'Train images (known for imagenet2012; read from the data '
-    'otherwise).')
+  'train_examples', None, 'Train images (known for imagenet2012; read from the data otherwise).'
+)
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'Classes, for the linear probe.')
 _INPUT_RATE = flags.DEFINE_float(
-    'input_samples_per_core', None, 'Two-view samples/s one host core makes '
-    '(benchmarks/input_benchmark.py); default: the 224 px figure in benchmarks/RESULTS.md.')
+  'input_samples_per_core',
+  None,
+  'Two-view samples/s one host core makes '
+  '(benchmarks/input_benchmark.py); default: the 224 px figure in benchmarks/RESULTS.md.',
+)
 flags.mark_flag_as_required('config')
 
 FLAGS_HINT = 'python -m msf_jax.plan --helpshort lists the flags.'
@@ -78,9 +88,16 @@ def _version(package: str) -> str:
 
 def cache_key(config_json: str, arguments: dict) -> str:
   """A plan's identity: the config, the planner's arguments, JAX, libtpu and msf_jax's code."""
-  identity = json.dumps({'config': config_json, 'arguments': arguments,
-                         'jax': _version('jax'), 'libtpu': _version('libtpu'),
-                         'code': _code_digest()}, sort_keys=True)
+  identity = json.dumps(
+    {
+      'config': config_json,
+      'arguments': arguments,
+      'jax': _version('jax'),
+      'libtpu': _version('libtpu'),
+      'code': _code_digest(),
+    },
+    sort_keys=True,
+  )
   return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
@@ -92,55 +109,76 @@ def render(plan: dict) -> str:
   """The plan as a person reads it: one column a program, then the run's figures."""
   tpu_slice, config = plan['slice'], plan['config']
   generation = tpu_slice['generation']
-  lines = [f"Plan for {tpu_slice['name']} (topology {tpu_slice['topology']}: "
-           f"{tpu_slice['chips']} chips, {tpu_slice['hosts']} host(s)), ResNet-"
-           f"{config['depth']} at {config['image_size']} px in {config['dtype']}, global batch "
-           f"{config['batch_size']}, bank {config['bank_size']:,} rows "
-           f"({config.get('bank_layout', 'replicated')})."]
+  lines = [
+    f'Plan for {tpu_slice["name"]} (topology {tpu_slice["topology"]}: '
+    f'{tpu_slice["chips"]} chips, {tpu_slice["hosts"]} host(s)), ResNet-'
+    f'{config["depth"]} at {config["image_size"]} px in {config["dtype"]}, global batch '
+    f'{config["batch_size"]}, bank {config["bank_size"]:,} rows '
+    f'({config.get("bank_layout", "replicated")}).'
+  ]
   programs = list(plan['programs'].values())
   row = lambda label, cells: f'  {label:<28}' + ''.join(f'{c:>20}' for c in cells)
   lines.append(row('per chip', [p['name'] for p in programs]))
   for kind in ('state', 'batch', 'other_arguments', 'outputs', 'temporaries', 'code', 'total'):
-    lines.append(row(f'  {kind.replace("_", " ")} GiB',
-                     [f"{p['memory'][kind] / GIB:.3f}" for p in programs]))
+    lines.append(
+      row(f'  {kind.replace("_", " ")} GiB', [f'{p["memory"][kind] / GIB:.3f}' for p in programs])
+    )
   if generation:
-    lines.append(row('  HBM GiB', [f"{generation['hbm_gib']:.1f}"] * len(programs)))
-  lines.append(row('GFLOP an image (XLA)', [
-      'not compiled' if math.isnan(p['flops_per_image']) else f"{p['flops_per_image'] / 1e9:.2f}"
-      for p in programs]))
-  lines.append(row('GFLOP an image (architecture)',
-                   [f"{p['architecture_flops_per_image'] / 1e9:.2f}" for p in programs]))
-  lines += [f"    {p['name']}: XLA counts a loop's body once ({p['while_loops']} while "
-            "loop(s) in it)" for p in programs if p.get('while_loops')]
-  lines.append(row('collectives a step', [_megabytes(sum(p['collectives'].values()))
-                                          for p in programs]))
+    lines.append(row('  HBM GiB', [f'{generation["hbm_gib"]:.1f}'] * len(programs)))
+  lines.append(
+    row(
+      'GFLOP an image (XLA)',
+      [
+        'not compiled' if math.isnan(p['flops_per_image']) else f'{p["flops_per_image"] / 1e9:.2f}'
+        for p in programs
+      ],
+    )
+  )
+  lines.append(
+    row(
+      'GFLOP an image (architecture)',
+      [f'{p["architecture_flops_per_image"] / 1e9:.2f}' for p in programs],
+    )
+  )
+  lines += [
+    f"    {p['name']}: XLA counts a loop's body once ({p['while_loops']} while loop(s) in it)"
+    for p in programs
+    if p.get('while_loops')
+  ]
+  lines.append(
+    row('collectives a step', [_megabytes(sum(p['collectives'].values())) for p in programs])
+  )
   for p in programs:
     if p['collectives']:
-      lines.append(f"    {p['name']}: " + ', '.join(
-          f'{op} {_megabytes(size)}' for op, size in sorted(p['collectives'].items())))
+      lines.append(
+        f'    {p["name"]}: '
+        + ', '.join(f'{op} {_megabytes(size)}' for op, size in sorted(p['collectives'].items()))
+      )
     for op, counts in sorted(p.get('collective_counts', {}).items()):
-      dtypes = ', '.join(f'{dtype} {_megabytes(size)}' for dtype, size in sorted(counts.items())
-                         if dtype != 'count')
-      lines.append(f"      {counts['count']} {op}: {dtypes}")
-  lines.append(row('compile seconds', [f"{p['compile_seconds']:.0f}" for p in programs]))
+      dtypes = ', '.join(
+        f'{dtype} {_megabytes(size)}' for dtype, size in sorted(counts.items()) if dtype != 'count'
+      )
+      lines.append(f'      {counts["count"]} {op}: {dtypes}')
+  lines.append(row('compile seconds', [f'{p["compile_seconds"]:.0f}' for p in programs]))
   if plan['fits'] is not None:
     lines.append('Fits: ' + ('yes' if plan['fits'] else 'no'))
   if run := plan.get('run'):
     lines += [
-        f"Step time >= {run['step_seconds'] * 1e3:.2f} ms, the larger of compute "
-        f"({run['compute_seconds'] * 1e3:.2f} ms at {generation['peak_bf16_tflops']} TFLOP/s) and "
-        f"the arguments read once ({run['arguments_seconds'] * 1e3:.2f} ms at "
-        f"{generation['hbm_gb_per_s']} GB/s a chip): at most {run['images_per_second']:,.0f} "
-        f"images/s. With XLA's bytes accessed as the traffic "
-        f"({run['xla_traffic_seconds'] * 1e3:.1f} ms), "
-        f"{run['pessimistic_images_per_second']:,.0f} images/s.",
-        f"Host feed: {run['images_per_second_per_host']:,.0f} two-view images/s a host = "
-        f"{run['host_cores_needed']:.1f} cores at {run['input_samples_per_core']:.0f} a core, "
-        f"of the host's {tpu_slice['host_vcpus']} vCPUs.",
-        f"Whole run ({config['num_epochs']} epochs, {run['total_steps']:,} steps): at least "
-        f"{run['hours']:,.1f} hours, {run['chip_hours']:,.0f} chip-hours (at XLA's traffic "
-        f"{run['pessimistic_hours']:,.1f} hours).",
-        f"Chip figures: {generation['source']}."]
+      f'Step time >= {run["step_seconds"] * 1e3:.2f} ms, the larger of compute '
+      f'({run["compute_seconds"] * 1e3:.2f} ms at {generation["peak_bf16_tflops"]} TFLOP/s) and '
+      f'the arguments read once ({run["arguments_seconds"] * 1e3:.2f} ms at '
+      f'{generation["hbm_gb_per_s"]} GB/s a chip): at most {run["images_per_second"]:,.0f} '
+      f"images/s. With XLA's bytes accessed as the traffic "
+      f'({run["xla_traffic_seconds"] * 1e3:.1f} ms), '
+      f'{run["pessimistic_images_per_second"]:,.0f} images/s.',
+      f'Host feed: {run["images_per_second_per_host"]:,.0f} two-view images/s a host = '
+      f'{run["host_cores_needed"]:.1f} cores at {run["input_samples_per_core"]:.0f} a core, '
+      f"of the host's {tpu_slice['host_vcpus']} vCPUs.",
+      f'Whole run ({config["num_epochs"]} epochs, {run["total_steps"]:,} steps): at least '
+      f"{run['hours']:,.1f} hours, {run['chip_hours']:,.0f} chip-hours (at XLA's traffic "
+      f'{run["pessimistic_hours"]:,.1f} hours).',
+      f'Chip figures: {generation["source"]}.',
+    ]
   return '\n'.join(lines)
 
 
@@ -169,9 +207,13 @@ def main(argv) -> None:
   tpu_slice = slices.parse_slice(_TOPOLOGY.value)
   if tpu_slice.platform == 'cpu':
     _ask_for_cpu_devices(tpu_slice.chips)
-  arguments = {'topology': _TOPOLOGY.value, 'programs': _PROGRAMS.value,
-               'train_examples': _TRAIN_EXAMPLES.value, 'num_classes': _NUM_CLASSES.value,
-               'input_samples_per_core': _INPUT_RATE.value}
+  arguments = {
+    'topology': _TOPOLOGY.value,
+    'programs': _PROGRAMS.value,
+    'train_examples': _TRAIN_EXAMPLES.value,
+    'num_classes': _NUM_CLASSES.value,
+    'input_samples_per_core': _INPUT_RATE.value,
+  }
   config = cli.read_config(_CONFIG)
   path = None
   if _CACHE_DIR.value:
@@ -183,8 +225,13 @@ def main(argv) -> None:
     print(f'(cached plan: {path})')
   else:
     plan = planner.plan_run(
-        config, tpu_slice, tuple(_PROGRAMS.value), _TRAIN_EXAMPLES.value, _NUM_CLASSES.value,
-        _INPUT_RATE.value or planner.INPUT_SAMPLES_PER_CORE)
+      config,
+      tpu_slice,
+      tuple(_PROGRAMS.value),
+      _TRAIN_EXAMPLES.value,
+      _NUM_CLASSES.value,
+      _INPUT_RATE.value or planner.INPUT_SAMPLES_PER_CORE,
+    )
     if path:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path, 'w') as f:

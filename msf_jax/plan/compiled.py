@@ -14,13 +14,30 @@ from jax.extend import core as jax_core
 
 GIB = 2**30
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2,
-                's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8,
-                'c64': 8, 'c128': 16}
+_DTYPE_BYTES = {
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  'f8e4m3fn': 1,
+  'f8e5m2': 1,
+  'bf16': 2,
+  'f16': 2,
+  's16': 2,
+  'u16': 2,
+  'f32': 4,
+  's32': 4,
+  'u32': 4,
+  'f64': 8,
+  's64': 8,
+  'u64': 8,
+  'c64': 8,
+  'c128': 16,
+}
 # `%name = <shape> all-gather(...)`, or the `-done` half of an asynchronous pair, whose shape
 # is the result (a `-start`'s shape also holds its operands, so it is not counted).
 _COLLECTIVE_LINE = re.compile(
-    r'=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>' + '|'.join(COLLECTIVES) + r')(?:-done)?\(')
+  r'=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>' + '|'.join(COLLECTIVES) + r')(?:-done)?\('
+)
 _ARRAY_SHAPE = re.compile(r'(?P<dtype>[a-z]\w*)\[(?P<dims>[\d,]*)\]')
 
 
@@ -37,8 +54,7 @@ def bytes_per_device(tree: Any) -> int:
 MEMORY_KINDS = ('state', 'batch', 'other_arguments', 'outputs', 'temporaries', 'code')
 
 
-def memory(compiled: jax.stages.Compiled, state_bytes: int, batch_bytes: int
-           ) -> dict[str, int]:
+def memory(compiled: jax.stages.Compiled, state_bytes: int, batch_bytes: int) -> dict[str, int]:
   """Bytes per device by kind: the state and batch arguments, other arguments, outputs that do
   not reuse a donated argument, temporaries and code; `total` is their sum, what the program
   needs resident at its peak."""
@@ -46,12 +62,12 @@ def memory(compiled: jax.stages.Compiled, state_bytes: int, batch_bytes: int
   if analysis is None:
     raise RuntimeError('XLA gave no memory analysis of the compiled program.')
   kinds = {
-      'state': state_bytes,
-      'batch': batch_bytes,
-      'other_arguments': max(analysis.argument_size_in_bytes - state_bytes - batch_bytes, 0),
-      'outputs': max(analysis.output_size_in_bytes - analysis.alias_size_in_bytes, 0),
-      'temporaries': analysis.temp_size_in_bytes,
-      'code': analysis.generated_code_size_in_bytes,
+    'state': state_bytes,
+    'batch': batch_bytes,
+    'other_arguments': max(analysis.argument_size_in_bytes - state_bytes - batch_bytes, 0),
+    'outputs': max(analysis.output_size_in_bytes - analysis.alias_size_in_bytes, 0),
+    'temporaries': analysis.temp_size_in_bytes,
+    'code': analysis.generated_code_size_in_bytes,
   }
   return {**kinds, 'total': sum(kinds.values())}
 
@@ -61,14 +77,17 @@ def cost(compiled: jax.stages.Compiled) -> dict[str, float]:
   analysis = compiled.cost_analysis() or {}  # None where XLA counts nothing
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict a device program
     analysis = analysis[0]
-  return {'flops': float(analysis.get('flops', 0.0)),
-          'bytes_accessed': float(analysis.get('bytes accessed', 0.0))}
+  return {
+    'flops': float(analysis.get('flops', 0.0)),
+    'bytes_accessed': float(analysis.get('bytes accessed', 0.0)),
+  }
 
 
 def _shape_bytes(shape: str) -> int:
-  return sum(_DTYPE_BYTES.get(m['dtype'], 0) * math.prod(int(d) for d in m['dims'].split(',')
-                                                         if d)
-             for m in _ARRAY_SHAPE.finditer(shape))
+  return sum(
+    _DTYPE_BYTES.get(m['dtype'], 0) * math.prod(int(d) for d in m['dims'].split(',') if d)
+    for m in _ARRAY_SHAPE.finditer(shape)
+  )
 
 
 def collectives(hlo_text: str) -> list[tuple[str, dict[str, int]]]:
@@ -116,17 +135,27 @@ def largest_collective(hlo_text: str) -> tuple[str, int] | None:
     return None
   size, match = max(sized, key=lambda item: item[0])
   line_start = hlo_text.rfind('\n', 0, match.start()) + 1
-  return hlo_text[line_start:hlo_text.find('\n', match.end())].strip(), size
+  return hlo_text[line_start : hlo_text.find('\n', match.end())].strip(), size
 
 
-def _valid_taps(in_size: int, out_size: int, kernel: int, stride: int, low: int,
-                input_dilation: int, kernel_dilation: int) -> int:
+def _valid_taps(
+  in_size: int,
+  out_size: int,
+  kernel: int,
+  stride: int,
+  low: int,
+  input_dilation: int,
+  kernel_dilation: int,
+) -> int:
   """(output position, kernel tap) pairs of one spatial axis that land on a real input pixel,
   not on zero padding."""
   outputs = np.arange(out_size)[:, None] * stride - low
   positions = outputs + np.arange(kernel)[None, :] * kernel_dilation
-  real = (positions % input_dilation == 0) & (positions >= 0) & (
-      positions < (in_size - 1) * input_dilation + 1)
+  real = (
+    (positions % input_dilation == 0)
+    & (positions >= 0)
+    & (positions < (in_size - 1) * input_dilation + 1)
+  )
   return int(real.sum())
 
 
@@ -136,10 +165,18 @@ def _conv_flops(equation) -> int:
   lhs, kernel = equation.invars[0].aval.shape, equation.invars[1].aval.shape
   out = equation.outvars[0].aval.shape
   taps = math.prod(
-      _valid_taps(lhs[i], out[o], kernel[k], stride, low, input_dilation, kernel_dilation)
-      for i, k, o, stride, (low, _), input_dilation, kernel_dilation in zip(
-          lhs_spec[2:], rhs_spec[2:], out_spec[2:], params['window_strides'],
-          params['padding'], params['lhs_dilation'], params['rhs_dilation'], strict=True))
+    _valid_taps(lhs[i], out[o], kernel[k], stride, low, input_dilation, kernel_dilation)
+    for i, k, o, stride, (low, _), input_dilation, kernel_dilation in zip(
+      lhs_spec[2:],
+      rhs_spec[2:],
+      out_spec[2:],
+      params['window_strides'],
+      params['padding'],
+      params['lhs_dilation'],
+      params['rhs_dilation'],
+      strict=True,
+    )
+  )
   return 2 * out[out_spec[0]] * kernel[rhs_spec[0]] * kernel[rhs_spec[1]] * taps
 
 

@@ -48,6 +48,7 @@ class ProgramPlan:
   per device and step (each loop body counted once: `while_loops`), the architecture's FLOPs
   per image, collective bytes per step, and the collectives' count and bytes by dtype
   (`compiled.collective_counts`)."""
+
   name: str
   global_batch: int
   devices: int
@@ -73,13 +74,14 @@ def devices_of(tpu_slice: Slice) -> list:
     return tpu_devices(tpu_slice)
   devices = jax.devices('cpu')
   if len(devices) < tpu_slice.chips:
-    raise SliceError(f'{tpu_slice.name} needs {tpu_slice.chips} CPU devices; this process has '
-                     f'{len(devices)} (start it with --xla_force_host_platform_device_count).')
-  return devices[:tpu_slice.chips]
+    raise SliceError(
+      f'{tpu_slice.name} needs {tpu_slice.chips} CPU devices; this process has '
+      f'{len(devices)} (start it with --xla_force_host_platform_device_count).'
+    )
+  return devices[: tpu_slice.chips]
 
 
-def for_platform(config: ml_collections.ConfigDict, platform: str
-                 ) -> ml_collections.ConfigDict:
+def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
   """The config as a run on `platform` resolves it: `model.dtype='auto'` becomes bfloat16 on
   TPU even though the planner runs on a CPU."""
   config = config.copy_and_resolve_references()
@@ -103,25 +105,44 @@ def _placed(tree: Any, sharding: NamedSharding) -> Any:
 def _out_of_memory_bytes(message: str) -> int | None:
   """What a TPU compiler's out-of-memory error says the program needs ('Total hbm usage >=
   22.47G', else 'Used 21.95G of 15.48G hbm'), in bytes; None for any other error."""
-  match = (re.search(r'Total hbm usage >= ([\d.]+)([KMGT])?', message) or
-           re.search(r'Used ([\d.]+)([KMGT])? of [\d.]+[KMGT]? hbm', message))
+  match = re.search(r'Total hbm usage >= ([\d.]+)([KMGT])?', message) or re.search(
+    r'Used ([\d.]+)([KMGT])? of [\d.]+[KMGT]? hbm', message
+  )
   if not match:
     return None
-  return int(float(match[1]) * 1024**' KMGT'.index(match[2] or ' '))
+  return int(float(match[1]) * 1024 ** ' KMGT'.index(match[2] or ' '))
 
 
-def _compile(name: str, jitted: Callable, args: tuple, global_batch: int, devices: int,
-             state_bytes: int, batch_bytes: int, architecture_flops_per_image: float,
-             hbm_bytes: int | None) -> ProgramPlan:
+def _compile(
+  name: str,
+  jitted: Callable,
+  args: tuple,
+  global_batch: int,
+  devices: int,
+  state_bytes: int,
+  batch_bytes: int,
+  architecture_flops_per_image: float,
+  hbm_bytes: int | None,
+) -> ProgramPlan:
   """Compiles and reads the program; one whose arguments alone overflow the chip is not
   compiled (its memory is then those arguments), and one the compiler finds too large for
   the chip keeps the size the compiler reports."""
-  plan = functools.partial(ProgramPlan, name=name, global_batch=global_batch, devices=devices,
-                           architecture_flops_per_image=architecture_flops_per_image)
+  plan = functools.partial(
+    ProgramPlan,
+    name=name,
+    global_batch=global_batch,
+    devices=devices,
+    architecture_flops_per_image=architecture_flops_per_image,
+  )
   arguments = {'state': state_bytes, 'batch': batch_bytes}
   if hbm_bytes and state_bytes + batch_bytes > hbm_bytes:
-    return plan(memory=_memory_of_parts(arguments), flops=math.nan, bytes_accessed=math.nan,
-                collectives={}, compile_seconds=0.0)
+    return plan(
+      memory=_memory_of_parts(arguments),
+      flops=math.nan,
+      bytes_accessed=math.nan,
+      collectives={},
+      compile_seconds=0.0,
+    )
   start = time.perf_counter()
   try:
     # The builders' steps are jax.jit's, typed by their makers as the functions they run.
@@ -130,16 +151,24 @@ def _compile(name: str, jitted: Callable, args: tuple, global_batch: int, device
     needed = _out_of_memory_bytes(str(error))
     if needed is None:
       raise
-    return plan(memory=_memory_of_parts({**arguments, 'temporaries': needed - state_bytes -
-                                         batch_bytes}),
-                flops=math.nan, bytes_accessed=math.nan, collectives={},
-                compile_seconds=time.perf_counter() - start)
+    return plan(
+      memory=_memory_of_parts({**arguments, 'temporaries': needed - state_bytes - batch_bytes}),
+      flops=math.nan,
+      bytes_accessed=math.nan,
+      collectives={},
+      compile_seconds=time.perf_counter() - start,
+    )
   seconds = time.perf_counter() - start
   cost, hlo = reading.cost(executable), executable.as_text() or ''  # None: no HLO text kept
-  return plan(memory=reading.memory(executable, state_bytes, batch_bytes), flops=cost['flops'],
-              bytes_accessed=cost['bytes_accessed'], collectives=reading.collective_bytes(hlo),
-              compile_seconds=seconds, while_loops=reading.while_loops(hlo),
-              collective_counts=reading.collective_counts(hlo))
+  return plan(
+    memory=reading.memory(executable, state_bytes, batch_bytes),
+    flops=cost['flops'],
+    bytes_accessed=cost['bytes_accessed'],
+    collectives=reading.collective_bytes(hlo),
+    compile_seconds=seconds,
+    while_loops=reading.while_loops(hlo),
+    collective_counts=reading.collective_counts(hlo),
+  )
 
 
 def _memory_of_parts(parts: dict[str, int]) -> dict[str, int]:
@@ -158,10 +187,12 @@ def train_step_flops_per_image(config: ml_collections.ConfigDict, state: Any) ->
   encoder, predictor = build_networks(config.model)
   image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), np.float32)
   encoder_flops = reading.matmul_flops(
-      lambda v, x: encoder.apply(v, x, train=False), _unplaced(state.online), image)
+    lambda v, x: encoder.apply(v, x, train=False), _unplaced(state.online), image
+  )
   projection = jax.ShapeDtypeStruct((1, projection_dim(config.model)), np.float32)
   predictor_flops = reading.matmul_flops(
-      lambda v, x: predictor.apply(v, x, train=False), _unplaced(state.predictor), projection)
+    lambda v, x: predictor.apply(v, x, train=False), _unplaced(state.predictor), projection
+  )
   search_flops = 2 * config.msf.bank_size * projection_dim(config.model)
   return 4 * encoder_flops + 3 * predictor_flops + search_flops
 
@@ -170,74 +201,123 @@ def backbone_flops_per_image(config: ml_collections.ConfigDict, variables: Any) 
   """The architecture's count of one backbone forward (what feature extraction runs)."""
   encoder, _ = build_networks(config.model)
   image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), np.float32)
-  return reading.matmul_flops(lambda v, x: encoder.apply(v, x, method=encoder.features),
-                              _unplaced(variables), image)
+  return reading.matmul_flops(
+    lambda v, x: encoder.apply(v, x, method=encoder.features), _unplaced(variables), image
+  )
 
 
-def train_program(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int,
-                  hbm_bytes: int | None = None) -> ProgramPlan:
+def train_program(
+  config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int, hbm_bytes: int | None = None
+) -> ProgramPlan:
   """The train step as `train_loop` builds it, for the abstract state and batch."""
   state = abstract_state(config, state_shardings(config, mesh))
-  batch = _placed(pipeline.train_batch_spec(config.batch_size, config.image_size,
-                                            config.data.pairing, config.msf.shuffle_target),
-                  batch_sharded(mesh))
-  return _compile(TRAIN_STEP, make_train_step(config, mesh, steps_per_epoch), (state, batch),
-                  config.batch_size, mesh.devices.size, reading.bytes_per_device(state),
-                  reading.bytes_per_device(batch), train_step_flops_per_image(config, state),
-                  hbm_bytes)
+  batch = _placed(
+    pipeline.train_batch_spec(
+      config.batch_size, config.image_size, config.data.pairing, config.msf.shuffle_target
+    ),
+    batch_sharded(mesh),
+  )
+  return _compile(
+    TRAIN_STEP,
+    make_train_step(config, mesh, steps_per_epoch),
+    (state, batch),
+    config.batch_size,
+    mesh.devices.size,
+    reading.bytes_per_device(state),
+    reading.bytes_per_device(batch),
+    train_step_flops_per_image(config, state),
+    hbm_bytes,
+  )
 
 
-def feature_program(config: ml_collections.ConfigDict, mesh: Mesh,
-                    hbm_bytes: int | None = None) -> ProgramPlan:
+def feature_program(
+  config: ml_collections.ConfigDict, mesh: Mesh, hbm_bytes: int | None = None
+) -> ProgramPlan:
   """The feature extraction of the kNN monitor (and of evaluation) for one batch."""
   variables = abstract_state(config, replicated(mesh)).online
   global_batch = feature_extraction.feature_batch_size(config.monitor.batch_size, mesh)
-  images = _placed(pipeline.eval_images_spec(global_batch, config.image_size),
-                   batch_sharded(mesh))
-  return _compile('feature step', feature_extraction.make_feature_step(config, mesh),
-                  (variables, images), global_batch, mesh.devices.size,
-                  reading.bytes_per_device(variables), reading.bytes_per_device(images),
-                  backbone_flops_per_image(config, variables), hbm_bytes)
+  images = _placed(pipeline.eval_images_spec(global_batch, config.image_size), batch_sharded(mesh))
+  return _compile(
+    'feature step',
+    feature_extraction.make_feature_step(config, mesh),
+    (variables, images),
+    global_batch,
+    mesh.devices.size,
+    reading.bytes_per_device(variables),
+    reading.bytes_per_device(images),
+    backbone_flops_per_image(config, variables),
+    hbm_bytes,
+  )
 
 
-def probe_program(config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int,
-                  train_examples: int, hbm_bytes: int | None = None) -> ProgramPlan:
+def probe_program(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  num_classes: int,
+  train_examples: int,
+  hbm_bytes: int | None = None,
+) -> ProgramPlan:
   """One step of the official linear probe (fresh views through the frozen backbone)."""
   num_features = feature_dim(config.model.depth, config.model.width)
   optimizer = linear_probe.make_probe_optimizer(
-      max(train_examples // PROBE_BATCH_SIZE, 1), lr=0.01, momentum=0.9, weight_decay=1e-4,
-      milestones=(15, 30))
+    max(train_examples // PROBE_BATCH_SIZE, 1),
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=1e-4,
+    milestones=(15, 30),
+  )
   params = jax.eval_shape(lambda: linear_probe.init_linear(num_features, num_classes, 0))
   stats = (jax.ShapeDtypeStruct((num_features,), np.float32),) * 2
   backbone = abstract_state(config).online
-  arguments = _placed((params, jax.eval_shape(optimizer.init, params), backbone, stats),
-                      replicated(mesh))
-  batch = _placed(pipeline.probe_batch_spec(PROBE_BATCH_SIZE, config.image_size),
-                  batch_sharded(mesh))
+  arguments = _placed(
+    (params, jax.eval_shape(optimizer.init, params), backbone, stats), replicated(mesh)
+  )
+  batch = _placed(
+    pipeline.probe_batch_spec(PROBE_BATCH_SIZE, config.image_size), batch_sharded(mesh)
+  )
   linear_flops = 3 * 2 * num_features * num_classes
-  return _compile('linear probe step',
-                  linear_probe.make_probe_step(config, mesh, optimizer, num_classes),
-                  (*arguments, batch), PROBE_BATCH_SIZE, mesh.devices.size,
-                  reading.bytes_per_device(arguments), reading.bytes_per_device(batch),
-                  backbone_flops_per_image(config, backbone) + linear_flops, hbm_bytes)
+  return _compile(
+    'linear probe step',
+    linear_probe.make_probe_step(config, mesh, optimizer, num_classes),
+    (*arguments, batch),
+    PROBE_BATCH_SIZE,
+    mesh.devices.size,
+    reading.bytes_per_device(arguments),
+    reading.bytes_per_device(batch),
+    backbone_flops_per_image(config, backbone) + linear_flops,
+    hbm_bytes,
+  )
 
 
-def knn_program(config: ml_collections.ConfigDict, mesh: Mesh, train_examples: int,
-                hbm_bytes: int | None = None) -> ProgramPlan:
+def knn_program(
+  config: ml_collections.ConfigDict, mesh: Mesh, train_examples: int, hbm_bytes: int | None = None
+) -> ProgramPlan:
   """The kNN evaluation's search of one chunk of queries against every train image's features,
   held as `knn.nearest_neighbours` holds them: split by rows over the chips (on one chip, all
   of them). Its 'images' are the chunk's queries; its state, the train features."""
   num_features = feature_dim(config.model.depth, config.model.width)
   mesh_of_search = knn.search_mesh(mesh)
-  search = knn.chunk_search(max(knn.DEFAULT_KS), knn.TRAIN_CHUNK_SIZE, mesh_of_search,
-                            train_examples if mesh_of_search else None)
+  search = knn.chunk_search(
+    max(knn.DEFAULT_KS),
+    knn.TRAIN_CHUNK_SIZE,
+    mesh_of_search,
+    train_examples if mesh_of_search else None,
+  )
   train = knn.train_features_spec(train_examples, num_features, mesh)
-  queries = _placed(jax.ShapeDtypeStruct((knn.QUERY_CHUNK_SIZE, num_features), np.float32),
-                    replicated(mesh))
-  return _compile(KNN_SEARCH, search, (queries, train), knn.QUERY_CHUNK_SIZE,
-                  mesh.devices.size, reading.bytes_per_device(train),
-                  reading.bytes_per_device(queries), 2 * train_examples * num_features,
-                  hbm_bytes)
+  queries = _placed(
+    jax.ShapeDtypeStruct((knn.QUERY_CHUNK_SIZE, num_features), np.float32), replicated(mesh)
+  )
+  return _compile(
+    KNN_SEARCH,
+    search,
+    (queries, train),
+    knn.QUERY_CHUNK_SIZE,
+    mesh.devices.size,
+    reading.bytes_per_device(train),
+    reading.bytes_per_device(queries),
+    2 * train_examples * num_features,
+    hbm_bytes,
+  )
 
 
 PROGRAMS = ('train', 'features', 'probe', 'knn')
@@ -247,8 +327,9 @@ def _gib(size: float) -> float:
   return size / reading.GIB
 
 
-def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_bytes: float
-               ) -> list[str]:
+def fit_advice(
+  program: ProgramPlan, config: ml_collections.ConfigDict, hbm_bytes: float
+) -> list[str]:
   """Settings under which the program would fit a chip of `hbm_bytes`, from its memory by
   kind: a smaller batch per chip (what grows with it: the batch and the temporaries), a
   smaller bank (each row: its embedding and label)."""
@@ -267,9 +348,11 @@ def fit_advice(program: ProgramPlan, config: ml_collections.ConfigDict, hbm_byte
     bank_bytes = config.msf.bank_size * row_bytes // shards
     if shards == 1 and program.devices > 1 and config.msf.bank_size % program.devices == 0:
       if memory['total'] - bank_bytes * (1 - 1 / program.devices) <= hbm_bytes:
-        advice.append(f'--config.msf.bank_layout=sharded (each chip then holds 1/'
-                      f'{program.devices} of the bank, {_gib(bank_bytes / program.devices):.2f}'
-                      ' GiB)')
+        advice.append(
+          f'--config.msf.bank_layout=sharded (each chip then holds 1/'
+          f'{program.devices} of the bank, {_gib(bank_bytes / program.devices):.2f}'
+          ' GiB)'
+        )
     rows = int((hbm_bytes - (memory['total'] - bank_bytes)) // row_bytes) * shards
     rows -= rows % config.batch_size
     if config.batch_size <= rows < config.msf.bank_size:
@@ -285,35 +368,48 @@ def knn_fit_advice(program: ProgramPlan, hbm_bytes: float) -> list[str]:
   room = hbm_bytes - (program.memory['total'] - program.memory['state'])
   if room <= 0:
     return []
-  chips = 2**math.ceil(math.log2(max(features / room, 1)))
-  return [f'a slice of {chips} chips or more (each holding its share of the '
-          f'{_gib(features):.1f} GiB of train features)']
+  chips = 2 ** math.ceil(math.log2(max(features / room, 1)))
+  return [
+    f'a slice of {chips} chips or more (each holding its share of the '
+    f'{_gib(features):.1f} GiB of train features)'
+  ]
 
 
-def does_not_fit_sentence(program: ProgramPlan, config: ml_collections.ConfigDict,
-                          tpu_slice: Slice) -> str:
+def does_not_fit_sentence(
+  program: ProgramPlan, config: ml_collections.ConfigDict, tpu_slice: Slice
+) -> str:
   """One sentence: what the program needs, what a chip has, and what would make it fit."""
   generation = tpu_slice.tpu_generation
   hbm = generation.hbm_gib * reading.GIB
   advice = fit_advice(program, config, hbm)
-  remedy = (f'it would fit with {" or ".join(advice)}' if advice else
-            'no smaller batch or bank fits it: use a generation with more memory a chip')
-  return (f'The {program.name} needs {_gib(program.memory["total"]):.1f} GiB a chip and a '
-          f'{generation.name} chip has {generation.hbm_gib:.1f} GiB: '
-          f'{remedy}.')
+  remedy = (
+    f'it would fit with {" or ".join(advice)}'
+    if advice
+    else 'no smaller batch or bank fits it: use a generation with more memory a chip'
+  )
+  return (
+    f'The {program.name} needs {_gib(program.memory["total"]):.1f} GiB a chip and a '
+    f'{generation.name} chip has {generation.hbm_gib:.1f} GiB: '
+    f'{remedy}.'
+  )
 
 
-def plan_run(config: ml_collections.ConfigDict, tpu_slice: Slice,
-             programs: tuple[str, ...] = PROGRAMS, train_examples: int | None = None,
-             num_classes: int | None = None,
-             input_samples_per_core: float = INPUT_SAMPLES_PER_CORE) -> dict[str, Any]:
+def plan_run(
+  config: ml_collections.ConfigDict,
+  tpu_slice: Slice,
+  programs: tuple[str, ...] = PROGRAMS,
+  train_examples: int | None = None,
+  num_classes: int | None = None,
+  input_samples_per_core: float = INPUT_SAMPLES_PER_CORE,
+) -> dict[str, Any]:
   """The plan of training `config` on `tpu_slice`, as a JSON-ready dict: each program's
   memory, FLOPs and collectives, whether all fit, the step-time bound, the host feed it
   needs and the whole run's hours."""
   unknown = [name for name in programs if name not in PROGRAMS]
   if unknown:
-    raise ConfigError(f'Unknown program(s) {", ".join(unknown)}: choose from '
-                     f'{", ".join(PROGRAMS)}.')
+    raise ConfigError(
+      f'Unknown program(s) {", ".join(unknown)}: choose from {", ".join(PROGRAMS)}.'
+    )
   config = for_platform(config, tpu_slice.platform)
   check_training_config(config, tpu_slice.chips, tpu_slice.hosts)
   if train_examples is None or num_classes is None:
@@ -324,35 +420,46 @@ def plan_run(config: ml_collections.ConfigDict, tpu_slice: Slice,
   hbm = int(generation.hbm_gib * reading.GIB) if generation else None
   mesh = make_mesh(devices_of(tpu_slice))
   builders = {
-      'train': lambda: train_program(config, mesh, steps_per_epoch, hbm),
-      'features': lambda: feature_program(config, mesh, hbm),
-      'probe': lambda: probe_program(config, mesh, num_classes, train_examples, hbm),
-      'knn': lambda: knn_program(config, mesh, train_examples, hbm),
+    'train': lambda: train_program(config, mesh, steps_per_epoch, hbm),
+    'features': lambda: feature_program(config, mesh, hbm),
+    'probe': lambda: probe_program(config, mesh, num_classes, train_examples, hbm),
+    'knn': lambda: knn_program(config, mesh, train_examples, hbm),
   }
   compiled = [builders[name]() for name in programs]
   plan = {
-      'slice': dataclasses.asdict(tpu_slice) | {'host_vcpus': tpu_slice.host_vcpus},
-      'config': {'batch_size': config.batch_size, 'image_size': config.image_size,
-                 'depth': config.model.depth, 'dtype': config.model.dtype,
-                 'bank_size': config.msf.bank_size,
-                 'bank_layout': bank_layout(config, tpu_slice.chips),
-                 'num_epochs': config.num_epochs,
-                 'train_examples': train_examples, 'steps_per_epoch': steps_per_epoch},
-      'programs': {p.name: dataclasses.asdict(p) | {'flops_per_image': p.flops_per_image}
-                   for p in compiled},
-      'fits': None if hbm is None else all(p.memory['total'] <= hbm for p in compiled),
-      'does_not_fit': [does_not_fit_sentence(p, config, tpu_slice) for p in compiled
-                       if hbm is not None and p.memory['total'] > hbm],
+    'slice': dataclasses.asdict(tpu_slice) | {'host_vcpus': tpu_slice.host_vcpus},
+    'config': {
+      'batch_size': config.batch_size,
+      'image_size': config.image_size,
+      'depth': config.model.depth,
+      'dtype': config.model.dtype,
+      'bank_size': config.msf.bank_size,
+      'bank_layout': bank_layout(config, tpu_slice.chips),
+      'num_epochs': config.num_epochs,
+      'train_examples': train_examples,
+      'steps_per_epoch': steps_per_epoch,
+    },
+    'programs': {
+      p.name: dataclasses.asdict(p) | {'flops_per_image': p.flops_per_image} for p in compiled
+    },
+    'fits': None if hbm is None else all(p.memory['total'] <= hbm for p in compiled),
+    'does_not_fit': [
+      does_not_fit_sentence(p, config, tpu_slice)
+      for p in compiled
+      if hbm is not None and p.memory['total'] > hbm
+    ],
   }
   train = next((p for p in compiled if p.name == TRAIN_STEP), None)
   if generation and train and plan['fits']:
-    plan['run'] = run_estimate(train, tpu_slice, config.num_epochs * steps_per_epoch,
-                               input_samples_per_core)
+    plan['run'] = run_estimate(
+      train, tpu_slice, config.num_epochs * steps_per_epoch, input_samples_per_core
+    )
   return plan
 
 
-def run_estimate(train: ProgramPlan, tpu_slice: Slice, total_steps: int,
-                 input_samples_per_core: float) -> dict[str, float]:
+def run_estimate(
+  train: ProgramPlan, tpu_slice: Slice, total_steps: int, input_samples_per_core: float
+) -> dict[str, float]:
   """The train step's time on the slice's chips, bounded from below by the larger of its
   FLOPs at the chip's peak and its arguments (state and batch) read once from HBM, and
   estimated from above with XLA's bytes accessed (every operation's operands and results, as
@@ -367,13 +474,19 @@ def run_estimate(train: ProgramPlan, tpu_slice: Slice, total_steps: int,
   images_per_second = train.global_batch / step_seconds
   per_host = images_per_second / tpu_slice.hosts
   hours = total_steps * step_seconds / 3600
-  return {'compute_seconds': compute_seconds, 'arguments_seconds': arguments / bandwidth,
-          'xla_traffic_seconds': train.bytes_accessed / bandwidth,
-          'step_seconds': step_seconds, 'images_per_second': images_per_second,
-          'pessimistic_step_seconds': pessimistic_seconds,
-          'pessimistic_images_per_second': train.global_batch / pessimistic_seconds,
-          'images_per_second_per_host': per_host,
-          'host_cores_needed': per_host / input_samples_per_core,
-          'input_samples_per_core': input_samples_per_core,
-          'total_steps': total_steps, 'hours': hours, 'chip_hours': hours * tpu_slice.chips,
-          'pessimistic_hours': total_steps * pessimistic_seconds / 3600}
+  return {
+    'compute_seconds': compute_seconds,
+    'arguments_seconds': arguments / bandwidth,
+    'xla_traffic_seconds': train.bytes_accessed / bandwidth,
+    'step_seconds': step_seconds,
+    'images_per_second': images_per_second,
+    'pessimistic_step_seconds': pessimistic_seconds,
+    'pessimistic_images_per_second': train.global_batch / pessimistic_seconds,
+    'images_per_second_per_host': per_host,
+    'host_cores_needed': per_host / input_samples_per_core,
+    'input_samples_per_core': input_samples_per_core,
+    'total_steps': total_steps,
+    'hours': hours,
+    'chip_hours': hours * tpu_slice.chips,
+    'pessimistic_hours': total_steps * pessimistic_seconds / 3600,
+  }

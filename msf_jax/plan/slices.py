@@ -23,6 +23,7 @@ class Generation:
   Hosts: slices of up to `single_host_chips` chips are one host with `single_host_vcpus`;
   larger ones are `chips_per_host` chips a host with `host_vcpus` each.
   """
+
   name: str
   torus_dims: int
   name_counts_cores: bool
@@ -37,16 +38,23 @@ class Generation:
   source: str
 
 
-GENERATIONS = {g.name: g for g in (
-    Generation('v4', 3, True, True, 32, 275, 1228, 4, 240, 4, 240,
-               'https://cloud.google.com/tpu/docs/v4'),
-    Generation('v5e', 2, False, False, 16, 197, 819, 4, 112, 8, 224,
-               'https://cloud.google.com/tpu/docs/v5e'),
-    Generation('v5p', 3, True, True, 95, 459, 2765, 4, 208, 4, 208,
-               'https://cloud.google.com/tpu/docs/v5p'),
-    Generation('v6e', 2, False, False, 32, 918, 1640, 4, 180, 8, 180,
-               'https://cloud.google.com/tpu/docs/v6e'),
-)}
+GENERATIONS = {
+  g.name: g
+  for g in (
+    Generation(
+      'v4', 3, True, True, 32, 275, 1228, 4, 240, 4, 240, 'https://cloud.google.com/tpu/docs/v4'
+    ),
+    Generation(
+      'v5e', 2, False, False, 16, 197, 819, 4, 112, 8, 224, 'https://cloud.google.com/tpu/docs/v5e'
+    ),
+    Generation(
+      'v5p', 3, True, True, 95, 459, 2765, 4, 208, 4, 208, 'https://cloud.google.com/tpu/docs/v5p'
+    ),
+    Generation(
+      'v6e', 2, False, False, 32, 918, 1640, 4, 180, 8, 180, 'https://cloud.google.com/tpu/docs/v6e'
+    ),
+  )
+}
 ALIASES = {'v5litepod': 'v5e'}
 
 
@@ -54,6 +62,7 @@ ALIASES = {'v5litepod': 'v5e'}
 class Slice:
   """A slice to plan for: `name` as given, the compiler's `topology` ('v5e:8x8'; 'cpu:8' for
   XLA's host platform), its chips and hosts; `generation` is None on the CPU."""
+
   name: str
   topology: str
   chips: int
@@ -114,15 +123,19 @@ def parse_slice(name: str) -> Slice:
     shape = torus_shape(chips, generation.torus_dims)
     topology = f'{generation.name}:{"x".join(map(str, shape))}'
     return Slice(name, topology, chips, _hosts(generation, chips), generation)
-  raise SliceError(f'Unknown slice {name!r}: use an accelerator type such as v5e-64, v4-32, '
-                   f'v5p-8 or v6e-8, a topology such as v5e:2x2, or cpu:N.')
+  raise SliceError(
+    f'Unknown slice {name!r}: use an accelerator type such as v5e-64, v4-32, '
+    f'v5p-8 or v6e-8, a topology such as v5e:2x2, or cpu:N.'
+  )
 
 
 def _generation(prefix: str, name: str) -> Generation:
   generation = GENERATIONS.get(ALIASES.get(prefix, prefix))
   if generation is None:
-    raise SliceError(f'Unknown TPU generation in {name!r}: the planner knows '
-                     f'{", ".join(GENERATIONS)} (v5litepod is v5e).')
+    raise SliceError(
+      f'Unknown TPU generation in {name!r}: the planner knows '
+      f'{", ".join(GENERATIONS)} (v5litepod is v5e).'
+    )
   return generation
 
 
@@ -132,19 +145,25 @@ def tpu_devices(tpu_slice: Slice) -> list:
   chip_config = 'megacore' if tpu_slice.tpu_generation.megacore else 'default'
   try:
     description = topologies.get_topology_desc(
-        topology_name=tpu_slice.topology, platform='tpu', chip_config_name=chip_config,
-        **_small_slice_host(tpu_slice))
+      topology_name=tpu_slice.topology,
+      platform='tpu',
+      chip_config_name=chip_config,
+      **_small_slice_host(tpu_slice),
+    )
   except Exception as error:  # no libtpu: JAX raises a plain runtime error
     if _has_libtpu():
       raise
     raise SliceError(
-        f'Planning for {tpu_slice.name} compiles for TPU and needs libtpu, which is not '
-        'installed: pip install "jax[tpu]==0.10.2" (no TPU needed), or plan on XLA\'s host '
-        'devices with --topology=cpu:8.') from error
+      f'Planning for {tpu_slice.name} compiles for TPU and needs libtpu, which is not '
+      'installed: pip install "jax[tpu]==0.10.2" (no TPU needed), or plan on XLA\'s host '
+      'devices with --topology=cpu:8.'
+    ) from error
   devices = list(description.devices)
   if len(devices) != tpu_slice.chips:
-    raise RuntimeError(f'The compiler lists {len(devices)} devices for {tpu_slice.topology}, '
-                       f'expected one for each of its {tpu_slice.chips} chips.')
+    raise RuntimeError(
+      f'The compiler lists {len(devices)} devices for {tpu_slice.topology}, '
+      f'expected one for each of its {tpu_slice.chips} chips.'
+    )
   return devices
 
 

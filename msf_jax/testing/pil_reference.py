@@ -16,8 +16,10 @@ def smooth_image(seed: int, height: int = 120, width: int = 160) -> np.ndarray:
   """A photo-like uint8 RGB image: smooth gradients plus mild noise."""
   rng = np.random.default_rng(seed)
   y, x = np.mgrid[0:height, 0:width] / max(height, width)
-  channels = [np.sin(2 * math.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y
-                                    + rng.uniform())) for _ in range(3)]
+  channels = [
+    np.sin(2 * math.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y + rng.uniform()))
+    for _ in range(3)
+  ]
   image = 127.5 + 100 * np.stack(channels, -1) + rng.normal(0, 8, (height, width, 3))
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
@@ -53,10 +55,12 @@ def torchvision_pil_hue(image: np.ndarray, factor: float) -> np.ndarray:
 def color_jitter(image: Image.Image, rng, strength=0.4, hue=0.1) -> Image.Image:
   """ColorJitter(0.4, 0.4, 0.4, 0.1): the four adjustments in a random order."""
   factors = [rng.uniform(1 - strength, 1 + strength) for _ in range(3)] + [rng.uniform(-hue, hue)]
-  ops = [lambda im, f: ImageEnhance.Brightness(im).enhance(f),
-         lambda im, f: ImageEnhance.Contrast(im).enhance(f),
-         lambda im, f: ImageEnhance.Color(im).enhance(f),
-         lambda im, f: Image.fromarray(torchvision_pil_hue(np.asarray(im), f))]
+  ops = [
+    lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+    lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+    lambda im, f: ImageEnhance.Color(im).enhance(f),
+    lambda im, f: Image.fromarray(torchvision_pil_hue(np.asarray(im), f)),
+  ]
   for i in rng.permutation(4):
     image = ops[i](image, factors[i])
   return image

@@ -8,24 +8,41 @@ import tensorflow as tf
 NAME = 'msf_indexed'  # the builder's name; its config is the file format
 
 
-def build(data_dir: str, num_examples: int, num_shards: int, file_format: str,
-          image_size: int = 8, quality: int = 90) -> str:
+def build(
+  data_dir: str,
+  num_examples: int,
+  num_shards: int,
+  file_format: str,
+  image_size: int = 8,
+  quality: int = 90,
+) -> str:
   """Writes `num_examples` random JPEG images of `image_size` px in `num_shards` files of
   `file_format` ('array_record' or 'tfrecord') under `data_dir`; returns the name that
   `tfds.builder(name, data_dir=data_dir)` and `sources.tfds_split` take."""
   import tensorflow_datasets as tfds
+
   images = np.random.default_rng(0).integers(
-      0, 256, (num_examples, image_size, image_size, 3), np.uint8)
+    0, 256, (num_examples, image_size, image_size, 3), np.uint8
+  )
   examples = tf.data.Dataset.from_tensor_slices(
-      {'image': images, 'label': np.arange(num_examples, dtype=np.int64)})
-  features = tfds.features.FeaturesDict({
+    {'image': images, 'label': np.arange(num_examples, dtype=np.int64)}
+  )
+  features = tfds.features.FeaturesDict(
+    {
       'image': tfds.features.Image(shape=(image_size, image_size, 3), encoding_format='jpeg'),
-      'label': tfds.features.ClassLabel(num_classes=num_examples)})
+      'label': tfds.features.ClassLabel(num_classes=num_examples),
+    }
+  )
   builder = tfds.dataset_builders.TfDataBuilder(
-      name=NAME, config=file_format, version='1.0.0', data_dir=data_dir,
-      split_datasets={'train': examples}, features=features, file_format=file_format)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+    name=NAME,
+    config=file_format,
+    version='1.0.0',
+    data_dir=data_dir,
+    split_datasets={'train': examples},
+    features=features,
+    file_format=file_format,
+  )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
   return f'{NAME}/{file_format}'
 
 
@@ -36,12 +53,20 @@ def order_statistics(previous: np.ndarray, current: np.ndarray) -> dict[str, flo
   num_examples, size = previous.size, max(previous.max(), current.max()) + 1
   batch_of = np.full(size, -1)  # an example's batch in the epoch before, -1 if dropped
   batch_of[previous.ravel()] = np.repeat(np.arange(len(previous)), previous.shape[1])
-  met = [np.sum(batch_of[batch] == batch_of[x]) - 1 >= 2
-         for batch in current for x in batch if batch_of[x] >= 0]
+  met = [
+    np.sum(batch_of[batch] == batch_of[x]) - 1 >= 2
+    for batch in current
+    for x in batch
+    if batch_of[x] >= 0
+  ]
   position = np.full((2, size), -1)
   position[0, previous.ravel()] = np.arange(num_examples)
   position[1, current.ravel()] = np.arange(num_examples)
   in_both = (position >= 0).all(axis=0)  # the dropped remainders differ between epochs
   moved = np.abs(position[1] - position[0])[in_both] / num_examples
-  return {'met_again': float(np.mean(met)), 'moved_mean': float(moved.mean()),
-          'moved_median': float(np.median(moved)), 'moved_p10': float(np.quantile(moved, 0.1))}
+  return {
+    'met_again': float(np.mean(met)),
+    'moved_mean': float(moved.mean()),
+    'moved_median': float(np.median(moved)),
+    'moved_p10': float(np.quantile(moved, 0.1)),
+  }

@@ -83,8 +83,9 @@ class ResNet(nn.Module):
     downsample = None
     if stride != 1 or self.inplanes != planes * block.expansion:
       downsample = nn.Sequential(
-          nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-          nn.BatchNorm2d(planes * block.expansion))
+        nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(planes * block.expansion),
+      )
     layers = [block(self.inplanes, planes, stride, downsample)]
     self.inplanes = planes * block.expansion
     layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
@@ -102,8 +103,12 @@ def resnet(depth, small_stem=False, width=64):
 
 
 def get_mlp(inp_dim, hidden_dim, out_dim):
-  return nn.Sequential(nn.Linear(inp_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+  return nn.Sequential(
+    nn.Linear(inp_dim, hidden_dim),
+    nn.BatchNorm1d(hidden_dim),
+    nn.ReLU(inplace=True),
+    nn.Linear(hidden_dim, out_dim),
+  )
 
 
 def data_parallel(module, x, chunk_size):
@@ -116,8 +121,11 @@ def data_parallel(module, x, chunk_size):
   first, *others = x.split(chunk_size)
   outputs = [module(first)]
   # The other replicas update copies (swapped in, not written over: autograd holds these).
-  kept = [(owner, name, buffer) for owner in module.modules()
-          for name, buffer in owner.named_buffers(recurse=False)]
+  kept = [
+    (owner, name, buffer)
+    for owner in module.modules()
+    for name, buffer in owner.named_buffers(recurse=False)
+  ]
   for owner, name, buffer in kept:
     setattr(owner, name, buffer.clone())
   outputs += [module(chunk) for chunk in others]
@@ -129,12 +137,14 @@ def data_parallel(module, x, chunk_size):
 class MeanShift(nn.Module):
   """The official MeanShift module (train_msf.py): one GPU, or with `bn_group_size` its
   DataParallel run on GPUs of that many images each."""
+
   queue: torch.Tensor  # buffers (register_buffer), declared for the type checker
   labels: torch.Tensor
   queue_ptr: torch.Tensor
 
-  def __init__(self, depth, m=0.99, mem_bank_size=128000, topk=5, small_stem=False, width=64,
-               bn_group_size=0):
+  def __init__(
+    self, depth, m=0.99, mem_bank_size=128000, topk=5, small_stem=False, width=64, bn_group_size=0
+  ):
     super().__init__()
     self.m, self.mem_bank_size, self.topk = m, mem_bank_size, topk
     self.bn_group_size = bn_group_size
@@ -145,8 +155,9 @@ class MeanShift(nn.Module):
     self.encoder_t.fc = get_mlp(feat_dim, hidden_dim, proj_dim)
     self.encoder_q.fc = get_mlp(feat_dim, hidden_dim, proj_dim)
     self.predict_q = get_mlp(proj_dim, hidden_dim, proj_dim)
-    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters(),
-                                strict=True):
+    for param_q, param_t in zip(
+      self.encoder_q.parameters(), self.encoder_t.parameters(), strict=True
+    ):
       param_t.data.copy_(param_q.data)
       param_t.requires_grad = False
     self.register_buffer('queue', torch.randn(self.mem_bank_size, proj_dim))
@@ -156,24 +167,26 @@ class MeanShift(nn.Module):
 
   @torch.no_grad()
   def _momentum_update_target_encoder(self):
-    for param_q, param_t in zip(self.encoder_q.parameters(), self.encoder_t.parameters(),
-                                strict=True):
-      param_t.data = param_t.data * self.m + param_q.data * (1. - self.m)
+    for param_q, param_t in zip(
+      self.encoder_q.parameters(), self.encoder_t.parameters(), strict=True
+    ):
+      param_t.data = param_t.data * self.m + param_q.data * (1.0 - self.m)
 
   @torch.no_grad()
   def _dequeue_and_enqueue(self, targets, labels):
     batch_size = targets.shape[0]
     ptr = int(self.queue_ptr)
     assert self.mem_bank_size % batch_size == 0
-    self.queue[ptr:ptr + batch_size] = targets
-    self.labels[ptr:ptr + batch_size] = labels
+    self.queue[ptr : ptr + batch_size] = targets
+    self.labels[ptr : ptr + batch_size] = labels
     self.queue_ptr[0] = (ptr + batch_size) % self.mem_bank_size
 
   def forward(self, im_q, im_t, labels, shuffle=None):
     """`shuffle`: the permutation of the target batch (`get_shuffle_ids`'s forward ids)."""
     chunks = self.bn_group_size
-    query = F.normalize(data_parallel(self.predict_q, data_parallel(self.encoder_q, im_q, chunks),
-                                      chunks), dim=1)
+    query = F.normalize(
+      data_parallel(self.predict_q, data_parallel(self.encoder_q, im_q, chunks), chunks), dim=1
+    )
     with torch.no_grad():
       self._momentum_update_target_encoder()
       order = torch.arange(len(im_t)) if shuffle is None else shuffle
@@ -212,5 +225,8 @@ def train_iteration(model, optimizer, im_q, im_t, labels, shuffle=None):
 
 def momentum_buffers(model, optimizer):
   """{parameter name: SGD momentum buffer} for the trainable parameters."""
-  return {name: optimizer.state[p]['momentum_buffer'].detach().numpy()
-          for name, p in model.named_parameters() if p in optimizer.state}
+  return {
+    name: optimizer.state[p]['momentum_buffer'].detach().numpy()
+    for name, p in model.named_parameters()
+    if p in optimizer.state
+  }
