@@ -75,6 +75,7 @@ FULL = {
   'small_stem': False,
   'image_size': 224,
   'batch_per_device': 256,
+  'bn_group_size': 64,  # the official run's BatchNorm groups: 4 a device here
   'bank_size': 1_024_000,
   'topk': 5,
   'bank_chunk_size': None,  # None: the config's
@@ -97,6 +98,7 @@ TINY = {
   'small_stem': True,
   'image_size': 32,
   'batch_per_device': 8,
+  'bn_group_size': 4,  # two groups a device: the grouped step, as the full run's
   'bank_size': 64,
   'topk': 5,
   'bank_chunk_size': 0,
@@ -238,6 +240,7 @@ def msf_jax_config(settings: dict, device_count: int) -> 'ml_collections.ConfigD
   config.model.small_stem, config.model.dtype = settings['small_stem'], settings['compute_dtype']
   config.image_size = settings['image_size']
   config.batch_size = settings['batch_per_device'] * device_count
+  config.model.bn_group_size = settings['bn_group_size']
   config.msf.bank_size, config.msf.topk = settings['bank_size'], settings['topk']
   if settings['bank_chunk_size'] is not None:
     config.msf.bank_chunk_size = settings['bank_chunk_size']
