@@ -20,7 +20,6 @@ import argparse
 import itertools
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -137,28 +136,17 @@ def rate_child(encoded: list[bytes], samples: int, size: int) -> None:
 
 
 def _child(which: str, folder: str, repo: str, args) -> list[str]:
-  env = {**os.environ, 'PYTHONPATH': repo, 'CUDA_VISIBLE_DEVICES': '', 'TF_CPP_MIN_LOG_LEVEL': '2'}
-  out = subprocess.run(
-    [
-      'taskset',
-      '-c',
-      str(args.core),
-      sys.executable,
-      __file__,
-      '--child',
-      which,
-      folder,
-      '--samples',
-      str(args.samples),
-      '--size',
-      str(args.size),
-    ],
-    capture_output=True,
-    text=True,
-    check=True,
-    env=env,
+  from input_benchmark import run_pinned_child
+
+  return run_pinned_child(
+    __file__,
+    which,
+    folder,
+    args.samples,
+    args.size,
+    args.core,
+    {'PYTHONPATH': repo, 'TF_CPP_MIN_LOG_LEVEL': '2'},
   )
-  return out.stdout.strip().splitlines()
 
 
 def print_profile(rounds: list[list[str]]) -> None:

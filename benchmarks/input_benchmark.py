@@ -43,6 +43,41 @@ def make_photos(folder: str, count: int) -> list[str]:
   return paths
 
 
+def run_pinned_child(
+  script: str,
+  which: str,
+  folder: str,
+  samples: int,
+  size: int,
+  core: int = 0,
+  env: dict[str, str] | None = None,
+) -> list[str]:
+  """`script --child WHICH FOLDER` in a fresh process pinned to one core (no GPU, `env`
+  added): its output lines. Benchmarks that time a host core run each measurement so."""
+  command = [
+    'taskset',
+    '-c',
+    str(core),
+    sys.executable,
+    script,
+    '--child',
+    which,
+    folder,
+    '--samples',
+    str(samples),
+    '--size',
+    str(size),
+  ]
+  out = subprocess.run(
+    command,
+    capture_output=True,
+    text=True,
+    check=True,
+    env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', **(env or {})},
+  )
+  return out.stdout.strip().splitlines()
+
+
 def time_tf(paths: list[str], samples: int, size: int) -> float:
   import tensorflow as tf
 
@@ -133,27 +168,10 @@ def main() -> None:
   rates = {'tf': [], 'pil': [], 'colors_cpu': []}
   for _ in range(args.runs):  # alternate, each run in a fresh process pinned to one core
     for which in rates:
-      out = subprocess.run(
-        [
-          'taskset',
-          '-c',
-          '0',
-          sys.executable,
-          __file__,
-          '--child',
-          which,
-          folder,
-          '--samples',
-          str(args.samples),
-          '--size',
-          str(args.size),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'JAX_PLATFORMS': 'cpu'},
+      lines = run_pinned_child(
+        __file__, which, folder, args.samples, args.size, env={'JAX_PLATFORMS': 'cpu'}
       )
-      rates[which].append(float(out.stdout.strip().splitlines()[-1]))
+      rates[which].append(float(lines[-1]))
   tf_rate, pil_rate = statistics.median(rates['tf']), statistics.median(rates['pil'])
   # This VM's speed drifts between runs: the ratio of each back-to-back pair is steadier.
   ratios = [t / p for t, p in zip(rates['tf'], rates['pil'], strict=True)]
