@@ -34,16 +34,23 @@ class Job:
   batch: int
   bank: int | None = None
   layout: str | None = None
+  bn_group_size: int | None = None
 
   @property
   def stem(self) -> str:
     bank = f'_bank{self.bank}' if self.bank else ''
-    return f'{self.slice_name}_b{self.batch}{bank}' + (f'_{self.layout}' if self.layout else '')
+    layout = f'_{self.layout}' if self.layout else ''
+    groups = '' if self.bn_group_size is None else f'_bn{self.bn_group_size}'
+    return f'{self.slice_name}_b{self.batch}{bank}{layout}{groups}'
 
   @property
   def flags(self) -> list[str]:
     bank = [f'--config.msf.bank_size={self.bank}'] if self.bank else []
-    return bank + ([f'--config.msf.bank_layout={self.layout}'] if self.layout else [])
+    layout = [f'--config.msf.bank_layout={self.layout}'] if self.layout else []
+    groups = (
+      [] if self.bn_group_size is None else [f'--config.model.bn_group_size={self.bn_group_size}']
+    )
+    return bank + layout + groups
 
 
 def plan(job: Job, out: str, config: str, extra: list[str]) -> dict:
@@ -61,6 +68,7 @@ def plan(job: Job, out: str, config: str, extra: list[str]) -> dict:
     f'--config.batch_size={job.batch}',
     '--programs=train',
     f'--json={stem}.json',
+    f'--hlo_dir={stem}_hlo',
     *job.flags,
     *extra,
   ]
@@ -151,15 +159,23 @@ def main() -> None:
     choices=('replicated', 'sharded'),
     help="msf.bank_layout (default: the config's).",
   )
+  parser.add_argument(
+    '--bn_group_sizes',
+    nargs='+',
+    type=int,
+    default=[None],
+    help="model.bn_group_size (default: the config's; 0 normalizes over the global batch).",
+  )
   parser.add_argument('--parallel', type=int, default=2)
   args, extra = parser.parse_known_args()
   os.makedirs(args.out, exist_ok=True)
   jobs = [
-    Job(s, b, bank, layout)
+    Job(s, b, bank, layout, groups)
     for b in args.batches
     for s in args.slices
     for bank in args.banks
     for layout in args.layouts
+    for groups in args.bn_group_sizes
   ]
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     results = list(pool.map(lambda job: plan(job, args.out, args.config, extra), jobs))

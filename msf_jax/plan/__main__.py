@@ -40,6 +40,9 @@ _TOPOLOGY = flags.DEFINE_string(  # required=True: its value typed a str, not No
   required=True,
 )
 _JSON = flags.DEFINE_string('json', None, 'Also write the plan to this JSON file.')
+_HLO_DIR = flags.DEFINE_string(
+  'hlo_dir', None, "Keep each program's optimized HLO here (gzipped), to estimate again later."
+)
 _CACHE_DIR = flags.DEFINE_string(
   'cache_dir',
   os.path.join(
@@ -213,6 +216,7 @@ def main(argv) -> None:
     'train_examples': _TRAIN_EXAMPLES.value,
     'num_classes': _NUM_CLASSES.value,
     'input_samples_per_core': _INPUT_RATE.value,
+    'hlo_dir': _HLO_DIR.value,
   }
   config = cli.read_config(_CONFIG)
   path = None
@@ -231,6 +235,7 @@ def main(argv) -> None:
       _TRAIN_EXAMPLES.value,
       _NUM_CLASSES.value,
       _INPUT_RATE.value or planner.INPUT_SAMPLES_PER_CORE,
+      _HLO_DIR.value,
     )
     if path:
       os.makedirs(os.path.dirname(path), exist_ok=True)

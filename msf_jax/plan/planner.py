@@ -12,7 +12,9 @@ programs, so it is not used.
 
 import dataclasses
 import functools
+import gzip
 import math
+import os
 import re
 import time
 from typing import Any, Callable
@@ -60,6 +62,7 @@ class ProgramPlan:
   compile_seconds: float
   while_loops: int = 0
   collective_counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+  hlo_file: str | None = None
 
   @property
   def flops_per_image(self) -> float:
@@ -113,27 +116,37 @@ def _out_of_memory_bytes(message: str) -> int | None:
   return int(float(match[1]) * 1024 ** ' KMGT'.index(match[2] or ' '))
 
 
-def _compile(
-  name: str,
-  jitted: Callable,
-  args: tuple,
-  global_batch: int,
-  devices: int,
-  state_bytes: int,
-  batch_bytes: int,
-  architecture_flops_per_image: float,
-  hbm_bytes: int | None,
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """What to compile: a jitted function of abstract, placed arguments, and what the plan
+  tells about it before compiling (the bytes of its state and batch arguments a device, the
+  architecture's FLOPs an image)."""
+
+  name: str
+  jitted: Callable
+  args: tuple
+  global_batch: int
+  devices: int
+  state_bytes: int
+  batch_bytes: int
+  architecture_flops_per_image: float
+
+
+def compile_program(
+  program: Program, hbm_bytes: int | None, hlo_dir: str | None = None
 ) -> ProgramPlan:
   """Compiles and reads the program; one whose arguments alone overflow the chip is not
   compiled (its memory is then those arguments), and one the compiler finds too large for
-  the chip keeps the size the compiler reports."""
+  the chip keeps the size the compiler reports. With `hlo_dir`, the optimized HLO is kept
+  there (gzipped), so that later estimates need no new compile."""
   plan = functools.partial(
     ProgramPlan,
-    name=name,
-    global_batch=global_batch,
-    devices=devices,
-    architecture_flops_per_image=architecture_flops_per_image,
+    name=program.name,
+    global_batch=program.global_batch,
+    devices=program.devices,
+    architecture_flops_per_image=program.architecture_flops_per_image,
   )
+  state_bytes, batch_bytes = program.state_bytes, program.batch_bytes
   arguments = {'state': state_bytes, 'batch': batch_bytes}
   if hbm_bytes and state_bytes + batch_bytes > hbm_bytes:
     return plan(
@@ -146,7 +159,7 @@ def _compile(
   start = time.perf_counter()
   try:
     # The builders' steps are jax.jit's, typed by their makers as the functions they run.
-    executable = jitted.lower(*args).compile()  # type: ignore[attr-defined]
+    executable = program.jitted.lower(*program.args).compile()  # type: ignore[attr-defined]
   except Exception as error:  # the compiler's out-of-memory error is a plain runtime error
     needed = _out_of_memory_bytes(str(error))
     if needed is None:
@@ -168,7 +181,18 @@ def _compile(
     compile_seconds=seconds,
     while_loops=reading.while_loops(hlo),
     collective_counts=reading.collective_counts(hlo),
+    hlo_file=_keep_hlo(hlo, program.name, hlo_dir),
   )
+
+
+def _keep_hlo(hlo: str, name: str, hlo_dir: str | None) -> str | None:
+  if not hlo_dir or not hlo:
+    return None
+  os.makedirs(hlo_dir, exist_ok=True)
+  path = os.path.join(hlo_dir, name.replace(' ', '_') + '.hlo.gz')
+  with gzip.open(path, 'wt') as f:
+    f.write(hlo)
+  return path
 
 
 def _memory_of_parts(parts: dict[str, int]) -> dict[str, int]:
@@ -206,9 +230,7 @@ def backbone_flops_per_image(config: ml_collections.ConfigDict, variables: Any) 
   )
 
 
-def train_program(
-  config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int, hbm_bytes: int | None = None
-) -> ProgramPlan:
+def train_program(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int) -> Program:
   """The train step as `train_loop` builds it, for the abstract state and batch."""
   state = abstract_state(config, state_shardings(config, mesh))
   batch = _placed(
@@ -217,7 +239,7 @@ def train_program(
     ),
     batch_sharded(mesh),
   )
-  return _compile(
+  return Program(
     TRAIN_STEP,
     make_train_step(config, mesh, steps_per_epoch),
     (state, batch),
@@ -226,18 +248,15 @@ def train_program(
     reading.bytes_per_device(state),
     reading.bytes_per_device(batch),
     train_step_flops_per_image(config, state),
-    hbm_bytes,
   )
 
 
-def feature_program(
-  config: ml_collections.ConfigDict, mesh: Mesh, hbm_bytes: int | None = None
-) -> ProgramPlan:
+def feature_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
   """The feature extraction of the kNN monitor (and of evaluation) for one batch."""
   variables = abstract_state(config, replicated(mesh)).online
   global_batch = feature_extraction.feature_batch_size(config.monitor.batch_size, mesh)
   images = _placed(pipeline.eval_images_spec(global_batch, config.image_size), batch_sharded(mesh))
-  return _compile(
+  return Program(
     'feature step',
     feature_extraction.make_feature_step(config, mesh),
     (variables, images),
@@ -246,7 +265,6 @@ def feature_program(
     reading.bytes_per_device(variables),
     reading.bytes_per_device(images),
     backbone_flops_per_image(config, variables),
-    hbm_bytes,
   )
 
 
@@ -255,8 +273,7 @@ def probe_program(
   mesh: Mesh,
   num_classes: int,
   train_examples: int,
-  hbm_bytes: int | None = None,
-) -> ProgramPlan:
+) -> Program:
   """One step of the official linear probe (fresh views through the frozen backbone)."""
   num_features = feature_dim(config.model.depth, config.model.width)
   optimizer = linear_probe.make_probe_optimizer(
@@ -276,7 +293,7 @@ def probe_program(
     pipeline.probe_batch_spec(PROBE_BATCH_SIZE, config.image_size), batch_sharded(mesh)
   )
   linear_flops = 3 * 2 * num_features * num_classes
-  return _compile(
+  return Program(
     'linear probe step',
     linear_probe.make_probe_step(config, mesh, optimizer, num_classes),
     (*arguments, batch),
@@ -285,13 +302,10 @@ def probe_program(
     reading.bytes_per_device(arguments),
     reading.bytes_per_device(batch),
     backbone_flops_per_image(config, backbone) + linear_flops,
-    hbm_bytes,
   )
 
 
-def knn_program(
-  config: ml_collections.ConfigDict, mesh: Mesh, train_examples: int, hbm_bytes: int | None = None
-) -> ProgramPlan:
+def knn_program(config: ml_collections.ConfigDict, mesh: Mesh, train_examples: int) -> Program:
   """The kNN evaluation's search of one chunk of queries against every train image's features,
   held as `knn.nearest_neighbours` holds them: split by rows over the chips (on one chip, all
   of them). Its 'images' are the chunk's queries; its state, the train features."""
@@ -307,7 +321,7 @@ def knn_program(
   queries = _placed(
     jax.ShapeDtypeStruct((knn.QUERY_CHUNK_SIZE, num_features), np.float32), replicated(mesh)
   )
-  return _compile(
+  return Program(
     KNN_SEARCH,
     search,
     (queries, train),
@@ -316,7 +330,6 @@ def knn_program(
     reading.bytes_per_device(train),
     reading.bytes_per_device(queries),
     2 * train_examples * num_features,
-    hbm_bytes,
   )
 
 
@@ -401,10 +414,11 @@ def plan_run(
   train_examples: int | None = None,
   num_classes: int | None = None,
   input_samples_per_core: float = INPUT_SAMPLES_PER_CORE,
+  hlo_dir: str | None = None,
 ) -> dict[str, Any]:
   """The plan of training `config` on `tpu_slice`, as a JSON-ready dict: each program's
   memory, FLOPs and collectives, whether all fit, the step-time bound, the host feed it
-  needs and the whole run's hours."""
+  needs and the whole run's hours. With `hlo_dir`, each program's optimized HLO is kept."""
   unknown = [name for name in programs if name not in PROGRAMS]
   if unknown:
     raise ConfigError(
@@ -420,12 +434,12 @@ def plan_run(
   hbm = int(generation.hbm_gib * reading.GIB) if generation else None
   mesh = make_mesh(devices_of(tpu_slice))
   builders = {
-    'train': lambda: train_program(config, mesh, steps_per_epoch, hbm),
-    'features': lambda: feature_program(config, mesh, hbm),
-    'probe': lambda: probe_program(config, mesh, num_classes, train_examples, hbm),
-    'knn': lambda: knn_program(config, mesh, train_examples, hbm),
+    'train': lambda: train_program(config, mesh, steps_per_epoch),
+    'features': lambda: feature_program(config, mesh),
+    'probe': lambda: probe_program(config, mesh, num_classes, train_examples),
+    'knn': lambda: knn_program(config, mesh, train_examples),
   }
-  compiled = [builders[name]() for name in programs]
+  compiled = [compile_program(builders[name](), hbm, hlo_dir) for name in programs]
   plan = {
     'slice': dataclasses.asdict(tpu_slice) | {'host_vcpus': tpu_slice.host_vcpus},
     'config': {
