@@ -269,6 +269,21 @@ def xla_flops(compiled: 'jax.stages.Compiled') -> float | None:
   return flops if flops > 0 else None
 
 
+def planner_step_time(compiled: 'jax.stages.Compiled', devices: list) -> dict | None:
+  """msf_jax.plan's bound and estimate of this very program on this device (None where
+  the planner has no figures for it), to compare with the measured step."""
+  import dataclasses
+
+  from msf_jax.plan import roofline
+
+  chip = roofline.chip_of(devices[0], len(devices))
+  if chip is None:
+    return None
+  return {'chip': chip.name} | dataclasses.asdict(
+    roofline.compiled_step_time(compiled, len(devices), chip)
+  )
+
+
 def measure_msf_jax(settings: dict) -> dict:
   import jax
   import numpy as np
@@ -299,6 +314,7 @@ def measure_msf_jax(settings: dict) -> dict:
   return {
     **info,
     **spread(times[settings['warmup_steps'] :]),
+    'planner': planner_step_time(compiled, devices),
     'warmup_times_s': times[: settings['warmup_steps']],
     'compile_s': compile_s,
     'global_batch': config.batch_size,
@@ -676,7 +692,23 @@ def table(results: dict, settings: dict) -> list[str]:
         f'| {names[part]} | {row["samples_per_s"]:,.1f} two-view samples/s | — | — '
         f'| — | — | {versus} |'
       )
-  return lines
+  return planner_lines(step) + lines
+
+
+def planner_lines(step: dict) -> list[str]:
+  """The planner's bound and estimate of the measured step's own program, and how far the
+  measurement is from each: the check of `msf_jax.plan`'s model on real hardware."""
+  planner = step.get('planner') if step.get('measured') else None
+  if not planner:
+    return ['msf_jax.plan: no figures for this device, no estimate to compare.', '']
+  ms = lambda seconds: f'{1e3 * seconds:.2f} ms'
+  return [
+    f'msf_jax.plan on this program ({planner["chip"]}): bound {ms(planner["bound_seconds"])}, '
+    f'estimate {ms(planner["estimate_seconds"])}; measured {ms(step["median_s"])} = '
+    f'{step["median_s"] / planner["bound_seconds"]:.2f}x the bound, '
+    f'{step["median_s"] / planner["estimate_seconds"]:.2f}x the estimate.',
+    '',
+  ]
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ it); a plan whose JSON is already in --out is read, not made again. Needs libtpu
 import argparse
 import concurrent.futures
 import dataclasses
+import gzip
 import json
 import os
 import subprocess
@@ -80,50 +81,73 @@ def plan(job: Job, out: str, config: str, extra: list[str]) -> dict:
     return {**json.load(f), 'exit': status}
 
 
+def train_step_time(result: dict) -> dict:
+  """The train step's `roofline.step_time` by today's code: from its kept HLO where the plan
+  kept it (a plan made by an older planner gets today's estimate without a new compile),
+  else the one in the plan."""
+  from msf_jax.plan import planner, slices
+
+  train = result['programs']['train step']
+  if not train.get('hlo_file') or not os.path.exists(train['hlo_file']):
+    return train['step_time']
+  with gzip.open(train['hlo_file'], 'rt') as f:
+    hlo = f.read()
+  generation = slices.parse_slice(result['slice']['name']).tpu_generation
+  return planner.step_time_of(
+    hlo, train['devices'], train['memory'], generation.chip, generation.torus_dims
+  )
+
+
 def run_figures(result: dict) -> dict:
-  """The run's figures from a plan's JSON by the planner's own `run_estimate` (a plan made by
-  an older planner gets today's figures)."""
+  """The run's figures by the planner's own `run_estimate`, from today's step time."""
   from msf_jax.plan import planner, slices
 
   fields = {f.name for f in dataclasses.fields(planner.ProgramPlan)}
-  train = planner.ProgramPlan(
-    **{k: v for k, v in result['programs']['train step'].items() if k in fields}
+  train = result['programs']['train step']
+  program = planner.ProgramPlan(
+    **{k: v for k, v in train.items() if k in fields} | {'step_time': train_step_time(result)}
   )
   config = result['config']
   return planner.run_estimate(
-    train,
+    program,
     slices.parse_slice(result['slice']['name']),
     config['num_epochs'] * config['steps_per_epoch'],
     planner.INPUT_SAMPLES_PER_CORE,
   )
 
 
+def _all_reduces(train: dict) -> str:
+  counts = train.get('collective_counts', {}).get('all-reduce')
+  if not counts:
+    return '0'
+  dtypes = ', '.join(f'{d} {b / 1e6:,.1f}' for d, b in sorted(counts.items()) if d != 'count')
+  return f'{counts["count"]} ({dtypes} MB)'
+
+
 def row(job: Job, result: dict) -> str:
+  groups = '' if job.bn_group_size is None else f' | {job.bn_group_size}'
   if 'error' in result:
-    return f'| {job.slice_name} | {job.batch} | {result["error"]} |' + ' |' * 6
+    return f'| {job.slice_name} | {job.batch}{groups} | {result["error"]} |' + ' |' * 7
   train = result['programs']['train step']
   fits = 'yes' if result['fits'] else 'no'
-  xla, ours = train['flops_per_image'] / 1e9, train['architecture_flops_per_image'] / 1e9
-  flops = f'{xla:.1f} ({ours:.1f})'
-  cells = [
-    job.slice_name,
-    f'{job.batch:,}',
-    fits,
-    f'{train["memory"]["total"] / 2**30:.2f}',
-    flops,
-    f'{sum(train["collectives"].values()) / 1e6:,.0f}',
+  cells = [job.slice_name, f'{job.batch:,}']
+  cells += [] if job.bn_group_size is None else [str(job.bn_group_size)]
+  cells += [fits, f'{train["memory"]["total"] / 2**30:.2f}']
+  if not result['fits']:
+    return '| ' + ' | '.join(cells + ['—'] * 6) + ' |'
+  step, run = train_step_time(result), run_figures(result)
+  ms = lambda seconds: f'{seconds * 1e3:.1f}'
+  cells += [
+    f'{step["flops"] * train["devices"] / train["global_batch"] / 1e9:.1f} '
+    f'({train["architecture_flops_per_image"] / 1e9:.1f})',
+    _all_reduces(train),
+    f'{ms(step["bound_seconds"])}-{ms(step["estimate_seconds"])} '
+    f'({run["bound_images_per_second"]:,.0f}-{run["estimate_images_per_second"]:,.0f})',
+    f'{ms(step["operations_seconds"])} + {ms(step["collective_seconds"])} ({step["collectives"]})',
+    f'{run["estimate_images_per_second_per_host"]:,.0f} = '
+    f'{run["estimate_host_cores_needed"]:.1f} of {result["slice"]["host_vcpus"]} vCPUs',
+    f'{run["bound_chip_hours"]:,.0f}-{run["estimate_chip_hours"]:,.0f}',
   ]
-  if result['fits']:
-    run = run_figures(result)
-    cells += [
-      f'{run["step_seconds"] * 1e3:.1f}-{run["pessimistic_step_seconds"] * 1e3:.1f} '
-      f'({run["images_per_second"]:,.0f}-{run["pessimistic_images_per_second"]:,.0f})',
-      f'{run["images_per_second_per_host"]:,.0f} = {run["host_cores_needed"]:.1f} of '
-      f'{result["slice"]["host_vcpus"]} vCPUs',
-      f'{run["chip_hours"]:,.0f}-{run["pessimistic_hours"] * result["slice"]["chips"]:,.0f}',
-    ]
-  else:
-    cells += ['—', '—', '—']
   return '| ' + ' | '.join(cells) + ' |'
 
 
@@ -187,12 +211,14 @@ def main() -> None:
     print('|---|---|---|---|---|---|---|---|')
     print('\n'.join(bank_row(job, result) for job, result in zip(jobs, results, strict=True)))
   else:
+    groups = ' BatchNorm group |' if args.bn_group_sizes != [None] else ''
     print(
-      '| slice | global batch | fits | GiB a chip | GFLOP an image, XLA (architecture) | '
-      'collective MB a step | step ms, bound-estimate (images/s) | feed a host at the '
-      'bound, images/s = cores | chip-hours for 200 epochs, bound-estimate |'
+      f'| slice | global batch |{groups} fits | GiB a chip | GFLOP an image, counted '
+      '(traced) | all-reduces a step (MB by dtype) | step ms, bound-estimate (images/s) | '
+      'estimate: operations + collectives ms (count) | feed a host at the estimate, '
+      'images/s = cores | chip-hours for 200 epochs, bound-estimate |'
     )
-    print('|---|---|---|---|---|---|---|---|---|')
+    print('|---' * (10 + bool(groups)) + '|')
     print('\n'.join(row(job, result) for job, result in zip(jobs, results, strict=True)))
   for job, result in zip(jobs, results, strict=True):
     for sentence in result.get('does_not_fit', []):

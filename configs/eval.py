@@ -14,12 +14,14 @@ The model and data sections are those of the preset's training config (configs/
 <preset>_msf.py), so that a checkpoint is evaluated as it was trained.
 """
 
+import dataclasses
 import os
 
 import ml_collections
 from ml_collections import config_dict
 
 from msf_jax.config_utils import load_config
+from msf_jax.evaluate import linear_probe
 
 # preset: (training config, held-out split, tasks)
 PRESETS = {
@@ -60,13 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.knn = ml_collections.ConfigDict()
   config.knn.ks = (1, 20)
 
-  config.linear = ml_collections.ConfigDict()  # linear_fast and linear: the official protocol
-  config.linear.epochs = 40
-  config.linear.batch_size = 256
-  config.linear.lr = 0.01
-  config.linear.momentum = 0.9
-  config.linear.weight_decay = 1e-4
-  config.linear.milestones = (15, 30)
+  # linear_fast and linear: the official protocol (epochs, batch_size, lr, momentum,
+  # weight_decay, milestones), defined once in msf_jax.evaluate.linear_probe.
+  config.linear = ml_collections.ConfigDict(dataclasses.asdict(linear_probe.OFFICIAL))
 
   config.transfer = ml_collections.ConfigDict()
   # Names of msf_jax.evaluate.transfer.TRANSFER_DATASETS, comma-separated, read from TFDS in

@@ -49,6 +49,9 @@ def test_tiny_run_measures_every_part_and_prints_the_table_last(tmp_path):
   assert step['model_flops_per_step_per_device'] > 0 and step['xla_flops_per_step_per_device'] > 0
   assert 0 < step['mfu'] <= 1 and 0 < step['mfu_xla'] <= 1
   assert step['config']['model']['width'] == 8
+  planner = step['planner']  # msf_jax.plan's bound and estimate of the same program
+  assert 0 < planner['bound_seconds'] <= planner['estimate_seconds'], planner
+  assert 'msf_jax.plan on this program' in result.stdout
   assert parts['pipeline']['measured'] and parts['pipeline']['samples_per_s'] > 0
   search = parts['bank_search']
   assert search['measured'] and search['bfloat16_speedup'] > 0, search

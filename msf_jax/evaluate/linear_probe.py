@@ -11,6 +11,7 @@ The layer starts as torch.nn.Linear does (U(+-1/sqrt(F)) kernel and bias), as th
 code, so that both see the same starting point; with standardized inputs it hardly matters.
 """
 
+import dataclasses
 from typing import Any, Callable, Sequence, cast
 
 import jax
@@ -30,6 +31,23 @@ from msf_jax.sharding import batch_sharded, put_replicated, replicated
 
 VARIANCE_EPSILON = 1e-5
 TOP_K = (1, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+  """The official linear protocol's hyperparameters (MSF's linear evaluation: SGD with
+  momentum, the learning rate divided by 10 at each milestone epoch); `configs/eval.py`, the
+  probe functions' defaults and the planner all read `OFFICIAL`."""
+
+  epochs: int = 40
+  batch_size: int = 256
+  lr: float = 0.01
+  momentum: float = 0.9
+  weight_decay: float = 1e-4
+  milestones: tuple[int, ...] = (15, 30)
+
+
+OFFICIAL = ProbeSettings()
 Params = Any
 
 
@@ -146,12 +164,12 @@ def linear_probe_on_features(
   test_labels: np.ndarray,
   num_classes: int,
   *,
-  epochs: int = 40,
-  batch_size: int = 256,
-  lr: float = 0.01,
-  momentum: float = 0.9,
-  weight_decay: float = 1e-4,
-  milestones: Sequence[int] = (15, 30),
+  epochs: int = OFFICIAL.epochs,
+  batch_size: int = OFFICIAL.batch_size,
+  lr: float = OFFICIAL.lr,
+  momentum: float = OFFICIAL.momentum,
+  weight_decay: float = OFFICIAL.weight_decay,
+  milestones: Sequence[int] = OFFICIAL.milestones,
   seed: int = 0,
 ) -> dict[str, float]:
   """{'top1', 'top5'} on the test features of a probe trained on fixed train features.
@@ -232,12 +250,12 @@ def linear_probe(
   train_split: Split,
   test_split: Split,
   *,
-  epochs: int = 40,
-  batch_size: int = 256,
-  lr: float = 0.01,
-  momentum: float = 0.9,
-  weight_decay: float = 1e-4,
-  milestones: Sequence[int] = (15, 30),
+  epochs: int = OFFICIAL.epochs,
+  batch_size: int = OFFICIAL.batch_size,
+  lr: float = OFFICIAL.lr,
+  momentum: float = OFFICIAL.momentum,
+  weight_decay: float = OFFICIAL.weight_decay,
+  milestones: Sequence[int] = OFFICIAL.milestones,
   seed: int = 0,
   train_features: np.ndarray | None = None,
   test_features: tuple[np.ndarray, np.ndarray] | None = None,

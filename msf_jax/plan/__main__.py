@@ -166,23 +166,41 @@ def render(plan: dict) -> str:
   if plan['fits'] is not None:
     lines.append('Fits: ' + ('yes' if plan['fits'] else 'no'))
   if run := plan.get('run'):
-    lines += [
-      f'Step time >= {run["step_seconds"] * 1e3:.2f} ms, the larger of compute '
-      f'({run["compute_seconds"] * 1e3:.2f} ms at {generation["peak_bf16_tflops"]} TFLOP/s) and '
-      f'the arguments read once ({run["arguments_seconds"] * 1e3:.2f} ms at '
-      f'{generation["hbm_gb_per_s"]} GB/s a chip): at most {run["images_per_second"]:,.0f} '
-      f"images/s. With XLA's bytes accessed as the traffic "
-      f'({run["xla_traffic_seconds"] * 1e3:.1f} ms), '
-      f'{run["pessimistic_images_per_second"]:,.0f} images/s.',
-      f'Host feed: {run["images_per_second_per_host"]:,.0f} two-view images/s a host = '
-      f'{run["host_cores_needed"]:.1f} cores at {run["input_samples_per_core"]:.0f} a core, '
-      f"of the host's {tpu_slice['host_vcpus']} vCPUs.",
-      f'Whole run ({config["num_epochs"]} epochs, {run["total_steps"]:,} steps): at least '
-      f"{run['hours']:,.1f} hours, {run['chip_hours']:,.0f} chip-hours (at XLA's traffic "
-      f'{run["pessimistic_hours"]:,.1f} hours).',
-      f'Chip figures: {generation["source"]}.',
-    ]
+    lines += _run_lines(plan, run)
   return '\n'.join(lines)
+
+
+def _run_lines(plan: dict, run: dict) -> list[str]:
+  """The train step's bound and estimate, their parts, and the run they make."""
+  step = plan['programs']['train step']['step_time']
+  chip, tpu_slice, config = plan['chip'], plan['slice'], plan['config']
+  ms = lambda seconds: f'{seconds * 1e3:,.2f} ms'
+  loops = (
+    f' ({step["unknown_trip_counts"]} loop(s) of unknown trip count counted once)'
+    if step['unknown_trip_counts']
+    else ''
+  )
+  lines = [
+    f'Step time on {chip["name"]}: bound {ms(step["bound_seconds"])} (no run is faster: the '
+    f'larger of {step["flops"] / 1e9:,.1f} GFLOP at peak, {ms(step["compute_seconds"])}, and '
+    f'the arguments read once, {ms(step["arguments_seconds"])}); estimate '
+    f'{ms(step["estimate_seconds"])} = the operations one after another at their roofline '
+    f'{ms(step["operations_seconds"])} + {step["collectives"]} collective(s) waited for '
+    f'{ms(step["collective_seconds"])}{loops}.',
+    '  costliest operations: '
+    + ', '.join(f'{name} {ms(seconds)}' for name, seconds in step['top_operations']),
+  ]
+  for name in ('bound', 'estimate'):
+    lines.append(
+      f'At the {name}: {run[f"{name}_images_per_second"]:,.0f} images/s; each host makes '
+      f'{run[f"{name}_images_per_second_per_host"]:,.0f} two-view images/s = '
+      f'{run[f"{name}_host_cores_needed"]:.1f} cores at {run["input_samples_per_core"]:.0f} a '
+      f"core (of the host's {tpu_slice['host_vcpus'] or 'unknown'} vCPUs); "
+      f'{config["num_epochs"]} epochs ({run["total_steps"]:,} steps) take '
+      f'{run[f"{name}_hours"]:,.1f} hours, {run[f"{name}_chip_hours"]:,.0f} chip-hours.'
+    )
+  lines.append(f'Chip figures: {chip["source"]} (msf_jax/plan/roofline.py lists them all).')
+  return lines
 
 
 def _ask_for_cpu_devices(count: int) -> None:

@@ -138,7 +138,7 @@ def largest_collective(hlo_text: str) -> tuple[str, int] | None:
   return hlo_text[line_start : hlo_text.find('\n', match.end())].strip(), size
 
 
-def _valid_taps(
+def valid_taps(
   in_size: int,
   out_size: int,
   kernel: int,
@@ -165,7 +165,7 @@ def _conv_flops(equation) -> int:
   lhs, kernel = equation.invars[0].aval.shape, equation.invars[1].aval.shape
   out = equation.outvars[0].aval.shape
   taps = math.prod(
-    _valid_taps(lhs[i], out[o], kernel[k], stride, low, input_dilation, kernel_dilation)
+    valid_taps(lhs[i], out[o], kernel[k], stride, low, input_dilation, kernel_dilation)
     for i, k, o, stride, (low, _), input_dilation, kernel_dilation in zip(
       lhs_spec[2:],
       rhs_spec[2:],
@@ -195,17 +195,40 @@ def _equation_flops(equation) -> int:
 
 def equations(jaxpr) -> Iterator:
   """Every equation of a jaxpr, those of the jaxprs inside it (jit, custom_vjp, scan) too."""
-  for equation in jaxpr.eqns:
+  for equation, _ in counted_equations(jaxpr):
     yield equation
+
+
+def _repeats(equation) -> int:
+  """How many times an equation's inner jaxprs run for one run of it: a scan's length; a
+  shard_map's body once on every device of its manual axes (its shapes are one device's)."""
+  params = equation.params
+  if equation.primitive.name == 'scan':
+    return params['length']
+  if equation.primitive.name == 'shard_map':
+    mesh, axes = params['mesh'], params.get('manual_axes') or params['mesh'].axis_names
+    return math.prod(mesh.shape[axis] for axis in axes)
+  return 1
+
+
+def counted_equations(jaxpr, times: int = 1) -> Iterator[tuple[Any, int]]:
+  """(equation, how many times it runs) for every equation of a jaxpr and of the jaxprs
+  inside it. A while loop's trip count is not in its jaxpr: its body counts once (static
+  loops, `fori_loop` with Python bounds included, are traced as scans)."""
+  for equation in jaxpr.eqns:
+    yield equation, times
+    inner_times = times * _repeats(equation)
     for param in equation.params.values():
       for inner in param if isinstance(param, (list, tuple)) else (param,):
         if isinstance(inner, jax_core.ClosedJaxpr):
           inner = inner.jaxpr
         if isinstance(inner, jax_core.Jaxpr):
-          yield from equations(inner)
+          yield from counted_equations(inner, inner_times)
 
 
 def matmul_flops(fn: Callable, *args) -> int:
   """FLOPs of the convolutions and matrix products of `fn(*args)` as traced (shapes only:
-  `args` may be `jax.ShapeDtypeStruct`s), counted from the architecture, not by XLA."""
-  return sum(map(_equation_flops, equations(jax.make_jaxpr(fn)(*args).jaxpr)))
+  `args` may be `jax.ShapeDtypeStruct`s), counted from the architecture, not by XLA: each
+  scan's body as many times as it runs, a shard_map's body once a device."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return sum(_equation_flops(e) * times for e, times in counted_equations(jaxpr))

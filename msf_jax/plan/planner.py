@@ -4,10 +4,11 @@ the linear probe's step and the kNN evaluation's search, built by the functions 
 devices of a slice and compiled there. Nothing is allocated; no TPU is needed, only the
 compiler.
 
-The step time is bounded from below by the larger of compute at the chips' peak and the
-arguments read once at their HBM bandwidth, and estimated from above with XLA's count of
-bytes accessed (`run_estimate`). XLA's own TPU time estimate came out negative for these
-programs, so it is not used.
+Each program's step time is read from its optimized HLO by `roofline.step_time` for the
+slice's chip (or, for cpu:N, this machine's CPU as measured): a bound no run beats and an
+estimate with stated assumptions, every loop counted by its trip count; `run_estimate` turns
+the train step's into the run's hours. XLA's own TPU time estimate came out negative for
+these programs, so it is not used.
 """
 
 import dataclasses
@@ -27,9 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from msf_jax.config_utils import ConfigError, check_training_config
 from msf_jax.data import pipeline, sources
 from msf_jax.evaluate import features as feature_extraction, knn, linear_probe
-from msf_jax.models import build_networks, feature_dim, resolve_dtype_name
-from msf_jax.models.msf import projection_dim
-from msf_jax.plan import compiled as reading
+from msf_jax.models import feature_dim, resolve_dtype_name
+from msf_jax.plan import compiled as reading, roofline
 from msf_jax.plan.slices import Slice, SliceError, tpu_devices
 from msf_jax.sharding import batch_sharded, make_mesh, replicated
 from msf_jax.train import make_train_step
@@ -40,7 +40,6 @@ KNOWN_DATASETS = {'imagenet2012': (1_281_167, 1000)}
 # Two-view samples/s one host core makes at 224 px (msf_jax's tf.data host stage, median of
 # 7 runs of benchmarks/input_benchmark.py, benchmarks/RESULTS.md, 2026-11-26).
 INPUT_SAMPLES_PER_CORE = 268.0
-PROBE_BATCH_SIZE = 256
 TRAIN_STEP, KNN_SEARCH = 'train step', 'kNN search'  # the programs' names, as plans show them
 
 
@@ -63,6 +62,7 @@ class ProgramPlan:
   while_loops: int = 0
   collective_counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
   hlo_file: str | None = None
+  step_time: dict[str, Any] | None = None  # roofline.StepTime's fields on the plan's chip
 
   @property
   def flops_per_image(self) -> float:
@@ -118,9 +118,8 @@ def _out_of_memory_bytes(message: str) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """What to compile: a jitted function of abstract, placed arguments, and what the plan
-  tells about it before compiling (the bytes of its state and batch arguments a device, the
-  architecture's FLOPs an image)."""
+  """What to compile: a jitted function of abstract, placed arguments, and the bytes of its
+  state and batch arguments a device."""
 
   name: str
   jitted: Callable
@@ -129,22 +128,28 @@ class Program:
   devices: int
   state_bytes: int
   batch_bytes: int
-  architecture_flops_per_image: float
 
 
 def compile_program(
-  program: Program, hbm_bytes: int | None, hlo_dir: str | None = None
+  program: Program,
+  hbm_bytes: int | None,
+  hlo_dir: str | None = None,
+  chip: roofline.Chip | None = None,
+  torus_dims: int = 1,
 ) -> ProgramPlan:
   """Compiles and reads the program; one whose arguments alone overflow the chip is not
   compiled (its memory is then those arguments), and one the compiler finds too large for
-  the chip keeps the size the compiler reports. With `hlo_dir`, the optimized HLO is kept
-  there (gzipped), so that later estimates need no new compile."""
+  the chip keeps the size the compiler reports. With `chip`, the program's step time on it
+  (`roofline.step_time`); with `hlo_dir`, the optimized HLO is kept there (gzipped), so that
+  later estimates need no new compile."""
   plan = functools.partial(
     ProgramPlan,
     name=program.name,
     global_batch=program.global_batch,
     devices=program.devices,
-    architecture_flops_per_image=program.architecture_flops_per_image,
+    architecture_flops_per_image=(
+      reading.matmul_flops(program.jitted, *program.args) / program.global_batch
+    ),
   )
   state_bytes, batch_bytes = program.state_bytes, program.batch_bytes
   arguments = {'state': state_bytes, 'batch': batch_bytes}
@@ -173,8 +178,9 @@ def compile_program(
     )
   seconds = time.perf_counter() - start
   cost, hlo = reading.cost(executable), executable.as_text() or ''  # None: no HLO text kept
+  memory = reading.memory(executable, state_bytes, batch_bytes)
   return plan(
-    memory=reading.memory(executable, state_bytes, batch_bytes),
+    memory=memory,
     flops=cost['flops'],
     bytes_accessed=cost['bytes_accessed'],
     collectives=reading.collective_bytes(hlo),
@@ -182,7 +188,19 @@ def compile_program(
     while_loops=reading.while_loops(hlo),
     collective_counts=reading.collective_counts(hlo),
     hlo_file=_keep_hlo(hlo, program.name, hlo_dir),
+    step_time=(
+      step_time_of(hlo, program.devices, memory, chip, torus_dims) if chip and hlo else None
+    ),
   )
+
+
+def step_time_of(
+  hlo: str, devices: int, memory: dict[str, int], chip: roofline.Chip, torus_dims: int
+) -> dict[str, Any]:
+  """`roofline.step_time` of a compiled program, its arguments (state, batch and the rest)
+  read once, as a JSON-ready dict."""
+  arguments = memory['state'] + memory['batch'] + memory['other_arguments']
+  return dataclasses.asdict(roofline.step_time(hlo, devices, chip, arguments, torus_dims))
 
 
 def _keep_hlo(hlo: str, name: str, hlo_dir: str | None) -> str | None:
@@ -204,29 +222,13 @@ def _unplaced(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def train_step_flops_per_image(config: ml_collections.ConfigDict, state: Any) -> int:
-  """The architecture's count for one image of a train step: the online encoder forward and
-  backward (3 forwards), the target forward, the predictor's 3 forwards, and the query's
-  product with every bank row."""
-  encoder, predictor = build_networks(config.model)
-  image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), np.float32)
-  encoder_flops = reading.matmul_flops(
-    lambda v, x: encoder.apply(v, x, train=False), _unplaced(state.online), image
-  )
-  projection = jax.ShapeDtypeStruct((1, projection_dim(config.model)), np.float32)
-  predictor_flops = reading.matmul_flops(
-    lambda v, x: predictor.apply(v, x, train=False), _unplaced(state.predictor), projection
-  )
-  search_flops = 2 * config.msf.bank_size * projection_dim(config.model)
-  return 4 * encoder_flops + 3 * predictor_flops + search_flops
-
-
-def backbone_flops_per_image(config: ml_collections.ConfigDict, variables: Any) -> int:
-  """The architecture's count of one backbone forward (what feature extraction runs)."""
-  encoder, _ = build_networks(config.model)
-  image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), np.float32)
-  return reading.matmul_flops(
-    lambda v, x: encoder.apply(v, x, method=encoder.features), _unplaced(variables), image
+def bank_row_bytes(bank: Any, bank_size: int) -> int:
+  """Bytes one bank row takes in the (abstract) state: each array of the bank with a row a
+  slot (the embedding, its label), at its own dtype."""
+  return sum(
+    math.prod(leaf.shape[1:]) * np.dtype(leaf.dtype).itemsize
+    for leaf in jax.tree.leaves(bank)
+    if leaf.ndim and leaf.shape[0] == bank_size
   )
 
 
@@ -247,7 +249,6 @@ def train_program(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch
     mesh.devices.size,
     reading.bytes_per_device(state),
     reading.bytes_per_device(batch),
-    train_step_flops_per_image(config, state),
   )
 
 
@@ -264,7 +265,6 @@ def feature_program(config: ml_collections.ConfigDict, mesh: Mesh) -> Program:
     mesh.devices.size,
     reading.bytes_per_device(variables),
     reading.bytes_per_device(images),
-    backbone_flops_per_image(config, variables),
   )
 
 
@@ -276,12 +276,13 @@ def probe_program(
 ) -> Program:
   """One step of the official linear probe (fresh views through the frozen backbone)."""
   num_features = feature_dim(config.model.depth, config.model.width)
+  probe = linear_probe.OFFICIAL
   optimizer = linear_probe.make_probe_optimizer(
-    max(train_examples // PROBE_BATCH_SIZE, 1),
-    lr=0.01,
-    momentum=0.9,
-    weight_decay=1e-4,
-    milestones=(15, 30),
+    max(train_examples // probe.batch_size, 1),
+    lr=probe.lr,
+    momentum=probe.momentum,
+    weight_decay=probe.weight_decay,
+    milestones=probe.milestones,
   )
   params = jax.eval_shape(lambda: linear_probe.init_linear(num_features, num_classes, 0))
   stats = (jax.ShapeDtypeStruct((num_features,), np.float32),) * 2
@@ -290,18 +291,16 @@ def probe_program(
     (params, jax.eval_shape(optimizer.init, params), backbone, stats), replicated(mesh)
   )
   batch = _placed(
-    pipeline.probe_batch_spec(PROBE_BATCH_SIZE, config.image_size), batch_sharded(mesh)
+    pipeline.probe_batch_spec(probe.batch_size, config.image_size), batch_sharded(mesh)
   )
-  linear_flops = 3 * 2 * num_features * num_classes
   return Program(
     'linear probe step',
     linear_probe.make_probe_step(config, mesh, optimizer, num_classes),
     (*arguments, batch),
-    PROBE_BATCH_SIZE,
+    probe.batch_size,
     mesh.devices.size,
     reading.bytes_per_device(arguments),
     reading.bytes_per_device(batch),
-    backbone_flops_per_image(config, backbone) + linear_flops,
   )
 
 
@@ -329,7 +328,6 @@ def knn_program(config: ml_collections.ConfigDict, mesh: Mesh, train_examples: i
     mesh.devices.size,
     reading.bytes_per_device(train),
     reading.bytes_per_device(queries),
-    2 * train_examples * num_features,
   )
 
 
@@ -356,7 +354,7 @@ def fit_advice(
   if 1 <= images < per_chip:
     advice.append(f'--config.batch_size={images * program.devices} ({images} a chip)')
   if program.name == TRAIN_STEP:
-    row_bytes = projection_dim(config.model) * 4 + 4
+    row_bytes = bank_row_bytes(abstract_state(config).bank, config.msf.bank_size)
     shards = program.devices if bank_layout(config, program.devices) == 'sharded' else 1
     bank_bytes = config.msf.bank_size * row_bytes // shards
     if shards == 1 and program.devices > 1 and config.msf.bank_size % program.devices == 0:
@@ -439,7 +437,11 @@ def plan_run(
     'probe': lambda: probe_program(config, mesh, num_classes, train_examples),
     'knn': lambda: knn_program(config, mesh, train_examples),
   }
-  compiled = [compile_program(builders[name](), hbm, hlo_dir) for name in programs]
+  chip = generation.chip if generation else roofline.host_chip(tpu_slice.chips)
+  torus_dims = generation.torus_dims if generation else 1
+  compiled = [
+    compile_program(builders[name](), hbm, hlo_dir, chip, torus_dims) for name in programs
+  ]
   plan = {
     'slice': dataclasses.asdict(tpu_slice) | {'host_vcpus': tpu_slice.host_vcpus},
     'config': {
@@ -464,43 +466,35 @@ def plan_run(
     ],
   }
   train = next((p for p in compiled if p.name == TRAIN_STEP), None)
-  if generation and train and plan['fits']:
+  if train and train.step_time and plan['fits'] is not False:
     plan['run'] = run_estimate(
       train, tpu_slice, config.num_epochs * steps_per_epoch, input_samples_per_core
     )
+  plan['chip'] = dataclasses.asdict(chip)
   return plan
 
 
 def run_estimate(
   train: ProgramPlan, tpu_slice: Slice, total_steps: int, input_samples_per_core: float
 ) -> dict[str, float]:
-  """The train step's time on the slice's chips, bounded from below by the larger of its
-  FLOPs at the chip's peak and its arguments (state and batch) read once from HBM, and
-  estimated from above with XLA's bytes accessed (every operation's operands and results, as
-  if nothing stayed on chip) in place of the arguments; then the images/s ceiling, the feed
-  each host must keep up with at it, and the whole run's hours and chip-hours at it."""
-  generation = tpu_slice.tpu_generation
-  bandwidth = generation.hbm_gb_per_s * 1e9
-  compute_seconds = train.flops / (generation.peak_bf16_tflops * 1e12)
-  arguments = train.memory['state'] + train.memory['batch'] + train.memory['other_arguments']
-  step_seconds = max(compute_seconds, arguments / bandwidth)
-  pessimistic_seconds = max(compute_seconds, train.bytes_accessed / bandwidth)
-  images_per_second = train.global_batch / step_seconds
-  per_host = images_per_second / tpu_slice.hosts
-  hours = total_steps * step_seconds / 3600
-  return {
-    'compute_seconds': compute_seconds,
-    'arguments_seconds': arguments / bandwidth,
-    'xla_traffic_seconds': train.bytes_accessed / bandwidth,
-    'step_seconds': step_seconds,
-    'images_per_second': images_per_second,
-    'pessimistic_step_seconds': pessimistic_seconds,
-    'pessimistic_images_per_second': train.global_batch / pessimistic_seconds,
-    'images_per_second_per_host': per_host,
-    'host_cores_needed': per_host / input_samples_per_core,
+  """The whole run from the train step's bound and estimate (`roofline.step_time`): images
+  a second, the two-view images each host must make at them (and the cores that takes), and
+  the run's hours and chip-hours."""
+  assert train.step_time is not None
+  run: dict[str, float] = {
     'input_samples_per_core': input_samples_per_core,
     'total_steps': total_steps,
-    'hours': hours,
-    'chip_hours': hours * tpu_slice.chips,
-    'pessimistic_hours': total_steps * pessimistic_seconds / 3600,
   }
+  for name in ('bound', 'estimate'):
+    seconds = train.step_time[f'{name}_seconds']
+    per_host = train.global_batch / seconds / tpu_slice.hosts
+    hours = total_steps * seconds / 3600
+    run |= {
+      f'{name}_step_seconds': seconds,
+      f'{name}_images_per_second': train.global_batch / seconds,
+      f'{name}_images_per_second_per_host': per_host,
+      f'{name}_host_cores_needed': per_host / input_samples_per_core,
+      f'{name}_hours': hours,
+      f'{name}_chip_hours': hours * tpu_slice.chips,
+    }
+  return run

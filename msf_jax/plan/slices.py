@@ -1,6 +1,6 @@
 """Cloud TPU slices by the names `gcloud` takes (v5e-64, v4-32, ...): their chips and hosts,
-the compiler's topology for them, and each generation's published per-chip figures, which
-the planner's time bound and memory check use."""
+the compiler's topology for them, and each generation's memory a chip, which the planner's
+memory check uses (its speed figures are `roofline.CHIPS`')."""
 
 import dataclasses
 import importlib.util
@@ -9,6 +9,8 @@ import re
 
 from jax.experimental import topologies
 
+from msf_jax.plan import roofline
+
 
 class SliceError(ValueError):
   """A slice the planner cannot compile for: a name it does not know, or no libtpu here."""
@@ -16,12 +18,13 @@ class SliceError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-  """Per-chip figures of a TPU generation as Google publishes them (`source`).
+  """A TPU generation as Google publishes it (`source`): memory a chip, its hosts and how
+  slices are named. Its peak, bandwidths and latency: `chip`.
 
-  `name_counts_cores`: v4-N and v5p-N count TensorCores (two a chip), v5e-N and v6e-N chips.
-  `megacore`: JAX sees one device a chip, its two TensorCores fused (v4, v5p).
-  Hosts: slices of up to `single_host_chips` chips are one host with `single_host_vcpus`;
-  larger ones are `chips_per_host` chips a host with `host_vcpus` each.
+    `name_counts_cores`: v4-N and v5p-N count TensorCores (two a chip), v5e-N and v6e-N chips.
+    `megacore`: JAX sees one device a chip, its two TensorCores fused (v4, v5p).
+    Hosts: slices of up to `single_host_chips` chips are one host with `single_host_vcpus`;
+    larger ones are `chips_per_host` chips a host with `host_vcpus` each.
   """
 
   name: str
@@ -29,30 +32,24 @@ class Generation:
   name_counts_cores: bool
   megacore: bool
   hbm_gib: float
-  peak_bf16_tflops: float
-  hbm_gb_per_s: float
   chips_per_host: int
   host_vcpus: int
   single_host_chips: int
   single_host_vcpus: int
   source: str
 
+  @property
+  def chip(self) -> roofline.Chip:
+    return roofline.CHIPS[self.name]
+
 
 GENERATIONS = {
   g.name: g
   for g in (
-    Generation(
-      'v4', 3, True, True, 32, 275, 1228, 4, 240, 4, 240, 'https://cloud.google.com/tpu/docs/v4'
-    ),
-    Generation(
-      'v5e', 2, False, False, 16, 197, 819, 4, 112, 8, 224, 'https://cloud.google.com/tpu/docs/v5e'
-    ),
-    Generation(
-      'v5p', 3, True, True, 95, 459, 2765, 4, 208, 4, 208, 'https://cloud.google.com/tpu/docs/v5p'
-    ),
-    Generation(
-      'v6e', 2, False, False, 32, 918, 1640, 4, 180, 8, 180, 'https://cloud.google.com/tpu/docs/v6e'
-    ),
+    Generation('v4', 3, True, True, 32, 4, 240, 4, 240, 'https://cloud.google.com/tpu/docs/v4'),
+    Generation('v5e', 2, False, False, 16, 4, 112, 8, 224, 'https://cloud.google.com/tpu/docs/v5e'),
+    Generation('v5p', 3, True, True, 95, 4, 208, 4, 208, 'https://cloud.google.com/tpu/docs/v5p'),
+    Generation('v6e', 2, False, False, 32, 4, 180, 8, 180, 'https://cloud.google.com/tpu/docs/v6e'),
   )
 }
 ALIASES = {'v5litepod': 'v5e'}
