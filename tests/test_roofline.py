@@ -2,6 +2,8 @@
 trip counts, collectives by their bytes and their number, and the FLOPs it reads agree with
 XLA's and with the traced program's where there is no loop."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,18 @@ def test_a_loop_of_n_iterations_costs_n_bodies():
   assert 0 <= overhead < 0.5 * per_iteration
   xla = reading.cost(jax.jit(_looped(16)).lower(x).compile())['flops']
   assert xla < 2 * body_flops  # XLA's own count: one body
+
+
+def test_a_trip_count_the_compiler_does_not_annotate_is_read_from_the_loop_condition():
+  """TPU programs may carry no `known_trip_count`: the count is then read from the loop's
+  condition (a counter from a constant, compared with a constant)."""
+  x = jax.ShapeDtypeStruct((64, 64), np.float32)
+  hlo = jax.jit(_looped(7)).lower(x).compile().as_text()
+  assert '"known_trip_count":{"n":"7"}' in hlo
+  bare = re.sub(r',"known_trip_count":\{"n":"7"\}', '', hlo)
+  counted, read = (roofline.step_time(text, 1, CHIP, 0) for text in (hlo, bare))
+  assert read.matmul_flops == counted.matmul_flops == 7 * 2 * 64**3
+  assert read.unknown_trip_counts == 0
 
 
 def test_float32_products_at_highest_precision_are_charged_six_passes():

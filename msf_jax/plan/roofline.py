@@ -220,11 +220,13 @@ class Module:
   computations: dict[str, list[Instruction]]
   entry: str
   shapes: dict[str, tuple[Array, ...]]
+  instructions: dict[str, Instruction]
 
 
 def parse(hlo_text: str) -> Module:
   computations: dict[str, list[Instruction]] = {}
   shapes: dict[str, tuple[Array, ...]] = {}
+  instructions: dict[str, Instruction] = {}
   entry, current = '', None
   for line in hlo_text.splitlines():
     if current is None:
@@ -240,9 +242,10 @@ def parse(hlo_text: str) -> Module:
     if instruction:
       current.append(instruction)
       shapes[instruction.name] = instruction.result
+      instructions[instruction.name] = instruction
   if not entry:
     raise ValueError('No ENTRY computation in the HLO text.')
-  return Module(computations, entry, shapes)
+  return Module(computations, entry, shapes, instructions)
 
 
 # --- Costs ---------------------------------------------------------------------------------
@@ -306,8 +309,8 @@ def _search(pattern: str, text: str) -> re.Match:
 def _window(attributes: str) -> dict[str, list]:
   """An HLO convolution's window: size, stride, padding (low, high), dilations, a spatial
   dimension each."""
-  window = _search(r'window=\{([^}]*)\}', attributes)[1]
-  fields: dict[str, str] = dict(re.findall(r'(\w+)=(\S+)', window))
+  window = re.search(r'window=\{([^}]*)\}', attributes)  # none: no spatial dimension
+  fields: dict[str, str] = dict(re.findall(r'(\w+)=(\S+)', window[1])) if window else {}
 
   def split(key: str, default: str) -> list:
     return [
@@ -315,6 +318,8 @@ def _window(attributes: str) -> dict[str, list]:
       for part in fields.get(key, default).split('x')
     ]
 
+  if 'size' not in fields:
+    return {key: [] for key in ('size', 'stride', 'pad', 'lhs_dilate', 'rhs_dilate')}
   rank = len(fields['size'].split('x'))
   ones = 'x'.join(['1'] * rank)
   return {
@@ -409,13 +414,59 @@ class _Reader:
     return cost
 
   def _loop(self, instruction: Instruction, called: dict[str, str]) -> Cost:
-    trips = _TRIP_COUNT.search(instruction.attributes)
+    trips = self._trip_count(instruction, called['condition'])
     body = Cost()
     body.add(self.computation(called['body']))
     body.add(self.computation(called['condition']))
     cost = Cost(unknown_trip_counts=0 if trips else 1)
-    cost.add(body, int(trips['n']) if trips else 1)
+    cost.add(body, trips or 1)
     return cost
+
+  def _trip_count(self, loop: Instruction, condition: str) -> int | None:
+    """The compiler's known trip count; else, for a counter compared with a constant
+    (`i < n`, counting up by one from a constant), n minus the start; else None."""
+    known = _TRIP_COUNT.search(loop.attributes)
+    if known:
+      return int(known['n'])
+    compare = self._comparison(self.module.computations[condition][-1])
+    if compare is None:
+      return None
+    direction, (counter, bound) = compare
+    index = re.search(r'index=(\d+)', counter.attributes) if counter else None
+    if direction not in ('LT', 'LE') or not (index and counter and bound):
+      return None
+    if bound.opcode != 'constant' or counter.opcode != 'get-tuple-element':
+      return None
+    start = self._constant_element(loop.operands[0], int(index[1]))
+    if start is None:
+      return None
+    return int(bound.inside) - start + (direction == 'LE')
+
+  def _comparison(self, root: Instruction) -> tuple[str, list] | None:
+    """(direction, [its two operands' instructions]) of a loop condition's compare, also
+    where the compiler wrapped it in a fusion (the operands are then the fusion's)."""
+    operands = [self.module.instructions.get(o) for o in root.operands]
+    if root.opcode == 'fusion':
+      inner = self.module.computations[_called(root)['calls']][-1]
+      parameters = [self.module.instructions.get(o) for o in inner.operands]
+      if inner.opcode != 'compare' or not all(p and p.opcode == 'parameter' for p in parameters):
+        return None
+      operands = [operands[int(p.inside)] for p in parameters if p]
+      root = inner
+    direction = re.search(r'direction=(\w+)', root.attributes)
+    if root.opcode != 'compare' or not direction:
+      return None
+    return direction[1], operands
+
+  def _constant_element(self, name: str, index: int) -> int | None:
+    """Element `index` of the tuple `name` when it is a constant (through copies)."""
+    tuple_ = self.module.instructions.get(name)
+    if not tuple_ or tuple_.opcode != 'tuple':
+      return None
+    value = self.module.instructions.get(tuple_.operands[index])
+    while value and value.opcode in ('copy', 'bitcast'):
+      value = self.module.instructions.get(value.operands[0])
+    return int(value.inside) if value and value.opcode == 'constant' else None
 
   def _count_flops(self, instruction: Instruction, cost: Cost) -> None:
     opcode = instruction.opcode
