@@ -183,13 +183,23 @@ def test_cpu_plan_runs_without_libtpu_and_is_cached(tmp_path):
   knn = plan['programs']['kNN search']  # the roofline counts every chunk of the search loop
   assert knn['step_time']['flops'] > 1.5 * knn['flops'] and knn['while_loops'] == 1
   assert train['memory']['state'] > 0 and train['memory']['total'] >= train['memory']['state']
-  assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'], rel=0.05)
+  _assert_flops_agree(train)
   assert train['collectives'].get('all-reduce', 0) > 0
   assert 'GFLOP an image (XLA)' in first.stdout
   assert "kNN search: XLA counts a loop's body once (1 while loop(s) in it)" in first.stdout
   second = _plan(arguments, tmp_path, WITHOUT_LIBTPU)
   assert second.returncode == 0 and '(cached plan' in second.stdout
   assert json.loads((tmp_path / 'plan.json').read_text()) == plan
+
+
+def _assert_flops_agree(train: dict) -> None:
+  """The convolutions and products of the traced step (the architecture's count) are those
+  of the compiled program (read from its HLO, every loop counted); XLA's total adds the
+  elementwise work (colour stage, BatchNorm, optimizer, EMA: 5% at this small net)."""
+  architecture = train['architecture_flops_per_image']
+  compiled_matmuls = train['step_time']['matmul_flops'] * train['devices'] / train['global_batch']
+  assert compiled_matmuls == pytest.approx(architecture, rel=0.005)
+  assert architecture < train['flops_per_image'] < 1.1 * architecture
 
 
 def test_tpu_topology_without_libtpu_says_how_to_install_it(monkeypatch):
@@ -273,7 +283,7 @@ def test_small_recipe_compiles_for_tpu_topologies(topology, tmp_path):
   plan = json.loads((tmp_path / 'plan.json').read_text())
   train = plan['programs']['train step']
   assert plan['fits'] and plan['slice']['chips'] == 4 and plan['config']['dtype'] == 'bfloat16'
-  assert train['flops_per_image'] == pytest.approx(train['architecture_flops_per_image'], rel=0.05)
+  _assert_flops_agree(train)
   assert train['collectives']['all-reduce'] > 11e6 * 2  # ResNet-18's gradients, at least bf16
   # BatchNorm over each chip's own images: the gradients are summed in float32.
   assert train['collective_counts']['all-reduce']['f32'] > 11e6 * 4
