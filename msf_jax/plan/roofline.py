@@ -13,7 +13,7 @@ Two numbers come out, named for what they are:
   asynchronous collectives and prefetches with compute, which makes a run faster), every
   operation reaches its roofline (small or oddly shaped ones do not, which makes it slower),
   and an operation's operands and result cross HBM once (on TPU, buffers the compiler placed
-  in on-chip memory, layout `S(1)`, do not count).
+  in another memory space, a layout's `S(n)`: the on-chip VMEM, v4's CMEM, do not count).
 """
 
 import collections
@@ -141,7 +141,7 @@ _ELEMENTWISE = {
 class Array:
   dtype: str
   dims: tuple[int, ...]
-  on_chip: bool  # TPU layout memory space S(1): on-chip memory, not HBM
+  on_chip: bool  # a TPU layout's memory space S(n), n > 0 (VMEM, CMEM, SMEM...), not HBM
 
   @property
   def size(self) -> int:
@@ -171,7 +171,7 @@ def _arrays(shape: str) -> tuple[Array, ...]:
     Array(
       m['dtype'],
       tuple(int(d) for d in m['dims'].split(',') if d),
-      'S(1)' in (m['layout'] or ''),
+      bool(re.search(r'S\([1-9]\d*\)', m['layout'] or '')),
     )
     for m in _ARRAY.finditer(shape)
     if m['dtype'] in _DTYPE_BYTES
