@@ -8,9 +8,10 @@
 Every TPU and GPU run computes in bfloat16 (`model.dtype = 'auto'`), which the CPU only
 emulates. This trains the demo's recipe (configs/demo.py: digits, ResNet-18 of width 8, 24 px,
 batch 32, k = 10, lr 0.3 x batch/256, a bank of one train set) with `model.dtype` 'float32'
-and 'bfloat16' for seeds 0 to `--seeds` - 1 (0, 1 and 2 by default): same seeds, so the same
-initial weights, bank and augmentations, and only the compute dtype differs. Each run logs its mean loss every epoch and
-the kNN monitor (1-NN and 20-NN on the whole test split) every `--monitor-every` epochs.
+and 'bfloat16' for seeds 0, 1 and 2 by default (`--seeds`): same seeds, so the same initial
+weights, bank and augmentations, and only the compute dtype differs. Each run logs its mean
+loss every epoch and the kNN monitor (1-NN and 20-NN on the whole test split) every
+`--monitor-every` epochs.
 
 `--seeds` is a count N (seeds 0 to N - 1) or a range A:B (seeds A to B - 1). A `--variant`
 trains the bfloat16 runs of those seeds once more with one part of the network (or the
