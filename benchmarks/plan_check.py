@@ -89,6 +89,9 @@ def check(name: str, runs: int) -> dict:
 
 
 def main() -> None:
+  from msf_jax import distributed
+
+  distributed.cpu_alone_without_accelerators()  # no libtpu lines on a CPU-only machine
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--recipes', nargs='+', default=list(RECIPES), choices=list(RECIPES))
   parser.add_argument('--runs', type=int, default=5)
