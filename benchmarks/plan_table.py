@@ -54,12 +54,15 @@ class Job:
     return bank + layout + groups
 
 
-def plan(job: Job, out: str, config: str, extra: list[str]) -> dict:
-  """Runs the planner for one job; returns its JSON (with the exit status)."""
+def plan(job: Job, out: str, config: str, extra: list[str], report: bool = False) -> dict:
+  """Runs the planner for one job; returns its JSON (with the exit status). With `report`,
+  only reads what an earlier call made."""
   stem = os.path.join(out, job.stem)
   if os.path.exists(f'{stem}.json'):  # made by an earlier call: --out is the record
     with open(f'{stem}.json') as f:
       return json.load(f)
+  if report:
+    return {'error': 'not planned yet'}
   command = [
     sys.executable,
     '-m',
@@ -191,6 +194,7 @@ def main() -> None:
     help="model.bn_group_size (default: the config's; 0 normalizes over the global batch).",
   )
   parser.add_argument('--parallel', type=int, default=2)
+  parser.add_argument('--report', action='store_true', help='Plan nothing: the table of --out.')
   args, extra = parser.parse_known_args()
   os.makedirs(args.out, exist_ok=True)
   jobs = [
@@ -202,7 +206,7 @@ def main() -> None:
     for groups in args.bn_group_sizes
   ]
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-    results = list(pool.map(lambda job: plan(job, args.out, args.config, extra), jobs))
+    results = list(pool.map(lambda job: plan(job, args.out, args.config, extra, args.report), jobs))
   if args.banks != [None] and args.layouts != [None]:
     print(
       '| slice | bank rows | layout | state GiB | temporaries GiB | total GiB a chip | fits '
