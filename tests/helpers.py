@@ -6,10 +6,13 @@ multi-process runs. Small configs and batches: msf_jax.testing."""
 import copy
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
+import sys
 import tomllib
+from unittest import mock
 
 import jax
 import numpy as np
@@ -177,6 +180,29 @@ def write_lock(workdir, **holder):
   with open(f'{path}.tmp', 'w') as f:  # whole or not at all, as a heartbeat thread reads it
     json.dump(record, f)
   os.replace(f'{path}.tmp', path)
+
+
+def run_in_process(args, capfd):
+  """`python -m msf_jax.main ARGS` in this process: (exit status, console output)."""
+  from absl import flags
+
+  from msf_jax import main as main_module
+
+  before = set(logging.getLogger().handlers)
+  capfd.readouterr()
+  argv = ['main', *args]
+  try:  # ml_collections finds the --config.* overrides in sys.argv
+    with pytest.raises(SystemExit) as exited, mock.patch.object(sys, 'argv', argv):
+      main_module.run(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+    for name in [name for name in flags.FLAGS if name.startswith('config.')]:
+      delattr(flags.FLAGS, name)  # ml_collections defines them anew at each parse
+    for handler in set(logging.getLogger().handlers) - before:
+      if isinstance(handler, logging.FileHandler):  # the run's log file
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+  return exited.value.code, capfd.readouterr().err
 
 
 # --- Multi-process jobs ---------------------------------------------------------------------
