@@ -1,6 +1,7 @@
 """Eight fake CPU devices for the sharding tests, and one compilation cache for the session;
 both set before JAX is first imported."""
 
+import collections
 import os
 import shutil
 import subprocess
@@ -33,6 +34,21 @@ def _own_compilation_cache() -> str | None:
 
 
 _CACHE = _own_compilation_cache()
+
+
+def pytest_collection_modifyitems(config, items):
+  """Test files in order of their count of `slow` tests, most first (each file's tests in
+  their order; ties in pytest's order). scripts/test.sh runs whole files on each worker
+  (`--dist loadfile`, which keeps a module's fixtures, such as its subprocess runs, in one
+  process) in this order (`--no-loadscope-reorder`: pytest-xdist would otherwise send the
+  files with the most tests first, leaving the few long tests of test_main.py, test_parity.py
+  or test_demo.py for the end while the other worker idles): the longest work starts first,
+  and the quick files fill in at the end."""
+  slow = collections.Counter(item.path for item in items if item.get_closest_marker('slow'))
+  first = {}
+  for index, item in enumerate(items):
+    first.setdefault(item.path, index)
+  items.sort(key=lambda item: (-slow[item.path], first[item.path]))
 
 
 def pytest_unconfigure(config):
