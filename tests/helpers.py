@@ -3,12 +3,16 @@ reaches only the files that use what changed here): tree comparisons, the pyproj
 the few train steps, image folders, the notebook's cells, the training program's settings and
 multi-process runs. Small configs and batches: msf_jax.testing."""
 
+import copy
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
+import sys
 import tomllib
+from unittest import mock
 
 import jax
 import numpy as np
@@ -63,15 +67,39 @@ def home() -> str:
   return pyproject()['project']['urls']['Repository']
 
 
+_TRAIN_STEPS: dict = {}
+
+
+def train_step(config, mesh, steps_per_epoch=STEPS_PER_EPOCH, donate=True, finish_views=True):
+  """`make_train_step`, built and compiled once per test process for each configuration,
+  mesh and option (each `make_train_step` is a new function, which jit compiles anew). The
+  step is made from a copy of `config`, so a test may change its config afterwards."""
+  key = (
+    config.to_json_best_effort(sort_keys=True),
+    tuple(device.id for device in mesh.devices.flat),
+    mesh.devices.shape,
+    mesh.axis_names,
+    steps_per_epoch,
+    donate,
+    finish_views,
+    jax.config.jax_enable_x64,
+  )
+  if key not in _TRAIN_STEPS:
+    _TRAIN_STEPS[key] = make_train_step(
+      copy.deepcopy(config), mesh, steps_per_epoch, donate=donate, finish_views=finish_views
+    )
+  return _TRAIN_STEPS[key]
+
+
 def run_steps(config, devices, batches, seed=0):
   """`batches` (finished views) through a fresh state's train step on `devices`: the final
   state and each step's metrics, on the host."""
   mesh = make_mesh(devices)
   state = put_state(create_state(config, jax.random.key(seed)), config, mesh)
-  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False)
+  step = train_step(config, mesh, STEPS_PER_EPOCH, finish_views=False)
   metrics = []
   for batch in batches:
-    state, step_metrics = train_step(state, put_batch(batch, mesh))
+    state, step_metrics = step(state, put_batch(batch, mesh))
     metrics.append(jax.device_get(step_metrics))
   return jax.device_get(state), metrics
 
@@ -152,6 +180,29 @@ def write_lock(workdir, **holder):
   with open(f'{path}.tmp', 'w') as f:  # whole or not at all, as a heartbeat thread reads it
     json.dump(record, f)
   os.replace(f'{path}.tmp', path)
+
+
+def run_in_process(args, capfd):
+  """`python -m msf_jax.main ARGS` in this process: (exit status, console output)."""
+  from absl import flags
+
+  from msf_jax import main as main_module
+
+  before = set(logging.getLogger().handlers)
+  capfd.readouterr()
+  argv = ['main', *args]
+  try:  # ml_collections finds the --config.* overrides in sys.argv
+    with pytest.raises(SystemExit) as exited, mock.patch.object(sys, 'argv', argv):
+      main_module.run(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+    for name in [name for name in flags.FLAGS if name.startswith('config.')]:
+      delattr(flags.FLAGS, name)  # ml_collections defines them anew at each parse
+    for handler in set(logging.getLogger().handlers) - before:
+      if isinstance(handler, logging.FileHandler):  # the run's log file
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+  return exited.value.code, capfd.readouterr().err
 
 
 # --- Multi-process jobs ---------------------------------------------------------------------

@@ -27,7 +27,14 @@ from msf_jax.interop.backbones import load_encoder, random_encoder
 from msf_jax.models import backbone_only, build_networks
 from msf_jax.testing import small_config
 
-from helpers import PROCESSES, REPO, free_port, run_processes, skip_without_cpu_collectives
+from helpers import (
+  PROCESSES,
+  REPO,
+  free_port,
+  run_in_process,
+  run_processes,
+  skip_without_cpu_collectives,
+)
 
 EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
 WIDTH = 8  # first-stage channels: a ResNet-18 narrow enough for fast CPU tests
@@ -368,13 +375,15 @@ def test_main_evaluates_in_evaluate_mode(tmp_path):
   assert set(record['results']) == KNN_KEYS
 
 
-@pytest.mark.slow  # python -m msf_jax.main, twice
-def test_main_names_a_wrong_format_and_a_misspelt_key(tmp_path):
-  result = run_main(tmp_path, '--config.checkpoint_format=onnx')
-  assert result.returncode == 1 and "got 'onnx'" in result.stderr, result.stderr[-3000:]
-  assert 'error: ' in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
-  result = run_main(tmp_path, '--config.knn.kss=1')
-  assert result.returncode != 0 and 'kss' in result.stderr, result.stderr[-3000:]
+def test_main_names_a_wrong_format_and_a_misspelt_key(tmp_path, capfd):
+  # msf_jax.main's run in this process, as test_main.py's mistakes: both stop at the config.
+  code, console = run_in_process(
+    main_command(tmp_path, '--config.checkpoint_format=onnx')[3:], capfd
+  )
+  assert code == 1 and "got 'onnx'" in console, console[-3000:]
+  assert 'error: ' in console and 'Traceback' not in console, console[-3000:]
+  code, console = run_in_process(main_command(tmp_path, '--config.knn.kss=1')[3:], capfd)
+  assert code != 0 and 'kss' in console, console[-3000:]
 
 
 @pytest.mark.slow

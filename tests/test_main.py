@@ -5,13 +5,11 @@ as one `error:` line (in this process, the console captured) while a bug keeps i
 traceback."""
 
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from unittest import mock
 
 import jax
 import numpy as np
@@ -29,6 +27,7 @@ from helpers import (
   TRAIN_CONFIG as CONFIG,
   assert_trees_close,
   overrides,
+  run_in_process,
   write_folder,
   write_lock,
 )
@@ -184,12 +183,6 @@ def test_ctrl_c_again_during_the_save_exits_at_once_keeping_the_checkpoint_befor
   assert code == 0 and ('Resuming at step 4' in output or 'Resuming at step 5' in output), output
 
 
-@pytest.mark.slow  # python -m msf_jax.main
-def test_misspelt_config_key_is_named(tmp_path):
-  code, output = run(tmp_path, ['--config.msf.topkk=3'], timeout=120)
-  assert code != 0 and 'topkk' in output
-
-
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, folder):
   code, output = run(
@@ -226,29 +219,6 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
 
 
 # --- A user's mistakes: one line each; a bug: its traceback ---------------------------------
-
-
-def run_in_process(args, capfd):
-  """`python -m msf_jax.main ARGS` in this process: (exit status, console output)."""
-  from absl import flags
-
-  from msf_jax import main as main_module
-
-  before = set(logging.getLogger().handlers)
-  capfd.readouterr()
-  argv = ['main', *args]
-  try:  # ml_collections finds the --config.* overrides in sys.argv
-    with pytest.raises(SystemExit) as exited, mock.patch.object(sys, 'argv', argv):
-      main_module.run(argv)
-  finally:
-    flags.FLAGS.unparse_flags()
-    for name in [name for name in flags.FLAGS if name.startswith('config.')]:
-      delattr(flags.FLAGS, name)  # ml_collections defines them anew at each parse
-    for handler in set(logging.getLogger().handlers) - before:
-      if isinstance(handler, logging.FileHandler):  # the run's log file
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-  return exited.value.code, capfd.readouterr().err
 
 
 def saved_state(workdir, **settings):

@@ -13,7 +13,6 @@ from msf_jax import (
   create_state,
   load_config,
   make_mesh,
-  make_train_step,
   mean_shift,
   put_batch,
   put_replicated,
@@ -25,13 +24,21 @@ from msf_jax.plan.compiled import equations
 from msf_jax.testing import random_batch, random_host_batch, small_config
 from msf_jax.train import make_train_step_fn, target_sources
 
-from helpers import REPO, STEPS_PER_EPOCH, assert_trees_close, relative_tree_error, run_steps
+from helpers import (
+  REPO,
+  STEPS_PER_EPOCH,
+  assert_trees_close,
+  relative_tree_error,
+  run_steps,
+  train_step,
+)
 
 
-@pytest.mark.slow  # two ResNet-18 steps at 96 px to compile
+@pytest.mark.slow  # two ResNet-18 steps to compile
 def test_eight_devices_equal_one_device_float32():
   assert jax.device_count() >= 8, 'conftest.py sets 8 fake CPU devices'
-  config = small_config(image_size=96, batch_size=16, bank_size=64)
+  # The ImageNet stem (strided 7x7 convolution, max pooling) at 32 px: layer4 works on 1 x 1.
+  config = small_config(image_size=32, batch_size=16, bank_size=64)
   batches = [random_batch(np.random.default_rng(0), config)]
   one, m1 = run_steps(config, jax.devices()[:1], batches)
   eight, m8 = run_steps(config, jax.devices()[:8], batches)
@@ -57,7 +64,7 @@ def test_eight_devices_equal_one_device_float32():
 def test_eight_devices_equal_one_device_float64_three_steps():
   with jax.enable_x64(True):
     config = small_config(
-      image_size=32, small_stem=True, batch_size=16, bank_size=64, param_dtype='float64'
+      image_size=16, small_stem=True, batch_size=16, bank_size=64, param_dtype='float64', width=8
     )
     rng = np.random.default_rng(1)
     batches = [random_batch(rng, config, dtype=np.float64) for _ in range(3)]
@@ -105,10 +112,10 @@ def test_topk_ramp_starts_as_k_equals_one_and_reaches_k():
   batch = {**random_batch(np.random.default_rng(4), config), 'label': np.arange(8, dtype=np.int32)}
   mesh = make_mesh(jax.devices()[:1])
   state = create_state(config, jax.random.key(0))
-  train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False, finish_views=False)
+  step_fn = train_step(config, mesh, donate=False, finish_views=False)
   metrics = [
     jax.device_get(
-      train_step(put_state(state.replace(step=step), config, mesh), put_batch(batch, mesh))[1]
+      step_fn(put_state(state.replace(step=step), config, mesh), put_batch(batch, mesh))[1]
     )
     for step in (0, 10, 20)
   ]
@@ -214,8 +221,8 @@ def test_bfloat16_step_matches_float32_step_within_bfloat16_tolerances():
 
   def step(dtype, state):
     config.model.dtype = dtype
-    train_step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False, finish_views=False)
-    return jax.device_get(train_step(put_replicated(state, mesh), put_batch(batch, mesh)))
+    step_fn = train_step(config, mesh, donate=False, finish_views=False)  # float32: built once
+    return jax.device_get(step_fn(put_replicated(state, mesh), put_batch(batch, mesh)))
 
   first, _ = step('float32', state)
   targets = np.asarray(first.bank.embeddings[:16])
@@ -333,8 +340,8 @@ def test_fused_colour_stage_equals_finishing_the_views_first():
   mesh = make_mesh(jax.devices()[:2])
   state = put_state(create_state(config, jax.random.key(0)), config, mesh)
   host_batch = put_batch(random_host_batch(np.random.default_rng(5), config), mesh)
-  fused = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False)
-  two_programs = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False, finish_views=False)
+  fused = train_step(config, mesh, donate=False)
+  two_programs = train_step(config, mesh, donate=False, finish_views=False)
   fused_state, fused_metrics = jax.device_get(fused(state, host_batch))
   finished = color.finish_views(host_batch, config.data.pairing)
   state_2, metrics_2 = jax.device_get(two_programs(state, finished))
@@ -381,7 +388,7 @@ def test_step_on_uint8_views_equals_the_step_on_their_float_levels():
     for batch in (as_uint8, as_float)
   ]
   assert_trees_close(finished[0], finished[1], rtol=1e-5)  # the network's inputs
-  step = make_train_step(config, mesh, STEPS_PER_EPOCH, donate=False)
+  step = train_step(config, mesh, donate=False)  # the fused step of the test above
   run = lambda batch: jax.device_get(step(state, put_batch(batch, mesh)))
   from_uint8 = run(as_uint8)
   assert_same_step(from_uint8, run(as_float), rtol=1e-5)
