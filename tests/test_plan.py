@@ -349,8 +349,12 @@ def test_the_knn_search_holds_a_share_of_the_train_features_and_gathers_no_more(
   assert search['memory']['batch'] == 1024 * 512 * 4
   assert 0 < sum(search['collectives'].values()) <= 4 * 1024 * 20 * 8
   # The chunked scan is a loop whose body XLA counts once: a chunk's FLOPs, not the share's.
+  # Counted from the traced search and from the compiled one (its loop by its trip count):
+  # each chip's 25,000 rows searched as 2 chunks of 16,384 (the padding is work too).
   assert search['while_loops'] >= 1
-  assert search['architecture_flops_per_image'] == 2 * 100_000 * 512
+  searched = 2 * (4 * 2 * 16_384) * 512  # 2 FLOPs a multiply-add, the rows searched, 512
+  assert search['architecture_flops_per_image'] == searched
+  assert search['step_time']['matmul_flops'] * 4 / 1024 == pytest.approx(searched, rel=1e-3)
 
 
 @needs_libtpu
