@@ -297,13 +297,7 @@ def probe_program(
   """One step of the official linear probe (fresh views through the frozen backbone)."""
   num_features = feature_dim(config.model.depth, config.model.width)
   probe = linear_probe.OFFICIAL
-  optimizer = linear_probe.make_probe_optimizer(
-    max(train_examples // probe.batch_size, 1),
-    lr=probe.lr,
-    momentum=probe.momentum,
-    weight_decay=probe.weight_decay,
-    milestones=probe.milestones,
-  )
+  optimizer = linear_probe.make_probe_optimizer(max(train_examples // probe.batch_size, 1), probe)
   params = jax.eval_shape(lambda: linear_probe.init_linear(num_features, num_classes, 0))
   stats = (jax.ShapeDtypeStruct((num_features,), np.float32),) * 2
   backbone = abstract_state(config).online
