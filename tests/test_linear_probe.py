@@ -2,6 +2,8 @@
 train statistics only, and runs the official protocol (augmented views through a frozen
 backbone) sharded over eight devices."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from msf_jax import create_state, make_mesh
 from msf_jax.data import pipeline, sources
 from msf_jax.evaluate.linear_probe import (
+  OFFICIAL,
+  ProbeSettings,
   linear_probe,
   linear_probe_on_features,
   standardization,
@@ -26,6 +30,10 @@ def gaussian_clusters(rng, num_classes, per_class, dim, spread):
   return (centres[labels] + rng.standard_normal((len(labels), dim))).astype(np.float32), labels
 
 
+def probe_settings(**changes) -> ProbeSettings:
+  return dataclasses.replace(OFFICIAL, **changes)
+
+
 def test_separable_clusters_are_learned():
   rng = np.random.default_rng(0)
   features, labels = gaussian_clusters(rng, 10, 60, 32, spread=3.0)
@@ -37,9 +45,7 @@ def test_separable_clusters_are_learned():
     features[test],
     labels[test],
     10,
-    epochs=10,
-    milestones=(6, 8),
-    batch_size=64,
+    settings=probe_settings(epochs=10, milestones=(6, 8), batch_size=64),
   )
   assert result['top1'] >= 0.98 and result['top5'] == 1.0
 
@@ -49,7 +55,12 @@ def test_features_independent_of_labels_give_chance():
   features = rng.standard_normal((3000, 32)).astype(np.float32)
   labels = rng.integers(0, 10, 3000)
   result = linear_probe_on_features(
-    features[:2000], labels[:2000], features[2000:], labels[2000:], 10, epochs=10, milestones=(6, 8)
+    features[:2000],
+    labels[:2000],
+    features[2000:],
+    labels[2000:],
+    10,
+    settings=probe_settings(epochs=10, milestones=(6, 8)),
   )
   assert 0.05 < result['top1'] < 0.16  # chance 0.1; 1,000 test examples: std 0.0095
   assert 0.42 < result['top5'] < 0.58 and result['top5'] >= result['top1']
@@ -62,7 +73,7 @@ def test_test_examples_are_standardized_with_train_statistics_only():
   train, test = features[order[:300]], features[order[300:]]
   train_labels, test_labels = labels[order[:300]], labels[order[300:]]
   probe = lambda x, y: linear_probe_on_features(
-    train, train_labels, x, y, 5, epochs=3, milestones=(2,), batch_size=32
+    train, train_labels, x, y, 5, settings=probe_settings(epochs=3, milestones=(2,), batch_size=32)
   )
   alone, mirrored = probe(test, test_labels), probe(-test, test_labels)
   # Standardized by its own statistics, the union's mean (zero) would move every prediction.
@@ -93,7 +104,13 @@ def test_bad_inputs_are_named():
   with pytest.raises(ValueError, match=r'train labels must lie in \[0, 3\)'):
     linear_probe_on_features(features, labels + 3, features, labels, 3)
   with pytest.raises(ValueError, match='milestones must be increasing'):
-    linear_probe_on_features(features, labels, features, labels, 3, milestones=(5, 5))
+    linear_probe_on_features(
+      features, labels, features, labels, 3, settings=probe_settings(milestones=(5, 5))
+    )
+  with pytest.raises(ValueError, match='epochs and batch_size must be at least 1'):
+    linear_probe_on_features(
+      features, labels, features, labels, 3, settings=probe_settings(epochs=0)
+    )
   with pytest.raises(ValueError, match=r'test features must be \[N, F\]'):
     linear_probe_on_features(features, labels, features[:, :, None], labels, 3)
 
@@ -123,7 +140,13 @@ def test_official_probe_on_digits_over_eight_devices():
   test_split = sources.digits('test', image_size=24)
   # Centre-crop features extracted inside; one epoch of 22 steps of 64 augmented views.
   result = linear_probe(
-    variables, config, mesh, train_split, test_split, epochs=1, batch_size=64, eval_batch_size=128
+    variables,
+    config,
+    mesh,
+    train_split,
+    test_split,
+    settings=probe_settings(epochs=1, batch_size=64),
+    eval_batch_size=128,
   )
   # Measured: top-1 0.71, top-5 0.97 (a random encoder's features of digits separate well).
   assert result['top1'] > 0.4 and result['top5'] >= result['top1']  # chance: 0.1
@@ -144,10 +167,7 @@ def test_official_probe_gives_the_same_result_on_one_and_eight_devices(tmp_path)
       make_mesh(devices),
       train_split,
       test_split,
-      epochs=2,
-      milestones=(1,),
-      batch_size=8,
-      lr=0.5,
+      settings=probe_settings(epochs=2, milestones=(1,), batch_size=8, lr=0.5),
       seed=3,
     )
     for devices in (jax.devices()[:1], jax.devices()[:8])
@@ -159,4 +179,6 @@ def test_official_probe_batch_must_split_over_the_devices():
   config = small_config(image_size=24, small_stem=True)
   split = sources.digits('test', image_size=24)
   with pytest.raises(ValueError, match=r'batch_size \(12\) must be a multiple of the 8'):
-    linear_probe({}, config, make_mesh(jax.devices()[:8]), split, split, batch_size=12)
+    linear_probe(
+      {}, config, make_mesh(jax.devices()[:8]), split, split, settings=probe_settings(batch_size=12)
+    )

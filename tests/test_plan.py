@@ -2,6 +2,7 @@
 XLA's host devices (no libtpu) and on TPU topologies (libtpu, installed by the test
 requirements; those tests are skipped without it)."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -395,3 +396,17 @@ def test_a_knn_set_too_large_for_the_slice_is_refused_with_the_chips_it_needs(mo
 def test_the_compilers_out_of_memory_error_gives_what_the_program_needs(message, needed):
   found = planner._out_of_memory_bytes(message)
   assert found == (None if needed is None else int(needed))
+
+
+def test_a_program_the_hlo_reader_fails_on_keeps_its_memory_and_says_why(monkeypatch):
+  def unreadable(*args, **kwargs):
+    raise ValueError('an HLO form the reader does not know')
+
+  monkeypatch.setattr(planner.roofline, 'step_time', unreadable)
+  x = jax.ShapeDtypeStruct((64, 64), np.float32)
+  program = planner.Program('matmul', jax.jit(lambda a: a @ a), (x,), 64, 1, 0, 64 * 64 * 4)
+  plan = planner.compile_program(program, None, chip=planner.roofline.CHIPS['v4'])
+  assert plan.step_time is None and plan.memory['batch'] == 64 * 64 * 4
+  assert plan.step_time_error == 'ValueError: an HLO form the reader does not know'
+  (line,) = planner.unestimated_lines([dataclasses.asdict(plan)])
+  assert line.startswith('No step-time estimate for the matmul') and 'does not know' in line

@@ -12,7 +12,7 @@ code, so that both see the same starting point; with standardized inputs it hard
 """
 
 import dataclasses
-from typing import Any, Callable, Sequence, cast
+from typing import Any, Callable, cast
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,8 @@ TOP_K = (1, 5)
 class ProbeSettings:
   """The official linear protocol's hyperparameters (MSF's linear evaluation: SGD with
   momentum, the learning rate divided by 10 at each milestone epoch); `configs/eval.py`, the
-  probe functions' defaults and the planner all read `OFFICIAL`."""
+  probe functions' defaults and the planner all read `OFFICIAL`. Milestones must be
+  increasing positive epochs, `epochs` and `batch_size` at least 1."""
 
   epochs: int = 40
   batch_size: int = 256
@@ -84,19 +85,23 @@ def init_linear(num_features: int, num_classes: int, seed: int) -> Params:
 
 
 def make_probe_optimizer(
-  steps_per_epoch: int,
-  *,
-  lr: float,
-  momentum: float,
-  weight_decay: float,
-  milestones: Sequence[int],
+  steps_per_epoch: int, settings: ProbeSettings = OFFICIAL
 ) -> optax.GradientTransformation:
   """torch.optim.SGD(lr, momentum, weight_decay) with MultiStepLR(milestones, 0.1) stepped
   once per epoch: decay added to the gradient (bias included), lr constant within an epoch."""
+  milestones = settings.milestones
   if list(milestones) != sorted(set(milestones)) or any(m < 1 for m in milestones):
     raise ValueError(f'milestones must be increasing positive epochs, got {milestones}.')
-  schedule = optax.piecewise_constant_schedule(lr, {m * steps_per_epoch: 0.1 for m in milestones})
-  return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum))
+  if settings.epochs < 1 or settings.batch_size < 1:
+    raise ValueError(
+      f'epochs and batch_size must be at least 1, got {settings.epochs}, {settings.batch_size}.'
+    )
+  schedule = optax.piecewise_constant_schedule(
+    settings.lr, {m * steps_per_epoch: 0.1 for m in milestones}
+  )
+  return optax.chain(
+    optax.add_decayed_weights(settings.weight_decay), optax.sgd(schedule, settings.momentum)
+  )
 
 
 def _loss(
@@ -164,29 +169,20 @@ def linear_probe_on_features(
   test_labels: np.ndarray,
   num_classes: int,
   *,
-  epochs: int = OFFICIAL.epochs,
-  batch_size: int = OFFICIAL.batch_size,
-  lr: float = OFFICIAL.lr,
-  momentum: float = OFFICIAL.momentum,
-  weight_decay: float = OFFICIAL.weight_decay,
-  milestones: Sequence[int] = OFFICIAL.milestones,
+  settings: ProbeSettings = OFFICIAL,
   seed: int = 0,
 ) -> dict[str, float]:
   """{'top1', 'top5'} on the test features of a probe trained on fixed train features.
 
   Each epoch visits the train set in the order of a permutation from (seed, epoch) in batches
-  of `batch_size`, the last one shorter (as torch's DataLoader); one jitted scan per epoch."""
+  of the settings' batch size, the last one shorter (as torch's DataLoader); one jitted scan per epoch."""
   train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
   _check_features(train_features, train_labels, num_classes, 'train')
   _check_features(test_features, test_labels, num_classes, 'test')
-  if epochs < 1 or batch_size < 1:
-    raise ValueError(f'epochs and batch_size must be at least 1, got {epochs}, {batch_size}.')
   stats = standardization(train_features)
-  num_train = len(train_features)
+  num_train, batch_size = len(train_features), settings.batch_size
   num_batches = -(-num_train // batch_size)
-  optimizer = make_probe_optimizer(
-    num_batches, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones
-  )
+  optimizer = make_probe_optimizer(num_batches, settings)
   params = init_linear(train_features.shape[1], num_classes, seed)
   opt_state = optimizer.init(params)
 
@@ -209,7 +205,7 @@ def linear_probe_on_features(
   standardized = jax.jit(_standardize)(jnp.asarray(train_features), stats)
   labels = jnp.asarray(train_labels, jnp.int32)
   shuffle_key = jax.random.key(seed + 1)
-  for epoch in range(epochs):
+  for epoch in range(settings.epochs):
     params, opt_state = train_epoch(
       params, opt_state, standardized, labels, jax.random.fold_in(shuffle_key, epoch)
     )
@@ -250,12 +246,7 @@ def linear_probe(
   train_split: Split,
   test_split: Split,
   *,
-  epochs: int = OFFICIAL.epochs,
-  batch_size: int = OFFICIAL.batch_size,
-  lr: float = OFFICIAL.lr,
-  momentum: float = OFFICIAL.momentum,
-  weight_decay: float = OFFICIAL.weight_decay,
-  milestones: Sequence[int] = OFFICIAL.milestones,
+  settings: ProbeSettings = OFFICIAL,
   seed: int = 0,
   train_features: np.ndarray | None = None,
   test_features: tuple[np.ndarray, np.ndarray] | None = None,
@@ -268,8 +259,8 @@ def linear_probe(
   the test split's: pass them (`train_features` [N, F]; `test_features` (features, labels))
   when a cache has them, else they are extracted here. Training views come from
   `pipeline.probe_stream` (seeded by `seed`; each epoch drops its last incomplete batch), the
-  batch split over `mesh`, the layer replicated; `batch_size` is global."""
-  devices = mesh.devices.size
+  batch split over `mesh`, the layer replicated; the settings' batch size is global."""
+  devices, batch_size = mesh.devices.size, settings.batch_size
   if batch_size % devices:
     raise ValueError(
       f'batch_size ({batch_size}) must be a multiple of the {devices} devices of the mesh.'
@@ -281,9 +272,7 @@ def linear_probe(
   num_classes = train_split.num_classes
   stats = standardization(train_features)
   steps = pipeline.steps_per_epoch(train_split, batch_size)
-  optimizer = make_probe_optimizer(
-    steps, lr=lr, momentum=momentum, weight_decay=weight_decay, milestones=milestones
-  )
+  optimizer = make_probe_optimizer(steps, settings)
   params = init_linear(train_features.shape[1], num_classes, seed)
   step = make_probe_step(config, mesh, optimizer, num_classes)
   params, opt_state, backbone, device_stats = put_replicated(
@@ -292,7 +281,7 @@ def linear_probe(
   stream = pipeline.probe_stream(
     train_split, global_batch=batch_size, image_size=config.image_size, seed=seed
   )
-  for _ in range(epochs * steps):
+  for _ in range(settings.epochs * steps):
     params, opt_state = step(
       params, opt_state, backbone, device_stats, pipeline.to_global(next(stream), mesh)
     )

@@ -24,7 +24,7 @@ from msf_jax.config_utils import ConfigError
 from msf_jax.data import sources
 from msf_jax.evaluate.features import cached_features, write_atomically
 from msf_jax.evaluate.knn import knn_accuracies
-from msf_jax.evaluate.linear_probe import linear_probe, linear_probe_on_features
+from msf_jax.evaluate.linear_probe import ProbeSettings, linear_probe, linear_probe_on_features
 from msf_jax.evaluate.transfer import TRANSFER_DATASETS, logistic_regression_transfer
 from msf_jax.interop import backbones
 from msf_jax.sharding import make_mesh
@@ -94,15 +94,15 @@ def _transfer(
 
 def _linear_options(config: ml_collections.ConfigDict) -> dict:
   linear = config.linear
-  return dict(
+  settings = ProbeSettings(
     epochs=linear.epochs,
     batch_size=linear.batch_size,
     lr=linear.lr,
     momentum=linear.momentum,
     weight_decay=linear.weight_decay,
     milestones=tuple(linear.milestones),
-    seed=config.seed,
   )
+  return {'settings': settings, 'seed': config.seed}
 
 
 def dataset_name(data: ml_collections.ConfigDict) -> str:

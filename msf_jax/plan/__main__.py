@@ -167,6 +167,7 @@ def render(plan: dict) -> str:
     lines.append('Fits: ' + ('yes' if plan['fits'] else 'no'))
   if run := plan.get('run'):
     lines += _run_lines(plan, run)
+  lines += planner.unestimated_lines(programs)
   return '\n'.join(lines)
 
 
