@@ -14,6 +14,11 @@ printed:
 
   python benchmarks/host_profile.py --samples 300 --runs 5
   python benchmarks/host_profile.py --repo /path/to/old/checkout --samples 300 --runs 9
+
+`--profile` with `--repo` profiles each checkout's `augment.two_views` with this script, the
+rounds in turns. `--clock cpu` times by the pinned process's CPU time instead of the wall
+clock: on a machine shared with other work, the time the stage took on its core rather than
+the time it also waited for the core.
 """
 
 import argparse
@@ -31,7 +36,8 @@ BATCH = 64
 def _stages(size: int) -> dict:
   """Cumulative map functions (encoded, seed) -> tensors: each adds one part of two_views
   to the one before, drawing its seeds as two_views does. Every stage returns what it made,
-  so that none of it is pruned."""
+  so that none of it is pruned. With PIL's resize (`augment.crop_and_resize`) both views are
+  cropped and resized in one call, and the flips are drawn and made in it too."""
   import tensorflow as tf
 
   from msf_jax.data import augment
@@ -50,14 +56,21 @@ def _stages(size: int) -> dict:
     shape = tf.shape(image)
     return image, [augment.crop_window(crop, shape[0], shape[1]) for crop, _ in view_seeds(seed)]
 
-  def resized(encoded, seed):
+  pil = hasattr(augment, 'crop_and_resize')  # both views cropped and resized by PIL at once
+
+  def resized(encoded, seed, flips=None):
     image, boxes = windows(encoded, seed)
-    return [
+    if pil:
+      return augment.crop_and_resize(image, tf.stack(boxes), [size, size], flips)
+    return [  # before: TensorFlow's slice and antialiased resize, a view at a time
       augment.resize(image[top : top + h, left : left + w], [size, size])
       for top, left, h, w in map(tf.unstack, boxes)
     ]
 
   def flipped(encoded, seed):
+    if pil:
+      coins = tf.stack([augment._coin(flip, 0.5) for _, flip in view_seeds(seed)])
+      return resized(encoded, seed, coins)
     return [
       augment.flip(view, flip)
       for view, (_, flip) in zip(resized(encoded, seed), view_seeds(seed), strict=True)
@@ -95,18 +108,25 @@ def _dataset(encoded: list[bytes], fn, batch: int):
   return (dataset.batch(batch) if batch > 1 else dataset).with_options(options)
 
 
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
+
+
 def _rate(dataset, samples: int, batch: int) -> float:
   """Samples a second through `dataset`, consumed inside TensorFlow (no Python step per
-  sample); the second of two calls, the first one traced."""
+  sample); the second of two calls, the first one traced. Seconds of the clock that
+  HOST_PROFILE_CLOCK names: 'wall' (the default) or 'cpu', the CPU time of this process (all
+  its threads, on its one core): on a loaded machine, the time the work took on the core
+  rather than the time it waited for it."""
+  clock = CLOCKS[os.environ.get('HOST_PROFILE_CLOCK', 'wall')]
   import tensorflow as tf
 
   steps = max(1, samples // batch)
   sink = dataset.map(lambda *x: tf.size(tf.nest.flatten(x)[0]))
   count = tf.function(lambda: sink.take(steps).reduce(0, lambda n, size: n + 1))
   count()
-  start = time.perf_counter()
+  start = clock()
   count()
-  return steps * batch / (time.perf_counter() - start)
+  return steps * batch / (clock() - start)
 
 
 def _read(folder: str) -> list[bytes]:
@@ -145,7 +165,7 @@ def _child(which: str, folder: str, repo: str, args) -> list[str]:
     args.samples,
     args.size,
     args.core,
-    {'PYTHONPATH': repo, 'TF_CPP_MIN_LOG_LEVEL': '2'},
+    {'PYTHONPATH': repo, 'TF_CPP_MIN_LOG_LEVEL': '2', 'HOST_PROFILE_CLOCK': args.clock},
   )
 
 
@@ -196,10 +216,21 @@ def main() -> None:
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--core', type=int, default=0)
   parser.add_argument(
+    '--clock',
+    choices=sorted(CLOCKS),
+    default='wall',
+    help="time by the wall clock or by the pinned process's CPU time (a loaded machine)",
+  )
+  parser.add_argument(
     '--repo',
     nargs='*',
     default=None,
     help='other checkouts: time two_views of each against this one',
+  )
+  parser.add_argument(
+    '--profile',
+    action='store_true',
+    help="with --repo: profile each checkout's two_views (rounds in turns) instead of its rate",
   )
   parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -214,6 +245,15 @@ def main() -> None:
   make_photos(folder, args.images)
   if args.repo is None:
     print_profile([_child('profile', folder, REPO, args) for _ in range(args.runs)])
+    return
+  if args.profile:
+    rounds = {repo: [] for repo in [REPO, *args.repo]}
+    for _ in range(args.runs):
+      for repo, runs in rounds.items():
+        runs.append(_child('profile', folder, repo, args))
+    for repo, runs in rounds.items():
+      print(f'\n{repo}:')
+      print_profile(runs)
     return
   rates = {repo: [] for repo in [REPO, *args.repo]}
   for _ in range(args.runs):

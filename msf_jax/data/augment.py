@@ -3,11 +3,13 @@ decoding, RandomResizedCrop, flip, and the sampling of the colour ops' parameter
 `msf_jax.data.color` applies on the accelerator.
 
 Every random choice is drawn with stateless ops from a per-example seed, so an example's
-views are a function of (seed, epoch, index) alone. Views are uint8 RGB, as PIL's crops are:
-the resize rounds to 8 bits as PIL's does, and the views cross to the accelerator at one byte
-a channel, where `color.to_unit` and `color.normalize` make them float inside the device
-program. The ops that take sampled parameters (`crop_window`, `resize`) are exposed
-separately so that tests can compare them with PIL for the same parameters.
+views are a function of (seed, epoch, index) alone. The crops and their resizes are PIL's own
+(`crop_and_resize` calls Image.resize from inside the tf.data map), so the views are PIL's
+uint8 pixels for the decoded image, and they cross to the accelerator at one byte a channel,
+where `color.to_unit` and `color.normalize` make them float inside the device program. The
+ops that take sampled parameters (`crop_window`, `crop_and_resize`, `resize`, and the views'
+`VIEW_PARAMS`) are exposed separately so that tests can compare them with PIL for the same
+parameters.
 
 Official transforms (the authors' code):
   weak:   RandomResizedCrop(scale=(0.2, 1)) -> flip
@@ -18,7 +20,9 @@ Official transforms (the authors' code):
 import math
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from msf_jax.data import PAIRINGS, color
 
@@ -95,13 +99,51 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
   return image
 
 
+def _pil_crops(
+  image: np.ndarray, windows: np.ndarray, flips: np.ndarray, height, width
+) -> np.ndarray:
+  """[n, height, width, 3]: each window [top, left, h, w] of a uint8 RGB array cropped, then
+  resized by PIL's Image.resize(BILINEAR), then mirrored where `flips` says so: what
+  torchvision's RandomResizedCrop and RandomHorizontalFlip do to a PIL image. (A resize with
+  `box=` would not do: its filter reads pixels outside the window at the edges.)"""
+  whole, views = Image.fromarray(image), []
+  for (top, left, h, w), flip in zip(windows.tolist(), flips.tolist(), strict=True):
+    crop = whole.crop((left, top, left + w, top + h))
+    view = crop.resize((int(width), int(height)), Image.Resampling.BILINEAR)
+    # PIL's mirror: numpy's copy of a reversed view is ten times slower.
+    views.append(np.asarray(view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else view))
+  return np.stack(views)
+
+
+def crop_and_resize(
+  image: tf.Tensor,
+  windows: tf.Tensor,
+  size: Sequence[int] | tf.Tensor,
+  flips: tf.Tensor | None = None,
+) -> tf.Tensor:
+  """[n, height, width, 3] uint8: the `windows` [n, 4] (top, left, height, width) of a uint8
+  RGB image, each resized to `size` (height, width) by PIL itself (crop, then
+  Image.resize(BILINEAR), as the official pipeline's crops and resizes are: its pixels
+  exactly), then flipped left-right where `flips` [n] (bool) is true. One call a sample:
+  Pillow resamples without the GIL, so a parallel tf.data map runs it on several cores."""
+  windows = tf.convert_to_tensor(windows, tf.int32)
+  flips = tf.zeros(tf.shape(windows)[:1], tf.bool) if flips is None else flips
+  size = tf.convert_to_tensor(size, tf.int32)
+  views = tf.numpy_function(
+    _pil_crops, [image, windows, flips, size[0], size[1]], tf.uint8, stateful=False
+  )
+  static = tf.get_static_value(size)
+  views.set_shape(
+    [windows.shape[0], *([None, None] if static is None else [int(v) for v in static]), 3]
+  )
+  return views
+
+
 def resize(image: tf.Tensor, size: Sequence[int] | tf.Tensor) -> tf.Tensor:
-  """Bilinear resize of a uint8 image that antialiases when it shrinks, as PIL's BILINEAR,
-  rounded half up and clipped to uint8 as PIL returns it: closer to PIL's pixels than the
-  float result, and a quarter of its bytes to send. (PIL also rounds between its horizontal
-  and vertical passes; two resizes that did so were about twice as slow on the host.)"""
-  resized = tf.image.resize(image, size, method='bilinear', antialias=True)
-  return tf.cast(tf.clip_by_value(tf.floor(resized + 0.5), 0.0, 255.0), tf.uint8)
+  """PIL's Image.resize(size, BILINEAR) of a whole uint8 RGB image (`crop_and_resize`): it
+  antialiases when it shrinks and rounds to uint8 as PIL does, because it is PIL's."""
+  shape = tf.shape(image)
+  return crop_and_resize(image, [[0, 0, shape[0], shape[1]]], size)[0]
 
 
 def _crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
@@ -128,15 +170,6 @@ def random_resized_crop(
   crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
   crop.set_shape([None, None, 3])
   return resize(crop, [size, size])
-
-
-def random_resized_crop_decoded(
-  image: tf.Tensor, seed: tf.Tensor, size: int, scale: Sequence[float] = CROP_SCALE
-) -> tf.Tensor:
-  """RandomResizedCrop of an already decoded uint8 image: two views of one image decode it
-  once (on ImageNet-sized JPEGs one full decode costs about what one fused crop-decode does)."""
-  shape = tf.shape(image)
-  return resize(_crop(image, crop_window(seed, shape[0], shape[1], scale)), [size, size])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,41 +221,40 @@ def flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.cond(_coin(seed, 0.5), lambda: tf.reverse(image, [1]), lambda: image)
 
 
-def _cropped_flipped(image, seed, size, crop_scale, random_flip):
+def _geometry(seed, shape, crop_scale, random_flip) -> tuple[tf.Tensor, tf.Tensor]:
+  """A view's crop window and whether it is flipped, from its seed and the image's shape."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  crop = random_resized_crop_decoded(image, crop_seed, size, crop_scale)
-  return flip(crop, flip_seed) if random_flip else crop
+  window = crop_window(crop_seed, shape[0], shape[1], crop_scale)
+  return window, (_coin(flip_seed, 0.5) if random_flip else tf.constant(False))
 
 
-def weak_view(
-  image: tf.Tensor,
+def weak_view_params(
   seed: tf.Tensor,
-  size: int,
+  shape: tf.Tensor,
   crop_scale: Sequence[float] = CROP_SCALE,
   random_flip: bool = True,
-) -> tuple[tf.Tensor, tf.Tensor]:
-  """RandomResizedCrop(scale=(0.2, 1)) -> flip, of a decoded uint8 image: (uint8 view,
-  colour parameters that switch every colour op off)."""
-  return (
-    _cropped_flipped(image, seed, size, crop_scale, random_flip),
-    tf.constant(WEAK_COLOR_PARAMS, tf.float32),
-  )
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """RandomResizedCrop(scale=(0.2, 1)) -> flip, of an image of `shape` [height, width, ...]:
+  (crop window, flipped, colour parameters that switch every colour op off)."""
+  window, flipped = _geometry(seed, shape, crop_scale, random_flip)
+  return window, flipped, tf.constant(WEAK_COLOR_PARAMS, tf.float32)
 
 
-def strong_view(
-  image: tf.Tensor,
+def strong_view_params(
   seed: tf.Tensor,
-  size: int,
+  shape: tf.Tensor,
   crop_scale: Sequence[float] = CROP_SCALE,
   random_flip: bool = True,
-) -> tuple[tf.Tensor, tf.Tensor]:
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """RandomResizedCrop -> flip, and the parameters of the colour ops the accelerator applies
-  after (p0.8 ColorJitter -> p0.2 grayscale -> p0.5 blur)."""
+  after (p0.8 ColorJitter -> p0.2 grayscale -> p0.5 blur): (crop window, flipped, colour
+  parameters)."""
   crop_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  return (
-    _cropped_flipped(image, crop_seed, size, crop_scale, random_flip),
-    strong_color_params(color_seed),
-  )
+  window, flipped = _geometry(crop_seed, shape, crop_scale, random_flip)
+  return window, flipped, strong_color_params(color_seed)
+
+
+VIEW_PARAMS = {'w': weak_view_params, 's': strong_view_params}
 
 
 def two_views(
@@ -240,16 +272,26 @@ def two_views(
   (the paper's (0.2, 1) and flips by default)."""
   if pairing not in PAIRINGS:
     raise ValueError(f'Unknown augmentation pairing {pairing!r}; use one of {PAIRINGS}.')
-  views = {'w': weak_view, 's': strong_view}
   target_seed, online_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   target, online = pairing.split('/')
   image = decode(encoded)
-  target_image, target_color = views[target](image, target_seed, size, crop_scale, random_flip)
-  online_image, online_color = views[online](image, online_seed, size, crop_scale, random_flip)
+  shape = tf.shape(image)
+  target_window, target_flip, target_color = VIEW_PARAMS[target](
+    target_seed, shape, crop_scale, random_flip
+  )
+  online_window, online_flip, online_color = VIEW_PARAMS[online](
+    online_seed, shape, crop_scale, random_flip
+  )
+  views = crop_and_resize(
+    image,
+    tf.stack([target_window, online_window]),
+    [size, size],
+    tf.stack([target_flip, online_flip]),
+  )
   return {
-    'target': target_image,
+    'target': views[0],
     'target_color': target_color,
-    'online': online_image,
+    'online': views[1],
     'online_color': online_color,
   }
 
