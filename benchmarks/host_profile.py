@@ -16,7 +16,8 @@ printed:
   python benchmarks/host_profile.py --repo /path/to/old/checkout --samples 300 --runs 9
 
 `--profile` with `--repo` profiles each checkout's `augment.two_views` with this script, the
-rounds in turns. `--clock cpu` times by the pinned process's CPU time instead of the wall
+rounds in turns. `--cores 0,1` pins each process to those cores and runs the map on as many
+threads (`num_parallel_calls`), for how the stage scales over cores. `--clock cpu` times by the pinned process's CPU time instead of the wall
 clock: on a machine shared with other work, the time the stage took on its core rather than
 the time it also waited for the core.
 """
@@ -36,8 +37,8 @@ BATCH = 64
 def _stages(size: int) -> dict:
   """Cumulative map functions (encoded, seed) -> tensors: each adds one part of two_views
   to the one before, drawing its seeds as two_views does. Every stage returns what it made,
-  so that none of it is pruned. With PIL's resize (`augment.crop_and_resize`) both views are
-  cropped and resized in one call, and the flips are drawn and made in it too."""
+  so that none of it is pruned. Where the views' windows, flips and crops are made in one
+  Python call (`augment.random_crops`), that call is one part."""
   import tensorflow as tf
 
   from msf_jax.data import augment
@@ -56,21 +57,14 @@ def _stages(size: int) -> dict:
     shape = tf.shape(image)
     return image, [augment.crop_window(crop, shape[0], shape[1]) for crop, _ in view_seeds(seed)]
 
-  pil = hasattr(augment, 'crop_and_resize')  # both views cropped and resized by PIL at once
-
-  def resized(encoded, seed, flips=None):
+  def resized(encoded, seed):
     image, boxes = windows(encoded, seed)
-    if pil:
-      return augment.crop_and_resize(image, tf.stack(boxes), [size, size], flips)
-    return [  # before: TensorFlow's slice and antialiased resize, a view at a time
+    return [
       augment.resize(image[top : top + h, left : left + w], [size, size])
       for top, left, h, w in map(tf.unstack, boxes)
     ]
 
   def flipped(encoded, seed):
-    if pil:
-      coins = tf.stack([augment._coin(flip, 0.5) for _, flip in view_seeds(seed)])
-      return resized(encoded, seed, coins)
     return [
       augment.flip(view, flip)
       for view, (_, flip) in zip(resized(encoded, seed), view_seeds(seed), strict=True)
@@ -83,6 +77,23 @@ def _stages(size: int) -> dict:
   def two_views(encoded, seed):
     return augment.two_views(encoded, seed, size)
 
+  if hasattr(augment, 'random_crops'):  # windows, flips and PIL's crops in one Python call
+
+    def crops(encoded, seed):
+      return augment.random_crops(augment.decode(encoded), seed, size)
+
+    def colour(encoded, seed):
+      _, online_seed = split(seed, 2)
+      return crops(encoded, seed), augment.VIEW_COLOR_PARAMS['s'](online_seed)
+
+    return {
+      'tf.data, reading the cached bytes': lambda encoded, seed: (encoded, seed),
+      'decoding (full decode_jpeg)': lambda encoded, seed: augment.decode(encoded),
+      "crop windows and flips drawn, PIL's crops, resizes and flips (2, one Python call)": crops,
+      'colour parameters': colour,
+      'augment.two_views itself': two_views,
+      f'batching ({BATCH})': two_views,
+    }
   return {
     'tf.data, reading the cached bytes': lambda encoded, seed: (encoded, seed),
     'decoding (full decode_jpeg)': lambda encoded, seed: augment.decode(encoded),
@@ -100,11 +111,14 @@ def _dataset(encoded: list[bytes], fn, batch: int):
 
   files = tf.data.Dataset.from_tensor_slices(encoded).repeat()
   seeds = tf.data.Dataset.range(10**9).map(lambda i: tf.stack([i, 0]))
+  threads = int(os.environ.get('HOST_PROFILE_THREADS', '1'))
   options = tf.data.Options()
-  options.threading.private_threadpool_size = 1
+  options.threading.private_threadpool_size = threads
   options.threading.max_intra_op_parallelism = 1
   options.experimental_optimization.map_fusion = False  # nothing of fn may be pruned
-  dataset = tf.data.Dataset.zip(files, seeds).map(fn)
+  dataset = tf.data.Dataset.zip(files, seeds).map(
+    fn, num_parallel_calls=threads if threads > 1 else None
+  )
   return (dataset.batch(batch) if batch > 1 else dataset).with_options(options)
 
 
@@ -164,8 +178,13 @@ def _child(which: str, folder: str, repo: str, args) -> list[str]:
     folder,
     args.samples,
     args.size,
-    args.core,
-    {'PYTHONPATH': repo, 'TF_CPP_MIN_LOG_LEVEL': '2', 'HOST_PROFILE_CLOCK': args.clock},
+    args.cores or args.core,
+    {
+      'PYTHONPATH': repo,
+      'TF_CPP_MIN_LOG_LEVEL': '2',
+      'HOST_PROFILE_CLOCK': args.clock,
+      'HOST_PROFILE_THREADS': str(len(args.cores.split(',')) if args.cores else 1),
+    },
   )
 
 
@@ -215,6 +234,10 @@ def main() -> None:
   parser.add_argument('--runs', type=int, default=5)
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--core', type=int, default=0)
+  parser.add_argument(
+    '--cores',
+    help='several cores, as 0,1: each process pinned to them, the map on as many threads',
+  )
   parser.add_argument(
     '--clock',
     choices=sorted(CLOCKS),

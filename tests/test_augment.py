@@ -75,6 +75,8 @@ def test_crop_falls_back_to_a_central_crop(height, width, expected):
   window = augment.crop_window(tf.constant([1, 2]), height, width).numpy()
   rng = np.random.default_rng(0)
   assert list(window) == expected == list(torchvision_crop_params(rng, height, width))
+  python = augment.torchvision_crop_window(np.random.default_rng(1), height, width)
+  assert list(python) == expected
 
 
 # The crops are PIL's own (`augment.crop_and_resize` calls Image.resize): equal to PIL's, bit
@@ -115,23 +117,44 @@ def test_random_resized_crop_decodes_the_same_window_for_jpeg_and_png():
 @pytest.mark.parametrize('shape', [(120, 160), (375, 500)], ids=['enlarged', 'shrunk'])
 def test_two_views_are_pils_crops_of_the_decoded_image(pairing, shape):
   """Each view is PIL's crop, resize and flip of the decoded image, for the window and flip
-  its seed draws (`VIEW_PARAMS`, seeded as `two_views` seeds them): the views' pixels are
-  PIL's exactly, both views of a sample made in one call."""
+  its seed draws (`view_geometry`): the views' pixels are PIL's exactly, both views of a
+  sample made in one call. The colour parameters come from the views' own seeds."""
   encoded = tf.constant(encode(smooth_image(11, *shape)))
   decoded = augment.decode(encoded).numpy()
   target, online = pairing.split('/')
   flips = []
   for i in range(6):
-    seed = tf.constant([4, i])
+    seed = tf.constant([4, i], tf.int64)
     views = augment.two_views(encoded, seed, 96, pairing)
+    windows, flipped = augment.view_geometry(seed.numpy(), *shape)
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    for key, kind, view_seed in zip(('target', 'online'), (target, online), seeds, strict=True):
-      window, flipped, colour = augment.VIEW_PARAMS[kind](view_seed, tf.shape(decoded))
-      expected = pil_view(decoded, window.numpy(), bool(flipped), 96)
+    for v, (key, kind) in enumerate(zip(('target', 'online'), (target, online), strict=True)):
+      expected = pil_view(decoded, windows[v], flipped[v], 96)
       np.testing.assert_array_equal(views[key].numpy(), expected)
+      colour = augment.VIEW_COLOR_PARAMS[kind](seeds[v])
       np.testing.assert_array_equal(views[f'{key}_color'].numpy(), colour.numpy())
-      flips.append(bool(flipped))
+      flips.append(bool(flipped[v]))
   assert any(flips) and not all(flips)  # both branches of the flip were checked
+
+
+def test_view_geometry_is_torchvisions_sampler_and_a_coin_per_view():
+  """The views' windows are torchvision's get_params for the generator of the seed, drawn
+  in turn with each view's flip; without flips no coin is drawn."""
+  seed = np.array([-3, 2**40], np.int64)
+  windows, flips = augment.view_geometry(seed, 375, 500, (0.08, 1.0))
+  again = augment.view_geometry(seed, 375, 500, (0.08, 1.0))
+  np.testing.assert_array_equal(windows, again[0])
+  np.testing.assert_array_equal(flips, again[1])
+  key = [*seed.view(np.uint64).tolist(), augment.GEOMETRY_STREAM]
+  rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(key)))
+  for window, flipped in zip(windows, flips, strict=True):
+    assert tuple(window) == torchvision_crop_params(rng, 375, 500, scale=(0.08, 1.0))
+    assert flipped == (rng.uniform() < 0.5)
+  unflipped, no_flips = augment.view_geometry(seed, 375, 500, (0.08, 1.0), random_flip=False)
+  np.testing.assert_array_equal(unflipped[0], windows[0])
+  assert not no_flips.any()
+  other = augment.view_geometry(np.array([-3, 2**40 + 1], np.int64), 375, 500)
+  assert not np.array_equal(other[0], windows)
 
 
 def test_views_are_the_same_from_a_parallel_map():

@@ -7,9 +7,10 @@ views are a function of (seed, epoch, index) alone. The crops and their resizes 
 (`crop_and_resize` calls Image.resize from inside the tf.data map), so the views are PIL's
 uint8 pixels for the decoded image, and they cross to the accelerator at one byte a channel,
 where `color.to_unit` and `color.normalize` make them float inside the device program. The
-ops that take sampled parameters (`crop_window`, `crop_and_resize`, `resize`, and the views'
-`VIEW_PARAMS`) are exposed separately so that tests can compare them with PIL for the same
-parameters.
+ops that take sampled parameters (`crop_and_resize`, `resize`) and the samplers
+(`view_geometry` for the two views, `crop_window` for the probe's fused decode-and-crop,
+`strong_color_params`) are exposed separately so that tests can compare them with PIL and
+torchvision for the same parameters.
 
 Official transforms (the authors' code):
   weak:   RandomResizedCrop(scale=(0.2, 1)) -> flip
@@ -17,6 +18,7 @@ Official transforms (the authors' code):
           random order -> p=0.2 grayscale -> p=0.5 PIL GaussianBlur(sigma ~ U[0.1, 2]) -> flip
 """
 
+import functools
 import math
 from typing import Sequence
 
@@ -51,11 +53,12 @@ def crop_window(
   scale: Sequence[float] = CROP_SCALE,
   ratio: Sequence[float] = CROP_RATIO,
 ) -> tf.Tensor:
-  """torchvision's RandomResizedCrop.get_params: [top, left, crop_height, crop_width].
+  """torchvision's RandomResizedCrop.get_params in TensorFlow, for a window needed before
+  decoding (`random_resized_crop`): [top, left, crop_height, crop_width].
 
-  Up to 10 tries of (area fraction ~ U(scale), log-aspect ~ U(log ratio)), rounded half to
-  even as Python's round; the first that fits is placed uniformly. If none fits, a central
-  crop at the aspect ratio clamped into `ratio`.
+    Up to 10 tries of (area fraction ~ U(scale), log-aspect ~ U(log ratio)), rounded half to
+    even as Python's round; the first that fits is placed uniformly. If none fits, a central
+    crop at the aspect ratio clamped into `ratio`.
   """
   area_seed, aspect_seed, top_seed, left_seed = tf.unstack(
     tf.random.experimental.stateless_split(seed, 4)
@@ -136,6 +139,87 @@ def crop_and_resize(
   views.set_shape(
     [windows.shape[0], *([None, None] if static is None else [int(v) for v in static]), 3]
   )
+  return views
+
+
+def torchvision_crop_window(
+  rng: np.random.Generator,
+  height: int,
+  width: int,
+  scale: Sequence[float] = CROP_SCALE,
+  ratio: Sequence[float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop.get_params in Python, as torchvision computes it (in
+  float64, Python's round): (top, left, crop_height, crop_width). Up to 10 tries of (area
+  fraction ~ U(scale), log-aspect ~ U(log ratio)); the first that fits is placed uniformly;
+  if none fits, a central crop at the aspect ratio clamped into `ratio`."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(CROP_TRIES):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, round(width / min(ratio))
+  elif in_ratio > max(ratio):
+    h, w = height, round(height * max(ratio))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+GEOMETRY_STREAM = 0x6D7366  # tells the views' geometry stream from any other of the seed
+
+
+def view_geometry(
+  seed: np.ndarray,
+  height: int,
+  width: int,
+  crop_scale: Sequence[float] = CROP_SCALE,
+  random_flip: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+  """The two views' crop windows [2, 4] (top, left, height, width) and flips [2] of a sample
+  of `seed` (int64 [2]): torchvision's sampler (`torchvision_crop_window`) then a coin for
+  the flip, the target view's first, from a Philox generator keyed by the seed. numpy, in
+  the same Python call as the crops: drawn in TensorFlow, the two windows' scalar ops cost
+  the host more than all of this."""
+  key = [*np.asarray(seed).astype(np.int64).view(np.uint64).tolist(), GEOMETRY_STREAM]
+  rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(key)))
+  windows, flips = [], []
+  for _ in range(2):
+    windows.append(torchvision_crop_window(rng, height, width, crop_scale))
+    flips.append(bool(random_flip) and rng.random() < 0.5)
+  return np.array(windows, np.int32), np.array(flips)
+
+
+def _random_crops(image, seed, size, crop_scale, random_flip) -> np.ndarray:
+  height, width = image.shape[:2]
+  windows, flips = view_geometry(seed, height, width, crop_scale, random_flip)
+  return _pil_crops(image, windows, flips, size, size)
+
+
+def random_crops(
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  size: int,
+  crop_scale: Sequence[float] = CROP_SCALE,
+  random_flip: bool = True,
+) -> tf.Tensor:
+  """[2, size, size, 3] uint8: RandomResizedCrop(size, crop_scale) -> flip, twice, of a
+  decoded uint8 image, the windows and flips drawn from `seed` (`view_geometry`) and the
+  crops made by PIL (`crop_and_resize`), all in one Python call a sample."""
+  views = tf.numpy_function(
+    functools.partial(
+      _random_crops, size=size, crop_scale=tuple(crop_scale), random_flip=random_flip
+    ),
+    [image, seed],
+    tf.uint8,
+    stateful=False,
+  )
+  views.set_shape([2, size, size, 3])
   return views
 
 
@@ -221,40 +305,11 @@ def flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.cond(_coin(seed, 0.5), lambda: tf.reverse(image, [1]), lambda: image)
 
 
-def _geometry(seed, shape, crop_scale, random_flip) -> tuple[tf.Tensor, tf.Tensor]:
-  """A view's crop window and whether it is flipped, from its seed and the image's shape."""
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  window = crop_window(crop_seed, shape[0], shape[1], crop_scale)
-  return window, (_coin(flip_seed, 0.5) if random_flip else tf.constant(False))
-
-
-def weak_view_params(
-  seed: tf.Tensor,
-  shape: tf.Tensor,
-  crop_scale: Sequence[float] = CROP_SCALE,
-  random_flip: bool = True,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """RandomResizedCrop(scale=(0.2, 1)) -> flip, of an image of `shape` [height, width, ...]:
-  (crop window, flipped, colour parameters that switch every colour op off)."""
-  window, flipped = _geometry(seed, shape, crop_scale, random_flip)
-  return window, flipped, tf.constant(WEAK_COLOR_PARAMS, tf.float32)
-
-
-def strong_view_params(
-  seed: tf.Tensor,
-  shape: tf.Tensor,
-  crop_scale: Sequence[float] = CROP_SCALE,
-  random_flip: bool = True,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """RandomResizedCrop -> flip, and the parameters of the colour ops the accelerator applies
-  after (p0.8 ColorJitter -> p0.2 grayscale -> p0.5 blur): (crop window, flipped, colour
-  parameters)."""
-  crop_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  window, flipped = _geometry(crop_seed, shape, crop_scale, random_flip)
-  return window, flipped, strong_color_params(color_seed)
-
-
-VIEW_PARAMS = {'w': weak_view_params, 's': strong_view_params}
+# The colour parameters of each kind of view, from the view's seed.
+VIEW_COLOR_PARAMS = {
+  'w': lambda seed: tf.constant(WEAK_COLOR_PARAMS, tf.float32),
+  's': lambda seed: strong_color_params(tf.random.experimental.stateless_split(seed, 2)[1]),
+}
 
 
 def two_views(
@@ -274,20 +329,9 @@ def two_views(
     raise ValueError(f'Unknown augmentation pairing {pairing!r}; use one of {PAIRINGS}.')
   target_seed, online_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   target, online = pairing.split('/')
-  image = decode(encoded)
-  shape = tf.shape(image)
-  target_window, target_flip, target_color = VIEW_PARAMS[target](
-    target_seed, shape, crop_scale, random_flip
-  )
-  online_window, online_flip, online_color = VIEW_PARAMS[online](
-    online_seed, shape, crop_scale, random_flip
-  )
-  views = crop_and_resize(
-    image,
-    tf.stack([target_window, online_window]),
-    [size, size],
-    tf.stack([target_flip, online_flip]),
-  )
+  views = random_crops(decode(encoded), seed, size, crop_scale, random_flip)
+  target_color = VIEW_COLOR_PARAMS[target](target_seed)
+  online_color = VIEW_COLOR_PARAMS[online](online_seed)
   return {
     'target': views[0],
     'target_color': target_color,
