@@ -37,8 +37,8 @@ BATCH = 64
 def _stages(size: int) -> dict:
   """Cumulative map functions (encoded, seed) -> tensors: each adds one part of two_views
   to the one before, drawing its seeds as two_views does. Every stage returns what it made,
-  so that none of it is pruned. Where the views' windows, flips and crops are made in one
-  Python call (`augment.random_crops`), that call is one part."""
+  so that none of it is pruned. Where the views' parameters are drawn and their crops made in
+  one Python call (`augment.random_views`), that call is one part."""
   import tensorflow as tf
 
   from msf_jax.data import augment
@@ -77,20 +77,13 @@ def _stages(size: int) -> dict:
   def two_views(encoded, seed):
     return augment.two_views(encoded, seed, size)
 
-  if hasattr(augment, 'random_crops'):  # windows, flips and PIL's crops in one Python call
-
-    def crops(encoded, seed):
-      return augment.random_crops(augment.decode(encoded), seed, size)
-
-    def colour(encoded, seed):
-      _, online_seed = split(seed, 2)
-      return crops(encoded, seed), augment.VIEW_COLOR_PARAMS['s'](online_seed)
-
+  if hasattr(augment, 'random_views'):  # the views' parameters and PIL's crops in one call
     return {
       'tf.data, reading the cached bytes': lambda encoded, seed: (encoded, seed),
       'decoding (full decode_jpeg)': lambda encoded, seed: augment.decode(encoded),
-      "crop windows and flips drawn, PIL's crops, resizes and flips (2, one Python call)": crops,
-      'colour parameters': colour,
+      "windows, flips, colour parameters drawn; PIL's crops, resizes, flips (2, one Python call)": (
+        lambda encoded, seed: augment.random_views(augment.decode(encoded), seed, size)
+      ),
       'augment.two_views itself': two_views,
       f'batching ({BATCH})': two_views,
     }

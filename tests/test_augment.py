@@ -117,43 +117,42 @@ def test_random_resized_crop_decodes_the_same_window_for_jpeg_and_png():
 @pytest.mark.parametrize('shape', [(120, 160), (375, 500)], ids=['enlarged', 'shrunk'])
 def test_two_views_are_pils_crops_of_the_decoded_image(pairing, shape):
   """Each view is PIL's crop, resize and flip of the decoded image, for the window and flip
-  its seed draws (`view_geometry`): the views' pixels are PIL's exactly, both views of a
-  sample made in one call. The colour parameters come from the views' own seeds."""
+  its seed draws (`view_params`): the views' pixels are PIL's exactly, both views of a sample
+  made in one call, with the colour parameters drawn with them."""
   encoded = tf.constant(encode(smooth_image(11, *shape)))
   decoded = augment.decode(encoded).numpy()
-  target, online = pairing.split('/')
   flips = []
   for i in range(6):
     seed = tf.constant([4, i], tf.int64)
     views = augment.two_views(encoded, seed, 96, pairing)
-    windows, flipped = augment.view_geometry(seed.numpy(), *shape)
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    for v, (key, kind) in enumerate(zip(('target', 'online'), (target, online), strict=True)):
+    windows, flipped, colours = augment.view_params(seed.numpy(), *shape, pairing)
+    for v, key in enumerate(('target', 'online')):
       expected = pil_view(decoded, windows[v], flipped[v], 96)
       np.testing.assert_array_equal(views[key].numpy(), expected)
-      colour = augment.VIEW_COLOR_PARAMS[kind](seeds[v])
-      np.testing.assert_array_equal(views[f'{key}_color'].numpy(), colour.numpy())
+      np.testing.assert_array_equal(views[f'{key}_color'].numpy(), colours[v])
       flips.append(bool(flipped[v]))
   assert any(flips) and not all(flips)  # both branches of the flip were checked
 
 
-def test_view_geometry_is_torchvisions_sampler_and_a_coin_per_view():
-  """The views' windows are torchvision's get_params for the generator of the seed, drawn
-  in turn with each view's flip; without flips no coin is drawn."""
+def test_view_params_are_torchvisions_samplers_drawn_view_by_view():
+  """Each view's window is torchvision's get_params for the generator of the seed, then its
+  flip's coin, then a strong view's colour parameters; without flips no coin is drawn."""
   seed = np.array([-3, 2**40], np.int64)
-  windows, flips = augment.view_geometry(seed, 375, 500, (0.08, 1.0))
-  again = augment.view_geometry(seed, 375, 500, (0.08, 1.0))
-  np.testing.assert_array_equal(windows, again[0])
-  np.testing.assert_array_equal(flips, again[1])
-  key = [*seed.view(np.uint64).tolist(), augment.GEOMETRY_STREAM]
+  windows, flips, colours = augment.view_params(seed, 375, 500, 'w/s', (0.08, 1.0))
+  again = augment.view_params(seed, 375, 500, 'w/s', (0.08, 1.0))
+  for drawn, redrawn in zip((windows, flips, colours), again, strict=True):
+    np.testing.assert_array_equal(drawn, redrawn)
+  key = [*seed.view(np.uint64).tolist(), augment.PARAMS_STREAM]
   rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(key)))
-  for window, flipped in zip(windows, flips, strict=True):
-    assert tuple(window) == torchvision_crop_params(rng, 375, 500, scale=(0.08, 1.0))
-    assert flipped == (rng.uniform() < 0.5)
-  unflipped, no_flips = augment.view_geometry(seed, 375, 500, (0.08, 1.0), random_flip=False)
-  np.testing.assert_array_equal(unflipped[0], windows[0])
-  assert not no_flips.any()
-  other = augment.view_geometry(np.array([-3, 2**40 + 1], np.int64), 375, 500)
+  for v, kind in enumerate(('w', 's')):
+    assert tuple(windows[v]) == torchvision_crop_params(rng, 375, 500, scale=(0.08, 1.0))
+    assert flips[v] == (rng.uniform() < 0.5)
+    expected = augment.WEAK_COLOR_PARAMS if kind == 'w' else augment.strong_color_params(rng)
+    np.testing.assert_array_equal(colours[v], np.asarray(expected, np.float32))
+  unflipped = augment.view_params(seed, 375, 500, 'w/s', (0.08, 1.0), random_flip=False)
+  np.testing.assert_array_equal(unflipped[0][0], windows[0])
+  assert not unflipped[1].any()
+  other = augment.view_params(np.array([-3, 2**40 + 1], np.int64), 375, 500)
   assert not np.array_equal(other[0], windows)
 
 
@@ -232,9 +231,8 @@ def test_color_jitter_applies_each_examples_ops_in_its_order():
 
 @pytest.mark.slow  # thousands of colour draws, against torchvision
 def test_strong_color_params_follow_torchvision_sampling():
-  params = np.stack(
-    [augment.strong_color_params(tf.constant([5, i], tf.int64)).numpy() for i in range(2000)]
-  )
+  rng = np.random.default_rng(5)
+  params = np.stack([augment.strong_color_params(rng) for _ in range(2000)])
   get = lambda name: params[:, color.PARAM_SLICES[name]]
   assert abs(get('jitter').mean() - 0.8) < 0.03 and abs(get('gray').mean() - 0.2) < 0.03
   assert abs(get('blur').mean() - 0.5) < 0.04

@@ -8,9 +8,9 @@ views are a function of (seed, epoch, index) alone. The crops and their resizes 
 uint8 pixels for the decoded image, and they cross to the accelerator at one byte a channel,
 where `color.to_unit` and `color.normalize` make them float inside the device program. The
 ops that take sampled parameters (`crop_and_resize`, `resize`) and the samplers
-(`view_geometry` for the two views, `crop_window` for the probe's fused decode-and-crop,
-`strong_color_params`) are exposed separately so that tests can compare them with PIL and
-torchvision for the same parameters.
+(`view_params` for the two views, `crop_window` for the probe's fused decode-and-crop) are
+exposed separately so that tests can compare them with PIL and torchvision for the same
+parameters.
 
 Official transforms (the authors' code):
   weak:   RandomResizedCrop(scale=(0.2, 1)) -> flip
@@ -171,56 +171,67 @@ def torchvision_crop_window(
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-GEOMETRY_STREAM = 0x6D7366  # tells the views' geometry stream from any other of the seed
+PARAMS_STREAM = 0x6D7366  # tells the views' parameter stream from any other of the seed
 
 
-def view_geometry(
+def view_params(
   seed: np.ndarray,
   height: int,
   width: int,
+  pairing: str = 'w/s',
   crop_scale: Sequence[float] = CROP_SCALE,
   random_flip: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-  """The two views' crop windows [2, 4] (top, left, height, width) and flips [2] of a sample
-  of `seed` (int64 [2]): torchvision's sampler (`torchvision_crop_window`) then a coin for
-  the flip, the target view's first, from a Philox generator keyed by the seed. numpy, in
-  the same Python call as the crops: drawn in TensorFlow, the two windows' scalar ops cost
-  the host more than all of this."""
-  key = [*np.asarray(seed).astype(np.int64).view(np.uint64).tolist(), GEOMETRY_STREAM]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The two views' crop windows [2, 4] (top, left, height, width), flips [2] and colour
+  parameters [2, 12] of a sample of `seed` (int64 [2]), the target view's first, each view's
+  drawn in turn from a Philox generator keyed by the seed: torchvision's window sampler
+  (`torchvision_crop_window`), a coin for the flip, then a strong view's colour parameters
+  (`strong_color_params`; a weak view's switch every colour op off). numpy, in the Python
+  call that crops the views: drawn with TensorFlow's stateless ops, their scalar ops cost the
+  host more than all of this."""
+  key = [*np.asarray(seed).astype(np.int64).view(np.uint64).tolist(), PARAMS_STREAM]
   rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(key)))
-  windows, flips = [], []
-  for _ in range(2):
+  windows, flips, colours = [], [], []
+  for kind in pairing.split('/'):
     windows.append(torchvision_crop_window(rng, height, width, crop_scale))
     flips.append(bool(random_flip) and rng.random() < 0.5)
-  return np.array(windows, np.int32), np.array(flips)
+    colours.append(strong_color_params(rng) if kind == 's' else WEAK_COLOR_PARAMS)
+  return np.array(windows, np.int32), np.array(flips), np.array(colours, np.float32)
 
 
-def _random_crops(image, seed, size, crop_scale, random_flip) -> np.ndarray:
+def _random_views(image, seed, size, pairing, crop_scale, random_flip):
   height, width = image.shape[:2]
-  windows, flips = view_geometry(seed, height, width, crop_scale, random_flip)
-  return _pil_crops(image, windows, flips, size, size)
+  windows, flips, colours = view_params(seed, height, width, pairing, crop_scale, random_flip)
+  return _pil_crops(image, windows, flips, size, size), colours
 
 
-def random_crops(
+def random_views(
   image: tf.Tensor,
   seed: tf.Tensor,
   size: int,
+  pairing: str = 'w/s',
   crop_scale: Sequence[float] = CROP_SCALE,
   random_flip: bool = True,
-) -> tf.Tensor:
-  """[2, size, size, 3] uint8: RandomResizedCrop(size, crop_scale) -> flip, twice, of a
-  decoded uint8 image, the windows and flips drawn from `seed` (`view_geometry`) and the
-  crops made by PIL (`crop_and_resize`), all in one Python call a sample."""
-  views = tf.numpy_function(
+) -> tuple[tf.Tensor, tf.Tensor]:
+  """The two views of a decoded uint8 image, ([2, size, size, 3] uint8, [2, 12] colour
+  parameters): RandomResizedCrop(size, crop_scale) -> flip, with the parameters drawn from
+  `seed` (`view_params`) and the crops made by PIL (`crop_and_resize`), all in one Python
+  call a sample."""
+  views, colours = tf.numpy_function(
     functools.partial(
-      _random_crops, size=size, crop_scale=tuple(crop_scale), random_flip=random_flip
+      _random_views,
+      size=size,
+      pairing=pairing,
+      crop_scale=tuple(crop_scale),
+      random_flip=random_flip,
     ),
     [image, seed],
-    tf.uint8,
+    [tf.uint8, tf.float32],
     stateful=False,
   )
   views.set_shape([2, size, size, 3])
-  return views
+  colours.set_shape([2, color.NUM_PARAMS])
+  return views, colours
 
 
 def resize(image: tf.Tensor, size: Sequence[int] | tf.Tensor) -> tf.Tensor:
@@ -261,35 +272,26 @@ def random_resized_crop(
 
 
 def strong_color_params(
-  seed: tf.Tensor,
+  rng: np.random.Generator,
   brightness: float = 0.4,
   contrast: float = 0.4,
   saturation: float = 0.4,
   hue: float = 0.1,
-) -> tf.Tensor:
-  """[12] parameters (layout `color.PARAM_SLICES`) of the strong view's colour ops:
-  p=0.8 ColorJitter (factors as torchvision samples them, a uniform random order of the four
-  ops), p=0.2 grayscale, p=0.5 blur with sigma ~ U[0.1, 2]."""
-  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 9))
+) -> np.ndarray:
+  """[12] float32 parameters (layout `color.PARAM_SLICES`) of the strong view's colour ops,
+  drawn from `rng`: p=0.8 ColorJitter (factors as torchvision samples them, a uniform random
+  order of the four ops), p=0.2 grayscale, p=0.5 blur with sigma ~ U[0.1, 2]."""
+  jitter = rng.random() < 0.8
   factors = [
-    _uniform(seeds[1], (), max(0.0, 1 - brightness), 1 + brightness),
-    _uniform(seeds[2], (), max(0.0, 1 - contrast), 1 + contrast),
-    _uniform(seeds[3], (), max(0.0, 1 - saturation), 1 + saturation),
-    _uniform(seeds[4], (), -hue, hue),
+    rng.uniform(max(0.0, 1 - brightness), 1 + brightness),
+    rng.uniform(max(0.0, 1 - contrast), 1 + contrast),
+    rng.uniform(max(0.0, 1 - saturation), 1 + saturation),
+    rng.uniform(-hue, hue),
   ]
-  order = tf.cast(tf.argsort(_uniform(seeds[5], [4])), tf.float32)  # uniform permutation
-  flag = lambda s, p: tf.cast(_coin(s, p), tf.float32)[None]
-  return tf.concat(
-    [
-      flag(seeds[0], 0.8),
-      tf.stack(factors),
-      order,
-      flag(seeds[6], 0.2),
-      flag(seeds[7], 0.5),
-      _uniform(seeds[8], [1], *color.BLUR_SIGMA),
-    ],
-    axis=0,
-  )
+  order = rng.permutation(4)  # uniform permutation
+  gray, blur = rng.random() < 0.2, rng.random() < 0.5
+  sigma = rng.uniform(*color.BLUR_SIGMA)
+  return np.array([jitter, *factors, *order, gray, blur, sigma], np.float32)
 
 
 # The weak view's: every colour op off.
@@ -303,13 +305,6 @@ WEAK_COLOR_PARAMS = (0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, colo
 def flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """RandomHorizontalFlip(0.5)."""
   return tf.cond(_coin(seed, 0.5), lambda: tf.reverse(image, [1]), lambda: image)
-
-
-# The colour parameters of each kind of view, from the view's seed.
-VIEW_COLOR_PARAMS = {
-  'w': lambda seed: tf.constant(WEAK_COLOR_PARAMS, tf.float32),
-  's': lambda seed: strong_color_params(tf.random.experimental.stateless_split(seed, 2)[1]),
-}
 
 
 def two_views(
@@ -327,16 +322,12 @@ def two_views(
   (the paper's (0.2, 1) and flips by default)."""
   if pairing not in PAIRINGS:
     raise ValueError(f'Unknown augmentation pairing {pairing!r}; use one of {PAIRINGS}.')
-  target_seed, online_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  target, online = pairing.split('/')
-  views = random_crops(decode(encoded), seed, size, crop_scale, random_flip)
-  target_color = VIEW_COLOR_PARAMS[target](target_seed)
-  online_color = VIEW_COLOR_PARAMS[online](online_seed)
+  views, colours = random_views(decode(encoded), seed, size, pairing, crop_scale, random_flip)
   return {
     'target': views[0],
-    'target_color': target_color,
+    'target_color': colours[0],
     'online': views[1],
-    'online_color': online_color,
+    'online_color': colours[1],
   }
 
 
