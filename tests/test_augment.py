@@ -1,5 +1,5 @@
-"""The augmentations (crops in TensorFlow, colour ops in JAX) against PIL and numpy
-references of torchvision's transforms.
+"""The augmentations (crops by PIL inside the tf.data map, colour ops in JAX) against PIL
+and numpy references of torchvision's transforms.
 
 Each op is compared for the same sampled parameters. The crops are PIL's own resize, equal
 bit for bit; the colour ops work in float32 where PIL works in uint8 and rounds after every
@@ -75,8 +75,37 @@ def test_crop_falls_back_to_a_central_crop(height, width, expected):
   window = augment.crop_window(tf.constant([1, 2]), height, width).numpy()
   rng = np.random.default_rng(0)
   assert list(window) == expected == list(torchvision_crop_params(rng, height, width))
-  python = augment.torchvision_crop_window(np.random.default_rng(1), height, width)
+  python = augment.torchvision_crop_window([0.5] * augment.VIEW_UNIFORMS, height, width)
   assert list(python) == expected
+
+
+class Replay:
+  """A generator that hands torchvision's sampler (`torchvision_crop_params`) a view's
+  uniforms (`augment.VIEW_UNIFORMS`) in the order torchvision draws them."""
+
+  def __init__(self, uniforms):
+    tries = augment.CROP_TRIES
+    self.areas, self.aspects = iter(uniforms[:tries]), iter(uniforms[tries : 2 * tries])
+    self.offsets, self.area_next = iter(uniforms[2 * tries :]), True
+
+  def uniform(self, low, high):
+    u = next(self.areas if self.area_next else self.aspects)
+    self.area_next = not self.area_next
+    return low + (high - low) * u
+
+  def integers(self, low, high):
+    return low + int(next(self.offsets) * (high - low))
+
+
+@pytest.mark.parametrize('shape', [(375, 500), (500, 375), (60, 400), (40, 41)])
+def test_python_crop_window_is_torchvisions_sampler(shape):
+  """For the same uniforms, the window is torchvision's get_params' exactly: every try, the
+  first that fits, its offsets, the fallback (the narrow shape's tries mostly fail)."""
+  rng = np.random.default_rng(3)
+  for uniforms in rng.random((300, augment.VIEW_UNIFORMS)).astype(np.float32).tolist():
+    for scale in (augment.CROP_SCALE, augment.PROBE_CROP_SCALE):
+      window = augment.torchvision_crop_window(uniforms, *shape, scale)
+      assert window == tuple(torchvision_crop_params(Replay(uniforms), *shape, scale))
 
 
 # The crops are PIL's own (`augment.crop_and_resize` calls Image.resize): equal to PIL's, bit
@@ -113,47 +142,50 @@ def test_random_resized_crop_decodes_the_same_window_for_jpeg_and_png():
   assert_levels(from_jpeg, from_png, 255, 3.0)  # JPEG loss at quality 95
 
 
+def drawn_params(seed: tf.Tensor, shape, pairing: str = 'w/s', **options):
+  """The windows, flips and colour parameters `two_views` draws from `seed`, drawn again."""
+  crop_seed, *colour_seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  uniforms = tf.random.stateless_uniform([2, augment.VIEW_UNIFORMS], crop_seed).numpy()
+  windows, flips = augment.view_params(uniforms.tolist(), *shape, **options)
+  colours = [
+    augment.strong_color_params(s).numpy() if kind == 's' else augment.WEAK_COLOR_PARAMS
+    for kind, s in zip(pairing.split('/'), colour_seeds, strict=True)
+  ]
+  return windows, flips, colours
+
+
 @pytest.mark.parametrize('pairing', ['w/s', 's/w'])
 @pytest.mark.parametrize('shape', [(120, 160), (375, 500)], ids=['enlarged', 'shrunk'])
 def test_two_views_are_pils_crops_of_the_decoded_image(pairing, shape):
   """Each view is PIL's crop, resize and flip of the decoded image, for the window and flip
   its seed draws (`view_params`): the views' pixels are PIL's exactly, both views of a sample
-  made in one call, with the colour parameters drawn with them."""
+  made in one call."""
   encoded = tf.constant(encode(smooth_image(11, *shape)))
   decoded = augment.decode(encoded).numpy()
   flips = []
   for i in range(6):
     seed = tf.constant([4, i], tf.int64)
     views = augment.two_views(encoded, seed, 96, pairing)
-    windows, flipped, colours = augment.view_params(seed.numpy(), *shape, pairing)
+    windows, flipped, colours = drawn_params(seed, shape, pairing)
     for v, key in enumerate(('target', 'online')):
       expected = pil_view(decoded, windows[v], flipped[v], 96)
       np.testing.assert_array_equal(views[key].numpy(), expected)
-      np.testing.assert_array_equal(views[f'{key}_color'].numpy(), colours[v])
+      np.testing.assert_array_equal(views[f'{key}_color'].numpy(), np.float32(colours[v]))
       flips.append(bool(flipped[v]))
   assert any(flips) and not all(flips)  # both branches of the flip were checked
 
 
-def test_view_params_are_torchvisions_samplers_drawn_view_by_view():
-  """Each view's window is torchvision's get_params for the generator of the seed, then its
-  flip's coin, then a strong view's colour parameters; without flips no coin is drawn."""
-  seed = np.array([-3, 2**40], np.int64)
-  windows, flips, colours = augment.view_params(seed, 375, 500, 'w/s', (0.08, 1.0))
-  again = augment.view_params(seed, 375, 500, 'w/s', (0.08, 1.0))
-  for drawn, redrawn in zip((windows, flips, colours), again, strict=True):
-    np.testing.assert_array_equal(drawn, redrawn)
-  key = [*seed.view(np.uint64).tolist(), augment.PARAMS_STREAM]
-  rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(key)))
-  for v, kind in enumerate(('w', 's')):
-    assert tuple(windows[v]) == torchvision_crop_params(rng, 375, 500, scale=(0.08, 1.0))
-    assert flips[v] == (rng.uniform() < 0.5)
-    expected = augment.WEAK_COLOR_PARAMS if kind == 'w' else augment.strong_color_params(rng)
-    np.testing.assert_array_equal(colours[v], np.asarray(expected, np.float32))
-  unflipped = augment.view_params(seed, 375, 500, 'w/s', (0.08, 1.0), random_flip=False)
-  np.testing.assert_array_equal(unflipped[0][0], windows[0])
-  assert not unflipped[1].any()
-  other = augment.view_params(np.array([-3, 2**40 + 1], np.int64), 375, 500)
-  assert not np.array_equal(other[0], windows)
+def test_view_params_draw_each_views_window_and_flip_from_its_uniforms():
+  """A view's window is `torchvision_crop_window` of its uniforms, its flip the last one's
+  coin, and no flip at all without `random_flip`."""
+  uniforms = np.random.default_rng(4).random((2, augment.VIEW_UNIFORMS)).tolist()
+  windows, flips = augment.view_params(uniforms, 375, 500, (0.08, 1.0))
+  for u, window, flip in zip(uniforms, windows, flips, strict=True):
+    assert window == augment.torchvision_crop_window(u, 375, 500, (0.08, 1.0))
+    assert flip == (u[-1] < 0.5)
+  assert windows[0] != windows[1]
+  unflipped = augment.view_params(uniforms, 375, 500, (0.08, 1.0), random_flip=False)
+  assert unflipped[0] == windows and not any(unflipped[1])
 
 
 def test_views_are_the_same_from_a_parallel_map():
@@ -231,8 +263,9 @@ def test_color_jitter_applies_each_examples_ops_in_its_order():
 
 @pytest.mark.slow  # thousands of colour draws, against torchvision
 def test_strong_color_params_follow_torchvision_sampling():
-  rng = np.random.default_rng(5)
-  params = np.stack([augment.strong_color_params(rng) for _ in range(2000)])
+  params = np.stack(
+    [augment.strong_color_params(tf.constant([5, i], tf.int64)).numpy() for i in range(2000)]
+  )
   get = lambda name: params[:, color.PARAM_SLICES[name]]
   assert abs(get('jitter').mean() - 0.8) < 0.03 and abs(get('gray').mean() - 0.2) < 0.03
   assert abs(get('blur').mean() - 0.5) < 0.04

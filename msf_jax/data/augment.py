@@ -56,9 +56,9 @@ def crop_window(
   """torchvision's RandomResizedCrop.get_params in TensorFlow, for a window needed before
   decoding (`random_resized_crop`): [top, left, crop_height, crop_width].
 
-    Up to 10 tries of (area fraction ~ U(scale), log-aspect ~ U(log ratio)), rounded half to
-    even as Python's round; the first that fits is placed uniformly. If none fits, a central
-    crop at the aspect ratio clamped into `ratio`.
+  Up to 10 tries of (area fraction ~ U(scale), log-aspect ~ U(log ratio)), rounded half to
+  even as Python's round; the first that fits is placed uniformly. If none fits, a central
+  crop at the aspect ratio clamped into `ratio`.
   """
   area_seed, aspect_seed, top_seed, left_seed = tf.unstack(
     tf.random.experimental.stateless_split(seed, 4)
@@ -102,20 +102,31 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def _pil_crops(
-  image: np.ndarray, windows: np.ndarray, flips: np.ndarray, height, width
-) -> np.ndarray:
-  """[n, height, width, 3]: each window [top, left, h, w] of a uint8 RGB array cropped, then
-  resized by PIL's Image.resize(BILINEAR), then mirrored where `flips` says so: what
-  torchvision's RandomResizedCrop and RandomHorizontalFlip do to a PIL image. (A resize with
-  `box=` would not do: its filter reads pixels outside the window at the edges.)"""
-  whole, views = Image.fromarray(image), []
-  for (top, left, h, w), flip in zip(windows.tolist(), flips.tolist(), strict=True):
-    crop = whole.crop((left, top, left + w, top + h))
-    view = crop.resize((int(width), int(height)), Image.Resampling.BILINEAR)
-    # PIL's mirror: numpy's copy of a reversed view is ten times slower.
-    views.append(np.asarray(view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else view))
-  return np.stack(views)
+def _pil_window(pixels: np.ndarray, window: Sequence[int]) -> Image.Image:
+  """The window (top, left, height, width) of a C-contiguous uint8 RGB array as a PIL image,
+  unpacked by Pillow from the array's own rows (a row stride): no copy of the whole image, and
+  Pillow unpacks without the GIL. The same pixels as Image.fromarray(pixels).crop(...)."""
+  top, left, height, width = window
+  row = pixels.shape[1] * 3
+  rows = pixels.reshape(-1)[top * row + left * 3 :]
+  return Image.frombuffer('RGB', (width, height), rows, 'raw', 'RGB', row, 1)
+
+
+def _pil_crops(pixels: np.ndarray, windows, flips, height: int, width: int) -> np.ndarray:
+  """[n, height, width, 3]: each window [top, left, h, w] of a uint8 RGB array resized by
+  PIL's Image.resize(BILINEAR), then mirrored where `flips` says so: what torchvision's
+  RandomResizedCrop and RandomHorizontalFlip do to a PIL image. (A resize with `box=` would
+  not do: its filter reads pixels outside the window at the edges.) Pillow resamples and
+  mirrors without the GIL; the Python around it is what a sample holds it for."""
+  views = np.empty((len(windows), height, width, 3), np.uint8)
+  for view, window, flip in zip(views, windows, flips, strict=True):
+    resized = _pil_window(pixels, window).resize((width, height), Image.Resampling.BILINEAR)
+    view[...] = np.asarray(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else resized)
+  return views
+
+
+def _pil_crops_of_tensors(pixels, windows, flips, height, width):
+  return _pil_crops(pixels, windows.tolist(), flips.tolist(), int(height), int(width))
 
 
 def crop_and_resize(
@@ -127,13 +138,12 @@ def crop_and_resize(
   """[n, height, width, 3] uint8: the `windows` [n, 4] (top, left, height, width) of a uint8
   RGB image, each resized to `size` (height, width) by PIL itself (crop, then
   Image.resize(BILINEAR), as the official pipeline's crops and resizes are: its pixels
-  exactly), then flipped left-right where `flips` [n] (bool) is true. One call a sample:
-  Pillow resamples without the GIL, so a parallel tf.data map runs it on several cores."""
+  exactly), then flipped left-right where `flips` [n] (bool) is true."""
   windows = tf.convert_to_tensor(windows, tf.int32)
   flips = tf.zeros(tf.shape(windows)[:1], tf.bool) if flips is None else flips
   size = tf.convert_to_tensor(size, tf.int32)
   views = tf.numpy_function(
-    _pil_crops, [image, windows, flips, size[0], size[1]], tf.uint8, stateful=False
+    _pil_crops_of_tensors, [image, windows, flips, size[0], size[1]], tf.uint8, stateful=False
   )
   static = tf.get_static_value(size)
   views.set_shape(
@@ -142,25 +152,33 @@ def crop_and_resize(
   return views
 
 
+# A view's uniforms, U[0, 1): CROP_TRIES area fractions, CROP_TRIES log-aspects, the window's
+# top and left, the flip's coin.
+VIEW_UNIFORMS = 2 * CROP_TRIES + 3
+
+
 def torchvision_crop_window(
-  rng: np.random.Generator,
+  uniforms: Sequence[float],
   height: int,
   width: int,
   scale: Sequence[float] = CROP_SCALE,
   ratio: Sequence[float] = CROP_RATIO,
 ) -> tuple[int, int, int, int]:
   """torchvision's RandomResizedCrop.get_params in Python, as torchvision computes it (in
-  float64, Python's round): (top, left, crop_height, crop_width). Up to 10 tries of (area
-  fraction ~ U(scale), log-aspect ~ U(log ratio)); the first that fits is placed uniformly;
-  if none fits, a central crop at the aspect ratio clamped into `ratio`."""
+  float64, Python's round), from a view's uniforms (`VIEW_UNIFORMS`): (top, left,
+  crop_height, crop_width). Up to 10 tries of (area fraction ~ U(scale), log-aspect ~ U(log
+  ratio)); the first that fits is placed uniformly (randint as floor(u * (n + 1))); if none
+  fits, a central crop at the aspect ratio clamped into `ratio`."""
   area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(CROP_TRIES):
-    target_area = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(*log_ratio))
+  log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+  tries = zip(uniforms[:CROP_TRIES], uniforms[CROP_TRIES : 2 * CROP_TRIES], strict=True)
+  for fraction, log_aspect in tries:
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * fraction)
+    aspect = math.exp(log_low + (log_high - log_low) * log_aspect)
     w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
     if 0 < w <= width and 0 < h <= height:
-      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+      top, left = uniforms[2 * CROP_TRIES : 2 * CROP_TRIES + 2]
+      return int(top * (height - h + 1)), int(left * (width - w + 1)), h, w
   in_ratio = width / height
   if in_ratio < min(ratio):
     w, h = width, round(width / min(ratio))
@@ -171,67 +189,47 @@ def torchvision_crop_window(
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-PARAMS_STREAM = 0x6D7366  # tells the views' parameter stream from any other of the seed
-
-
 def view_params(
-  seed: np.ndarray,
+  uniforms: Sequence[Sequence[float]],
   height: int,
   width: int,
-  pairing: str = 'w/s',
   crop_scale: Sequence[float] = CROP_SCALE,
   random_flip: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The two views' crop windows [2, 4] (top, left, height, width), flips [2] and colour
-  parameters [2, 12] of a sample of `seed` (int64 [2]), the target view's first, each view's
-  drawn in turn from a Philox generator keyed by the seed: torchvision's window sampler
-  (`torchvision_crop_window`), a coin for the flip, then a strong view's colour parameters
-  (`strong_color_params`; a weak view's switch every colour op off). numpy, in the Python
-  call that crops the views: drawn with TensorFlow's stateless ops, their scalar ops cost the
-  host more than all of this."""
-  key = [*np.asarray(seed).astype(np.int64).view(np.uint64).tolist(), PARAMS_STREAM]
-  rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(key)))
-  windows, flips, colours = [], [], []
-  for kind in pairing.split('/'):
-    windows.append(torchvision_crop_window(rng, height, width, crop_scale))
-    flips.append(bool(random_flip) and rng.random() < 0.5)
-    colours.append(strong_color_params(rng) if kind == 's' else WEAK_COLOR_PARAMS)
-  return np.array(windows, np.int32), np.array(flips), np.array(colours, np.float32)
+) -> tuple[list, list]:
+  """Each view's crop window (top, left, height, width) and flip, from its uniforms."""
+  windows = [torchvision_crop_window(u, height, width, crop_scale) for u in uniforms]
+  return windows, [random_flip and u[-1] < 0.5 for u in uniforms]
 
 
-def _random_views(image, seed, size, pairing, crop_scale, random_flip):
-  height, width = image.shape[:2]
-  windows, flips, colours = view_params(seed, height, width, pairing, crop_scale, random_flip)
-  return _pil_crops(image, windows, flips, size, size), colours
+def _random_views(pixels, uniforms, size, crop_scale, random_flip):
+  height, width = pixels.shape[:2]
+  windows, flips = view_params(uniforms.tolist(), height, width, crop_scale, random_flip)
+  return _pil_crops(pixels, windows, flips, size, size)
 
 
 def random_views(
   image: tf.Tensor,
   seed: tf.Tensor,
   size: int,
-  pairing: str = 'w/s',
   crop_scale: Sequence[float] = CROP_SCALE,
   random_flip: bool = True,
-) -> tuple[tf.Tensor, tf.Tensor]:
-  """The two views of a decoded uint8 image, ([2, size, size, 3] uint8, [2, 12] colour
-  parameters): RandomResizedCrop(size, crop_scale) -> flip, with the parameters drawn from
-  `seed` (`view_params`) and the crops made by PIL (`crop_and_resize`), all in one Python
-  call a sample."""
-  views, colours = tf.numpy_function(
+  views: int = 2,
+) -> tf.Tensor:
+  """[views, size, size, 3] uint8: RandomResizedCrop(size, crop_scale) -> flip of a decoded
+  uint8 image, PIL's crops, in one Python call a sample. The uniforms are drawn by one
+  stateless op (no GIL, far fewer host ops than the sampler's arithmetic in TensorFlow); the
+  sampler's few scalar steps are Python's, as torchvision's are (`view_params`)."""
+  uniforms = tf.random.stateless_uniform([views, VIEW_UNIFORMS], seed, dtype=tf.float32)
+  crops = tf.numpy_function(
     functools.partial(
-      _random_views,
-      size=size,
-      pairing=pairing,
-      crop_scale=tuple(crop_scale),
-      random_flip=random_flip,
+      _random_views, size=size, crop_scale=tuple(crop_scale), random_flip=random_flip
     ),
-    [image, seed],
-    [tf.uint8, tf.float32],
+    [image, uniforms],
+    tf.uint8,
     stateful=False,
   )
-  views.set_shape([2, size, size, 3])
-  colours.set_shape([2, color.NUM_PARAMS])
-  return views, colours
+  crops.set_shape([views, size, size, 3])
+  return crops
 
 
 def resize(image: tf.Tensor, size: Sequence[int] | tf.Tensor) -> tf.Tensor:
@@ -272,26 +270,26 @@ def random_resized_crop(
 
 
 def strong_color_params(
-  rng: np.random.Generator,
+  seed: tf.Tensor,
   brightness: float = 0.4,
   contrast: float = 0.4,
   saturation: float = 0.4,
   hue: float = 0.1,
-) -> np.ndarray:
-  """[12] float32 parameters (layout `color.PARAM_SLICES`) of the strong view's colour ops,
-  drawn from `rng`: p=0.8 ColorJitter (factors as torchvision samples them, a uniform random
-  order of the four ops), p=0.2 grayscale, p=0.5 blur with sigma ~ U[0.1, 2]."""
-  jitter = rng.random() < 0.8
-  factors = [
-    rng.uniform(max(0.0, 1 - brightness), 1 + brightness),
-    rng.uniform(max(0.0, 1 - contrast), 1 + contrast),
-    rng.uniform(max(0.0, 1 - saturation), 1 + saturation),
-    rng.uniform(-hue, hue),
-  ]
-  order = rng.permutation(4)  # uniform permutation
-  gray, blur = rng.random() < 0.2, rng.random() < 0.5
-  sigma = rng.uniform(*color.BLUR_SIGMA)
-  return np.array([jitter, *factors, *order, gray, blur, sigma], np.float32)
+) -> tf.Tensor:
+  """[12] parameters (layout `color.PARAM_SLICES`) of the strong view's colour ops:
+  p=0.8 ColorJitter (factors as torchvision samples them, a uniform random order of the four
+  ops), p=0.2 grayscale, p=0.5 blur with sigma ~ U[0.1, 2]. All from one draw of 12
+  uniforms, in vector ops: each scalar op costs the host core more than its arithmetic."""
+  uniforms = _uniform(seed, [color.NUM_PARAMS])
+  low = tf.constant(
+    [max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation), -hue]
+  )
+  high = tf.constant([1 + brightness, 1 + contrast, 1 + saturation, hue])
+  factors = low + (high - low) * uniforms[1:5]
+  order = tf.cast(tf.argsort(uniforms[5:9]), tf.float32)  # uniform permutation
+  flags = tf.cast(tf.gather(uniforms, [0, 9, 10]) < [0.8, 0.2, 0.5], tf.float32)
+  sigma = color.BLUR_SIGMA[0] + (color.BLUR_SIGMA[1] - color.BLUR_SIGMA[0]) * uniforms[11:]
+  return tf.concat([flags[:1], factors, order, flags[1:], sigma], axis=0)
 
 
 # The weak view's: every colour op off.
@@ -322,12 +320,15 @@ def two_views(
   (the paper's (0.2, 1) and flips by default)."""
   if pairing not in PAIRINGS:
     raise ValueError(f'Unknown augmentation pairing {pairing!r}; use one of {PAIRINGS}.')
-  views, colours = random_views(decode(encoded), seed, size, pairing, crop_scale, random_flip)
+  crop_seed, target_seed, online_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  views = random_views(decode(encoded), crop_seed, size, crop_scale, random_flip)
+  colours = {'w': lambda _: tf.constant(WEAK_COLOR_PARAMS, tf.float32), 's': strong_color_params}
+  target, online = pairing.split('/')
   return {
     'target': views[0],
-    'target_color': colours[0],
+    'target_color': colours[target](target_seed),
     'online': views[1],
-    'online_color': colours[1],
+    'online_color': colours[online](online_seed),
   }
 
 
