@@ -112,16 +112,27 @@ def _pil_window(pixels: np.ndarray, window: Sequence[int]) -> Image.Image:
   return Image.frombuffer('RGB', (width, height), rows, 'raw', 'RGB', row, 1)
 
 
+def _rgb_into(array: np.ndarray):
+  """A PIL core image in RGB mode over a uint8 [height, width, 4] array's own memory (Pillow
+  keeps an RGB pixel in 4 bytes, the 4th unused): pasting into it writes the array without
+  the GIL, where Image.tobytes and a numpy copy hold it for the whole copy. Pillow's C core
+  (`Image.core`, pillow pinned in requirements.txt; the tests compare the views bit for bit)."""
+  height, width = array.shape[:2]
+  return Image.core.map_buffer(array, (width, height), 'raw', 0, ('RGB', width * 4, 1))
+
+
 def _pil_crops(pixels: np.ndarray, windows, flips, height: int, width: int) -> np.ndarray:
-  """[n, height, width, 3]: each window [top, left, h, w] of a uint8 RGB array resized by
-  PIL's Image.resize(BILINEAR), then mirrored where `flips` says so: what torchvision's
-  RandomResizedCrop and RandomHorizontalFlip do to a PIL image. (A resize with `box=` would
-  not do: its filter reads pixels outside the window at the edges.) Pillow resamples and
-  mirrors without the GIL; the Python around it is what a sample holds it for."""
-  views = np.empty((len(windows), height, width, 3), np.uint8)
+  """[n, height, width, 4] (RGB and an unused byte): each window [top, left, h, w] of a
+  uint8 RGB array resized by PIL's Image.resize(BILINEAR), then mirrored where `flips` says
+  so: what torchvision's RandomResizedCrop and RandomHorizontalFlip do to a PIL image. (A
+  resize with `box=` would not do: its filter reads pixels outside the window at the edges.)
+  Pillow unpacks, resamples, mirrors and pastes without the GIL; the Python around it is what
+  a sample holds it for."""
+  views = np.empty((len(windows), height, width, 4), np.uint8)
   for view, window, flip in zip(views, windows, flips, strict=True):
     resized = _pil_window(pixels, window).resize((width, height), Image.Resampling.BILINEAR)
-    view[...] = np.asarray(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else resized)
+    resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else resized
+    _rgb_into(view).paste(resized.im, (0, 0, width, height))
   return views
 
 
@@ -144,7 +155,7 @@ def crop_and_resize(
   size = tf.convert_to_tensor(size, tf.int32)
   views = tf.numpy_function(
     _pil_crops_of_tensors, [image, windows, flips, size[0], size[1]], tf.uint8, stateful=False
-  )
+  )[..., :3]
   static = tf.get_static_value(size)
   views.set_shape(
     [windows.shape[0], *([None, None] if static is None else [int(v) for v in static]), 3]
@@ -227,7 +238,7 @@ def random_views(
     [image, uniforms],
     tf.uint8,
     stateful=False,
-  )
+  )[..., :3]
   crops.set_shape([views, size, size, 3])
   return crops
 
