@@ -37,7 +37,7 @@ BATCH = 64
 def _stages(size: int) -> dict:
   """Cumulative map functions (encoded, seed) -> tensors: each adds one part of two_views
   to the one before, drawing its seeds as two_views does. Every stage returns what it made,
-  so that none of it is pruned. Where the views' parameters are drawn and their crops made in
+  so that none of it is pruned. Where the views' windows are drawn and their crops made in
   one Python call (`augment.random_views`), that call is one part."""
   import tensorflow as tf
 
@@ -77,13 +77,22 @@ def _stages(size: int) -> dict:
   def two_views(encoded, seed):
     return augment.two_views(encoded, seed, size)
 
-  if hasattr(augment, 'random_views'):  # the views' parameters and PIL's crops in one call
+  def pil_views(encoded, seed):
+    crop_seed, _, online_seed = split(seed, 3)
+    return augment.random_views(augment.decode(encoded), crop_seed, size), online_seed
+
+  def pil_params(encoded, seed):
+    views, online_seed = pil_views(encoded, seed)
+    return views, augment.strong_color_params(online_seed)
+
+  if hasattr(augment, 'random_views'):  # the windows, flips and PIL's crops in one call
     return {
       'tf.data, reading the cached bytes': lambda encoded, seed: (encoded, seed),
       'decoding (full decode_jpeg)': lambda encoded, seed: augment.decode(encoded),
-      "windows, flips, colour parameters drawn; PIL's crops, resizes, flips (2, one Python call)": (
-        lambda encoded, seed: augment.random_views(augment.decode(encoded), seed, size)
+      "uniforms drawn; windows, flips, PIL's crops, resizes, flips (2, one Python call)": (
+        pil_views
       ),
+      'colour parameters': pil_params,
       'augment.two_views itself': two_views,
       f'batching ({BATCH})': two_views,
     }
