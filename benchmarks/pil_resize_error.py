@@ -1,14 +1,13 @@
-"""How far the host stage's crops are from PIL's, in uint8 levels (0-255), through the
-resizes the host stage has used: TensorFlow's antialiased bilinear resize as float32 (the
-views until they crossed as uint8), the same rounded to uint8 as PIL rounds (until the resize
-became PIL's), and `augment.resize` today, which calls PIL's own resize. PIL's resize of an
-8-bit image is the reference (the official pipeline's RandomResizedCrop and Resize).
+"""How far the host stage's crops are from PIL's, in uint8 levels (0-255), before and after
+the views became uint8: the float32 resize they replaced (antialiased bilinear of [0, 1]
+images, what the views were until they crossed as uint8) against `augment.resize`, which
+rounds the same resize to uint8 as PIL does. PIL's resize of an 8-bit image is the reference
+(the official pipeline's RandomResizedCrop and Resize).
 
 Cases: the PIL parity tests' own (tests/test_augment.py: resize shrink and enlarge, a random
 crop to 32, the centre crop's resize), then 224-pixel RandomResizedCrops and the 256-pixel
 centre-crop resize of the two photos scikit-learn ships (427x640), 20 seeds each. Prints a
-markdown table: max and mean absolute difference of each resize, and the share of values
-equal to PIL's (in the order of the columns).
+markdown table: max and mean absolute difference, and the share of values equal to PIL's.
 
   python benchmarks/pil_resize_error.py
 """
@@ -35,14 +34,8 @@ def float32_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return tf.clip_by_value(resized, 0.0, 1.0).numpy() * 255.0
 
 
-def tf_uint8_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Then: TensorFlow's resize rounded half up to uint8, the host stage's until it called PIL."""
-  resized = tf.image.resize(image, size, method='bilinear', antialias=True)
-  return tf.cast(tf.clip_by_value(tf.floor(resized + 0.5), 0.0, 255.0), tf.uint8).numpy()
-
-
 def uint8_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Now: the host stage's resize, PIL's."""
+  """After: the host stage's resize, uint8."""
   return augment.resize(tf.constant(image), size).numpy()
 
 
@@ -91,18 +84,17 @@ def errors(resize, cases: list) -> tuple[float, float, float]:
 
 
 def main() -> None:
-  resizes = {
-    'TF float32': float32_resize,
-    'TF rounded to uint8': tf_uint8_resize,
-    "PIL's (augment.resize, now)": uint8_resize,
-  }
-  print(f'| case | {" | ".join(f"{name}: max / mean" for name in resizes)} | equal to PIL |')
-  print(f'|---|{"---|" * len(resizes)}---|')
+  print(
+    '| case | float32 (before): max / mean | uint8 (after): max / mean | '
+    'equal to PIL (before / after) |'
+  )
+  print('|---|---|---|---|')
   for name, cases in {**test_cases(), **photo_cases()}.items():
-    found = [errors(resize, cases) for resize in resizes.values()]
-    columns = [f'{e[0]:.2f} / {e[1]:.3f}' for e in found]
-    equal = ' / '.join(f'{100 * e[2]:.1f}%' for e in found)
-    print(f'| {name} | {" | ".join(columns)} | {equal} |')
+    before, after = errors(float32_resize, cases), errors(uint8_resize, cases)
+    print(
+      f'| {name} | {before[0]:.2f} / {before[1]:.3f} | {after[0]:.0f} / {after[1]:.3f} | '
+      f'{100 * before[2]:.1f}% / {100 * after[2]:.1f}% |'
+    )
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ from msf_jax.data.sources import Split
 from msf_jax.models import build_networks
 from msf_jax.sharding import batch_sharded, put_replicated, replicated
 
-CACHE_VERSION = 4  # bump when the cached views or the file layout change (4: PIL's resize)
+CACHE_VERSION = 3  # bump when the cached views or the file layout change (3: uint8 views)
 SKIPPED_NAMES_KEPT = 5
 
 
