@@ -14,6 +14,12 @@ printed:
 
   python benchmarks/host_profile.py --samples 300 --runs 5
   python benchmarks/host_profile.py --repo /path/to/old/checkout --samples 300 --runs 9
+
+`--profile` with `--repo` profiles each checkout's `augment.two_views` with this script, the
+rounds in turns. `--cores 0,1` pins each process to those cores and runs the map on as many
+threads (`num_parallel_calls`), for how the stage scales over cores. `--clock cpu` times by the pinned process's CPU time instead of the wall
+clock: on a machine shared with other work, the time the stage took on its core rather than
+the time it also waited for the core.
 """
 
 import argparse
@@ -31,7 +37,8 @@ BATCH = 64
 def _stages(size: int) -> dict:
   """Cumulative map functions (encoded, seed) -> tensors: each adds one part of two_views
   to the one before, drawing its seeds as two_views does. Every stage returns what it made,
-  so that none of it is pruned."""
+  so that none of it is pruned. Where the views' windows are drawn and their crops made in
+  one Python call (`augment.random_views`), that call is one part."""
   import tensorflow as tf
 
   from msf_jax.data import augment
@@ -70,6 +77,25 @@ def _stages(size: int) -> dict:
   def two_views(encoded, seed):
     return augment.two_views(encoded, seed, size)
 
+  def pil_views(encoded, seed):
+    crop_seed, _, online_seed = split(seed, 3)
+    return augment.random_views(augment.decode(encoded), crop_seed, size), online_seed
+
+  def pil_params(encoded, seed):
+    views, online_seed = pil_views(encoded, seed)
+    return views, augment.strong_color_params(online_seed)
+
+  if hasattr(augment, 'random_views'):  # the windows, flips and PIL's crops in one call
+    return {
+      'tf.data, reading the cached bytes': lambda encoded, seed: (encoded, seed),
+      'decoding (full decode_jpeg)': lambda encoded, seed: augment.decode(encoded),
+      "uniforms drawn; windows, flips, PIL's crops, resizes, flips (2, one Python call)": (
+        pil_views
+      ),
+      'colour parameters': pil_params,
+      'augment.two_views itself': two_views,
+      f'batching ({BATCH})': two_views,
+    }
   return {
     'tf.data, reading the cached bytes': lambda encoded, seed: (encoded, seed),
     'decoding (full decode_jpeg)': lambda encoded, seed: augment.decode(encoded),
@@ -87,26 +113,36 @@ def _dataset(encoded: list[bytes], fn, batch: int):
 
   files = tf.data.Dataset.from_tensor_slices(encoded).repeat()
   seeds = tf.data.Dataset.range(10**9).map(lambda i: tf.stack([i, 0]))
+  threads = int(os.environ.get('HOST_PROFILE_THREADS', '1'))
   options = tf.data.Options()
-  options.threading.private_threadpool_size = 1
+  options.threading.private_threadpool_size = threads
   options.threading.max_intra_op_parallelism = 1
   options.experimental_optimization.map_fusion = False  # nothing of fn may be pruned
-  dataset = tf.data.Dataset.zip(files, seeds).map(fn)
+  dataset = tf.data.Dataset.zip(files, seeds).map(
+    fn, num_parallel_calls=threads if threads > 1 else None
+  )
   return (dataset.batch(batch) if batch > 1 else dataset).with_options(options)
+
+
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
 
 
 def _rate(dataset, samples: int, batch: int) -> float:
   """Samples a second through `dataset`, consumed inside TensorFlow (no Python step per
-  sample); the second of two calls, the first one traced."""
+  sample); the second of two calls, the first one traced. Seconds of the clock that
+  HOST_PROFILE_CLOCK names: 'wall' (the default) or 'cpu', the CPU time of this process (all
+  its threads, on its one core): on a loaded machine, the time the work took on the core
+  rather than the time it waited for it."""
+  clock = CLOCKS[os.environ.get('HOST_PROFILE_CLOCK', 'wall')]
   import tensorflow as tf
 
   steps = max(1, samples // batch)
   sink = dataset.map(lambda *x: tf.size(tf.nest.flatten(x)[0]))
   count = tf.function(lambda: sink.take(steps).reduce(0, lambda n, size: n + 1))
   count()
-  start = time.perf_counter()
+  start = clock()
   count()
-  return steps * batch / (time.perf_counter() - start)
+  return steps * batch / (clock() - start)
 
 
 def _read(folder: str) -> list[bytes]:
@@ -144,8 +180,13 @@ def _child(which: str, folder: str, repo: str, args) -> list[str]:
     folder,
     args.samples,
     args.size,
-    args.core,
-    {'PYTHONPATH': repo, 'TF_CPP_MIN_LOG_LEVEL': '2'},
+    args.cores or args.core,
+    {
+      'PYTHONPATH': repo,
+      'TF_CPP_MIN_LOG_LEVEL': '2',
+      'HOST_PROFILE_CLOCK': args.clock,
+      'HOST_PROFILE_THREADS': str(len(args.cores.split(',')) if args.cores else 1),
+    },
   )
 
 
@@ -196,10 +237,25 @@ def main() -> None:
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--core', type=int, default=0)
   parser.add_argument(
+    '--cores',
+    help='several cores, as 0,1: each process pinned to them, the map on as many threads',
+  )
+  parser.add_argument(
+    '--clock',
+    choices=sorted(CLOCKS),
+    default='wall',
+    help="time by the wall clock or by the pinned process's CPU time (a loaded machine)",
+  )
+  parser.add_argument(
     '--repo',
     nargs='*',
     default=None,
     help='other checkouts: time two_views of each against this one',
+  )
+  parser.add_argument(
+    '--profile',
+    action='store_true',
+    help="with --repo: profile each checkout's two_views (rounds in turns) instead of its rate",
   )
   parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -214,6 +270,15 @@ def main() -> None:
   make_photos(folder, args.images)
   if args.repo is None:
     print_profile([_child('profile', folder, REPO, args) for _ in range(args.runs)])
+    return
+  if args.profile:
+    rounds = {repo: [] for repo in [REPO, *args.repo]}
+    for _ in range(args.runs):
+      for repo, runs in rounds.items():
+        runs.append(_child('profile', folder, repo, args))
+    for repo, runs in rounds.items():
+      print(f'\n{repo}:')
+      print_profile(runs)
     return
   rates = {repo: [] for repo in [REPO, *args.repo]}
   for _ in range(args.runs):

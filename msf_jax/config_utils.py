@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from msf_jax.data import PAIRINGS, SOURCES
+from msf_jax.data import CROPS, PAIRINGS, SOURCES
 from msf_jax.mean_shift import SEARCH_DTYPES
 from msf_jax.optim import SCHEDULES
 from msf_jax.sharding import BANK_LAYOUTS
@@ -139,6 +139,7 @@ def training_config_errors(
       errors.append(f'{key}={value} must be positive.')
   for key, value, valid in (
     ('data.pairing', config.data.pairing, PAIRINGS),
+    ('data.crops', config.data.crops, CROPS),
     ('optim.schedule', config.optim.schedule, SCHEDULES),
     ('data.source', config.data.source, SOURCES),
     ('msf.bank_search_dtype', config.msf.bank_search_dtype, SEARCH_DTYPES),

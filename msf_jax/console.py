@@ -100,9 +100,10 @@ def _data(data: ml_collections.ConfigDict) -> str:
   }
   flips = 'flips' if data.flip else 'no flips'
   low, high = data.crop_scale
+  by_pil = ' by PIL' if data.crops == 'pil' else ''  # TensorFlow's, the default, go unnamed
   return (
     f'{where.get(data.source, data.source)}, views {data.pairing} (target/online), '
-    f'crops of {low:g}-{high:g} of the image, {flips}'
+    f'crops of {low:g}-{high:g} of the image{by_pil}, {flips}'
   )
 
 

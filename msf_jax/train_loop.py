@@ -257,6 +257,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> MSFState:
     start_position=start_position,
     crop_scale=tuple(config.data.crop_scale),
     random_flip=config.data.flip,
+    crops=config.data.crops,
     shuffle_target=config.msf.shuffle_target,
   )
   train_step = make_train_step(config, mesh, steps_per_epoch)

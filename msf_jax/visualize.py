@@ -330,6 +330,7 @@ def views_grid_from_config(
     pairing=config.data.pairing,
     crop_scale=tuple(config.data.crop_scale),
     random_flip=config.data.flip,
+    crops=config.data.crops,
   )
   views = color.finish_views(pipeline.to_global(next(stream), mesh), config.data.pairing)
   views = multihost_utils.process_allgather(

@@ -1,9 +1,10 @@
-"""The augmentations (crops in TensorFlow, colour ops in JAX) against PIL and numpy
+"""The augmentations (crops in TensorFlow or by PIL, colour ops in JAX) against PIL and numpy
 references of torchvision's transforms.
 
 Each op is compared for the same sampled parameters. PIL works in uint8 and rounds after
-every step; our crops round to uint8 once, at the end of the resize, and the colour ops work
-in float32, so agreement is stated in uint8 levels (1/255).
+every step; our TensorFlow crops round to uint8 once, at the end of the resize, and the colour
+ops work in float32, so agreement is stated in uint8 levels (1/255). The crops of
+`two_views(crops='pil')` are PIL's own, equal bit for bit.
 """
 
 import io
@@ -75,6 +76,8 @@ def test_crop_falls_back_to_a_central_crop(height, width, expected):
   window = augment.crop_window(tf.constant([1, 2]), height, width).numpy()
   rng = np.random.default_rng(0)
   assert list(window) == expected == list(torchvision_crop_params(rng, height, width))
+  python = augment.torchvision_crop_window([0.5] * augment.VIEW_UNIFORMS, height, width)
+  assert list(python) == expected
 
 
 # The crops' agreement with PIL (benchmarks/pil_resize_error.py measures it): rounded to
@@ -102,6 +105,119 @@ def test_random_resized_crop_decodes_the_same_window_for_jpeg_and_png():
   assert from_png.dtype == from_jpeg.dtype == np.uint8
   assert_levels(from_png, np.asarray(expected), MAX_CROP_LEVELS, MEAN_CROP_LEVELS)
   assert_levels(from_jpeg, from_png, 255, 3.0)  # JPEG loss at quality 95
+
+
+# --- RandomResizedCrop by PIL (crops='pil') ------------------------------------------------
+
+
+class Replay:
+  """A generator that hands torchvision's sampler (`torchvision_crop_params`) a view's
+  uniforms (`augment.VIEW_UNIFORMS`) in the order torchvision draws them."""
+
+  def __init__(self, uniforms):
+    tries = augment.CROP_TRIES
+    self.areas, self.aspects = iter(uniforms[:tries]), iter(uniforms[tries : 2 * tries])
+    self.offsets, self.area_next = iter(uniforms[2 * tries :]), True
+
+  def uniform(self, low, high):
+    u = next(self.areas if self.area_next else self.aspects)
+    self.area_next = not self.area_next
+    return low + (high - low) * u
+
+  def integers(self, low, high):
+    return low + int(next(self.offsets) * (high - low))
+
+
+@pytest.mark.parametrize('shape', [(375, 500), (500, 375), (60, 400), (40, 41)])
+def test_python_crop_window_is_torchvisions_sampler(shape):
+  """For the same uniforms, the window is torchvision's get_params' exactly: every try, the
+  first that fits, its offsets, the fallback (the narrow shape's tries mostly fail)."""
+  rng = np.random.default_rng(3)
+  for uniforms in rng.random((300, augment.VIEW_UNIFORMS)).astype(np.float32).tolist():
+    for scale in (augment.CROP_SCALE, augment.PROBE_CROP_SCALE):
+      window = augment.torchvision_crop_window(uniforms, *shape, scale)
+      assert window == tuple(torchvision_crop_params(Replay(uniforms), *shape, scale))
+
+
+def pil_view(image: np.ndarray, window, flipped: bool, size: int) -> np.ndarray:
+  """torchvision's RandomResizedCrop then flip, on a PIL image, for the given parameters."""
+  top, left, h, w = (int(v) for v in window)
+  view = Image.fromarray(image).crop((left, top, left + w, top + h))
+  view = view.resize((size, size), Image.BILINEAR)
+  return np.asarray(view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else view)
+
+
+def drawn_params(seed: tf.Tensor, shape, pairing: str = 'w/s', **options):
+  """The windows, flips and colour parameters `two_views(crops='pil')` draws from `seed`,
+  drawn again."""
+  crop_seed, *colour_seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  uniforms = tf.random.stateless_uniform([2, augment.VIEW_UNIFORMS], crop_seed).numpy()
+  windows, flips = augment.view_params(uniforms.tolist(), *shape, **options)
+  colours = [
+    augment.strong_color_params(s).numpy() if kind == 's' else augment.WEAK_COLOR_PARAMS
+    for kind, s in zip(pairing.split('/'), colour_seeds, strict=True)
+  ]
+  return windows, flips, colours
+
+
+@pytest.mark.parametrize('pairing', ['w/s', 's/w'])
+@pytest.mark.parametrize('shape', [(120, 160), (375, 500)], ids=['enlarged', 'shrunk'])
+def test_pil_crops_are_pils_crops_of_the_decoded_image(pairing, shape):
+  """With crops='pil' each view is PIL's crop, resize and flip of the decoded image, for the
+  window and flip its seed draws (`view_params`): PIL's pixels exactly."""
+  encoded = tf.constant(encode(smooth_image(11, *shape)))
+  decoded = augment.decode(encoded).numpy()
+  flips = []
+  for i in range(6):
+    seed = tf.constant([4, i], tf.int64)
+    views = augment.two_views(encoded, seed, 96, pairing, crops='pil')
+    windows, flipped, colours = drawn_params(seed, shape, pairing)
+    for v, key in enumerate(('target', 'online')):
+      expected = pil_view(decoded, windows[v], flipped[v], 96)
+      np.testing.assert_array_equal(views[key].numpy(), expected)
+      np.testing.assert_array_equal(views[f'{key}_color'].numpy(), np.float32(colours[v]))
+      flips.append(bool(flipped[v]))
+  assert any(flips) and not all(flips)  # both branches of the flip were checked
+
+
+def test_view_params_draw_each_views_window_and_flip_from_its_uniforms():
+  """A view's window is `torchvision_crop_window` of its uniforms, its flip the last one's
+  coin, and no flip at all without `random_flip`."""
+  uniforms = np.random.default_rng(4).random((2, augment.VIEW_UNIFORMS)).tolist()
+  windows, flips = augment.view_params(uniforms, 375, 500, (0.08, 1.0))
+  for u, window, flip in zip(uniforms, windows, flips, strict=True):
+    assert window == augment.torchvision_crop_window(u, 375, 500, (0.08, 1.0))
+    assert flip == (u[-1] < 0.5)
+  assert windows[0] != windows[1]
+  unflipped = augment.view_params(uniforms, 375, 500, (0.08, 1.0), random_flip=False)
+  assert unflipped[0] == windows and not any(unflipped[1])
+
+
+def test_pil_crops_are_the_same_from_a_parallel_map():
+  """PIL's resize runs outside TensorFlow (`tf.numpy_function`, the GIL released): a map on
+  several threads still gives every sample the views of its seed."""
+  images = [tf.constant(encode(smooth_image(12 + i, 90, 120))) for i in range(4)]
+  dataset = tf.data.Dataset.from_tensor_slices(tf.stack(images)).repeat(4).enumerate()
+
+  def views(parallel):
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 4
+    mapped = dataset.map(
+      lambda i, encoded: augment.two_views(encoded, tf.stack([i, 9]), 48, crops='pil'),
+      num_parallel_calls=4 if parallel else None,
+    )
+    return list(mapped.with_options(options).batch(16).as_numpy_iterator())[0]
+
+  serial, parallel = views(False), views(True)
+  for key in serial:
+    np.testing.assert_array_equal(serial[key], parallel[key])
+  assert len({serial['online'][i].tobytes() for i in range(16)}) == 16
+
+
+def test_unknown_crops_are_refused_naming_the_choices():
+  encoded = tf.constant(encode(smooth_image(8)))
+  with pytest.raises(ValueError, match="'opencv'.*'tensorflow', 'pil'"):
+    augment.two_views(encoded, tf.constant([1, 1]), 32, crops='opencv')
 
 
 # --- Colour ---------------------------------------------------------------------------------

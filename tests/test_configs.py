@@ -78,9 +78,11 @@ def test_training_config_builds_its_splits(path):
       pairing=config.data.pairing,
       process_index=0,
       process_count=1,
+      crops=config.data.crops,
     )
     batch = next(stream)
   assert split.num_classes == monitor.num_classes
+  assert config.data.crops == 'tensorflow'  # no GIL held: PIL's crops are an opt-in
   assert batch['online'].shape == (4, config.image_size, config.image_size, 3)
 
 

@@ -59,6 +59,9 @@ def test_config_summary_names_only_the_settings_that_apply():
   assert 'kNN monitor every 10 epochs: 360 test images' in demo
   assert 'Logs every epoch, checkpoints every 10 epochs' in demo
   assert 'imagenet2012' not in demo and 'data_dir' not in demo  # ImageNet leftovers
+  pil = load_config(os.path.join(REPO, 'configs', 'demo.py'))
+  pil.data.crops = 'pil'
+  assert 'crops of 0.3-1 of the image by PIL, no flips' in console.config_summary(pil, 44, 1437)
   imagenet = load_config(os.path.join(REPO, 'configs', 'imagenet_msf.py'))
   imagenet.monitor.knn_every_epochs = 0
   text = console.config_summary(imagenet, 5004, 1_281_167)

@@ -243,6 +243,7 @@ def test_an_msf_jax_checkpoint_with_nan_weights_is_refused(tmp_path):
     ({'num_epochs': 0}, 'num_epochs=0 must be positive'),
     ({'checkpoint.every_epochs': 0.0}, 'checkpoint.every_epochs=0.0 must be positive'),
     ({'data.pairing': 'x/y'}, "data.pairing='x/y' is not one of w/s, w/w, s/s, s/w"),
+    ({'data.crops': 'opencv'}, "data.crops='opencv' is not one of tensorflow, pil"),
     ({'optim.schedule': 'step'}, "optim.schedule='step' is not one of cosine_per_epoch"),
     (
       {'msf.bank_search_dtype': 'float16'},

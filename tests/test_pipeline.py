@@ -56,6 +56,22 @@ def test_same_seed_same_batches_and_resume_is_exact():
   assert not np.allclose(batch['online'], batch['target'])  # two independent views
 
 
+def test_pil_crops_reach_the_views_and_are_seeded():
+  """train_stream(crops='pil') hands two_views its choice: uint8 views of the size asked, the
+  same for a seed, and not TensorFlow's crops (PIL draws its windows otherwise)."""
+  split = sources.digits('train', 16)
+  make = lambda crops='pil': pipeline.train_stream(
+    split, global_batch=8, image_size=16, seed=3, process_index=0, process_count=1, crops=crops
+  )
+  first, again, tensorflow = next(make()), next(make()), next(make('tensorflow'))
+  assert first['online'].dtype == first['target'].dtype == np.uint8
+  assert first['online'].shape == first['target'].shape == (8, 16, 16, 3)
+  for key in first:
+    np.testing.assert_array_equal(first[key], again[key])
+  np.testing.assert_array_equal(first['label'], tensorflow['label'])
+  assert not np.array_equal(first['online'], tensorflow['online'])
+
+
 def test_shuffled_target_views_are_the_same_views_permuted_with_their_order():
   """Each host batch's target views and colours permuted, the online views and labels
   unchanged, 'target_order' putting them back; another permutation at each step and on each

@@ -227,6 +227,7 @@ def test_views_grid_from_config_shows_the_first_views_of_training(config, mesh):
     pairing=config.data.pairing,
     crop_scale=tuple(config.data.crop_scale),
     random_flip=config.data.flip,
+    crops=config.data.crops,
   )
   first = color.finish_views(pipeline.to_global(next(stream), mesh), config.data.pairing)
   expected = vis.views_grid(

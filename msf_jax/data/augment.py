@@ -9,18 +9,26 @@ a channel, where `color.to_unit` and `color.normalize` make them float inside th
 program. The ops that take sampled parameters (`crop_window`, `resize`) are exposed
 separately so that tests can compare them with PIL for the same parameters.
 
+`two_views(crops='pil')` (`config.data.crops`) has PIL itself crop, resize and flip the two
+views instead, inside the tf.data map (`random_views`): PIL's pixels exactly and more samples
+a host core, but each sample holds the GIL for a while, which caps one process below what a
+TPU host needs; TensorFlow's crops, the default, hold none.
+
 Official transforms (the authors' code):
   weak:   RandomResizedCrop(scale=(0.2, 1)) -> flip
   strong: RandomResizedCrop(scale=(0.2, 1)) -> p=0.8 ColorJitter(0.4, 0.4, 0.4, 0.1) in a
           random order -> p=0.2 grayscale -> p=0.5 PIL GaussianBlur(sigma ~ U[0.1, 2]) -> flip
 """
 
+import functools
 import math
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image
 
-from msf_jax.data import PAIRINGS, color
+from msf_jax.data import CROPS, PAIRINGS, color
 
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -140,6 +148,113 @@ def random_resized_crop_decoded(
 
 
 # ---------------------------------------------------------------------------------------------
+# RandomResizedCrop by PIL itself (`two_views(crops='pil')`)
+
+# A view's uniforms, U[0, 1): CROP_TRIES area fractions, CROP_TRIES log-aspects, the window's
+# top and left, the flip's coin.
+VIEW_UNIFORMS = 2 * CROP_TRIES + 3
+
+
+def torchvision_crop_window(
+  uniforms: Sequence[float],
+  height: int,
+  width: int,
+  scale: Sequence[float] = CROP_SCALE,
+  ratio: Sequence[float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop.get_params in Python, as torchvision computes it (in
+  float64, Python's round), from a view's uniforms (`VIEW_UNIFORMS`): (top, left,
+  crop_height, crop_width). Up to 10 tries of (area fraction ~ U(scale), log-aspect ~ U(log
+  ratio)); the first that fits is placed uniformly (randint as floor(u * (n + 1))); if none
+  fits, a central crop at the aspect ratio clamped into `ratio`. A few scalar steps: cheaper
+  in Python than as TensorFlow ops on the host."""
+  area = height * width
+  log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+  tries = zip(uniforms[:CROP_TRIES], uniforms[CROP_TRIES : 2 * CROP_TRIES], strict=True)
+  for fraction, log_aspect in tries:
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * fraction)
+    aspect = math.exp(log_low + (log_high - log_low) * log_aspect)
+    w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      top, left = uniforms[2 * CROP_TRIES : 2 * CROP_TRIES + 2]
+      return int(top * (height - h + 1)), int(left * (width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, round(width / min(ratio))
+  elif in_ratio > max(ratio):
+    h, w = height, round(height * max(ratio))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def view_params(
+  uniforms: Sequence[Sequence[float]],
+  height: int,
+  width: int,
+  crop_scale: Sequence[float] = CROP_SCALE,
+  random_flip: bool = True,
+) -> tuple[list, list]:
+  """Each view's crop window (top, left, height, width) and flip, from its uniforms."""
+  windows = [torchvision_crop_window(u, height, width, crop_scale) for u in uniforms]
+  return windows, [random_flip and u[-1] < 0.5 for u in uniforms]
+
+
+def _pil_window(pixels: np.ndarray, window: Sequence[int]) -> Image.Image:
+  """The window (top, left, height, width) of a C-contiguous uint8 RGB array as a PIL image,
+  unpacked by Pillow from the array's own rows (a row stride): no copy of the whole image, and
+  Pillow unpacks without the GIL. The same pixels as Image.fromarray(pixels).crop(...)."""
+  top, left, height, width = window
+  row = pixels.shape[1] * 3
+  rows = pixels.reshape(-1)[top * row + left * 3 :]
+  return Image.frombuffer('RGB', (width, height), rows, 'raw', 'RGB', row, 1)
+
+
+def _pil_crops(pixels: np.ndarray, windows, flips, height: int, width: int) -> np.ndarray:
+  """[n, height, width, 3]: each window [top, left, h, w] of a uint8 RGB array resized by
+  PIL's Image.resize(BILINEAR), then mirrored where `flips` says so: what torchvision's
+  RandomResizedCrop and RandomHorizontalFlip do to a PIL image. (A resize with `box=` would
+  not do: its filter reads pixels outside the window at the edges.) Pillow resamples and
+  mirrors without the GIL; the Python around it is what a sample holds it for."""
+  views = np.empty((len(windows), height, width, 3), np.uint8)
+  for view, window, flip in zip(views, windows, flips, strict=True):
+    resized = _pil_window(pixels, window).resize((width, height), Image.Resampling.BILINEAR)
+    view[...] = np.asarray(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else resized)
+  return views
+
+
+def _random_views(pixels, uniforms, size, crop_scale, random_flip):
+  height, width = pixels.shape[:2]
+  windows, flips = view_params(uniforms.tolist(), height, width, crop_scale, random_flip)
+  return _pil_crops(pixels, windows, flips, size, size)
+
+
+def random_views(
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  size: int,
+  crop_scale: Sequence[float] = CROP_SCALE,
+  random_flip: bool = True,
+  views: int = 2,
+) -> tf.Tensor:
+  """[views, size, size, 3] uint8: RandomResizedCrop(size, crop_scale) -> flip of a decoded
+  uint8 image, PIL's crops, in one Python call a sample. The uniforms are drawn by one
+  stateless op (no GIL, far fewer host ops than the sampler's arithmetic in TensorFlow); the
+  sampler's few scalar steps are Python's, as torchvision's are (`view_params`)."""
+  uniforms = tf.random.stateless_uniform([views, VIEW_UNIFORMS], seed, dtype=tf.float32)
+  crops = tf.numpy_function(
+    functools.partial(
+      _random_views, size=size, crop_scale=tuple(crop_scale), random_flip=random_flip
+    ),
+    [image, uniforms],
+    tf.uint8,
+    stateful=False,
+  )
+  crops.set_shape([views, size, size, 3])
+  return crops
+
+
+# ---------------------------------------------------------------------------------------------
 # Colour parameters: sampled here, applied on the accelerator by `msf_jax.data.color`.
 
 
@@ -225,6 +340,24 @@ def strong_view(
   )
 
 
+def _tensorflow_views(image, seed, size, kinds, crop_scale, random_flip):
+  """Each view made by its pipeline (`weak_view`, `strong_view`), crops in TensorFlow."""
+  views = {'w': weak_view, 's': strong_view}
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  return [
+    views[k](image, s, size, crop_scale, random_flip) for k, s in zip(kinds, seeds, strict=True)
+  ]
+
+
+def _pil_views(image, seed, size, kinds, crop_scale, random_flip):
+  """Both views' crops made by PIL in one Python call (`random_views`), their colour
+  parameters drawn in TensorFlow as `_tensorflow_views` draws them."""
+  crop_seed, *color_seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  crops = tf.unstack(random_views(image, crop_seed, size, crop_scale, random_flip))
+  colors = {'w': lambda _: tf.constant(WEAK_COLOR_PARAMS, tf.float32), 's': strong_color_params}
+  return [(c, colors[k](s)) for c, k, s in zip(crops, kinds, color_seeds, strict=True)]
+
+
 def two_views(
   encoded: tf.Tensor,
   seed: tf.Tensor,
@@ -232,25 +365,27 @@ def two_views(
   pairing: str = 'w/s',
   crop_scale: Sequence[float] = CROP_SCALE,
   random_flip: bool = True,
+  crops: str = 'tensorflow',
 ) -> dict[str, tf.Tensor]:
   """Two independent crops of one image: {'target', 'online'} uint8 and their colour
   parameters {'target_color', 'online_color'}, to finish with `color.finish_views`.
   `pairing` names the target's and the online view's pipelines ('w/s': the paper's);
   `crop_scale` and `random_flip` change both views' geometry for data unlike ImageNet's
-  (the paper's (0.2, 1) and flips by default)."""
+  (the paper's (0.2, 1) and flips by default). `crops` (`CROPS`) picks who crops and
+  resizes: 'tensorflow' (within a level of PIL, no GIL held) or 'pil' (PIL's pixels, more
+  samples a core, the GIL held a while each sample)."""
   if pairing not in PAIRINGS:
     raise ValueError(f'Unknown augmentation pairing {pairing!r}; use one of {PAIRINGS}.')
-  views = {'w': weak_view, 's': strong_view}
-  target_seed, online_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  target, online = pairing.split('/')
-  image = decode(encoded)
-  target_image, target_color = views[target](image, target_seed, size, crop_scale, random_flip)
-  online_image, online_color = views[online](image, online_seed, size, crop_scale, random_flip)
+  if crops not in CROPS:
+    raise ValueError(f'Unknown crops {crops!r}; use one of {CROPS}.')
+  make = _pil_views if crops == 'pil' else _tensorflow_views
+  kinds = pairing.split('/')
+  target, online = make(decode(encoded), seed, size, kinds, crop_scale, random_flip)
   return {
-    'target': target_image,
-    'target_color': target_color,
-    'online': online_image,
-    'online_color': online_color,
+    'target': target[0],
+    'target_color': target[1],
+    'online': online[0],
+    'online_color': online[1],
   }
 
 

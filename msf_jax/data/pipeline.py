@@ -152,6 +152,7 @@ def train_stream(
   crop_scale: tuple[float, float] = augment.CROP_SCALE,
   random_flip: bool = True,
   shuffle_target: bool = False,
+  crops: str = 'tensorflow',
 ) -> TrainStream:
   """Endless two-view batches of this host's share, from `start_step` on: {'online',
   'target'} cropped and flipped, uint8, {'online_color', 'target_color'} their colour
@@ -159,7 +160,8 @@ def train_stream(
   A resumed run passes the position saved at `start_step` (`TrainStream.position_after`);
   without one, the stream starts at slot start_step x host batch, which is exact only while
   no image was skipped. With `shuffle_target`, the target views (and their colours) of this
-  host's batch come permuted, with 'target_order' (`shuffled_target`)."""
+  host's batch come permuted, with 'target_order' (`shuffled_target`). `crops` picks who
+  crops and resizes the views (`augment.two_views`): TensorFlow, or PIL itself."""
   return _augmented_stream(
     split,
     global_batch,
@@ -167,7 +169,7 @@ def train_stream(
     start_step,
     process_index,
     process_count,
-    _two_views(image_size, pairing, crop_scale, random_flip),
+    _two_views(image_size, pairing, crop_scale, random_flip, crops),
     start_position,
     shuffled_target(seed) if shuffle_target else None,
   )
@@ -220,10 +222,14 @@ def probe_stream(
 
 
 def _two_views(
-  image_size: int, pairing: str, crop_scale: tuple[float, float], random_flip: bool
+  image_size: int,
+  pairing: str,
+  crop_scale: tuple[float, float],
+  random_flip: bool,
+  crops: str = 'tensorflow',
 ) -> ExampleViews:
   return lambda encoded, seed: augment.two_views(
-    encoded, seed, image_size, pairing, crop_scale, random_flip
+    encoded, seed, image_size, pairing, crop_scale, random_flip, crops
   )
 
 
