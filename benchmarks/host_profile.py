@@ -15,7 +15,8 @@ printed:
   python benchmarks/host_profile.py --samples 300 --runs 5
   python benchmarks/host_profile.py --repo /path/to/old/checkout --samples 300 --runs 9
 
-`--profile` with `--repo` profiles each checkout's `augment.two_views` with this script, the
+`--crops pil tensorflow` times this checkout's two_views with each of its crops in turns, as
+`--repo` times checkouts. `--profile` with `--repo` profiles each checkout's `augment.two_views` with this script, the
 rounds in turns. `--cores 0,1` pins each process to those cores and runs the map on as many
 threads (`num_parallel_calls`), for how the stage scales over cores. `--clock cpu` times by the pinned process's CPU time instead of the wall
 clock: on a machine shared with other work, the time the stage took on its core rather than
@@ -167,11 +168,13 @@ def rate_child(encoded: list[bytes], samples: int, size: int) -> None:
 
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
-  fn = lambda encoded, seed: augment.two_views(encoded, seed, size)
+  crops = os.environ.get('HOST_PROFILE_CROPS')  # unset: the checkout's own default
+  options = {'crops': crops} if crops else {}
+  fn = lambda encoded, seed: augment.two_views(encoded, seed, size, **options)
   print(_rate(_dataset(encoded, fn, 1), samples, 1))
 
 
-def _child(which: str, folder: str, repo: str, args) -> list[str]:
+def _child(which: str, folder: str, repo: str, args, crops: str = '') -> list[str]:
   from input_benchmark import run_pinned_child
 
   return run_pinned_child(
@@ -186,6 +189,7 @@ def _child(which: str, folder: str, repo: str, args) -> list[str]:
       'TF_CPP_MIN_LOG_LEVEL': '2',
       'HOST_PROFILE_CLOCK': args.clock,
       'HOST_PROFILE_THREADS': str(len(args.cores.split(',')) if args.cores else 1),
+      'HOST_PROFILE_CROPS': crops,
     },
   )
 
@@ -217,8 +221,8 @@ def print_rates(rates: dict[str, list[float]]) -> None:
   first, *others = rates
   print(f'runs: {rates}')
   print(
-    '| checkout | two-view samples/s on one core (median) | '
-    "the first checkout's rate over this one's, paired: median (min-max) |"
+    '| stage | two-view samples/s on one core (median) | '
+    "the first stage's rate over this one's, paired: median (min-max) |"
   )
   print('|---|---|---|')
   for repo in [first, *others]:
@@ -257,6 +261,11 @@ def main() -> None:
     action='store_true',
     help="with --repo: profile each checkout's two_views (rounds in turns) instead of its rate",
   )
+  parser.add_argument(
+    '--crops',
+    nargs='+',
+    help="this checkout's two_views with each of these crops (augment.CROPS), timed in turns",
+  )
   parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -268,6 +277,13 @@ def main() -> None:
 
   folder = tempfile.mkdtemp()
   make_photos(folder, args.images)
+  if args.crops:
+    rates = {f'crops={crops}': [] for crops in args.crops}
+    for _ in range(args.runs):
+      for crops in args.crops:
+        rates[f'crops={crops}'].append(float(_child('rate', folder, REPO, args, crops)[-1]))
+    print_rates(rates)
+    return
   if args.repo is None:
     print_profile([_child('profile', folder, REPO, args) for _ in range(args.runs)])
     return

@@ -1,6 +1,6 @@
 """The package's shape: imports that run one way (no module imports one that imports it back,
-directly or through a package), no private JAX module, and a README layout that matches the
-tree."""
+directly or through a package), no private JAX module, a README layout that matches the
+tree, and tests the READMEs name that exist."""
 
 import ast
 import os
@@ -165,3 +165,17 @@ def test_readme_layout_matches_the_tree():
   }
   undescribed = top_level - {path.split('/')[0] + '/' for path in named} - {f'{PACKAGE}/'}
   assert not undescribed, f'the README layout does not describe {sorted(undescribed)}'
+
+
+def test_every_test_the_readmes_name_exists():
+  # `tests/a.py::test_x`, then `::test_y` for another test of the same file
+  for readme in ('README.md', os.path.join('launch', 'README.md')):
+    with open(os.path.join(REPO, readme)) as f:
+      text = f.read()
+    file = None
+    for path, name in re.findall(r'`(tests/\w+\.py)?::(\w+)', text):
+      file = path or file
+      assert file, f'{readme} names ::{name} before naming its file'
+      with open(os.path.join(REPO, file)) as f:
+        defined = re.search(rf'^def {name}\b', f.read(), re.M) is not None
+      assert defined, f'{readme}: {file}::{name} is gone'
