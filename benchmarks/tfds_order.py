@@ -189,7 +189,7 @@ def imagenet_rows(hosts: int) -> list[tuple]:
     ),
     (
       where,
-      f'{sources.TFRECORD_LANES} lanes, window {sources.TFRECORD_WINDOW:,} (after)',
+      f'{sources.tfrecord_lanes(len(lengths))} lanes, window {sources.TFRECORD_WINDOW:,} (after)',
       two_epochs(lambda s: sources.tfrecord_epoch(lengths, s, 0, uncounted)),
       f'{len(trained & set(read)):,}',
     ),
@@ -208,7 +208,7 @@ def print_imagenet_table() -> None:
     '| records | order | met again | moved: mean | median | p10 | read again to resume at 90% |'
   )
   print('|---|---|---|---|---|---|---|')
-  for hosts in (1, 4):
+  for hosts in (1, 4, 16):
     for where, order, r, read_again in imagenet_rows(hosts):
       print(f'| {where} | {order} | {_statistics_cells(r)} | {read_again} |')
 

@@ -204,10 +204,13 @@ _MANUAL_DOWNLOADS = {
   ),
 }
 # TFRecord files have no index. A training epoch deals the files, in an order drawn from the
-# seed, to this many lanes read one record from each in turn, and shuffles each window of this
-# many consecutive records: a resume reads again only each lane's current file up to its place
-# and the window it lands in (`tfrecord_epoch`).
+# seed, to up to this many lanes read one record from each in turn, and shuffles each window of
+# this many consecutive records: a resume reads again only each lane's current file up to its
+# place and the window it lands in (`tfrecord_epoch`). A lane takes at least
+# TFRECORD_FILES_PER_LANE files, so that a host's few files (one of many hosts) still resume
+# without reading most of what they hold.
 TFRECORD_LANES = 64
+TFRECORD_FILES_PER_LANE = 4
 TFRECORD_WINDOW = 10_000
 
 # (file, first record, records) -> those records of that file, reading it from its start.
@@ -221,6 +224,10 @@ def _round_at(lane_lengths: tf.Tensor, position: tf.Tensor) -> tuple[tf.Tensor, 
   starts = tf.reduce_sum(tf.minimum(rounds[:, None], lane_lengths[None, :]), axis=1)
   r = tf.reduce_sum(tf.cast(starts <= position, tf.int64)) - 1
   return r, position - starts[r]
+
+
+def tfrecord_lanes(num_files: int, most: int = TFRECORD_LANES) -> int:
+  return max(1, min(most, num_files // TFRECORD_FILES_PER_LANE))
 
 
 def _lane_pieces(counts: tf.Tensor, lanes: int, rotation_seed: tf.Tensor) -> tuple[tf.Tensor, ...]:
@@ -255,7 +262,8 @@ def tfrecord_epoch(
   """One training epoch of files read in sequence only, from position `start` on: a function
   of the seed alone, different every epoch.
 
-  The files (of `file_lengths` records) are dealt in a seeded order to `lanes` lanes, each
+  The files (of `file_lengths` records) are dealt in a seeded order to `lanes` lanes (fewer
+  where there are not TFRECORD_FILES_PER_LANE files a lane: `tfrecord_lanes`), each
   lane rotated to start at a random record of its first file (`_lane_pieces`); the stream
   takes one record from each lane in turn; each window of `window` consecutive records of the
   stream is shuffled (seeded by the window's index). Records of one file end up in the same
@@ -264,7 +272,7 @@ def tfrecord_epoch(
   each lane's current file and skips to its place, and reads the window from its start: at
   most one file a lane and one window again, not everything before `start`.
   """
-  num_files, lanes = len(file_lengths), min(lanes, len(file_lengths))
+  num_files, lanes = len(file_lengths), tfrecord_lanes(len(file_lengths), lanes)
   order_seed, rotation_seed, window_seed = tf.unstack(
     tf.random.experimental.stateless_split(shuffle_seed, 3)
   )
