@@ -1,7 +1,8 @@
 """The TFDS source's order, on TFDS datasets the tests build in both file formats: every
 training epoch a new order (a function of the seed and the epoch), every example once an
 epoch over all hosts, and a resume that lands on the next batch (by index, reading nothing
-before it, where the files allow random access)."""
+before it, where the files allow random access; TFRecord's reading again at most a file a
+lane and one window)."""
 
 import numpy as np
 import pytest
