@@ -220,6 +220,9 @@ def main() -> None:
   parser.add_argument('--examples', type=int, default=20_000)
   parser.add_argument('--files', type=int, default=32)
   parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument(
+    '--image_size', type=int, default=8, help='px of the random JPEGs (64: about 10 KB a record)'
+  )
   parser.add_argument('--formats', nargs='+', default=['tfrecord', 'array_record'])
   parser.add_argument(
     '--windows',
@@ -251,7 +254,9 @@ def main() -> None:
   rows = [('fresh permutation', '-', '-', permutation_statistics(args.examples, args.batch))]
   with tempfile.TemporaryDirectory() as data_dir:
     for file_format in args.formats:
-      name = tfds_data.build(data_dir, args.examples, args.files, file_format)
+      name = tfds_data.build(
+        data_dir, args.examples, args.files, file_format, image_size=args.image_size
+      )
       windows = args.windows if file_format == 'tfrecord' else [0]
       for checkout in [REPO, *args.repo]:
         for window in windows:
@@ -280,7 +285,10 @@ def main() -> None:
           rows.append(
             (os.path.basename(os.path.abspath(checkout)), file_format, window or 'default', result)
           )
-  print(f'{args.examples} examples in {args.files} files, batch {args.batch}, two epochs:')
+  print(
+    f'{args.examples} examples of {args.image_size} px in {args.files} files, batch {args.batch}, '
+    'two epochs:'
+  )
   print(
     '| checkout | format | window | met again | moved: mean | median | p10 '
     '| first batch (s) | resumed at 90% (s) | read again |'
