@@ -1,10 +1,12 @@
 """The TFDS source's order, on TFDS datasets the tests build in both file formats: every
 training epoch a new order (a function of the seed and the epoch), every example once an
 epoch over all hosts, and a resume that lands on the next batch (by index, reading nothing
-before it, where the files allow random access)."""
+before it, where the files allow random access; TFRecord's reading again at most a file a
+lane and one window)."""
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from msf_jax.data import pipeline, sources
 from msf_jax.testing import tfds_data
@@ -62,10 +64,9 @@ def test_hosts_share_each_epoch(built):
   assert sorted(shares[0] + shares[1]) == list(range(NUM_EXAMPLES))
 
 
+@pytest.mark.parametrize('built', ['array_record'], indirect=True)
 def test_array_record_resume_reads_nothing_before_the_resume_point(built, monkeypatch):
   name, data_dir = built
-  if not name.endswith('array_record'):
-    pytest.skip('TFRecord files have no index: a resume reads and drops what came before')
   import tensorflow_datasets as tfds
 
   split = split_of(built)
@@ -82,3 +83,35 @@ def test_array_record_resume_reads_nothing_before_the_resume_point(built, monkey
   resumed = labels(split, 1, start_step=STEPS // 2)
   assert set(resumed.ravel()) <= set(read)
   assert not trained & set(read), 'a resume read examples it had already trained on'
+
+
+def test_tfrecord_epoch_resumes_exactly_reading_one_file_a_lane_and_one_window_again():
+  """Files of unequal lengths as ranges of record numbers, each read from its first record as
+  a TFRecord file is: from any position, a resumed epoch is the rest of the uninterrupted one,
+  and it reads again at most the lanes' current files and one window."""
+  lengths = [int(n) for n in np.random.default_rng(0).integers(5, 40, 21)]
+  first_record = tf.constant(np.concatenate([[0], np.cumsum(lengths)]), tf.int64)
+  lanes, window, seed = 8, 50, tf.constant([3, 4], tf.int64)
+  read = []
+
+  def read_file(file, first, count):
+    file_start = tf.gather(first_record, file)
+    records = tf.data.Dataset.range(file_start, file_start + first + count)
+    counted = records.map(
+      lambda r: tf.py_function(lambda v: read.append(int(v)) or v, [r], tf.int64)
+    )
+    return counted.skip(first)
+
+  def epoch(start):
+    read.clear()
+    records = sources.tfrecord_epoch(lengths, seed, start, read_file, lanes, window)
+    return list(records.as_numpy_iterator())
+
+  whole = epoch(0)
+  assert sorted(whole) == list(range(sum(lengths)))
+  for start in (window - 1, int(0.9 * len(whole)), len(whole) - 1):
+    assert epoch(start) == whole[start:], start
+    read_again = len(set(read) & set(whole[:start]))
+    assert read_again <= min(start, lanes * max(lengths) + window), (start, read_again)
+  other_seed = sources.tfrecord_epoch(lengths, seed + 1, 0, read_file, lanes, window)
+  assert list(other_seed.as_numpy_iterator()) != whole

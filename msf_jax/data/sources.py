@@ -203,16 +203,126 @@ _MANUAL_DOWNLOADS = {
     'bucket, then set config.data.data_dir to it.'
   ),
 }
-# TFRecord files have no index: a training epoch reads this many files at once, one record
-# from each in turn, through a seeded shuffle buffer (as the Flax ImageNet example does).
-TFRECORD_CYCLE_LENGTH = 16
-TFRECORD_SHUFFLE_BUFFER = 10_000
+# TFRecord files have no index. A training epoch deals the files, in an order drawn from the
+# seed, to up to this many lanes read one record from each in turn, and shuffles each window of
+# this many consecutive records: a resume reads again only each lane's current file up to its
+# place and the window it lands in (`tfrecord_epoch`). A lane takes at least
+# TFRECORD_FILES_PER_LANE files, so that a host's few files (one of many hosts) still resume
+# without reading most of what they hold.
+TFRECORD_LANES = 64
+TFRECORD_FILES_PER_LANE = 4
+TFRECORD_WINDOW = 10_000
+
+# (file, first record, records) -> those records of that file, reading it from its start.
+FileReader = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.data.Dataset]
 
 
-def _int_seed(shuffle_seed: tf.Tensor) -> tf.Tensor:
-  """One int64 drawn from a [2] stateless seed, for tf.data ops that take a scalar seed. Both
-  seed elements count: `stateless_fold_in` varies only the second with the epoch."""
-  return tf.random.stateless_uniform([], shuffle_seed, minval=0, maxval=2**31 - 1, dtype=tf.int64)
+def _round_at(lane_lengths: tf.Tensor, position: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(r, extra): the last round r of the lanes' round robin (one record from each lane that
+  has one left) that starts at or before stream `position`, and `position` minus its start."""
+  rounds = tf.range(tf.reduce_max(lane_lengths) + 1, dtype=tf.int64)
+  starts = tf.reduce_sum(tf.minimum(rounds[:, None], lane_lengths[None, :]), axis=1)
+  r = tf.reduce_sum(tf.cast(starts <= position, tf.int64)) - 1
+  return r, position - starts[r]
+
+
+def tfrecord_lanes(num_files: int, most: int = TFRECORD_LANES) -> int:
+  return max(1, min(most, num_files // TFRECORD_FILES_PER_LANE))
+
+
+def _lane_pieces(counts: tf.Tensor, lanes: int, rotation_seed: tf.Tensor) -> tuple[tf.Tensor, ...]:
+  """[pieces a lane, lanes] grids (file position, first record, records) of each lane's files
+  in turn: position i goes to lane i % lanes, and each lane starts at a random record of its
+  first file and ends with that file's beginning. Without the rotation, every lane would be
+  at the same record of its file when a window closes, and the files read side by side would
+  meet again, at the same records, whenever the seeded order deals them into one window."""
+  num_files = int(counts.shape[0])
+  rows = -(-num_files // lanes)
+  grid = lambda values: tf.reshape(tf.pad(values, [[0, rows * lanes - num_files]]), [rows, lanes])
+  positions, records = grid(tf.range(num_files, dtype=tf.int64)), grid(counts)
+  rotation = tf.cast(
+    tf.random.stateless_uniform([lanes], rotation_seed) * tf.cast(records[0], tf.float32), tf.int64
+  )
+  first = tf.concat([rotation[None], tf.zeros_like(records[1:])], axis=0)
+  return (
+    tf.concat([positions, positions[:1]], axis=0),
+    tf.concat([first, tf.zeros_like(rotation)[None]], axis=0),
+    tf.concat([records - first, rotation[None]], axis=0),
+  )
+
+
+def tfrecord_epoch(
+  file_lengths: Sequence[int],
+  shuffle_seed: tf.Tensor,
+  start: tf.Tensor | int,
+  read_file: FileReader,
+  lanes: int = TFRECORD_LANES,
+  window: int = TFRECORD_WINDOW,
+) -> tf.data.Dataset:
+  """One training epoch of files read in sequence only, from position `start` on: a function
+  of the seed alone, different every epoch.
+
+  The files (of `file_lengths` records) are dealt in a seeded order to `lanes` lanes (fewer
+  where there are not TFRECORD_FILES_PER_LANE files a lane: `tfrecord_lanes`), each
+  lane rotated to start at a random record of its first file (`_lane_pieces`); the stream
+  takes one record from each lane in turn; each window of `window` consecutive records of the
+  stream is shuffled (seeded by the window's index). Records of one file end up in the same
+  window as their neighbours (about window / lanes of them), not as a full permutation
+  would. The lanes' places at any position are arithmetic on the lengths, so a resume opens
+  each lane's current file and skips to its place, and reads the window from its start: at
+  most one file a lane and one window again, not everything before `start`.
+  """
+  num_files, lanes = len(file_lengths), tfrecord_lanes(len(file_lengths), lanes)
+  order_seed, rotation_seed, window_seed = tf.unstack(
+    tf.random.experimental.stateless_split(shuffle_seed, 3)
+  )
+  start = tf.cast(start, tf.int64)
+  order = tf.random.experimental.stateless_shuffle(tf.range(num_files, dtype=tf.int64), order_seed)
+  positions, firsts, counts = _lane_pieces(
+    tf.gather(tf.constant(file_lengths, tf.int64), order), lanes, rotation_seed
+  )
+  lane_lengths = tf.reduce_sum(counts, axis=0)
+  window_start = start // window * window
+  r, extra = _round_at(lane_lengths, window_start)
+  # records each piece has given when the round robin reaches round r
+  given = tf.clip_by_value(
+    tf.minimum(lane_lengths, r) - tf.cumsum(counts, exclusive=True), 0, counts
+  )
+
+  def lane(index):
+    pieces = (
+      tf.gather(order, positions[:, index]),
+      firsts[:, index] + given[:, index],
+      counts[:, index] - given[:, index],
+    )
+    return (
+      tf.data.Dataset.from_tensor_slices(pieces)
+      .filter(lambda file, first, left: left > 0)
+      .flat_map(read_file)
+    )
+
+  def shuffled(index, records):
+    seed = tf.random.experimental.stateless_fold_in(window_seed, index)
+    return tf.gather(
+      records, tf.random.experimental.stateless_shuffle(tf.range(tf.shape(records)[0]), seed)
+    )
+
+  return (
+    tf.data.Dataset.range(lanes)
+    .interleave(
+      lane,
+      cycle_length=lanes,
+      block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
+    .skip(extra)
+    .batch(window)
+    .enumerate(start // window)
+    .map(shuffled)
+    .unbatch()
+    .skip(start - window_start)
+  )
 
 
 def _tfds_random_access_reader(source, num_examples: int) -> Reader:
@@ -230,12 +340,10 @@ def _tfds_random_access_reader(source, num_examples: int) -> Reader:
   return _indexed_reader(num_examples, lookup)
 
 
-def _tfds_sequential_reader(builder, split: str, shuffle_buffer: int) -> Reader:
+def _tfds_sequential_reader(builder, split: str, shuffle_window: int) -> Reader:
   """Reads a TFRecord split, which has no index. Unshuffled reads take this process's block
-  in stored order. A training epoch reads the process's files in an order drawn from the
-  seed, `TFRECORD_CYCLE_LENGTH` at a time, through a shuffle buffer seeded alike: a function
-  of the seed alone, different every epoch, yet not a full permutation (images stored close
-  together tend to stay close). Starting late reads and drops the records before `start`."""
+  in stored order. A training epoch reads the process's files as `tfrecord_epoch` orders
+  them."""
   import tensorflow_datasets as tfds
 
   features = builder.info.features
@@ -260,27 +368,20 @@ def _tfds_sequential_reader(builder, split: str, shuffle_buffer: int) -> Reader:
         start
       )
     files = builder.info.splits[share].file_instructions
-    order = tf.random.experimental.stateless_shuffle(tf.range(len(files)), shuffle_seed)
-    chosen = tuple(
-      tf.gather(tf.constant(values, dtype), order)
-      for values, dtype in (
-        ([f.filename for f in files], tf.string),
-        ([f.skip for f in files], tf.int64),
-        ([f.take for f in files], tf.int64),
+    names = tf.constant([f.filename for f in files])
+    skips = tf.constant([f.skip for f in files], tf.int64)
+
+    def read_file(file, first, count):
+      return (
+        tf.data.TFRecordDataset(tf.gather(names, file))
+        .skip(tf.gather(skips, file) + first)
+        .take(count)
       )
+
+    records = tfrecord_epoch(
+      [f.take for f in files], shuffle_seed, start, read_file, window=shuffle_window
     )
-    records = tf.data.Dataset.from_tensor_slices(chosen).interleave(
-      lambda name, skip, count: tf.data.TFRecordDataset(name).skip(skip).take(count),
-      cycle_length=min(TFRECORD_CYCLE_LENGTH, len(files)),
-      block_length=1,
-      num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True,
-    )
-    return (
-      records.shuffle(shuffle_buffer, seed=_int_seed(shuffle_seed))
-      .skip(start)
-      .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-    )
+    return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
   return read
 
@@ -298,7 +399,7 @@ def _random_access_source(builder, split: str):
 
 
 def tfds_split(
-  name: str, split: str, data_dir: str | None = None, shuffle_buffer: int = TFRECORD_SHUFFLE_BUFFER
+  name: str, split: str, data_dir: str | None = None, shuffle_window: int = TFRECORD_WINDOW
 ) -> Split:
   """A TFDS image-classification split read as encoded bytes (decoding is the pipeline's).
 
@@ -327,7 +428,7 @@ def tfds_split(
       f'{name}/{split}',
       builder.info.splits[split].num_examples,
       num_classes,
-      _tfds_sequential_reader(builder, split, shuffle_buffer),
+      _tfds_sequential_reader(builder, split, shuffle_window),
     )
   names = lambda index: f'{name}/{split}[{index}]'
   return Split(

@@ -53,12 +53,11 @@ def order_statistics(previous: np.ndarray, current: np.ndarray) -> dict[str, flo
   num_examples, size = previous.size, max(previous.max(), current.max()) + 1
   batch_of = np.full(size, -1)  # an example's batch in the epoch before, -1 if dropped
   batch_of[previous.ravel()] = np.repeat(np.arange(len(previous)), previous.shape[1])
-  met = [
-    np.sum(batch_of[batch] == batch_of[x]) - 1 >= 2
-    for batch in current
-    for x in batch
-    if batch_of[x] >= 0
-  ]
+  # a key per (batch now, batch before): examples sharing a key are batch-mates in both
+  before = batch_of[current]
+  keys = np.arange(len(current))[:, None] * (len(previous) + 1) + before + 1
+  _, group, group_size = np.unique(keys.ravel(), return_inverse=True, return_counts=True)
+  met = (group_size[group] - 1 >= 2)[before.ravel() >= 0]
   position = np.full((2, size), -1)
   position[0, previous.ravel()] = np.arange(num_examples)
   position[1, current.ravel()] = np.arange(num_examples)
