@@ -156,13 +156,30 @@ def code_sources(notebook: dict) -> list[str]:
 TRAIN_CONFIG = os.path.join(REPO, 'configs', 'digits_msf.py')
 
 
+# The digits config made small for the training program's tests: a ResNet-18 of width 8
+# (checkpoints of a few MB, not the 137 MB of width 64), batches of 8, a bank of 32 rows.
+SMALL_RUN = {'model.width': 8, 'batch_size': 8, 'msf.bank_size': 32}
+
+
+def small_run_config(**settings):
+  """TRAIN_CONFIG with SMALL_RUN and `settings` ({'msf.topk': 3}): the config a run of
+  `overrides` trains, for building or restoring its states."""
+  from msf_jax import load_config
+
+  config = load_config(TRAIN_CONFIG)
+  for key, value in {**SMALL_RUN, **settings}.items():
+    section, _, name = key.rpartition('.')
+    setattr(config[section] if section else config, name, value)
+  return config
+
+
 def overrides(folder, **extra):
-  """`--config.` flags that train the digits config on a small image folder in seconds."""
+  """`--config.` flags that train the digits config (SMALL_RUN) on a small image folder in
+  seconds."""
   settings = {
     'data.source': 'folder',
     'data.root': folder,
-    'batch_size': 8,
-    'msf.bank_size': 32,
+    **SMALL_RUN,
     'num_epochs': 3,
     'checkpoint.every_epochs': 4 / 3,
     'log_every_epochs': 2 / 3,

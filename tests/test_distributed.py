@@ -15,7 +15,6 @@ import pytest
 from msf_jax import (
   create_state,
   distributed,
-  load_config,
   make_mesh,
   make_train_step,
   put_batch,
@@ -36,6 +35,7 @@ from helpers import (
   overrides as main_overrides,
   run_processes,
   skip_without_cpu_collectives,
+  small_run_config,
   write_folder,
 )
 
@@ -414,8 +414,7 @@ def test_training_program_runs_as_two_processes(tmp_path, folder):
   assert len(glob.glob(str(tmp_path / 'events.out.tfevents.*'))) == 1  # process 0's only
   checkpointer = Checkpointer(checkpoint_directory(str(tmp_path)))
   assert checkpointer.all_steps() == [2, 3]
-  config = load_config(TRAIN_CONFIG)
-  config.batch_size, config.msf.bank_size = 8, 32
+  config = small_run_config()
   state = checkpointer.restore(abstract_state(config, replicated(make_mesh(jax.devices()[:1]))))
   assert int(state.step) == 3 and int(state.bank.ptr) == 3 * 8 % 32
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from msf_jax import create_state, load_config
+from msf_jax import create_state
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory
 from msf_jax.console import LOG_FILE
 from msf_jax.sharding import make_mesh, replicated
@@ -28,6 +28,7 @@ from helpers import (
   assert_trees_close,
   overrides,
   run_in_process,
+  small_run_config,
   write_folder,
   write_lock,
 )
@@ -62,10 +63,7 @@ def run(workdir, args, timeout=300):
 
 
 def final_state(workdir, folder, **extra):
-  config = load_config(CONFIG)
-  for key, value in {'batch_size': 8, 'msf.bank_size': 32, **extra}.items():
-    section, _, name = key.rpartition('.')
-    setattr(config[section] if section else config, name, value)
+  config = small_run_config(**extra)
   checkpointer = Checkpointer(checkpoint_directory(workdir))
   abstract = abstract_state(config, replicated(make_mesh(jax.devices()[:1])))
   return checkpointer.latest_step(), checkpointer.restore(abstract)
@@ -134,8 +132,7 @@ INTERRUPT_WORKER = ('tests/interrupt_worker.py',)
 
 def saved_steps(workdir, folder, steps):
   """{step: state} of the checkpoints of `steps` in `workdir`."""
-  config = load_config(CONFIG)
-  config.batch_size, config.msf.bank_size = 8, 32
+  config = small_run_config()
   checkpointer = Checkpointer(checkpoint_directory(workdir))
   abstract = abstract_state(config, replicated(make_mesh(jax.devices()[:1])))
   return {step: checkpointer.restore(abstract, step) for step in steps}
@@ -223,10 +220,7 @@ def test_main_hides_accelerators_from_tensorflow_before_anything_else(monkeypatc
 
 def saved_state(workdir, **settings):
   """A training workdir holding a fresh state of the test config with `settings`, at step 1."""
-  config = load_config(CONFIG)
-  for key, value in {'batch_size': 8, 'msf.bank_size': 32, **settings}.items():
-    section, _, name = key.rpartition('.')
-    setattr(config[section] if section else config, name, value)
+  config = small_run_config(**settings)
   checkpointer = Checkpointer(checkpoint_directory(str(workdir)))
   checkpointer.save(1, create_state(config, jax.random.key(0)))
   checkpointer.wait()
