@@ -113,29 +113,6 @@ def permutation_statistics(num_examples: int, batch: int) -> dict[str, float]:
 IMAGENET_TRAIN_RECORDS, IMAGENET_TRAIN_FILES, IMAGENET_BATCH = 1_281_167, 1024, 256
 
 
-def _record_ranges(lengths: list[int]):
-  """A FileReader over files of `lengths` records that yields record numbers, reading each file
-  from its first record as a TFRecord file is read, and counting every record it reads."""
-  import tensorflow as tf
-
-  first_record = tf.constant(np.concatenate([[0], np.cumsum(lengths)]), tf.int64)
-  read = []
-
-  def read_file(file, first, count):
-    file_start = tf.gather(first_record, file)
-    records = tf.data.Dataset.range(file_start, file_start + first + count)
-    counted = records.map(
-      lambda r: tf.py_function(lambda v: read.append(int(v)) or v, [r], tf.int64)
-    )
-    return counted.skip(first)
-
-  def uncounted(file, first, count):
-    begin = tf.gather(first_record, file) + first
-    return tf.data.Dataset.range(begin, begin + count)
-
-  return uncounted, read_file, read
-
-
 def _buffer_epoch(lengths: list[int], seed, buffer: int = 10_000, cycle: int = 16):
   """The TFRecord order the lanes replaced: the files in a seeded order, 16 of them read one
   record each in turn, through a seeded shuffle buffer of 10,000 records."""
@@ -160,11 +137,12 @@ def imagenet_rows(hosts: int) -> list[tuple]:
   import tensorflow as tf
 
   from msf_jax.data import sources
-  from msf_jax.testing.tfds_data import order_statistics
+  from msf_jax.testing.tfds_data import order_statistics, record_number_files
 
   per_file = np.diff(np.linspace(0, IMAGENET_TRAIN_RECORDS, IMAGENET_TRAIN_FILES + 1).round())
   lengths = [int(n) for n in per_file[: IMAGENET_TRAIN_FILES // hosts]]
-  uncounted, counted, read = _record_ranges(lengths)
+  read = []
+  uncounted, counted = record_number_files(lengths), record_number_files(lengths, read)
   batch, total = IMAGENET_BATCH // hosts, sum(lengths)
   steps = total // batch
 

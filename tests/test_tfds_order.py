@@ -90,17 +90,9 @@ def test_tfrecord_epoch_resumes_exactly_reading_one_file_a_lane_and_one_window_a
   a TFRecord file is: from any position, a resumed epoch is the rest of the uninterrupted one,
   and it reads again at most the lanes' current files and one window."""
   lengths = [int(n) for n in np.random.default_rng(0).integers(5, 40, 21)]
-  first_record = tf.constant(np.concatenate([[0], np.cumsum(lengths)]), tf.int64)
   lanes, window, seed = 8, 50, tf.constant([3, 4], tf.int64)
   read = []
-
-  def read_file(file, first, count):
-    file_start = tf.gather(first_record, file)
-    records = tf.data.Dataset.range(file_start, file_start + first + count)
-    counted = records.map(
-      lambda r: tf.py_function(lambda v: read.append(int(v)) or v, [r], tf.int64)
-    )
-    return counted.skip(first)
+  read_file = tfds_data.record_number_files(lengths, read)
 
   def epoch(start):
     read.clear()

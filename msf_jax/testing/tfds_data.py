@@ -69,3 +69,25 @@ def order_statistics(previous: np.ndarray, current: np.ndarray) -> dict[str, flo
     'moved_median': float(np.median(moved)),
     'moved_p10': float(np.quantile(moved, 0.1)),
   }
+
+
+def record_number_files(lengths: list[int], read: list[int] | None = None):
+  """A `sources.FileReader` over files of `lengths` records that yields record numbers (file
+  i's follow file i-1's), so that an order can be checked or measured without images. With
+  `read`, each file is read from its first record, as a TFRecord file is, and every record
+  read is appended to `read`; without, it yields only the records asked for, fast."""
+  first_record = tf.constant(np.concatenate([[0], np.cumsum(lengths)]), tf.int64)
+
+  def read_file(file, first, count):
+    file_start = tf.gather(first_record, file)
+    if read is None:
+      return tf.data.Dataset.range(file_start + first, file_start + first + count)
+    records = tf.data.Dataset.range(file_start, file_start + first + count)
+    return records.map(lambda r: tf.py_function(note, [r], tf.int64)).skip(first)
+
+  def note(record):
+    assert read is not None
+    read.append(int(record))
+    return record
+
+  return read_file
