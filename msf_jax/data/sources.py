@@ -227,6 +227,7 @@ def _round_at(lane_lengths: tf.Tensor, position: tf.Tensor) -> tuple[tf.Tensor, 
 
 
 def tfrecord_lanes(num_files: int, most: int = TFRECORD_LANES) -> int:
+  """The lanes a share of `num_files` TFRecord files is read in (`tfrecord_epoch`)."""
   return max(1, min(most, num_files // TFRECORD_FILES_PER_LANE))
 
 
