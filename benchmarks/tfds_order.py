@@ -11,8 +11,9 @@ with `--repo` to compare before and after a change, side by side in one command:
       --repo /path/to/old/checkout --windows 10000 156
 
 `--imagenet` orders ImageNet's training split (1,281,167 records in 1,024 TFRecord files) as
-record numbers, without images, on one host and on each of four: this checkout's TFRecord
-order against the shuffle buffer it replaced and a fresh permutation.
+record numbers, without images, on one host and on each of 4 and of 16 (`--hosts`): this
+checkout's TFRecord order (with each of `--lanes` at most) against the shuffle buffer it
+replaced and a fresh permutation.
 """
 
 import argparse
@@ -130,10 +131,10 @@ def _buffer_epoch(lengths: list[int], seed, buffer: int = 10_000, cycle: int = 1
   )
 
 
-def imagenet_rows(hosts: int) -> list[tuple]:
+def imagenet_rows(hosts: int, lanes: list[int]) -> list[tuple]:
   """Two epochs of one host's share of ImageNet's TFRecord files, in record numbers, in each
-  order: statistics of the second against the first (host batch 256 / hosts), and the
-  records read again to resume this checkout's order at 90% of the epoch."""
+  order (this checkout's with each of `lanes` at most): statistics of the second against the
+  first (host batch 256 / hosts), and the records read again to resume at 90% of the epoch."""
   import tensorflow as tf
 
   from msf_jax.data import sources
@@ -141,8 +142,7 @@ def imagenet_rows(hosts: int) -> list[tuple]:
 
   per_file = np.diff(np.linspace(0, IMAGENET_TRAIN_RECORDS, IMAGENET_TRAIN_FILES + 1).round())
   lengths = [int(n) for n in per_file[: IMAGENET_TRAIN_FILES // hosts]]
-  read = []
-  uncounted, counted = record_number_files(lengths), record_number_files(lengths, read)
+  uncounted = record_number_files(lengths)
   batch, total = IMAGENET_BATCH // hosts, sum(lengths)
   steps = total // batch
 
@@ -154,10 +154,16 @@ def imagenet_rows(hosts: int) -> list[tuple]:
     return order_statistics(*(batches(order_of(tf.constant([0, e], tf.int64))) for e in range(2)))
 
   start, seed = int(0.9 * steps) * batch, tf.constant([0, 0], tf.int64)
-  trained = set(batches(sources.tfrecord_epoch(lengths, seed, 0, uncounted)).ravel()[:start])
-  list(sources.tfrecord_epoch(lengths, seed, start, counted).as_numpy_iterator())
+
+  def read_again(most):
+    read: list[int] = []
+    epoch = lambda start, reader: sources.tfrecord_epoch(lengths, seed, start, reader, most)
+    trained = set(batches(epoch(0, uncounted)).ravel()[:start])
+    list(epoch(start, record_number_files(lengths, read)).as_numpy_iterator())
+    return len(trained & set(read))
+
   where = f'ImageNet, {hosts} host{"s" * (hosts > 1)}: {total:,} records, batch {batch}'
-  return [
+  rows = [
     (where, 'fresh permutation', permutation_statistics(total, batch), '-'),
     (
       where,
@@ -165,13 +171,13 @@ def imagenet_rows(hosts: int) -> list[tuple]:
       two_epochs(lambda s: _buffer_epoch(lengths, s)),
       f'{start:,}',
     ),
-    (
-      where,
-      f'{sources.tfrecord_lanes(len(lengths))} lanes, window {sources.TFRECORD_WINDOW:,} (after)',
-      two_epochs(lambda s: sources.tfrecord_epoch(lengths, s, 0, uncounted)),
-      f'{len(trained & set(read)):,}',
-    ),
   ]
+  for most in lanes:
+    used = sources.tfrecord_lanes(len(lengths), most)
+    order = f'{used} lanes, window {sources.TFRECORD_WINDOW:,} (after)'
+    after = two_epochs(lambda s, most=most: sources.tfrecord_epoch(lengths, s, 0, uncounted, most))
+    rows.append((where, order, after, f'{read_again(most):,}'))
+  return rows
 
 
 def _statistics_cells(r: dict) -> str:
@@ -181,13 +187,13 @@ def _statistics_cells(r: dict) -> str:
   )
 
 
-def print_imagenet_table() -> None:
+def print_imagenet_table(hosts: list[int], lanes: list[int]) -> None:
   print(
     '| records | order | met again | moved: mean | median | p10 | read again to resume at 90% |'
   )
   print('|---|---|---|---|---|---|---|')
-  for hosts in (1, 4, 16):
-    for where, order, r, read_again in imagenet_rows(hosts):
+  for count in hosts:
+    for where, order, r, read_again in imagenet_rows(count, lanes):
       print(f'| {where} | {order} | {_statistics_cells(r)} | {read_again} |')
 
 
@@ -216,6 +222,14 @@ def main() -> None:
     help='other checkouts to measure beside this one (e.g. before a change)',
   )
   parser.add_argument('--imagenet', action='store_true', help="ImageNet's order, simulated")
+  parser.add_argument('--hosts', type=int, nargs='+', default=[1, 4, 16], help='with --imagenet')
+  parser.add_argument(
+    '--lanes',
+    type=int,
+    nargs='+',
+    default=[0],
+    help="with --imagenet: the most lanes to try (0: the source's TFRECORD_LANES)",
+  )
   parser.add_argument(
     '--run', nargs=4, metavar=('NAME', 'DATA_DIR', 'BATCH', 'WINDOW'), help=argparse.SUPPRESS
   )
@@ -225,7 +239,9 @@ def main() -> None:
     print(json.dumps(measure(name, data_dir, int(batch), int(window))))
     return
   if args.imagenet:
-    print_imagenet_table()
+    from msf_jax.data import sources
+
+    print_imagenet_table(args.hosts, [most or sources.TFRECORD_LANES for most in args.lanes])
     return
   from msf_jax.testing import tfds_data
 
