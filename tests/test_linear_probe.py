@@ -111,6 +111,8 @@ def test_bad_inputs_are_named():
     linear_probe_on_features(
       features, labels, features, labels, 3, settings=probe_settings(epochs=0)
     )
+  with pytest.raises(ValueError, match='epochs and batch_size must be at least 1'):
+    ProbeSettings(batch_size=0)  # refused when made, before a batch is counted
   with pytest.raises(ValueError, match=r'test features must be \[N, F\]'):
     linear_probe_on_features(features, labels, features[:, :, None], labels, 3)
 

@@ -47,6 +47,15 @@ class ProbeSettings:
   weight_decay: float = 1e-4
   milestones: tuple[int, ...] = (15, 30)
 
+  def __post_init__(self):  # checked where they are made, before any batch is counted
+    milestones = self.milestones
+    if list(milestones) != sorted(set(milestones)) or any(m < 1 for m in milestones):
+      raise ValueError(f'milestones must be increasing positive epochs, got {milestones}.')
+    if self.epochs < 1 or self.batch_size < 1:
+      raise ValueError(
+        f'epochs and batch_size must be at least 1, got {self.epochs}, {self.batch_size}.'
+      )
+
 
 OFFICIAL = ProbeSettings()
 Params = Any
@@ -89,15 +98,8 @@ def make_probe_optimizer(
 ) -> optax.GradientTransformation:
   """torch.optim.SGD(lr, momentum, weight_decay) with MultiStepLR(milestones, 0.1) stepped
   once per epoch: decay added to the gradient (bias included), lr constant within an epoch."""
-  milestones = settings.milestones
-  if list(milestones) != sorted(set(milestones)) or any(m < 1 for m in milestones):
-    raise ValueError(f'milestones must be increasing positive epochs, got {milestones}.')
-  if settings.epochs < 1 or settings.batch_size < 1:
-    raise ValueError(
-      f'epochs and batch_size must be at least 1, got {settings.epochs}, {settings.batch_size}.'
-    )
   schedule = optax.piecewise_constant_schedule(
-    settings.lr, {m * steps_per_epoch: 0.1 for m in milestones}
+    settings.lr, {m * steps_per_epoch: 0.1 for m in settings.milestones}
   )
   return optax.chain(
     optax.add_decayed_weights(settings.weight_decay), optax.sgd(schedule, settings.momentum)
