@@ -44,7 +44,7 @@ def test_eight_devices_equal_one_device_float32():
   eight, m8 = run_steps(config, jax.devices()[:8], batches)
   # Forward quantities tensor by tensor; gradient-derived ones (parameters, momentum) as a
   # whole: in float32, reductions in another order flip the odd near-zero ReLU input, which
-  # moves single channels (float64, below, is compared tensor by tensor).
+  # moves single channels (float64 is compared tensor by tensor in test_bank_sharding.py).
   forward = lambda state: (
     state.bank,
     state.target,
@@ -58,19 +58,6 @@ def test_eight_devices_equal_one_device_float32():
     assert error < 1e-3, (field, error)
   assert m8[0]['loss'] == pytest.approx(m1[0]['loss'], rel=1e-5)
   assert m8[0]['purity'] == m1[0]['purity']
-
-
-@pytest.mark.slow
-def test_eight_devices_equal_one_device_float64_three_steps():
-  with jax.enable_x64(True):
-    config = small_config(
-      image_size=16, small_stem=True, batch_size=16, bank_size=64, param_dtype='float64', width=8
-    )
-    rng = np.random.default_rng(1)
-    batches = [random_batch(rng, config, dtype=np.float64) for _ in range(3)]
-    one, _ = run_steps(config, jax.devices()[:1], batches)
-    eight, _ = run_steps(config, jax.devices()[:8], batches)
-    assert_trees_close(eight, one, rtol=1e-9)
 
 
 def test_target_sources_map_each_hosts_order_to_its_own_rows():
