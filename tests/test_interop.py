@@ -14,7 +14,11 @@ torch = pytest.importorskip(
   'torch', reason='interop tests need PyTorch (CPU): pip install torch==2.13.0'
 )
 
-from msf_jax.interop import backbones, torch_checkpoint as tc  # noqa: E402
+from msf_jax.interop import (  # noqa: E402
+  __main__ as interop_command_line,
+  backbones,
+  torch_checkpoint as tc,
+)
 from msf_jax.models import backbone_only  # noqa: E402
 from msf_jax.testing import small_config, torch_reference  # noqa: E402
 
@@ -147,23 +151,22 @@ def test_missing_and_mismatched_keys_are_clear_errors(tmp_path, reference):
 
 
 @pytest.mark.slow  # python -m msf_jax.interop, with torch
-def test_command_line_exports_a_backbone(tmp_path, reference):
+def test_command_line_exports_a_backbone(tmp_path, reference, capsys):
   path = save(tmp_path / 'ckpt.pth.tar', reference.state_dict())
   out = tmp_path / 'backbone.pth'
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   # From outside the checkout: the command line needs no file of the source tree.
-  run = lambda *args: subprocess.run(
-    [sys.executable, '-m', 'msf_jax.interop', *args],
+  result = subprocess.run(
+    [sys.executable, '-m', 'msf_jax.interop', 'export-backbone', path, str(out)],
     capture_output=True,
     text=True,
     cwd=tmp_path,
-    env=env,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
   )
-  result = run('export-backbone', path, str(out))
   assert result.returncode == 0, result.stderr
   assert 'layer4.1.bn2.running_var' in torch.load(out, weights_only=True)
-  result = run('summary', path)
-  assert 'ResNet-18 (small stem: False, width 64)' in result.stdout, result.stderr
-  assert '32 x 128' in result.stdout
-  result = run('summary', str(tmp_path / 'missing.pth'))
-  assert result.returncode == 1 and 'error:' in result.stderr
+  # Its other command and its error, through the same `main` in this process.
+  assert interop_command_line.main(['summary', path]) == 0
+  printed = capsys.readouterr().out
+  assert 'ResNet-18 (small stem: False, width 64)' in printed and '32 x 128' in printed
+  assert interop_command_line.main(['summary', str(tmp_path / 'missing.pth')]) == 1
+  assert 'error:' in capsys.readouterr().err
