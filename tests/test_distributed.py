@@ -33,6 +33,7 @@ from helpers import (
   assert_trees_close,
   free_port,
   overrides as main_overrides,
+  run_in_process,
   run_processes,
   skip_without_cpu_collectives,
   small_run_config,
@@ -265,25 +266,16 @@ def test_bad_or_half_given_values_are_clear_errors(joins, args, message):
   assert joins == []
 
 
-@pytest.mark.slow  # python -m msf_jax.main
-def test_main_rejects_half_given_flags_before_training(tmp_path):
-  result = subprocess.run(
+def test_main_rejects_half_given_flags_before_training(tmp_path, capfd):
+  code, console = run_in_process(
     [
-      sys.executable,
-      '-m',
-      'msf_jax.main',
-      f'--config={REPO}/configs/digits_msf.py',
+      f'--config={TRAIN_CONFIG}',
       f'--workdir={tmp_path}',
       '--coordinator_address=127.0.0.1:1234',
     ],
-    cwd=REPO,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''},
-    capture_output=True,
-    text=True,
-    timeout=120,
+    capfd,
   )
-  assert result.returncode != 0
-  assert 'missing: --num_processes, --process_id' in result.stderr
+  assert code == 1 and 'missing: --num_processes, --process_id' in console, console
   assert not os.listdir(tmp_path)  # nothing trained, nothing written
 
 

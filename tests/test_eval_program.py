@@ -6,7 +6,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -355,22 +354,16 @@ def main_command(workdir, *settings):
   ]
 
 
-def run_main(workdir, *settings):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  return subprocess.run(
-    main_command(workdir, *settings), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-  )
-
-
 @pytest.mark.slow
-def test_main_evaluates_in_evaluate_mode(tmp_path):
-  result = run_main(
-    tmp_path,
+def test_main_evaluates_in_evaluate_mode(tmp_path, capfd):
+  # In this process: the command line itself is the two-process test's below.
+  settings = [
     '--config.checkpoint_format=random',
     '--config.tasks=knn',
     '--config.data.max_examples=64',
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
+  ]
+  code, console = run_in_process(main_command(tmp_path, *settings)[3:], capfd)
+  assert not code, console[-3000:]
   record = json.loads((tmp_path / run.RESULTS_FILE).read_text())
   assert set(record['results']) == KNN_KEYS
 
