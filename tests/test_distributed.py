@@ -405,7 +405,7 @@ def test_training_program_runs_as_two_processes_and_stops_together_on_ctrl_c(tmp
   programs = [['-m', 'msf_jax.main'], [os.path.join(REPO, 'tests', 'interrupt_worker.py')]]
   _, outputs = run_processes(
     [[sys.executable, *program, *flags, f'--process_id={p}'] for p, program in enumerate(programs)],
-    extra_env={'CTRL_C_AFTER_STEP': '2'},
+    extra_env={'SIGNAL_AFTER_STEP': '2'},
     expected_status=130,
   )
   for p, output in enumerate(outputs):

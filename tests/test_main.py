@@ -97,18 +97,24 @@ def straight(tmp_path_factory, folder):
   return workdir
 
 
+INTERRUPT_WORKER = ('tests/interrupt_worker.py',)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, folder):
-  process = start(tmp_path, overrides(folder, num_epochs=1000))
-  wait_for_checkpoint(tmp_path, process, at_least=4)
-  process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=120)
+  # SIGTERM (a preemption, a job scheduler) right after the checkpoint of step 4 of 9: the
+  # run saves the step it is at and exits 0. The run is the straight run's program, which the
+  # compilation cache holds.
+  process = start(
+    tmp_path,
+    overrides(folder),
+    program=INTERRUPT_WORKER,
+    env={'SIGNAL_AFTER_STEP': '4', 'SIGNAL': 'SIGTERM'},
+  )
+  output, _ = process.communicate(timeout=300)
   assert process.returncode == 0, output
   stopped = int(output.split('Stopping at step ')[1].split(';')[0])
-  assert final_state(tmp_path, folder)[0] == stopped
-
-
-INTERRUPT_WORKER = ('tests/interrupt_worker.py',)
+  assert 4 < stopped < 9 and final_state(tmp_path, folder)[0] == stopped
 
 
 def saved_steps(workdir, folder, steps):
@@ -127,7 +133,7 @@ def test_ctrl_c_saves_the_step_exits_130_and_a_killed_rerun_still_ends_as_if_uni
   # the end. Ctrl-C after the checkpoint of step 4: the run saves step 5 and exits 130.
   workdir = tmp_path / 'stopped'
   process = start(
-    workdir, overrides(folder), program=INTERRUPT_WORKER, env={'CTRL_C_AFTER_STEP': '4'}
+    workdir, overrides(folder), program=INTERRUPT_WORKER, env={'SIGNAL_AFTER_STEP': '4'}
   )
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 130, output
@@ -167,7 +173,7 @@ def test_ctrl_c_again_during_the_save_exits_at_once_keeping_the_checkpoint_befor
     tmp_path,
     overrides(folder),
     program=INTERRUPT_WORKER,
-    env={'CTRL_C_AFTER_STEP': '4', 'CTRL_C_AGAIN': '1'},
+    env={'SIGNAL_AFTER_STEP': '4', 'CTRL_C_AGAIN': '1'},
   )
   output, _ = process.communicate(timeout=300)  # the save of step 5 would take ten minutes
   assert process.returncode == 130 and 'Ctrl-C again: stopping at once' in output, output
