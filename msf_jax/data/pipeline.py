@@ -223,8 +223,8 @@ def probe_stream(
 
 def _as_written(views: ExampleViews) -> ExampleViews:
   """`views` traced by tf.data as written: the augmentations hold no Python control flow on
-  tensors, so AutoGraph's rewrite of every function they call (about a second at each
-  start of a process: 1.0 s against 0.2 s to build the training stream) buys nothing."""
+  tensors, so AutoGraph's rewrite of every function they call buys nothing and costs time at
+  each start of a process (the training stream built in 1.0 s with it, 0.43 s without)."""
   return tf.autograph.experimental.do_not_convert(views)
 
 
