@@ -62,11 +62,15 @@ def run(workdir, args, timeout=300):
   return process.returncode, output
 
 
+def one_device_state(**extra):
+  """The abstract state of a run's config (`small_run_config`), on one device: what the
+  tests restore a run's checkpoints into."""
+  return abstract_state(small_run_config(**extra), replicated(make_mesh(jax.devices()[:1])))
+
+
 def final_state(workdir, folder, **extra):
-  config = small_run_config(**extra)
   checkpointer = Checkpointer(checkpoint_directory(workdir))
-  abstract = abstract_state(config, replicated(make_mesh(jax.devices()[:1])))
-  return checkpointer.latest_step(), checkpointer.restore(abstract)
+  return checkpointer.latest_step(), checkpointer.restore(one_device_state(**extra))
 
 
 def wait_for_checkpoint(workdir, process, at_least, timeout=240):
@@ -119,9 +123,8 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, folder):
 
 def saved_steps(workdir, folder, steps):
   """{step: state} of the checkpoints of `steps` in `workdir`."""
-  config = small_run_config()
   checkpointer = Checkpointer(checkpoint_directory(workdir))
-  abstract = abstract_state(config, replicated(make_mesh(jax.devices()[:1])))
+  abstract = one_device_state()
   return {step: checkpointer.restore(abstract, step) for step in steps}
 
 
@@ -180,9 +183,8 @@ def test_ctrl_c_again_during_the_save_exits_at_once_keeping_the_checkpoint_befor
   saved_steps(tmp_path, folder, [4])  # whole and readable
   # What a rerun resumes from, found as the training loop finds it, in this process (a
   # rerun's resume is the Ctrl-C test's above).
-  abstract = abstract_state(small_run_config(), replicated(make_mesh(jax.devices()[:1])))
   resumed = Checkpointer(checkpoint_directory(str(tmp_path))).restore_newest_readable(
-    abstract, aside=damaged_directory(str(tmp_path))
+    one_device_state(), aside=damaged_directory(str(tmp_path))
   )
   assert int(resumed.step) in (4, 5)
 
