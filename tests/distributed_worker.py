@@ -3,10 +3,13 @@
 python tests/distributed_worker.py PORT PROCESS_ID NUM_PROCESSES FOLDER OUT_DIR
 
 Joins the job on 127.0.0.1:PORT, runs one train step on its half of a global batch that
-every process builds alike, saves the state with orbax (collectively), and reads two
-epochs of the image folder with its real process index; writes OUT_DIR/process_<id>.npz.
+every process builds alike, saves the state with orbax (collectively), reads two epochs of
+the image folder with its real process index, and evaluates a random encoder on the digits
+twice in OUT_DIR/evaluation (the second time from the features the first one cached);
+writes OUT_DIR/process_<id>.npz and OUT_DIR/evaluation_<id>.json.
 """
 
+import json
 import os
 import sys
 import time
@@ -118,6 +121,43 @@ def read_epochs(folder: str) -> dict[str, np.ndarray]:
   return {'epoch_labels': labels, 'steps_per_epoch': np.asarray(steps)}
 
 
+# A random encoder on 45 digits of each split: an odd count, so padded batches on every host.
+EVALUATION = {
+  'checkpoint_format': 'random',
+  'data.max_examples': 45,
+  'batch_size': 16,
+  'tasks': 'knn',
+}
+
+
+def evaluate_twice(workdir: str) -> dict:
+  """The evaluation program's results, twice, and after each time the feature cache's files
+  (name: mtime) and the count of event files; as two jobs one after the other, the second
+  starts when both processes have finished the first."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  from msf_jax.evaluate import run
+
+  from helpers import eval_config
+
+  def cache_files() -> dict[str, int]:
+    cache = os.path.join(workdir, run.CACHE_DIR)
+    return {name: os.stat(os.path.join(cache, name)).st_mtime_ns for name in os.listdir(cache)}
+
+  def event_files() -> int:
+    return sum(name.startswith('events.out.tfevents.') for name in os.listdir(workdir))
+
+  record = {}
+  with jax.enable_x64(False):  # as msf_jax.main runs it
+    for which in ('first', 'second'):
+      record[f'{which}_results'] = run.evaluate(eval_config(**EVALUATION), workdir)
+      multihost_utils.sync_global_devices(f'evaluated the {which} time')
+      record[f'cache_after_{which}'] = cache_files()
+      record[f'event_files_after_{which}'] = event_files()
+  return record
+
+
 def main(port: str, process_id: str, num_processes: str, folder: str, out_dir: str) -> None:
   import jax
 
@@ -141,6 +181,10 @@ def main(port: str, process_id: str, num_processes: str, folder: str, out_dir: s
   results.update(read_epochs(folder))
   progress('read the epochs')
   np.savez(os.path.join(out_dir, f'process_{process_id}.npz'), **results)
+  evaluation = evaluate_twice(os.path.join(out_dir, 'evaluation'))
+  progress('evaluated twice')
+  with open(os.path.join(out_dir, f'evaluation_{process_id}.json'), 'w') as f:
+    json.dump(evaluation, f)
   jax.distributed.shutdown()
 
 

@@ -161,16 +161,20 @@ TRAIN_CONFIG = os.path.join(REPO, 'configs', 'digits_msf.py')
 SMALL_RUN = {'model.width': 8, 'batch_size': 8, 'msf.bank_size': 32}
 
 
+def with_settings(config, settings: dict):
+  """`config` with dotted-key `settings` ({'msf.topk': 3}) set, as `--config.` flags set them."""
+  for key, value in settings.items():
+    section, _, name = key.rpartition('.')
+    setattr(config[section] if section else config, name, value)
+  return config
+
+
 def small_run_config(**settings):
   """TRAIN_CONFIG with SMALL_RUN and `settings` ({'msf.topk': 3}): the config a run of
   `overrides` trains, for building or restoring its states."""
   from msf_jax import load_config
 
-  config = load_config(TRAIN_CONFIG)
-  for key, value in {**SMALL_RUN, **settings}.items():
-    section, _, name = key.rpartition('.')
-    setattr(config[section] if section else config, name, value)
-  return config
+  return with_settings(load_config(TRAIN_CONFIG), {**SMALL_RUN, **settings})
 
 
 def overrides(folder, **extra):
@@ -220,6 +224,21 @@ def run_in_process(args, capfd):
         logging.getLogger().removeHandler(handler)
         handler.close()
   return exited.value.code, capfd.readouterr().err
+
+
+# --- The evaluation program ----------------------------------------------------------------
+
+EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
+EVAL_WIDTH = 8  # first-stage channels: a ResNet-18 narrow enough for fast CPU tests
+
+
+def eval_config(**settings):
+  """configs/eval.py:digits with a narrow model and dotted-key `settings`."""
+  from msf_jax import load_config
+
+  config = load_config(EVAL_CONFIG, 'digits')
+  config.model.width = EVAL_WIDTH
+  return with_settings(config, settings)
 
 
 # --- Multi-process jobs ---------------------------------------------------------------------

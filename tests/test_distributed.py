@@ -1,9 +1,11 @@
 """Multi-process training: start-up rules of msf_jax.distributed, and a real two-process job
 (jax.distributed on 127.0.0.1, gloo collectives, 2 CPU devices per process) that must take
-the same step as one process with 4 devices, write one orbax checkpoint together, and read
-each epoch's examples at most once between them; the training program as two processes."""
+the same step as one process with 4 devices, write one orbax checkpoint together, read each
+epoch's examples at most once between them, and evaluate as one process does (the second time
+from the features the first cached); the training program as two processes."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -21,16 +23,18 @@ from msf_jax import (
   put_state,
 )
 from msf_jax.checkpoint import Checkpointer, checkpoint_directory
+from msf_jax.evaluate import run
 from msf_jax.sharding import replicated
 from msf_jax.train_state import abstract_state
 
-from distributed_worker import EPOCHS_READ, global_batch, step_config
+from distributed_worker import EPOCHS_READ, EVALUATION, global_batch, step_config
 from helpers import (
   DEVICES_PER_PROCESS,
   PROCESSES,
   REPO,
   TRAIN_CONFIG,
   assert_trees_close,
+  eval_config,
   free_port,
   overrides as main_overrides,
   run_in_process,
@@ -374,6 +378,45 @@ def test_each_epoch_reads_every_example_at_most_once_across_processes(job):
     assert set(union) <= set(range(FOLDER_IMAGES))
   orders = [np.concatenate([r['epoch_labels'][e] for r in results]) for e in range(EPOCHS_READ)]
   assert not np.array_equal(orders[0], orders[1])  # each epoch is shuffled afresh
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_as_one_and_reuse_the_cache(job, tmp_path):
+  _, _, out_dir = job
+  workdir = out_dir / 'evaluation'
+  records = [json.loads((out_dir / f'evaluation_{p}.json').read_text()) for p in range(PROCESSES)]
+  results = json.loads((workdir / run.RESULTS_FILE).read_text())['results']
+  written = records[0]['cache_after_first']
+  for record in records:
+    assert record['first_results'] == record['second_results'] == results
+    # The second time every process found both splits cached: no extraction, no rewrite.
+    assert record['cache_after_first'] == record['cache_after_second'] == written
+    assert record['event_files_after_first'] == 1  # process 0 writes, once an evaluation
+    assert record['event_files_after_second'] == 2
+
+  single = tmp_path / 'single'
+  one_process = run.evaluate(eval_config(**EVALUATION), str(single))
+  # Features agree to float rounding, which may move a neighbour at the edge of k = 20 and
+  # so flip at most one of the 45 queries.
+  assert one_process.keys() == results.keys()
+  assert all(abs(one_process[key] - results[key]) <= 1 / 45 + 1e-9 for key in results)
+  by_split = lambda names: {name.rsplit('_', 1)[0]: name for name in names}
+  two_caches = by_split(written)
+  one_caches = by_split(path.name for path in (single / run.CACHE_DIR).iterdir())
+  assert two_caches.keys() == one_caches.keys()
+  # The key counts the processes (a TFDS subset depends on them), so each run has its own file.
+  assert not set(two_caches.values()) & set(one_caches.values())
+  for split_name, name in two_caches.items():
+    with (
+      np.load(workdir / run.CACHE_DIR / name) as two,
+      np.load(single / run.CACHE_DIR / one_caches[split_name]) as one,
+    ):
+      # The same rows, in another order: the gather puts each host's share after the other.
+      distance = np.linalg.norm(two['features'][:, None] - one['features'][None], axis=-1)
+      match = distance.argmin(axis=1)
+      assert sorted(match) == list(range(45))
+      np.testing.assert_array_equal(two['labels'], one['labels'][match])
+      np.testing.assert_allclose(two['features'], one['features'][match], rtol=1e-5, atol=1e-6)
 
 
 def two_process_flags(workdir, folder, num_epochs: int, **settings) -> list[str]:

@@ -6,7 +6,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -26,28 +25,9 @@ from msf_jax.interop.backbones import load_encoder, random_encoder
 from msf_jax.models import backbone_only, build_networks
 from msf_jax.testing import small_config
 
-from helpers import (
-  PROCESSES,
-  REPO,
-  free_port,
-  run_in_process,
-  run_processes,
-  skip_without_cpu_collectives,
-)
+from helpers import EVAL_CONFIG, EVAL_WIDTH, eval_config, run_in_process
 
-EVAL_CONFIG = os.path.join(REPO, 'configs', 'eval.py')
-WIDTH = 8  # first-stage channels: a ResNet-18 narrow enough for fast CPU tests
 KNN_KEYS = {f'knn/{vote}/k={k}' for vote in ('majority', 'weighted') for k in (1, 20)}
-
-
-def eval_config(**settings):
-  """configs/eval.py:digits with a narrow model and dotted-key `settings`."""
-  config = load_config(EVAL_CONFIG, 'digits')
-  config.model.width = WIDTH
-  for key, value in settings.items():
-    section, _, name = key.rpartition('.')
-    setattr(config[section] if section else config, name, value)
-  return config
 
 
 def backbone_features(variables, images):
@@ -65,7 +45,7 @@ def backbone_of(state, encoder):
 def state():
   """A digits-model state whose target encoder differs from the online one, as in training."""
   config = small_config(image_size=24, small_stem=True, bank_size=32)
-  config.model.width = WIDTH
+  config.model.width = EVAL_WIDTH
   state = create_state(config, jax.random.key(0))
   other = create_state(config, jax.random.key(1))
   return state.replace(
@@ -148,7 +128,7 @@ def test_every_format_loads_the_same_encoder(tmp_path, state, workdir, images, e
     variables, model = load_encoder(
       eval_config(checkpoint=path, encoder=encoder, checkpoint_format=checkpoint_format)
     )
-    assert model.width == WIDTH and model.depth == 18
+    assert model.width == EVAL_WIDTH and model.depth == 18
     np.testing.assert_array_equal(
       backbone_features(variables, images), expected, err_msg=checkpoint_format
     )
@@ -163,8 +143,8 @@ def test_an_msf_jax_checkpoint_brings_its_model_settings(tmp_path, state):
   config = load_config(EVAL_CONFIG, 'digits')  # width 64: no --config.model flag given
   config.checkpoint = str(tmp_path)
   variables, model = load_encoder(config)
-  assert model.width == WIDTH
-  assert variables['params']['backbone']['conv1']['kernel'].shape[-1] == WIDTH
+  assert model.width == EVAL_WIDTH
+  assert variables['params']['backbone']['conv1']['kernel'].shape[-1] == EVAL_WIDTH
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path, workdir):
@@ -203,7 +183,7 @@ def test_feature_cache_skips_the_forward_pass_and_misses_for_another_encoder(tmp
   mesh = make_mesh()
   cache = str(tmp_path / 'cache')
   first = cached_features(random_encoder(config.model, 24, 0), split, config, mesh, cache, 16)
-  assert first[0].shape == (16, 8 * WIDTH) and len(os.listdir(cache)) == 1
+  assert first[0].shape == (16, 8 * EVAL_WIDTH) and len(os.listdir(cache)) == 1
   forward_passes = []
   extract = features_module.extract_split
   monkeypatch.setattr(
@@ -286,7 +266,7 @@ def test_evaluate_a_random_encoder_on_digits(tmp_path):
   assert len(os.listdir(tmp_path / run.CACHE_DIR)) == 2  # train and test, computed once
   # The test features, for TensorBoard's embedding projector.
   projected = np.loadtxt(tmp_path / run.PROJECTOR_DIR / 'features.tsv', delimiter='\t')
-  assert projected.shape == (96, 8 * WIDTH)
+  assert projected.shape == (96, 8 * EVAL_WIDTH)
   labels = (tmp_path / run.PROJECTOR_DIR / 'labels.tsv').read_text().split()
   assert len(labels) == 96 and set(labels) <= set(map(str, range(10)))
   assert (
@@ -341,28 +321,25 @@ def test_unknown_task_is_named(tmp_path):
     run.evaluate(eval_config(checkpoint_format='random', tasks='knnn,linear'), str(tmp_path))
 
 
-def main_command(workdir, *settings):
-  """`python -m msf_jax.main` with the digits evaluation config and the narrow model."""
+def main_args(workdir, *settings):
+  """msf_jax.main's arguments for the digits evaluation config and the narrow model."""
   return [
-    sys.executable,
-    '-m',
-    'msf_jax.main',
     f'--config={EVAL_CONFIG}:digits',
     f'--workdir={workdir}',
-    f'--config.model.width={WIDTH}',
+    f'--config.model.width={EVAL_WIDTH}',
     *settings,
   ]
 
 
 @pytest.mark.slow
 def test_main_evaluates_in_evaluate_mode(tmp_path, capfd):
-  # In this process: the command line itself is the two-process test's below.
+  # msf_jax.main's run in this process (test_distributed.py evaluates with two processes).
   settings = [
     '--config.checkpoint_format=random',
     '--config.tasks=knn',
     '--config.data.max_examples=64',
   ]
-  code, console = run_in_process(main_command(tmp_path, *settings)[3:], capfd)
+  code, console = run_in_process(main_args(tmp_path, *settings), capfd)
   assert not code, console[-3000:]
   record = json.loads((tmp_path / run.RESULTS_FILE).read_text())
   assert set(record['results']) == KNN_KEYS
@@ -370,73 +347,8 @@ def test_main_evaluates_in_evaluate_mode(tmp_path, capfd):
 
 def test_main_names_a_wrong_format_and_a_misspelt_key(tmp_path, capfd):
   # msf_jax.main's run in this process, as test_main.py's mistakes: both stop at the config.
-  code, console = run_in_process(
-    main_command(tmp_path, '--config.checkpoint_format=onnx')[3:], capfd
-  )
+  code, console = run_in_process(main_args(tmp_path, '--config.checkpoint_format=onnx'), capfd)
   assert code == 1 and "got 'onnx'" in console, console[-3000:]
   assert 'error: ' in console and 'Traceback' not in console, console[-3000:]
-  code, console = run_in_process(main_command(tmp_path, '--config.knn.kss=1')[3:], capfd)
+  code, console = run_in_process(main_args(tmp_path, '--config.knn.kss=1'), capfd)
   assert code != 0 and 'kss' in console, console[-3000:]
-
-
-@pytest.mark.slow
-def test_two_processes_evaluate_as_one_and_reuse_the_cache(tmp_path):
-  skip_without_cpu_collectives()
-  # A random encoder on 45 digits of each split (an odd count: padded batches on every host).
-  settings = [
-    '--config.checkpoint_format=random',
-    '--config.data.max_examples=45',
-    '--config.batch_size=16',
-    '--config.tasks=knn',
-  ]
-
-  def job():
-    port = free_port()
-    return run_processes(
-      [
-        main_command(
-          tmp_path,
-          *settings,
-          f'--coordinator_address=127.0.0.1:{port}',
-          f'--num_processes={PROCESSES}',
-          f'--process_id={p}',
-        )
-        for p in range(PROCESSES)
-      ]
-    )
-
-  job()
-  cache = tmp_path / run.CACHE_DIR
-  written = {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
-  results = json.loads((tmp_path / run.RESULTS_FILE).read_text())['results']
-  assert len(list(tmp_path.glob('events.out.tfevents.*'))) == 1  # process 0 writes
-  job()  # every process finds both splits cached: no extraction, no rewrite
-  assert {path.name: path.stat().st_mtime_ns for path in cache.iterdir()} == written
-  assert json.loads((tmp_path / run.RESULTS_FILE).read_text())['results'] == results
-
-  single = tmp_path / 'single'
-  config = eval_config(
-    checkpoint_format='random', tasks='knn', batch_size=16, **{'data.max_examples': 45}
-  )
-  one_process = run.evaluate(config, str(single))
-  # Features agree to float rounding, which may move a neighbour at the edge of k = 20 and
-  # so flip at most one of the 45 queries.
-  assert one_process.keys() == results.keys()
-  assert all(abs(one_process[key] - results[key]) <= 1 / 45 + 1e-9 for key in results)
-  by_split = lambda names: {name.rsplit('_', 1)[0]: name for name in names}
-  two_caches = by_split(written)
-  one_caches = by_split(path.name for path in (single / run.CACHE_DIR).iterdir())
-  assert two_caches.keys() == one_caches.keys()
-  # The key counts the processes (a TFDS subset depends on them), so each run has its own file.
-  assert not set(two_caches.values()) & set(one_caches.values())
-  for split_name, name in two_caches.items():
-    with (
-      np.load(cache / name) as two,
-      np.load(single / run.CACHE_DIR / one_caches[split_name]) as one,
-    ):
-      # The same rows, in another order: the gather puts each host's share after the other.
-      distance = np.linalg.norm(two['features'][:, None] - one['features'][None], axis=-1)
-      match = distance.argmin(axis=1)
-      assert sorted(match) == list(range(45))
-      np.testing.assert_array_equal(two['labels'], one['labels'][match])
-      np.testing.assert_allclose(two['features'], one['features'][match], rtol=1e-5, atol=1e-6)
