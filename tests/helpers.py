@@ -4,6 +4,7 @@ the few train steps, image folders, the notebook's cells, the training program's
 multi-process runs. Small configs and batches: msf_jax.testing."""
 
 import copy
+import importlib.util
 import io
 import json
 import logging
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tomllib
+import types
 from unittest import mock
 
 import jax
@@ -55,6 +57,16 @@ def relative_tree_error(actual, expected) -> float:
     diff += float(np.sum((np.asarray(a, np.float64) - np.asarray(e, np.float64)) ** 2))
     total += float(np.sum(np.asarray(e, np.float64) ** 2))
   return (diff / total) ** 0.5
+
+
+def benchmark(name: str) -> types.ModuleType:
+  """benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(
+    name, os.path.join(REPO, 'benchmarks', f'{name}.py')
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def pyproject() -> dict:

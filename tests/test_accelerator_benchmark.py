@@ -9,12 +9,10 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, benchmark
 
 SCRIPT = os.path.join(REPO, 'benchmarks', 'accelerator.py')
-_spec = importlib.util.spec_from_file_location('accelerator', SCRIPT)
-accelerator = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(accelerator)
+accelerator = benchmark('accelerator')
 
 
 def test_resnet_macs_match_the_published_counts():

@@ -2,19 +2,14 @@
 differences seed by seed."""
 
 import functools
-import importlib.util
 import json
 import os
 import sys
 
-from helpers import REPO
+from helpers import REPO, benchmark
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))  # bf16_demo imports small_data_study
-_spec = importlib.util.spec_from_file_location(
-  'bf16_demo', os.path.join(REPO, 'benchmarks', 'bf16_demo.py')
-)
-bf16_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bf16_demo)
+bf16_demo = benchmark('bf16_demo')
 
 
 def fake_record(dtype: str, loss: float, knn: float) -> dict:

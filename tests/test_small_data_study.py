@@ -2,20 +2,14 @@
 combination of the best levels."""
 
 import dataclasses
-import importlib.util
 import json
-import os
 import time
 
 import numpy as np
 
-from helpers import REPO
+from helpers import benchmark
 
-_spec = importlib.util.spec_from_file_location(
-  'small_data_study', os.path.join(REPO, 'benchmarks', 'small_data_study.py')
-)
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+study = benchmark('small_data_study')
 
 
 def test_texture_test_patches_never_share_a_pixel_with_train_patches():
