@@ -46,6 +46,7 @@ def test_the_loop_reads_the_device_only_at_log_and_checkpoint_steps(monkeypatch,
   config = load_config(f'{REPO}/configs/digits_msf.py')
   config.data.source, config.data.root = 'folder', str(root)
   config.batch_size, config.msf.bank_size = 8, 32  # 3 steps an epoch
+  config.model.width = 8  # what is read when does not depend on the width
   config.num_epochs, config.log_every_epochs = 4, 2  # logs at steps 6 and 12
   config.checkpoint.every_epochs = 4  # one checkpoint, at the end
   config.monitor.knn_every_epochs = 0
