@@ -224,7 +224,8 @@ def probe_stream(
 def _as_written(views: ExampleViews) -> ExampleViews:
   """`views` traced by tf.data as written: the augmentations hold no Python control flow on
   tensors, so AutoGraph's rewrite of every function they call buys nothing and costs time at
-  each start of a process (the training stream built in 1.0 s with it, 0.43 s without)."""
+  each start of a process (benchmarks/stream_startup.py: the digits training stream built in
+  1.37 s with it, 0.68 s without)."""
   return tf.autograph.experimental.do_not_convert(views)
 
 
