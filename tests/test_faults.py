@@ -20,7 +20,7 @@ from msf_jax.evaluate import run
 from msf_jax.interop import backbones
 from msf_jax.testing import small_config
 
-from helpers import REPO, write_folder, write_lock
+from helpers import REPO, with_settings, write_folder, write_lock
 
 DIGITS = os.path.join(REPO, 'configs', 'digits_msf.py')
 
@@ -269,10 +269,7 @@ def test_an_msf_jax_checkpoint_with_nan_weights_is_refused(tmp_path):
   ],
 )
 def test_config_errors_name_the_key_and_what_is_valid(settings, message):
-  config = load_config(DIGITS)
-  for key, value in settings.items():
-    section, _, name = key.rpartition('.')
-    setattr(config[section] if section else config, name, value)
+  config = with_settings(load_config(DIGITS), settings)
   errors = training_config_errors(config, device_count=8)
   assert len(errors) == 1 and message in errors[0], errors
   with pytest.raises(ValueError, match='The config cannot train'):

@@ -17,6 +17,8 @@ from msf_jax.config_utils import load_config
 from msf_jax.plan import compiled, parse_slice, planner, slices
 from msf_jax.testing import REPO
 
+from helpers import with_settings
+
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 needs_libtpu = pytest.mark.skipif(
   not HAS_LIBTPU,
@@ -313,9 +315,7 @@ def _plan_here(
   monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   config = load_config(os.path.join(REPO, 'configs', 'imagenet_msf.py'))
   with config.unlocked():
-    for key, value in settings.items():
-      section, name = key.rsplit('.', 1) if '.' in key else ('', key)
-      setattr(config[section] if section else config, name, value)
+    with_settings(config, settings)
   return planner.plan_run(config, parse_slice(topology), programs, train_examples, 1000)
 
 
